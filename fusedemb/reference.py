@@ -1,0 +1,60 @@
+"""The plain-PyTorch definition of the fused embedding: the ground truth for tests and benchmarks.
+
+    out[..., t, :] = tok_weight[ids[..., t], :] + pos_weight[pos[..., t], :]
+    pos[..., t]    = position_ids[..., t]   if position_ids is given
+                   = t + position_offset     otherwise
+
+This is exactly what a GPT model computes with two ``nn.Embedding`` modules and an add, so it
+launches three kernels (two gathers and an add) and materialises two full-size intermediates.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def default_positions(ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+    """Positions ``t + position_offset`` for ids of shape ``(..., T)``, broadcast to ids' shape."""
+    seq_len = ids.shape[-1] if ids.dim() > 0 else 1
+    positions = torch.arange(position_offset, position_offset + seq_len, device=ids.device)
+    return positions.expand(ids.shape)
+
+
+def fused_embedding_reference(
+    ids: torch.Tensor,
+    tok_weight: torch.Tensor,
+    pos_weight: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    position_offset: int = 0,
+    padding_idx: int | None = None,
+) -> torch.Tensor:
+    """Token embedding plus absolute position embedding, written as two ``F.embedding`` and an add."""
+    if position_ids is None:
+        position_ids = default_positions(ids, position_offset)
+    return F.embedding(ids, tok_weight, padding_idx=padding_idx) + F.embedding(position_ids, pos_weight)
+
+
+def fused_embedding_backward_reference(
+    grad_out: torch.Tensor,
+    ids: torch.Tensor,
+    num_embeddings: int,
+    context_length: int,
+    position_ids: torch.Tensor | None = None,
+    position_offset: int = 0,
+    padding_idx: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of both tables, written as the scatter-adds they are (float32 accumulation).
+
+    grad_tok = zeros(V, D).index_add_(0, ids, grad_out)   (the padding_idx row stays zero)
+    grad_pos = zeros(P, D).index_add_(0, pos, grad_out)
+    """
+    if position_ids is None:
+        position_ids = default_positions(ids, position_offset)
+    dim = grad_out.shape[-1]
+    rows = grad_out.reshape(-1, dim).float()
+    grad_tok = rows.new_zeros(num_embeddings, dim).index_add_(0, ids.reshape(-1), rows)
+    if padding_idx is not None:
+        grad_tok[padding_idx] = 0
+    grad_pos = rows.new_zeros(context_length, dim).index_add_(0, position_ids.reshape(-1), rows)
+    return grad_tok.to(grad_out.dtype), grad_pos.to(grad_out.dtype)
