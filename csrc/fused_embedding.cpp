@@ -1,0 +1,241 @@
+// CPU kernels of fusedemb: the fused token + position embedding and its backward.
+//
+//   forward:  out[n, :] = tok_weight[ids[n], :] + pos_weight[pos(n), :]
+//   backward: grad_tok[v, :] = sum over n with ids[n] == v of grad_out[n, :]   (row padding_idx stays 0)
+//             grad_pos[p, :] = sum over n with pos(n) == p of grad_out[n, :]
+//
+// where n runs over the N = ids.numel() tokens in row-major order, T = ids.size(-1), and
+// pos(n) = position_ids[n] when position_ids is given, else n % T + position_offset.
+//
+// The Python layer (fusedemb/ops.py) registers fake kernels and autograd for these ops and
+// validates inputs with readable messages; the checks here are the last line of defence, so
+// that a direct call can never read or write out of bounds.
+//
+// Determinism: the backward never lets two threads add into the same row. It groups tokens by
+// row with a stable counting sort, then every output row is summed by exactly one thread in
+// token order, so the result is bitwise identical across runs and thread counts.
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace fusedemb {
+namespace {
+
+// Work items smaller than this many elements are not worth waking another thread for.
+constexpr int64_t kGrainElements = 32768;
+// Column slice used to split the backward's rows into independent tasks: a hot row (one id
+// repeated over the whole batch) is then summed by several threads, one slice each.
+constexpr int64_t kColumnSlice = 256;
+
+// Position of token n: explicit position_ids, or its index along the last dim plus the offset.
+template <typename index_t>
+inline int64_t position_of(const index_t* position_ids, int64_t n, int64_t seq_len, int64_t offset) {
+  return position_ids != nullptr ? static_cast<int64_t>(position_ids[n]) : n % seq_len + offset;
+}
+
+// One serial pass over the indices: cheap next to the N * D bytes the kernels move, and it
+// turns a would-be out-of-bounds access into an IndexError in Python.
+template <typename index_t>
+void check_rows_in_range(const index_t* rows, int64_t count, int64_t num_rows, const char* what) {
+  for (int64_t n = 0; n < count; ++n) {
+    const int64_t row = static_cast<int64_t>(rows[n]);
+    TORCH_CHECK_INDEX(row >= 0 && row < num_rows, what, " contains ", row, " at flat index ", n,
+                      ", outside the table's valid range [0, ", num_rows, ")");
+  }
+}
+
+void check_table(const at::Tensor& table, const char* name) {
+  TORCH_CHECK(table.dim() == 2, name, " must be 2-D (rows, dim), got shape ", table.sizes());
+  TORCH_CHECK(table.stride(1) == 1, name, " must have unit stride along dim; call .contiguous()");
+}
+
+void check_ids(const at::Tensor& ids, const c10::optional<at::Tensor>& position_ids) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+              "ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK(ids.is_contiguous(), "ids must be contiguous");
+  if (position_ids.has_value()) {
+    TORCH_CHECK(position_ids->scalar_type() == ids.scalar_type(),
+                "position_ids must have the dtype of ids (", ids.scalar_type(), "), got ",
+                position_ids->scalar_type());
+    TORCH_CHECK(position_ids->sizes() == ids.sizes(), "position_ids must have the shape of ids ",
+                ids.sizes(), ", got ", position_ids->sizes());
+    TORCH_CHECK(position_ids->is_contiguous(), "position_ids must be contiguous");
+  }
+}
+
+at::Tensor forward_cpu(const at::Tensor& ids, const at::Tensor& tok_weight, const at::Tensor& pos_weight,
+                       const c10::optional<at::Tensor>& position_ids, int64_t position_offset) {
+  check_ids(ids, position_ids);
+  check_table(tok_weight, "tok_weight");
+  check_table(pos_weight, "pos_weight");
+  TORCH_CHECK(tok_weight.size(1) == pos_weight.size(1), "tok_weight and pos_weight must have the same dim, got ",
+              tok_weight.size(1), " and ", pos_weight.size(1));
+  TORCH_CHECK(tok_weight.scalar_type() == pos_weight.scalar_type(),
+              "tok_weight and pos_weight must have the same dtype");
+
+  const int64_t dim = tok_weight.size(1);
+  const int64_t num_tokens = ids.numel();
+  const int64_t seq_len = ids.dim() == 0 ? 1 : ids.size(-1);
+  auto out_sizes = ids.sizes().vec();
+  out_sizes.push_back(dim);
+  at::Tensor out = at::empty(out_sizes, tok_weight.options());
+  if (num_tokens == 0) {
+    return out;
+  }
+
+  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "fusedemb_forward_cpu", [&] {
+    const index_t* id_ptr = ids.const_data_ptr<index_t>();
+    const index_t* pos_id_ptr = position_ids.has_value() ? position_ids->const_data_ptr<index_t>() : nullptr;
+    check_rows_in_range(id_ptr, num_tokens, tok_weight.size(0), "ids");
+    if (pos_id_ptr != nullptr) {
+      check_rows_in_range(pos_id_ptr, num_tokens, pos_weight.size(0), "position_ids");
+    } else {
+      TORCH_CHECK_INDEX(position_offset >= 0 && position_offset + seq_len <= pos_weight.size(0),
+                        "positions [", position_offset, ", ", position_offset + seq_len,
+                        ") do not fit the position table of ", pos_weight.size(0), " rows");
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tok_weight.scalar_type(), "fusedemb_forward_cpu", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const scalar_t* tok = tok_weight.const_data_ptr<scalar_t>();
+      const scalar_t* pos = pos_weight.const_data_ptr<scalar_t>();
+      scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+      const int64_t tok_stride = tok_weight.stride(0);
+      const int64_t pos_stride = pos_weight.stride(0);
+      const int64_t grain = std::max<int64_t>(1, kGrainElements / dim);
+      at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          const scalar_t* tok_row = tok + static_cast<int64_t>(id_ptr[n]) * tok_stride;
+          const scalar_t* pos_row = pos + position_of(pos_id_ptr, n, seq_len, position_offset) * pos_stride;
+          scalar_t* out_row = dst + n * dim;
+          // One rounding per element, as in eager PyTorch's add of the two gathered rows.
+          for (int64_t d = 0; d < dim; ++d) {
+            out_row[d] = static_cast<scalar_t>(static_cast<opmath_t>(tok_row[d]) + static_cast<opmath_t>(pos_row[d]));
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
+// Stable counting sort of token indices by row: tokens of row r are
+// order[row_start[r] : row_start[r + 1]], in increasing token order.
+struct RowGroups {
+  std::vector<int64_t> row_start;
+  std::vector<int64_t> order;
+};
+
+template <typename RowOf>
+RowGroups group_tokens_by_row(int64_t num_tokens, int64_t num_rows, RowOf row_of) {
+  RowGroups groups{std::vector<int64_t>(num_rows + 1, 0), std::vector<int64_t>(num_tokens)};
+  for (int64_t n = 0; n < num_tokens; ++n) {
+    ++groups.row_start[row_of(n) + 1];
+  }
+  for (int64_t r = 0; r < num_rows; ++r) {
+    groups.row_start[r + 1] += groups.row_start[r];
+  }
+  std::vector<int64_t> cursor(groups.row_start.begin(), groups.row_start.end() - 1);
+  for (int64_t n = 0; n < num_tokens; ++n) {
+    groups.order[cursor[row_of(n)]++] = n;
+  }
+  return groups;
+}
+
+// grad_table[r, :] = sum of grad_rows[n, :] over the tokens n of row r, accumulated in
+// opmath (float32 for 16-bit tables) in token order; rows with no token, and skip_row, are 0.
+// This single routine serves both tables: the token table (rows = ids) and the position
+// table (rows = positions).
+template <typename scalar_t>
+void sum_rows_by_group(const scalar_t* grad_rows, int64_t dim, const RowGroups& groups, int64_t skip_row,
+                       scalar_t* grad_table) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t num_rows = static_cast<int64_t>(groups.row_start.size()) - 1;
+  const int64_t num_slices = (dim + kColumnSlice - 1) / kColumnSlice;
+  // A task is one (row, column slice): all tasks are independent and each output element is
+  // written by exactly one task.
+  at::parallel_for(0, num_rows * num_slices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> acc(kColumnSlice);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / num_slices;
+      const int64_t col0 = (task % num_slices) * kColumnSlice;
+      const int64_t width = std::min(kColumnSlice, dim - col0);
+      std::fill(acc.begin(), acc.begin() + width, opmath_t(0));
+      if (row != skip_row) {
+        for (int64_t k = groups.row_start[row]; k < groups.row_start[row + 1]; ++k) {
+          const scalar_t* src = grad_rows + groups.order[k] * dim + col0;
+          for (int64_t d = 0; d < width; ++d) {
+            acc[d] += static_cast<opmath_t>(src[d]);
+          }
+        }
+      }
+      scalar_t* dst = grad_table + row * dim + col0;
+      for (int64_t d = 0; d < width; ++d) {
+        dst[d] = static_cast<scalar_t>(acc[d]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tensor& ids,
+                                                const c10::optional<at::Tensor>& position_ids,
+                                                int64_t position_offset, int64_t num_embeddings,
+                                                int64_t context_length, int64_t padding_idx) {
+  check_ids(ids, position_ids);
+  TORCH_CHECK(grad_out.is_contiguous(), "grad_out must be contiguous");
+  TORCH_CHECK(grad_out.dim() == ids.dim() + 1, "grad_out must have shape ids.shape + (dim,)");
+  const int64_t dim = grad_out.size(-1);
+  const int64_t num_tokens = ids.numel();
+  const int64_t seq_len = ids.dim() == 0 ? 1 : ids.size(-1);
+  // No row index -1 exists, so skip_row == -1 skips nothing.
+  TORCH_CHECK(padding_idx >= -1 && padding_idx < num_embeddings, "padding_idx must be -1 (none) or in [0, ",
+              num_embeddings, "), got ", padding_idx);
+  at::Tensor grad_tok = at::empty({num_embeddings, dim}, grad_out.options());
+  at::Tensor grad_pos = at::empty({context_length, dim}, grad_out.options());
+
+  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "fusedemb_backward_cpu", [&] {
+    const index_t* id_ptr = ids.const_data_ptr<index_t>();
+    const index_t* pos_id_ptr = position_ids.has_value() ? position_ids->const_data_ptr<index_t>() : nullptr;
+    check_rows_in_range(id_ptr, num_tokens, num_embeddings, "ids");
+    if (pos_id_ptr != nullptr) {
+      check_rows_in_range(pos_id_ptr, num_tokens, context_length, "position_ids");
+    } else if (num_tokens > 0) {
+      TORCH_CHECK_INDEX(position_offset >= 0 && position_offset + seq_len <= context_length,
+                        "positions [", position_offset, ", ", position_offset + seq_len,
+                        ") do not fit the position table of ", context_length, " rows");
+    }
+    const RowGroups by_id = group_tokens_by_row(num_tokens, num_embeddings, [&](int64_t n) {
+      return static_cast<int64_t>(id_ptr[n]);
+    });
+    const RowGroups by_position = group_tokens_by_row(num_tokens, context_length, [&](int64_t n) {
+      return position_of(pos_id_ptr, n, seq_len, position_offset);
+    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "fusedemb_backward_cpu", [&] {
+      const scalar_t* grad_rows = grad_out.const_data_ptr<scalar_t>();
+      sum_rows_by_group(grad_rows, dim, by_id, padding_idx, grad_tok.mutable_data_ptr<scalar_t>());
+      sum_rows_by_group(grad_rows, dim, by_position, /*skip_row=*/-1, grad_pos.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return {grad_tok, grad_pos};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fusedemb, m) {
+  m.def("cpu_forward(Tensor ids, Tensor tok_weight, Tensor pos_weight, Tensor? position_ids, "
+        "SymInt position_offset) -> Tensor");
+  m.def("cpu_backward(Tensor grad_out, Tensor ids, Tensor? position_ids, SymInt position_offset, "
+        "SymInt num_embeddings, SymInt context_length, int padding_idx) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fusedemb, CPU, m) {
+  m.impl("cpu_forward", &forward_cpu);
+  m.impl("cpu_backward", &backward_cpu);
+}
+
+}  // namespace fusedemb

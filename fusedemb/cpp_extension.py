@@ -1,0 +1,35 @@
+"""Loads the C++ CPU kernels (`fusedemb._C`) and gives their operators fake kernels.
+
+The fake (meta) kernels describe output shapes and dtypes without computing anything; they let
+torch.compile and torch.library.opcheck trace through the C++ operators on CPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from fusedemb import _C  # noqa: F401  (importing registers torch.ops.fusedemb.cpu_*)
+
+    CPP_EXTENSION_AVAILABLE = True
+except ImportError as error:  # pragma: no cover - exercised only on machines without the build
+    CPP_EXTENSION_AVAILABLE = False
+    warnings.warn(
+        f"fusedemb's C++ extension is not built ({error}); CPU tensors use the plain-PyTorch reference. "
+        "Build it with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+if CPP_EXTENSION_AVAILABLE:
+
+    @torch.library.register_fake("fusedemb::cpu_forward")
+    def _cpu_forward_fake(ids, tok_weight, pos_weight, position_ids, position_offset):
+        return tok_weight.new_empty((*ids.shape, tok_weight.shape[1]))
+
+    @torch.library.register_fake("fusedemb::cpu_backward")
+    def _cpu_backward_fake(grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx):
+        dim = grad_out.shape[-1]
+        return grad_out.new_empty((num_embeddings, dim)), grad_out.new_empty((context_length, dim))

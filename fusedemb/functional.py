@@ -1,0 +1,110 @@
+"""fused_embedding: the functional form, on the weights of existing nn.Embedding modules."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fusedemb.cpp_extension import CPP_EXTENSION_AVAILABLE
+from fusedemb.ops import TRITON_AVAILABLE, fused_embedding_op
+from fusedemb.reference import fused_embedding_reference
+from fusedemb.validation import prepare_inputs
+
+BACKENDS = ("triton", "cpp", "reference")
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """CUDA tensors run compiled Triton kernels; CPU tensors only under Triton's interpreter."""
+    if not TRITON_AVAILABLE:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """The backends that can run on tensors of `device`, fastest first."""
+    device = torch.device(device)
+    backends = []
+    if triton_runs_on(device):
+        backends.append("triton")
+    if device.type == "cpu" and CPP_EXTENSION_AVAILABLE:
+        backends.append("cpp")
+    backends.append("reference")
+    return backends
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """None picks Triton on CUDA and the C++ kernels on CPU; an explicit choice is checked."""
+    if backend is None:
+        if device.type == "cuda" and TRITON_AVAILABLE:
+            return "triton"
+        return "cpp" if device.type == "cpu" and CPP_EXTENSION_AVAILABLE else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    if backend not in available_backends(device):
+        reasons = {
+            "triton": "Triton runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before import",
+            "cpp": "the C++ kernels run on CPU tensors and need the extension built (pip install --no-build-isolation -e .)",
+        }
+        raise RuntimeError(f"backend {backend!r} cannot run on {device} tensors here: {reasons[backend]}")
+    return backend
+
+
+def fused_embedding(
+    ids: torch.Tensor,
+    tok_weight: torch.Tensor,
+    pos_weight: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    position_offset: int = 0,
+    padding_idx: int | None = None,
+    backend: str | None = None,
+    deterministic: bool | None = None,
+) -> torch.Tensor:
+    """Token embedding plus absolute position embedding in one pass.
+
+    Equivalent to ``F.embedding(ids, tok_weight, padding_idx) + F.embedding(pos, pos_weight)``
+    with ``pos[..., t] = t + position_offset`` (or ``position_ids`` when given), differentiable
+    in both tables. Pass the ``.weight`` of existing ``nn.Embedding`` modules: checkpoints and
+    weight tying stay as they are.
+
+    Args:
+        ids: integer tensor (int32/int64 kernels; other integer dtypes are widened) of shape (..., T).
+        tok_weight: token table (V, D); pos_weight: position table (P, D); same dtype and device,
+            float32, float64, bfloat16 or float16.
+        position_ids: explicit positions of ids' shape (left-padded or packed batches).
+        position_offset: first position when position_ids is None (decoding with a KV cache).
+        padding_idx: as nn.Embedding: that row is returned as stored and gets no gradient;
+            negative values count from the end.
+        backend: None (Triton on CUDA, C++ on CPU), "triton", "cpp" or "reference".
+        deterministic: token-gradient mode of the Triton backend; None follows
+            torch.are_deterministic_algorithms_enabled(). The C++ backend is always deterministic.
+
+    Returns:
+        a tensor of shape (..., T, D) and the tables' dtype.
+    """
+    inputs = prepare_inputs(ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx)
+    backend = resolve_backend(backend, inputs.tok_weight.device)
+    if backend == "reference":
+        return fused_embedding_reference(
+            inputs.ids,
+            inputs.tok_weight,
+            inputs.pos_weight,
+            inputs.position_ids,
+            inputs.position_offset,
+            inputs.padding_idx if inputs.padding_idx >= 0 else None,
+        )
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return fused_embedding_op(
+        inputs.ids,
+        inputs.tok_weight,
+        inputs.pos_weight,
+        inputs.position_ids,
+        inputs.position_offset,
+        inputs.padding_idx,
+        backend,
+        bool(deterministic),
+    )

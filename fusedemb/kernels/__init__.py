@@ -1,0 +1,6 @@
+"""Triton kernels of fusedemb: the one-pass forward and the scatter-add backward."""
+
+from fusedemb.kernels.backward import triton_backward
+from fusedemb.kernels.forward import triton_forward
+
+__all__ = ["triton_backward", "triton_forward"]

@@ -1,0 +1,59 @@
+"""What the Triton kernels share: how they are launched, their tiling, their accumulator type.
+
+Launching goes through `torch.library.wrap_triton` so that torch.compile sees the kernels
+inside our `triton_op`s. Under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors, used by CI)
+`@triton.jit` yields an InterpretedFunction that some torch releases refuse to wrap, so it is
+called directly; while tracing with fake tensors (opcheck, torch.compile) an interpreted kernel
+has nothing to run on and is skipped: the op body has already allocated its outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
+from triton.runtime.jit import JITFunction
+
+# Elements of one (rows x columns) tile a program moves per pass: 16 KiB of float32. Enough
+# independent 16-byte loads per thread to cover memory latency, few enough to stay in registers.
+TILE_ELEMENTS = 4096
+# Widest column block: 256 columns split D = 768 (gpt2) and 4096 exactly into whole blocks.
+MAX_BLOCK_DIM = 256
+
+
+def column_block(dim: int) -> int:
+    return min(triton.next_power_of_2(dim), MAX_BLOCK_DIM)
+
+
+def rows_per_tile(block_dim: int) -> int:
+    return max(1, TILE_ELEMENTS // block_dim)
+
+
+def accumulates_in_float64(table_dtype: torch.dtype) -> bool:
+    """float32 arithmetic for 32- and 16-bit tables (as PyTorch's own kernels), float64 for float64."""
+    return table_dtype == torch.float64
+
+
+@triton.jit
+def to_accumulator(x, ACC_FP64: tl.constexpr):
+    if ACC_FP64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    if isinstance(kernel, JITFunction):
+        wrap_triton(kernel)[grid](*args, **kwargs)
+        return
+    if any(isinstance(arg, torch.Tensor) and is_fake(arg) for arg in args):
+        return
+    kernel[grid](*args, **kwargs)
+
+
+@triton.jit
+def clamp_rows(rows, num_rows):
+    """Clamp row indices into [0, num_rows): a memory-safety net for when host checks are off."""
+    return tl.minimum(tl.maximum(rows, 0), num_rows - 1)

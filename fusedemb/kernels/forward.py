@@ -1,0 +1,103 @@
+"""Triton forward: gather token rows, add position rows, write the output, in one pass.
+
+Bytes moved (the performance model): N ids, N gathered token rows, the position rows (T distinct
+ones, reused across the batch and so mostly served from L2) and N output rows:
+about 2 * N * D * element_size. Eager PyTorch moves about 5 * N * D (two gathers write
+intermediates, the add reads both and writes the output).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedemb.kernels.common import (
+    accumulates_in_float64,
+    clamp_rows,
+    column_block,
+    launch,
+    rows_per_tile,
+    to_accumulator,
+)
+
+
+@triton.jit
+def fused_embedding_forward_kernel(
+    ids_ptr,  # [N] int32/int64 token ids, the flattened (..., T) batch
+    position_ids_ptr,  # [N] explicit positions; read only when HAS_POSITION_IDS
+    tok_ptr,  # [V, D] token table, rows tok_row_stride apart, unit column stride
+    pos_ptr,  # [P, D] position table, rows pos_row_stride apart
+    out_ptr,  # [N, D] output, contiguous
+    num_tokens,  # N
+    seq_len,  # T: token n sits at position n % T (+ position_offset)
+    position_offset,
+    dim,  # D
+    num_embeddings,  # V, for clamping only
+    context_length,  # P, for clamping only
+    tok_row_stride,
+    pos_row_stride,
+    HAS_POSITION_IDS: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
+):
+    # Program (i, j) writes the tile out[i*BLOCK_TOKENS : +BLOCK_TOKENS, j*BLOCK_DIM : +BLOCK_DIM].
+    tokens = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+    cols = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
+    token_mask = tokens < num_tokens
+    mask = token_mask[:, None] & (cols < dim)[None, :]
+
+    ids = tl.load(ids_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
+    if HAS_POSITION_IDS:
+        positions = tl.load(position_ids_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
+    else:
+        positions = (tokens % seq_len + position_offset).to(tl.int64)
+    # Inputs are range-checked on the host; clamping keeps every access inside the tables even
+    # when that check is switched off. Offsets are 64-bit: tables may exceed 2^31 elements.
+    ids = clamp_rows(ids, num_embeddings)
+    positions = clamp_rows(positions, context_length)
+
+    tok = tl.load(tok_ptr + ids[:, None] * tok_row_stride + cols[None, :], mask=mask)
+    pos = tl.load(pos_ptr + positions[:, None] * pos_row_stride + cols[None, :], mask=mask)
+    out = to_accumulator(tok, ACC_FP64) + to_accumulator(pos, ACC_FP64)  # one rounding, as eager's add
+    tl.store(out_ptr + tokens[:, None].to(tl.int64) * dim + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def triton_forward(
+    ids: torch.Tensor,
+    tok_weight: torch.Tensor,
+    pos_weight: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    position_offset: int,
+) -> torch.Tensor:
+    dim = tok_weight.shape[1]
+    out = tok_weight.new_empty((*ids.shape, dim))
+    num_tokens = ids.numel()
+    if num_tokens == 0:
+        return out
+    block_dim = column_block(dim)
+    block_tokens = rows_per_tile(block_dim)
+    grid = (triton.cdiv(num_tokens, block_tokens), triton.cdiv(dim, block_dim))
+    launch(
+        fused_embedding_forward_kernel,
+        grid,
+        ids,
+        ids if position_ids is None else position_ids,
+        tok_weight,
+        pos_weight,
+        out,
+        num_tokens,
+        ids.shape[-1],
+        position_offset,
+        dim,
+        tok_weight.shape[0],
+        pos_weight.shape[0],
+        tok_weight.stride(0),
+        pos_weight.stride(0),
+        HAS_POSITION_IDS=position_ids is not None,
+        ACC_FP64=accumulates_in_float64(tok_weight.dtype),
+        BLOCK_TOKENS=block_tokens,
+        BLOCK_DIM=block_dim,
+    )
+    return out

@@ -1,0 +1,102 @@
+"""The torch.library operators of fusedemb: schema, fake kernels, autograd and device dispatch.
+
+    fusedemb::fused_embedding           forward  -> out [..., D]
+    fusedemb::fused_embedding_backward  backward -> (grad_tok [V, D], grad_pos [P, D])
+
+Both are `triton_op`s: torch.compile traces into their bodies and sees the Triton kernels
+(wrapped with wrap_triton) as well as the C++ operators they call, instead of one opaque call.
+A body runs on fake tensors too (it is its own fake kernel), so it only allocates and launches:
+no .item(), no data_ptr(), no branching on tensor values. It branches on `backend`:
+
+    "triton"  the Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+    "cpp"     the C++ CPU kernels, torch.ops.fusedemb.cpu_forward / cpu_backward
+
+Inputs reach these operators already checked and normalised by fusedemb.validation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op
+
+from fusedemb import cpp_extension  # noqa: F401  (registers the C++ operators and their fakes)
+
+try:
+    from fusedemb.kernels import triton_backward, triton_forward
+
+    TRITON_AVAILABLE = True
+except ImportError:  # pragma: no cover - triton is a dependency, but not on every platform
+    TRITON_AVAILABLE = False
+
+
+@triton_op("fusedemb::fused_embedding", mutates_args=())
+def fused_embedding_op(
+    ids: torch.Tensor,
+    tok_weight: torch.Tensor,
+    pos_weight: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    position_offset: int,
+    padding_idx: int,
+    backend: str,
+    deterministic: bool,
+) -> torch.Tensor:
+    """out[..., t, :] = tok_weight[ids[..., t]] + pos_weight[pos[..., t]].
+
+    padding_idx (-1 for none) and deterministic only shape the backward; they are arguments so
+    that autograd's saved context has them.
+    """
+    if backend == "triton":
+        return triton_forward(ids, tok_weight, pos_weight, position_ids, position_offset)
+    return torch.ops.fusedemb.cpu_forward(ids, tok_weight, pos_weight, position_ids, position_offset)
+
+
+@triton_op("fusedemb::fused_embedding_backward", mutates_args=())
+def fused_embedding_backward_op(
+    grad_out: torch.Tensor,
+    ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    position_offset: int,
+    num_embeddings: int,
+    context_length: int,
+    padding_idx: int,
+    backend: str,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scatter-add grad_out into both tables, accumulating in float32 (float64 for float64)."""
+    if backend == "triton":
+        return triton_backward(
+            grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, deterministic
+        )
+    return torch.ops.fusedemb.cpu_backward(
+        grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic = inputs
+    ctx.save_for_backward(ids, position_ids)
+    ctx.position_offset = position_offset
+    ctx.num_embeddings = tok_weight.shape[0]
+    ctx.context_length = pos_weight.shape[0]
+    ctx.padding_idx = padding_idx
+    ctx.backend = backend
+    ctx.deterministic = deterministic
+
+
+def _backward(ctx, grad_out):
+    ids, position_ids = ctx.saved_tensors
+    grad_tok, grad_pos = fused_embedding_backward_op(
+        grad_out.contiguous(),
+        ids,
+        position_ids,
+        ctx.position_offset,
+        ctx.num_embeddings,
+        ctx.context_length,
+        ctx.padding_idx,
+        ctx.backend,
+        ctx.deterministic,
+    )
+    return None, grad_tok, grad_pos, None, None, None, None, None
+
+
+fused_embedding_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,142 @@
+"""Input checking and normalisation shared by every backend.
+
+Every check raises a Python exception that names the problem, so that bad input never reaches
+a kernel: out-of-range ids would otherwise read out of bounds (CPU) or trip an illegal memory
+access that kills the process (CUDA).
+
+The range checks of ids and position_ids need the values: on CUDA that is one small reduction
+and one device-to-host sync per call. `set_bounds_check(False)` (or the environment variable
+FUSEDEMB_BOUNDS_CHECK=0) switches them off for maximum speed; the kernels still never touch
+memory outside the tables (the Triton kernels clamp their loads and the C++ kernels re-check), but
+then an out-of-range id on CUDA yields an undefined output row instead of an error. Under
+torch.compile the value checks are skipped too (they would break the graph), with the same
+consequence; the C++ CPU kernels always check.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_TABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+SUPPORTED_ID_DTYPES = (torch.int32, torch.int64)
+
+_bounds_check = os.environ.get("FUSEDEMB_BOUNDS_CHECK", "1") not in ("0", "false", "False")
+
+
+def set_bounds_check(enabled: bool) -> None:
+    """Turn the value range checks of ids and position_ids on (the default) or off."""
+    global _bounds_check
+    _bounds_check = bool(enabled)
+
+
+def bounds_check_enabled() -> bool:
+    return _bounds_check
+
+
+@dataclass(frozen=True)
+class EmbeddingInputs:
+    """Inputs in the form the operators take: contiguous ids, same-dtype position_ids, and
+    padding_idx as a non-negative row or -1 for none."""
+
+    ids: torch.Tensor
+    tok_weight: torch.Tensor
+    pos_weight: torch.Tensor
+    position_ids: torch.Tensor | None
+    position_offset: int
+    padding_idx: int
+
+
+def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int:
+    """nn.Embedding's rule: negative values count from the end; -1 is returned for none."""
+    if padding_idx is None:
+        return -1
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
+    return padding_idx % num_embeddings
+
+
+def _check_index_tensor(name: str, index: torch.Tensor, device: torch.device) -> None:
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(index).__name__}")
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int32 or int64), got {index.dtype}")
+    if index.device != device:
+        raise ValueError(f"{name} is on {index.device} but the tables are on {device}")
+
+
+def _check_table(name: str, table: torch.Tensor) -> None:
+    if not isinstance(table, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(table).__name__}")
+    if table.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(table.shape)}")
+    if table.dtype not in SUPPORTED_TABLE_DTYPES:
+        raise TypeError(f"{name} has dtype {table.dtype}; supported: {', '.join(map(str, SUPPORTED_TABLE_DTYPES))}")
+
+
+def _check_values_in_range(name: str, index: torch.Tensor, num_rows: int, table: str) -> None:
+    if index.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(index))  # one sync on CUDA
+    if lo < 0 or hi >= num_rows:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"{name} contains {bad}, outside [0, {num_rows}) of {table} ({num_rows} rows)")
+
+
+def prepare_inputs(
+    ids: torch.Tensor,
+    tok_weight: torch.Tensor,
+    pos_weight: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    position_offset: int,
+    padding_idx: int | None,
+) -> EmbeddingInputs:
+    _check_table("tok_weight", tok_weight)
+    _check_table("pos_weight", pos_weight)
+    if tok_weight.dtype != pos_weight.dtype:
+        raise TypeError(f"tok_weight ({tok_weight.dtype}) and pos_weight ({pos_weight.dtype}) must have the same dtype")
+    if tok_weight.shape[1] != pos_weight.shape[1]:
+        raise ValueError(
+            f"tok_weight and pos_weight must have the same embedding dim, got {tok_weight.shape[1]} and {pos_weight.shape[1]}"
+        )
+    if tok_weight.device != pos_weight.device:
+        raise ValueError(f"tok_weight is on {tok_weight.device} but pos_weight is on {pos_weight.device}")
+    _check_index_tensor("ids", ids, tok_weight.device)
+    if ids.dim() == 0:
+        raise ValueError("ids must have shape (..., T) with at least one dimension, got a 0-d tensor")
+    if not isinstance(position_offset, (int, torch.SymInt)) or isinstance(position_offset, bool):
+        raise TypeError(f"position_offset must be an int, got {type(position_offset).__name__}")
+
+    num_embeddings, context_length = tok_weight.shape[0], pos_weight.shape[0]
+    ids = ids if ids.dtype in SUPPORTED_ID_DTYPES else ids.long()
+    check_values = _bounds_check and not torch.compiler.is_compiling()
+    if position_ids is not None:
+        _check_index_tensor("position_ids", position_ids, tok_weight.device)
+        if position_ids.shape != ids.shape:
+            raise ValueError(f"position_ids must have the shape of ids {tuple(ids.shape)}, got {tuple(position_ids.shape)}")
+        position_ids = position_ids.to(ids.dtype).contiguous()
+        if check_values:
+            _check_values_in_range("position_ids", position_ids, context_length, "the position table")
+    else:
+        seq_len = ids.shape[-1]
+        if position_offset < 0 or position_offset + seq_len > context_length:
+            raise IndexError(
+                f"positions [{position_offset}, {position_offset + seq_len}) (position_offset {position_offset} + "
+                f"sequence length {seq_len}) do not fit the position table of {context_length} rows"
+            )
+    if check_values:
+        _check_values_in_range("ids", ids, num_embeddings, "the token table")
+
+    # The kernels need unit stride along dim only; row strides are passed through.
+    tok_weight = tok_weight if tok_weight.stride(1) == 1 else tok_weight.contiguous()
+    pos_weight = pos_weight if pos_weight.stride(1) == 1 else pos_weight.contiguous()
+    return EmbeddingInputs(
+        ids=ids.contiguous(),
+        tok_weight=tok_weight,
+        pos_weight=pos_weight,
+        position_ids=position_ids,
+        position_offset=position_offset,
+        padding_idx=normalize_padding_idx(padding_idx, num_embeddings),
+    )

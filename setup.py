@@ -1,0 +1,39 @@
+"""Build fusedemb and its C++ CPU extension `fusedemb._C`.
+
+Install with `pip install --no-build-isolation -e .`: the extension must be compiled against
+the torch it will run with, so it is never built in an isolated build environment.
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+ROOT = Path(__file__).parent
+
+# at::parallel_for is serial unless the extension itself is compiled with OpenMP.
+extension = CppExtension(
+    name="fusedemb._C",
+    sources=sorted(str(path.relative_to(ROOT)) for path in (ROOT / "csrc").glob("*.cpp")),
+    extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
+    extra_link_args=["-fopenmp"],
+)
+
+setup(
+    name="fusedemb",
+    version="0.1.0",
+    description="Fused token + position embedding (gather + add in one pass) with Triton and C++ kernels",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["fusedemb", "fusedemb.*"]),
+    python_requires=">=3.10",
+    # Ranges that torch 2.13.0 (the CPU build on our machines) satisfies, so pip installs no other torch.
+    install_requires=["torch>=2.6", "triton>=3.2", "tiktoken>=0.7", "numpy"],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4"],
+        "bench": ["matplotlib>=3.7", "tqdm>=4.60"],
+    },
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension},
+    entry_points={"console_scripts": ["fusedemb-bench = fusedemb.bench.cli:main", "fusedemb-demo = fusedemb.demo:main"]},
+)
