@@ -6,13 +6,13 @@ torch.compile and torch.library.opcheck trace through the C++ operators on CPU.
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
 
 try:
-    from fusedemb import _C  # noqa: F401  (importing registers torch.ops.fusedemb.cpu_*)
-
+    importlib.import_module("fusedemb._C")  # loading the library registers torch.ops.fusedemb.cpu_*
     CPP_EXTENSION_AVAILABLE = True
 except ImportError as error:  # pragma: no cover - exercised only on machines without the build
     CPP_EXTENSION_AVAILABLE = False

@@ -44,7 +44,9 @@ def fused_embedding_backward_reference(
     position_offset: int = 0,
     padding_idx: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of both tables, written as the scatter-adds they are (float32 accumulation).
+    """The gradients of both tables, written as the scatter-adds they are.
+
+    Accumulated in float32 (float64 for float64 gradients), then cast back to grad_out's dtype.
 
     grad_tok = zeros(V, D).index_add_(0, ids, grad_out)   (the padding_idx row stays zero)
     grad_pos = zeros(P, D).index_add_(0, pos, grad_out)
@@ -52,7 +54,7 @@ def fused_embedding_backward_reference(
     if position_ids is None:
         position_ids = default_positions(ids, position_offset)
     dim = grad_out.shape[-1]
-    rows = grad_out.reshape(-1, dim).float()
+    rows = grad_out.reshape(-1, dim).to(torch.promote_types(grad_out.dtype, torch.float32))
     grad_tok = rows.new_zeros(num_embeddings, dim).index_add_(0, ids.reshape(-1), rows)
     if padding_idx is not None:
         grad_tok[padding_idx] = 0

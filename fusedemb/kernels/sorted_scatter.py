@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedemb.kernels.common import clamp_rows, column_block, launch
+from fusedemb.kernels.common import accumulates_in_float64, clamp_rows, column_block, launch, to_accumulator
 
 CHUNK = 1024  # tokens per counting-sort chunk; counts has num_rows * ceil(N / CHUNK) entries
 RANK_BLOCK = 64  # tokens compared at once in chunk_rank_kernel: a 64 x 64 comparison tile
@@ -118,6 +118,7 @@ def segment_sums_kernel(
     dim,
     num_chunks,
     skip_row,
+    ACC_FP64: tl.constexpr,
     TILE: tl.constexpr,
     BLOCK_DIM: tl.constexpr,
 ):
@@ -140,7 +141,8 @@ def segment_sums_kernel(
     # dynamic ranges, so the difference is the float32-accumulated sum to within rounding (and a
     # run of one token gets its gradient row back exactly). Plain cumsum/gather, not a custom
     # segmented scan: those run fast on GPUs and in Triton's interpreter alike.
-    prefix = tl.cumsum(grad.to(tl.float64), axis=0)
+    # (16-bit rows go through float32: exact, and Triton's interpreter cannot cast bfloat16 directly.)
+    prefix = tl.cumsum(to_accumulator(grad, ACC_FP64).to(tl.float64), axis=0)
     first = tl.maximum(row_start - tile_start, 0)
     before_run = tl.gather(prefix, tl.broadcast_to(tl.maximum(first - 1, 0)[:, None], (TILE, BLOCK_DIM)), axis=0)
     run_sums = prefix - tl.where((first > 0)[:, None], before_run, 0.0)
@@ -151,7 +153,9 @@ def segment_sums_kernel(
     complete = run_ends & row_ends & (row_start >= tile_start)
     out_mask = (complete & (rows != skip_row))[:, None] & col_mask[None, :]
     table_offsets = tl.maximum(rows, 0).to(tl.int64)[:, None] * dim + cols[None, :]
-    tl.store(table_ptr + table_offsets, run_sums.to(table_ptr.dtype.element_ty), mask=out_mask)
+    # Rounded as float32 accumulation would be, then to the table's dtype (one step at a time:
+    # Triton's interpreter cannot cast float64 to bfloat16 directly).
+    tl.store(table_ptr + table_offsets, to_accumulator(run_sums, ACC_FP64).to(table_ptr.dtype.element_ty), mask=out_mask)
 
     # At most one run per tile is a partial head and one a partial tail: pick each out with a
     # masked sum (adding zeros is exact) and store it only if it exists.
@@ -178,6 +182,7 @@ def combine_partials_kernel(
     dim,
     num_chunks,
     skip_row,
+    ACC_FP64: tl.constexpr,
     TILE: tl.constexpr,
     PARTIALS_BLOCK: tl.constexpr,
     BLOCK_DIM: tl.constexpr,
@@ -202,7 +207,7 @@ def combine_partials_kernel(
             mask = (tiles <= last_tile)[:, None] & col_mask[None, :]
             partials = tl.load(head_ptr + tiles.to(tl.int64)[:, None] * dim + cols[None, :], mask=mask, other=0)
             acc += tl.sum(partials, axis=0)
-        tl.store(table_ptr + row.to(tl.int64) * dim + cols, acc.to(table_ptr.dtype.element_ty), mask=col_mask)
+        tl.store(table_ptr + row.to(tl.int64) * dim + cols, to_accumulator(acc, ACC_FP64).to(table_ptr.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit
@@ -257,6 +262,7 @@ def sorted_scatter_add(
     )  # fmt: skip
 
     table = torch.empty((num_rows, dim), dtype=table_dtype, device=device)
+    acc_fp64 = accumulates_in_float64(table_dtype)
     num_tiles = triton.cdiv(num_tokens, TILE)
     head = torch.empty((num_tiles, dim), dtype=torch.float64, device=device)
     tail = torch.empty_like(head)
@@ -264,13 +270,13 @@ def sorted_scatter_add(
         segment_sums_kernel,
         (num_tiles, triton.cdiv(dim, SEGMENT_BLOCK_DIM)),
         grad_rows, sorted_tokens, sorted_rows, starts, table, head, tail, num_tokens, dim, num_chunks, skip_row,
-        TILE=TILE, BLOCK_DIM=SEGMENT_BLOCK_DIM,
+        ACC_FP64=acc_fp64, TILE=TILE, BLOCK_DIM=SEGMENT_BLOCK_DIM,
     )  # fmt: skip
     launch(
         combine_partials_kernel,
         (num_tiles, triton.cdiv(dim, COMBINE_BLOCK_DIM)),
         sorted_rows, starts, counts, head, tail, table, num_tokens, dim, num_chunks, skip_row,
-        TILE=TILE, PARTIALS_BLOCK=PARTIALS_BLOCK, BLOCK_DIM=COMBINE_BLOCK_DIM,
+        ACC_FP64=acc_fp64, TILE=TILE, PARTIALS_BLOCK=PARTIALS_BLOCK, BLOCK_DIM=COMBINE_BLOCK_DIM,
     )  # fmt: skip
     block_dim = column_block(dim)
     launch(

@@ -1,0 +1,299 @@
+"""fused_embedding against the reference, on every backend that runs here.
+
+Forward outputs must equal the reference bit for bit (one rounding of tok + pos, as eager);
+gradients are compared with the float64 reference (see conftest.assert_grad_close).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fusedemb
+from conftest import BACKEND_CONFIGS, ID_DTYPES, TABLE_DTYPES, assert_grad_close, config_id, interpreted
+from fusedemb.reference import fused_embedding_backward_reference, fused_embedding_reference
+
+
+def make_tables(num_embeddings, context_length, dim, dtype, device):
+    tok = torch.randn(num_embeddings, dim, dtype=dtype, device=device, requires_grad=True)
+    pos = torch.randn(context_length, dim, dtype=dtype, device=device, requires_grad=True)
+    return tok, pos
+
+
+def check_against_reference(
+    config, ids, tok, pos, *, position_ids=None, position_offset=0, padding_idx=None, grad_out=None
+):
+    backend, _, deterministic = config
+    out = fusedemb.fused_embedding(
+        ids,
+        tok,
+        pos,
+        position_ids=position_ids,
+        position_offset=position_offset,
+        padding_idx=padding_idx,
+        backend=backend,
+        deterministic=deterministic,
+    )
+    with torch.no_grad():
+        expected = fused_embedding_reference(ids, tok, pos, position_ids, position_offset, padding_idx)
+    assert out.shape == (*ids.shape, tok.shape[1])
+    assert out.dtype == tok.dtype
+    if interpreted(config[1], config[0]) and tok.dtype == torch.bfloat16:
+        # Triton's interpreter rounds float32 -> bfloat16 toward zero (compiled kernels round to
+        # nearest even), so there the sum may be one bfloat16 ulp (2^-7 relative) off.
+        torch.testing.assert_close(out, expected, rtol=2**-7, atol=0)
+    else:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    grad_tok, grad_pos = torch.autograd.grad(out, (tok, pos), grad_out)
+    expected_tok, expected_pos = fused_embedding_backward_reference(
+        grad_out.double(), ids, tok.shape[0], pos.shape[0], position_ids, position_offset, padding_idx
+    )
+    assert_grad_close(grad_tok, expected_tok, tok.dtype)
+    assert_grad_close(grad_pos, expected_pos, pos.dtype)
+    if padding_idx is not None:
+        assert grad_tok[padding_idx].abs().sum() == 0
+    return out, grad_tok, grad_pos
+
+
+@pytest.mark.parametrize("dtype", TABLE_DTYPES, ids=str)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=str)
+def test_every_dtype_matches_reference(backend_config, dtype, id_dtype):
+    _, device, _ = backend_config
+    torch.manual_seed(0)
+    tok, pos = make_tables(11, 9, 7, dtype, device)
+    ids = torch.randint(0, 11, (3, 6), device=device, dtype=id_dtype)
+    ids[0, 0] = 3  # make sure the padding row is used
+    check_against_reference(backend_config, ids, tok, pos, position_offset=2, padding_idx=3)
+
+
+@pytest.mark.parametrize(
+    "num_embeddings, dim, shape",
+    [(1, 5, (2, 4)), (7, 1, (3, 5)), (13, 3, (2, 9)), (40, 127, (2, 33)), (5, 4097, (2, 3)), (9, 16, (4, 1))],
+    ids=["V1", "D1", "D3", "D127", "D4097", "T1"],
+)
+def test_odd_sizes(backend_config, num_embeddings, dim, shape):
+    _, device, _ = backend_config
+    torch.manual_seed(1)
+    tok, pos = make_tables(num_embeddings, shape[-1] + 1, dim, torch.float32, device)
+    ids = torch.randint(0, num_embeddings, shape, device=device)
+    check_against_reference(backend_config, ids, tok, pos, position_offset=1)
+
+
+@pytest.mark.parametrize("shape", [(17,), (3, 8), (2, 3, 5)], ids=["1d", "2d", "3d"])
+def test_leading_shapes(backend_config, shape):
+    _, device, _ = backend_config
+    torch.manual_seed(2)
+    tok, pos = make_tables(30, shape[-1], 6, torch.float32, device)
+    ids = torch.randint(0, 30, shape, device=device)
+    check_against_reference(backend_config, ids, tok, pos)
+
+
+def test_position_ids_for_left_padded_batch(backend_config):
+    _, device, _ = backend_config
+    torch.manual_seed(3)
+    tok, pos = make_tables(20, 16, 10, torch.float32, device)
+    ids = torch.randint(1, 20, (3, 12), device=device)
+    # Left padding: sequence b starts at column pad[b]; its positions count from there.
+    pad = torch.tensor([0, 4, 7], device=device)
+    columns = torch.arange(12, device=device)
+    position_ids = (columns[None, :] - pad[:, None]).clamp(min=0)
+    ids[columns[None, :] < pad[:, None]] = 0
+    check_against_reference(backend_config, ids, tok, pos, position_ids=position_ids, padding_idx=0)
+
+
+def test_packed_random_position_ids(backend_config):
+    _, device, _ = backend_config
+    torch.manual_seed(4)
+    tok, pos = make_tables(25, 40, 9, torch.bfloat16, device)
+    ids = torch.randint(0, 25, (2, 70), device=device)
+    position_ids = torch.randint(0, 40, (2, 70), device=device)
+    check_against_reference(backend_config, ids, tok, pos, position_ids=position_ids)
+
+
+def test_position_offset_for_kv_cache_decoding(backend_config):
+    _, device, _ = backend_config
+    torch.manual_seed(5)
+    tok, pos = make_tables(15, 32, 8, torch.float16, device)
+    ids = torch.randint(0, 15, (4, 1), device=device)
+    check_against_reference(backend_config, ids, tok, pos, position_offset=31)
+
+
+def test_negative_padding_idx_counts_from_the_end(backend_config):
+    _, device, _ = backend_config
+    torch.manual_seed(6)
+    tok, pos = make_tables(10, 6, 4, torch.float32, device)
+    ids = torch.tensor([[9, 9, 1, 2, 9, 0]], device=device)
+    out, grad_tok, _ = check_against_reference(backend_config, ids, tok, pos, padding_idx=9)
+    backend, _, deterministic = backend_config
+    out_negative = fusedemb.fused_embedding(ids, tok, pos, padding_idx=-1, backend=backend, deterministic=deterministic)
+    torch.testing.assert_close(out_negative, out, rtol=0, atol=0)
+    (grad_negative,) = torch.autograd.grad(out_negative, tok, torch.ones_like(out))
+    assert grad_negative[9].abs().sum() == 0
+    assert grad_negative[1].abs().sum() > 0
+
+
+def zipf_ids(shape, vocab, exponent, device):
+    ranks = torch.arange(1, vocab + 1, dtype=torch.float64)
+    weights = ranks.pow(-exponent)
+    flat = torch.multinomial(weights, int(torch.tensor(shape).prod()), replacement=True)
+    return flat.reshape(shape).to(device)
+
+
+@pytest.mark.parametrize("distribution", ["same", "zipf", "two-hot"])
+def test_skewed_ids(backend_config, distribution):
+    """Rows hit by hundreds of tokens: in the sorted backward they cross many tiles."""
+    _, device, _ = backend_config
+    torch.manual_seed(7)
+    vocab, shape = 64, (3, 150)
+    if distribution == "same":
+        ids = torch.full(shape, 17, device=device)
+    elif distribution == "zipf":
+        ids = zipf_ids(shape, vocab, 1.1, device)
+    else:
+        ids = torch.where(torch.rand(shape, device=device) < 0.5, 2, 5)
+    tok, pos = make_tables(vocab, 150, 24, torch.float32, device)
+    check_against_reference(backend_config, ids, tok, pos, padding_idx=5 if distribution == "two-hot" else None)
+
+
+def test_real_tokenized_text(backend_config):
+    from shared_data import use_shared_tiktoken_cache, verdict_text
+
+    _, device, _ = backend_config
+    text = verdict_text()
+    use_shared_tiktoken_cache()
+    from fusedemb.data import load_gpt2_tokenizer
+
+    tokens = torch.tensor(load_gpt2_tokenizer().encode(text)[: 2 * 256], device=device).reshape(2, 256)
+    torch.manual_seed(8)
+    tok, pos = make_tables(50257, 256, 3, torch.float32, device)
+    check_against_reference(backend_config, tokens, tok, pos)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)], ids=["no-sequences", "no-positions"])
+def test_empty_batch(backend_config, shape):
+    _, device, _ = backend_config
+    tok, pos = make_tables(10, 6, 4, torch.float32, device)
+    ids = torch.zeros(shape, dtype=torch.long, device=device)
+    out, grad_tok, grad_pos = check_against_reference(backend_config, ids, tok, pos)
+    assert out.shape == (*shape, 4)
+    assert grad_tok.abs().sum() == 0 and grad_pos.abs().sum() == 0
+
+
+def test_non_contiguous_inputs(backend_config):
+    _, device, _ = backend_config
+    torch.manual_seed(9)
+    strided_rows = torch.randn(30, 20, device=device)[:, 3:14].detach().requires_grad_()  # rows 20 apart
+    transposed = torch.randn(11, 30, device=device).t().detach().requires_grad_()  # column stride 30
+    pos = torch.randn(8, 11, device=device, requires_grad=True)
+    ids = torch.randint(0, 30, (6, 16), device=device)[::2, ::2]
+    assert not strided_rows.is_contiguous() and transposed.stride(1) != 1 and not ids.is_contiguous()
+    check_against_reference(backend_config, ids, strided_rows, pos)
+    check_against_reference(backend_config, ids, transposed, pos)
+
+
+def test_gradcheck_float64(backend_config):
+    backend, device, deterministic = backend_config
+    torch.manual_seed(10)
+    tok, pos = make_tables(6, 5, 3, torch.float64, device)
+    ids = torch.tensor([[1, 4, 1, 0], [5, 1, 2, 2]], device=device)
+
+    def fn(tok, pos):
+        # padding_idx is left out: its row's true derivative is not zero, nn.Embedding's is.
+        return fusedemb.fused_embedding(ids, tok, pos, position_offset=1, backend=backend, deterministic=deterministic)
+
+    assert torch.autograd.gradcheck(fn, (tok, pos))
+
+
+@pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if c[2]], ids=config_id)
+def test_deterministic_mode_is_bitwise_reproducible(config):
+    backend, device, _ = config
+    torch.manual_seed(11)
+    tok, pos = make_tables(50, 128, 40, torch.float32, device)
+    ids = zipf_ids((4, 128), 50, 1.2, device)
+    grad_out = torch.randn(4, 128, 40, device=device)
+
+    def grads(threads):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out = fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=True)
+            return torch.autograd.grad(out, (tok, pos), grad_out)
+        finally:
+            torch.set_num_threads(previous)
+
+    first = grads(2)
+    for threads in (2, 1):
+        again = grads(threads)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.skipif(not any(c[0] == "triton" for c in BACKEND_CONFIGS), reason="Triton backend unavailable")
+def test_deterministic_default_follows_torch_setting(monkeypatch):
+    from fusedemb.kernels import backward
+
+    calls = []
+    real = backward.sorted_scatter_add
+
+    def spy(*args, **kwargs):
+        calls.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backward, "sorted_scatter_add", spy)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok, pos = make_tables(8, 4, 3, torch.float32, device)
+    ids = torch.randint(0, 8, (2, 4), device=device)
+    fusedemb.fused_embedding(ids, tok, pos, backend="triton").sum().backward()
+    assert calls == []
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        fusedemb.fused_embedding(ids, tok, pos, backend="triton").sum().backward()
+        assert calls == [8]
+        fusedemb.fused_embedding(ids, tok, pos, backend="triton", deterministic=False).sum().backward()
+        assert calls == [8]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_shapes_and_ids(backend_config, data):
+    _, device, _ = backend_config
+    batch = data.draw(st.integers(1, 3), label="batch")
+    seq_len = data.draw(st.integers(1, 40), label="seq_len")
+    vocab = data.draw(st.integers(1, 60), label="vocab")
+    dim = data.draw(st.integers(1, 70), label="dim")
+    offset = data.draw(st.integers(0, 3), label="offset")
+    dtype = data.draw(st.sampled_from(TABLE_DTYPES), label="dtype")
+    padding_idx = data.draw(st.one_of(st.none(), st.integers(-vocab, vocab - 1)), label="padding_idx")
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=generator).to(device)
+    tok = torch.randn(vocab, dim, generator=generator).to(device, dtype).requires_grad_()
+    pos = torch.randn(seq_len + offset, dim, generator=generator).to(device, dtype).requires_grad_()
+    padding = None if padding_idx is None else padding_idx % vocab
+    check_against_reference(backend_config, ids, tok, pos, position_offset=offset, padding_idx=padding)
+
+
+@pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if not interpreted(c[1], c[0])], ids=config_id)
+def test_table_with_more_than_2_31_elements(config):
+    """64-bit offsets: rows past element 2^31 are read and their gradients written correctly."""
+    backend, device, deterministic = config
+    num_embeddings, dim = (1 << 20) + 3, 2048  # 2^31 + 6144 elements, 4 GiB in float16
+    tok = torch.empty(num_embeddings, dim, dtype=torch.float16, device=device)
+    ids = torch.tensor([[num_embeddings - 1, 5, num_embeddings - 2]], device=device)
+    tok[ids[0]] = torch.randn(3, dim, dtype=torch.float16, device=device)
+    tok.requires_grad_()
+    pos = torch.randn(3, dim, dtype=torch.float16, device=device, requires_grad=True)
+    out = fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
+    torch.testing.assert_close(out[0], tok.detach()[ids[0]] + pos.detach(), rtol=0, atol=0)
+    grad_out = torch.randn_like(out)
+    (grad_tok,) = torch.autograd.grad(out, tok, grad_out)
+    torch.testing.assert_close(grad_tok[ids[0]], grad_out[0], rtol=0, atol=0)
+    assert grad_tok[num_embeddings - 3].abs().sum() == 0
+    del grad_tok, tok
