@@ -11,22 +11,64 @@ no .item(), no data_ptr(), no branching on tensor values. It branches on `backen
     "triton"  the Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
     "cpp"     the C++ CPU kernels, torch.ops.fusedemb.cpu_forward / cpu_backward
 
+Interpreted Triton kernels are plain Python that cannot be traced, so under the interpreter the
+Triton path goes through two opaque operators (fusedemb::interpreted_forward / _backward) with
+fake kernels of their own, exactly like the C++ path.
+
 Inputs reach these operators already checked and normalised by fusedemb.validation.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.library import triton_op
+from torch.library import custom_op, triton_op
 
 from fusedemb import cpp_extension  # noqa: F401  (registers the C++ operators and their fakes)
 
 try:
-    from fusedemb.kernels import triton_backward, triton_forward
+    from fusedemb.kernels import INTERPRETED, triton_backward, triton_forward
 
     TRITON_AVAILABLE = True
 except ImportError:  # pragma: no cover - triton is a dependency, but not on every platform
-    TRITON_AVAILABLE = False
+    TRITON_AVAILABLE = INTERPRETED = False
+
+
+@custom_op("fusedemb::interpreted_forward", mutates_args=())
+def interpreted_forward(
+    ids: torch.Tensor,
+    tok_weight: torch.Tensor,
+    pos_weight: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    position_offset: int,
+) -> torch.Tensor:
+    return triton_forward(ids, tok_weight, pos_weight, position_ids, position_offset)
+
+
+@interpreted_forward.register_fake
+def _interpreted_forward_fake(ids, tok_weight, pos_weight, position_ids, position_offset):
+    return tok_weight.new_empty((*ids.shape, tok_weight.shape[1]))
+
+
+@custom_op("fusedemb::interpreted_backward", mutates_args=())
+def interpreted_backward(
+    grad_out: torch.Tensor,
+    ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    position_offset: int,
+    num_embeddings: int,
+    context_length: int,
+    padding_idx: int,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return triton_backward(
+        grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, deterministic
+    )
+
+
+@interpreted_backward.register_fake
+def _interpreted_backward_fake(grad_out, ids, position_ids, position_offset, num_embeddings, context_length, *_):
+    dim = grad_out.shape[-1]
+    return grad_out.new_empty((num_embeddings, dim)), grad_out.new_empty((context_length, dim))
 
 
 @triton_op("fusedemb::fused_embedding", mutates_args=())
@@ -46,7 +88,8 @@ def fused_embedding_op(
     that autograd's saved context has them.
     """
     if backend == "triton":
-        return triton_forward(ids, tok_weight, pos_weight, position_ids, position_offset)
+        forward = interpreted_forward if INTERPRETED else triton_forward
+        return forward(ids, tok_weight, pos_weight, position_ids, position_offset)
     return torch.ops.fusedemb.cpu_forward(ids, tok_weight, pos_weight, position_ids, position_offset)
 
 
@@ -64,7 +107,8 @@ def fused_embedding_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scatter-add grad_out into both tables, accumulating in float32 (float64 for float64)."""
     if backend == "triton":
-        return triton_backward(
+        backward = interpreted_backward if INTERPRETED else triton_backward
+        return backward(
             grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, deterministic
         )
     return torch.ops.fusedemb.cpu_backward(

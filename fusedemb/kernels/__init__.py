@@ -1,6 +1,11 @@
 """Triton kernels of fusedemb: the one-pass forward and the scatter-add backward."""
 
-from fusedemb.kernels.backward import triton_backward
-from fusedemb.kernels.forward import triton_forward
+from triton.runtime.jit import JITFunction
 
-__all__ = ["triton_backward", "triton_forward"]
+from fusedemb.kernels.backward import triton_backward
+from fusedemb.kernels.forward import fused_embedding_forward_kernel, triton_forward
+
+# True under Triton's interpreter (TRITON_INTERPRET=1 when triton was imported).
+INTERPRETED = not isinstance(fused_embedding_forward_kernel, JITFunction)
+
+__all__ = ["INTERPRETED", "triton_backward", "triton_forward"]

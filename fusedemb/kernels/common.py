@@ -2,9 +2,8 @@
 
 Launching goes through `torch.library.wrap_triton` so that torch.compile sees the kernels
 inside our `triton_op`s. Under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors, used by CI)
-`@triton.jit` yields an InterpretedFunction that some torch releases refuse to wrap, so it is
-called directly; while tracing with fake tensors (opcheck, torch.compile) an interpreted kernel
-has nothing to run on and is skipped: the op body has already allocated its outputs.
+`@triton.jit` yields an InterpretedFunction that some torch releases refuse to wrap: it is
+called directly, and fusedemb.ops keeps such calls out of traced graphs.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
@@ -47,10 +45,8 @@ def to_accumulator(x, ACC_FP64: tl.constexpr):
 def launch(kernel, grid, *args, **kwargs) -> None:
     if isinstance(kernel, JITFunction):
         wrap_triton(kernel)[grid](*args, **kwargs)
-        return
-    if any(isinstance(arg, torch.Tensor) and is_fake(arg) for arg in args):
-        return
-    kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 @triton.jit

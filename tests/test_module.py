@@ -1,0 +1,111 @@
+"""FusedEmbedding as a drop-in for a GPT's tok_emb / pos_emb pair."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fusedemb
+from conftest import TABLE_DTYPES
+
+
+class EmbeddingPair(nn.Module):
+    """How GPT implementations usually write the first layer."""
+
+    def __init__(self, vocab, dim, context, padding_idx=None):
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        self.pos_emb = nn.Embedding(context, dim)
+
+    def forward(self, ids):
+        return self.tok_emb(ids) + self.pos_emb(torch.arange(ids.shape[-1], device=ids.device))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0, -2])
+def test_seeded_init_matches_two_embeddings(padding_idx):
+    torch.manual_seed(123)
+    pair = EmbeddingPair(40, 12, 16, padding_idx)
+    after_pair = torch.rand(3)
+    torch.manual_seed(123)
+    fused = fusedemb.FusedEmbedding(40, 12, 16, padding_idx=padding_idx)
+    after_fused = torch.rand(3)
+    torch.testing.assert_close(fused.tok_emb.weight, pair.tok_emb.weight, rtol=0, atol=0)
+    torch.testing.assert_close(fused.pos_emb.weight, pair.pos_emb.weight, rtol=0, atol=0)
+    assert torch.equal(after_fused, after_pair), "the random stream must be consumed the same way"
+
+
+def test_state_dict_keys_and_loading_a_pair_checkpoint():
+    pair = EmbeddingPair(30, 8, 10)
+    fused = fusedemb.FusedEmbedding(30, 8, 10)
+    assert set(fused.state_dict()) == {"tok_emb.weight", "pos_emb.weight"}
+    fused.load_state_dict(pair.state_dict(), strict=True)  # the keys line up: no mapping needed
+    ids = torch.randint(0, 30, (3, 10))
+    torch.testing.assert_close(fused(ids), pair(ids), rtol=0, atol=0)
+
+
+def test_forward_and_backward_match_the_pair():
+    torch.manual_seed(0)
+    pair = EmbeddingPair(30, 8, 10, padding_idx=1)
+    fused = fusedemb.FusedEmbedding.from_embeddings(
+        nn.Embedding.from_pretrained(pair.tok_emb.weight.detach().clone(), freeze=False, padding_idx=1),
+        nn.Embedding.from_pretrained(pair.pos_emb.weight.detach().clone(), freeze=False),
+    )
+    ids = torch.randint(0, 30, (4, 10))
+    ids[0, :2] = 1
+    grad_out = torch.randn(4, 10, 8)
+    fused(ids).backward(grad_out)
+    pair(ids).backward(grad_out)
+    torch.testing.assert_close(fused.tok_emb.weight.grad, pair.tok_emb.weight.grad)
+    torch.testing.assert_close(fused.pos_emb.weight.grad, pair.pos_emb.weight.grad)
+
+
+def test_from_embeddings_shares_parameters_and_weight_tying():
+    def tied_model(embedding_factory):
+        torch.manual_seed(5)
+        tok_emb, pos_emb = nn.Embedding(20, 6), nn.Embedding(5, 6)
+        head = nn.Linear(6, 20, bias=False)
+        head.weight = tok_emb.weight  # the output head shares the token table
+        return tok_emb, head, embedding_factory(tok_emb, pos_emb)
+
+    tok_emb, head, fused = tied_model(fusedemb.FusedEmbedding.from_embeddings)
+    assert fused.tok_emb is tok_emb and head.weight is fused.tok_emb.weight
+    ref_tok_emb, ref_head, pair = tied_model(lambda tok, pos: (tok, pos))
+    ids = torch.randint(0, 20, (2, 5))
+    head(fused(ids)).square().mean().backward()
+    ref_head(ref_tok_emb(ids) + pair[1](torch.arange(5))).square().mean().backward()
+    # The tied gradient holds both contributions, the head's and the embedding's.
+    torch.testing.assert_close(tok_emb.weight.grad, ref_tok_emb.weight.grad)
+
+
+def test_from_embeddings_rejects_mismatched_or_unsupported_modules():
+    with pytest.raises(ValueError, match="same embedding_dim, got 6 and 7"):
+        fusedemb.FusedEmbedding.from_embeddings(nn.Embedding(20, 6), nn.Embedding(5, 7))
+    with pytest.raises(ValueError, match="max_norm, sparse and scale_grad_by_freq are not supported"):
+        fusedemb.FusedEmbedding.from_embeddings(nn.Embedding(20, 6, sparse=True), nn.Embedding(5, 6))
+    with pytest.raises(ValueError, match="pos_emb must not have a padding_idx"):
+        fusedemb.FusedEmbedding.from_embeddings(nn.Embedding(20, 6), nn.Embedding(5, 6, padding_idx=0))
+
+
+@pytest.mark.parametrize("dtype", TABLE_DTYPES, ids=str)
+def test_device_and_dtype_arguments(dtype):
+    fused = fusedemb.FusedEmbedding(11, 4, 6, device="cpu", dtype=dtype)
+    assert fused.tok_emb.weight.dtype == dtype and fused.pos_emb.weight.dtype == dtype
+    assert fused(torch.randint(0, 11, (2, 6))).dtype == dtype
+
+
+def test_position_arguments_reach_the_kernel():
+    torch.manual_seed(1)
+    fused = fusedemb.FusedEmbedding(11, 4, 8)
+    ids = torch.randint(0, 11, (2, 3))
+    expected = fusedemb.fused_embedding_reference(ids, fused.tok_emb.weight, fused.pos_emb.weight, position_offset=5)
+    torch.testing.assert_close(fused(ids, position_offset=5), expected, rtol=0, atol=0)
+    position_ids = torch.tensor([[0, 0, 1], [7, 6, 5]])
+    expected = fusedemb.fused_embedding_reference(ids, fused.tok_emb.weight, fused.pos_emb.weight, position_ids=position_ids)
+    torch.testing.assert_close(fused(ids, position_ids=position_ids), expected, rtol=0, atol=0)
+
+
+def test_extra_repr_and_properties():
+    fused = fusedemb.FusedEmbedding(50257, 768, 1024, padding_idx=0, backend="reference", deterministic=True)
+    assert "50257, 768, context_length=1024, padding_idx=0, backend='reference', deterministic=True" in repr(fused)
+    assert (fused.num_embeddings, fused.embedding_dim, fused.context_length, fused.padding_idx) == (50257, 768, 1024, 0)

@@ -1,0 +1,85 @@
+"""The torch.library operators: opcheck, autograd registration and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fusedemb
+from conftest import BACKEND_CONFIGS, config_id, interpreted
+from fusedemb.ops import fused_embedding_backward_op, fused_embedding_op
+
+
+def sample_inputs(device, dtype=torch.float32, position_ids=False):
+    torch.manual_seed(0)
+    tok = torch.randn(13, 6, dtype=dtype, device=device, requires_grad=True)
+    pos = torch.randn(9, 6, dtype=dtype, device=device, requires_grad=True)
+    ids = torch.randint(0, 13, (2, 5), device=device)
+    positions = torch.randint(0, 9, (2, 5), device=device) if position_ids else None
+    return ids, tok, pos, positions
+
+
+@pytest.mark.parametrize("position_ids", [False, True], ids=["offset", "position_ids"])
+def test_opcheck(backend_config, position_ids):
+    backend, device, deterministic = backend_config
+    ids, tok, pos, positions = sample_inputs(device, position_ids=position_ids)
+    torch.library.opcheck(fused_embedding_op, (ids, tok, pos, positions, 2 if positions is None else 0, 3, backend, deterministic))
+    grad_out = torch.randn(2, 5, 6, device=device)
+    torch.library.opcheck(
+        fused_embedding_backward_op,
+        (grad_out, ids, positions, 2 if positions is None else 0, 13, 9, 3, backend, deterministic),
+    )
+
+
+@pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
+def test_opcheck_cpp_operators():
+    ids, tok, pos, positions = sample_inputs("cpu", position_ids=True)
+    tok, pos = tok.detach(), pos.detach()  # the raw kernels are differentiated by the outer op only
+    torch.library.opcheck(torch.ops.fusedemb.cpu_forward.default, (ids, tok, pos, None, 1))
+    torch.library.opcheck(torch.ops.fusedemb.cpu_forward.default, (ids, tok, pos, positions, 0))
+    grad_out = torch.randn(2, 5, 6)
+    torch.library.opcheck(torch.ops.fusedemb.cpu_backward.default, (grad_out, ids, positions, 0, 13, 9, 4))
+
+
+def test_gradients_only_for_tables(backend_config):
+    """ids get no gradient; a frozen table gets none either."""
+    backend, device, deterministic = backend_config
+    ids, tok, pos, _ = sample_inputs(device)
+    pos.requires_grad_(False)
+    out = fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
+    out.sum().backward()
+    assert tok.grad is not None and pos.grad is None
+
+
+class TinyGPTInput(nn.Module):
+    """The first layer of a GPT and something after it, for compiling as one graph."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.embedding = fusedemb.FusedEmbedding(50, 16, 12, backend=backend)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, ids, position_offset=0):
+        return self.norm(self.embedding(ids, position_offset=position_offset)).square().mean()
+
+
+@pytest.mark.parametrize(
+    "config", [c for c in BACKEND_CONFIGS if not interpreted(c[1], c[0]) and c[2]], ids=config_id
+)
+def test_torch_compile_fullgraph_matches_eager(config):
+    """No graph break (fullgraph=True) and the same loss and gradients as eager. Triton kernels
+    run through the interpreter cannot be compiled by Inductor, so on CPU this covers the C++ path."""
+    backend, device, _ = config
+    torch.manual_seed(0)
+    model = TinyGPTInput(backend).to(device)
+    compiled = torch.compile(model, fullgraph=True)
+    for offset, batch in ((0, 3), (2, 4)):
+        ids = torch.randint(0, 50, (batch, 10), device=device)
+        eager_loss = model(ids, offset)
+        eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+        compiled_loss = compiled(ids, offset)
+        compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+        torch.testing.assert_close(compiled_loss, eager_loss)
+        for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
+            torch.testing.assert_close(compiled_grad, eager_grad)

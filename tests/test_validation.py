@@ -1,0 +1,164 @@
+"""Bad input gets a clear Python exception naming the problem, on every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedemb
+
+
+@pytest.fixture
+def tables():
+    torch.manual_seed(0)
+    return torch.randn(10, 4), torch.randn(8, 4)
+
+
+BACKENDS = [b for b in fusedemb.available_backends("cpu")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad_id", [10, 11, -1, -11], ids=["V", "V+1", "-1", "-V-1"])
+def test_ids_out_of_range(tables, backend, bad_id):
+    tok, pos = tables
+    ids = torch.tensor([[1, bad_id, 2]])
+    with pytest.raises(IndexError, match=rf"ids contains {bad_id}, outside \[0, 10\)"):
+        fusedemb.fused_embedding(ids, tok, pos, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_position_ids_out_of_range(tables, backend):
+    tok, pos = tables
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(IndexError, match=r"position_ids contains 8, outside \[0, 8\)"):
+        fusedemb.fused_embedding(ids, tok, pos, position_ids=torch.tensor([[0, 8, 1]]), backend=backend)
+    with pytest.raises(IndexError, match=r"position_ids contains -1"):
+        fusedemb.fused_embedding(ids, tok, pos, position_ids=torch.tensor([[0, -1, 1]]), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_too_long_for_position_table(tables, backend):
+    tok, pos = tables
+    with pytest.raises(IndexError, match=r"positions \[0, 9\).*8 rows"):
+        fusedemb.fused_embedding(torch.zeros(2, 9, dtype=torch.long), tok, pos, backend=backend)
+    with pytest.raises(IndexError, match=r"positions \[6, 9\).*position_offset 6"):
+        fusedemb.fused_embedding(torch.zeros(2, 3, dtype=torch.long), tok, pos, position_offset=6, backend=backend)
+    with pytest.raises(IndexError, match=r"positions \[-1, 2\)"):
+        fusedemb.fused_embedding(torch.zeros(2, 3, dtype=torch.long), tok, pos, position_offset=-1, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bool, torch.complex64])
+def test_non_integer_ids(tables, dtype):
+    tok, pos = tables
+    with pytest.raises(TypeError, match=rf"ids must be an integer tensor .* got {dtype}"):
+        fusedemb.fused_embedding(torch.zeros(2, 3, dtype=dtype), tok, pos)
+
+
+def test_float_position_ids(tables):
+    tok, pos = tables
+    with pytest.raises(TypeError, match="position_ids must be an integer tensor"):
+        fusedemb.fused_embedding(torch.zeros(2, 3, dtype=torch.long), tok, pos, position_ids=torch.zeros(2, 3))
+
+
+def test_small_integer_ids_are_widened(tables):
+    tok, pos = tables
+    ids = torch.tensor([[1, 9, 0]], dtype=torch.uint8)
+    expected = fusedemb.fused_embedding_reference(ids.long(), tok, pos)
+    torch.testing.assert_close(fusedemb.fused_embedding(ids, tok, pos), expected, rtol=0, atol=0)
+
+
+def test_table_widths_differ():
+    with pytest.raises(ValueError, match="same embedding dim, got 4 and 5"):
+        fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), torch.randn(10, 4), torch.randn(8, 5))
+
+
+def test_table_dtypes_differ():
+    with pytest.raises(TypeError, match=r"tok_weight \(torch.float32\) and pos_weight \(torch.float64\)"):
+        fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), torch.randn(10, 4), torch.randn(8, 4).double())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
+def test_unsupported_table_dtype(dtype):
+    tok = torch.zeros(10, 4, dtype=dtype)
+    with pytest.raises(TypeError, match=f"tok_weight has dtype {dtype}"):
+        fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), tok, torch.zeros(8, 4, dtype=dtype))
+
+
+def test_tables_must_be_2d():
+    with pytest.raises(ValueError, match=r"pos_weight must be 2-D \(rows, dim\), got shape \(8, 4, 1\)"):
+        fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), torch.randn(10, 4), torch.randn(8, 4, 1))
+
+
+def test_zero_dim_ids(tables):
+    tok, pos = tables
+    with pytest.raises(ValueError, match=r"ids must have shape \(\.\.\., T\)"):
+        fusedemb.fused_embedding(torch.tensor(3), tok, pos)
+
+
+def test_position_ids_shape_mismatch(tables):
+    tok, pos = tables
+    with pytest.raises(ValueError, match=r"position_ids must have the shape of ids \(2, 3\), got \(2, 2\)"):
+        fusedemb.fused_embedding(torch.zeros(2, 3, dtype=torch.long), tok, pos, position_ids=torch.zeros(2, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("padding_idx", [10, -11])
+def test_padding_idx_out_of_range(tables, padding_idx):
+    tok, pos = tables
+    with pytest.raises(ValueError, match=rf"padding_idx must be within \[-10, 10\), got {padding_idx}"):
+        fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), tok, pos, padding_idx=padding_idx)
+
+
+def test_unknown_backend(tables):
+    tok, pos = tables
+    with pytest.raises(ValueError, match="backend must be None or one of"):
+        fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), tok, pos, backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_ids_on_another_device(tables):
+    tok, pos = tables
+    with pytest.raises(ValueError, match="ids is on cuda:0 but the tables are on cpu"):
+        fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long, device="cuda"), tok, pos)
+
+
+def test_ids_on_another_device_meta():
+    """Checked without a GPU: the meta device stands in for another device."""
+    with pytest.raises(ValueError, match="ids is on meta but the tables are on cpu"):
+        fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long, device="meta"), torch.randn(10, 4), torch.randn(8, 4))
+    with pytest.raises(ValueError, match="tok_weight is on cpu but pos_weight is on meta"):
+        fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), torch.randn(10, 4), torch.randn(8, 4, device="meta"))
+
+
+def test_cpp_backend_rejects_cuda_or_missing_extension(tables):
+    tok, pos = tables
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA tensors")
+    with pytest.raises(RuntimeError, match="backend 'cpp' cannot run on cuda"):
+        fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long, device="cuda"), tok.cuda(), pos.cuda(), backend="cpp")
+
+
+@pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
+def test_cpp_kernels_check_bounds_themselves(tables):
+    """With the Python check off, the C++ kernel still refuses to read out of bounds."""
+    tok, pos = tables
+    fusedemb.set_bounds_check(False)
+    try:
+        with pytest.raises(IndexError, match="ids contains 12 at flat index 1"):
+            fusedemb.fused_embedding(torch.tensor([[1, 12]]), tok, pos, backend="cpp")
+    finally:
+        fusedemb.set_bounds_check(True)
+    assert fusedemb.bounds_check_enabled()
+
+
+@pytest.mark.skipif("triton" not in fusedemb.available_backends("cuda" if torch.cuda.is_available() else "cpu"), reason="no Triton")
+def test_triton_kernels_stay_in_bounds_without_checks():
+    """With checks off an out-of-range id gives an undefined row, never an out-of-bounds access:
+    the kernels clamp, so the row read is the table's last one."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok, pos = torch.randn(10, 4, device=device), torch.randn(8, 4, device=device)
+    fusedemb.set_bounds_check(False)
+    try:
+        out = fusedemb.fused_embedding(torch.tensor([[1, 1000]], device=device), tok, pos, backend="triton")
+    finally:
+        fusedemb.set_bounds_check(True)
+    torch.testing.assert_close(out[0, 1], tok[9] + pos[1], rtol=0, atol=0)
