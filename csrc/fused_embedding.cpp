@@ -21,6 +21,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "huge_page_tensor.h"
+
 #include <algorithm>
 #include <vector>
 
@@ -84,7 +86,7 @@ at::Tensor forward_cpu(const at::Tensor& ids, const at::Tensor& tok_weight, cons
   const int64_t seq_len = ids.dim() == 0 ? 1 : ids.size(-1);
   auto out_sizes = ids.sizes().vec();
   out_sizes.push_back(dim);
-  at::Tensor out = at::empty(out_sizes, tok_weight.options());
+  at::Tensor out = empty_on_huge_pages(out_sizes, tok_weight.options());
   if (num_tokens == 0) {
     return out;
   }
@@ -195,8 +197,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, cons
   // No row index -1 exists, so skip_row == -1 skips nothing.
   TORCH_CHECK(padding_idx >= -1 && padding_idx < num_embeddings, "padding_idx must be -1 (none) or in [0, ",
               num_embeddings, "), got ", padding_idx);
-  at::Tensor grad_tok = at::empty({num_embeddings, dim}, grad_out.options());
-  at::Tensor grad_pos = at::empty({context_length, dim}, grad_out.options());
+  at::Tensor grad_tok = empty_on_huge_pages({num_embeddings, dim}, grad_out.options());
+  at::Tensor grad_pos = empty_on_huge_pages({context_length, dim}, grad_out.options());
 
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "fusedemb_backward_cpu", [&] {
     const index_t* id_ptr = ids.const_data_ptr<index_t>();

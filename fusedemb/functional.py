@@ -7,7 +7,7 @@ import os
 import torch
 
 from fusedemb.cpp_extension import CPP_EXTENSION_AVAILABLE
-from fusedemb.ops import TRITON_AVAILABLE, fused_embedding_op
+from fusedemb.ops import TRITON_AVAILABLE, FusedEmbeddingFunction, fused_embedding_op
 from fusedemb.reference import fused_embedding_reference
 from fusedemb.validation import prepare_inputs
 
@@ -98,7 +98,9 @@ def fused_embedding(
         )
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    return fused_embedding_op(
+    # torch.compile traces the registered operator; eager calls skip its dispatch overhead.
+    apply = fused_embedding_op if torch.compiler.is_compiling() else FusedEmbeddingFunction.apply
+    return apply(
         inputs.ids,
         inputs.tok_weight,
         inputs.pos_weight,

@@ -15,6 +15,10 @@ Interpreted Triton kernels are plain Python that cannot be traced, so under the 
 Triton path goes through two opaque operators (fusedemb::interpreted_forward / _backward) with
 fake kernels of their own, exactly like the C++ path.
 
+Outside torch.compile, `FusedEmbeddingFunction` (an autograd.Function) calls the same kernels
+with the same saved context but skips the custom-operator dispatch, which costs 60-130 us of
+host time per call: more than the forward kernel itself takes on a GPU at GPT-2 sizes.
+
 Inputs reach these operators already checked and normalised by fusedemb.validation.
 """
 
@@ -71,6 +75,26 @@ def _interpreted_backward_fake(grad_out, ids, position_ids, position_offset, num
     return grad_out.new_empty((num_embeddings, dim)), grad_out.new_empty((context_length, dim))
 
 
+def forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, backend):
+    """Run the forward kernels of `backend` directly."""
+    if backend == "triton":
+        return triton_forward(ids, tok_weight, pos_weight, position_ids, position_offset)
+    return torch.ops.fusedemb.cpu_forward(ids, tok_weight, pos_weight, position_ids, position_offset)
+
+
+def backward_kernels(
+    grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend, deterministic
+):
+    """Run the backward kernels of `backend` directly."""
+    if backend == "triton":
+        return triton_backward(
+            grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, deterministic
+        )
+    return torch.ops.fusedemb.cpu_backward(
+        grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx
+    )
+
+
 @triton_op("fusedemb::fused_embedding", mutates_args=())
 def fused_embedding_op(
     ids: torch.Tensor,
@@ -87,10 +111,9 @@ def fused_embedding_op(
     padding_idx (-1 for none) and deterministic only shape the backward; they are arguments so
     that autograd's saved context has them.
     """
-    if backend == "triton":
-        forward = interpreted_forward if INTERPRETED else triton_forward
-        return forward(ids, tok_weight, pos_weight, position_ids, position_offset)
-    return torch.ops.fusedemb.cpu_forward(ids, tok_weight, pos_weight, position_ids, position_offset)
+    if backend == "triton" and INTERPRETED:
+        return interpreted_forward(ids, tok_weight, pos_weight, position_ids, position_offset)
+    return forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
 
 
 @triton_op("fusedemb::fused_embedding_backward", mutates_args=())
@@ -106,14 +129,10 @@ def fused_embedding_backward_op(
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scatter-add grad_out into both tables, accumulating in float32 (float64 for float64)."""
-    if backend == "triton":
-        backward = interpreted_backward if INTERPRETED else triton_backward
-        return backward(
-            grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, deterministic
-        )
-    return torch.ops.fusedemb.cpu_backward(
-        grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx
-    )
+    args = (grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx)
+    if backend == "triton" and INTERPRETED:
+        return interpreted_backward(*args, deterministic)
+    return backward_kernels(*args, backend, deterministic)
 
 
 def _setup_context(ctx, inputs, output):
@@ -127,9 +146,9 @@ def _setup_context(ctx, inputs, output):
     ctx.deterministic = deterministic
 
 
-def _backward(ctx, grad_out):
+def _table_gradients(ctx, grad_out, backward):
     ids, position_ids = ctx.saved_tensors
-    grad_tok, grad_pos = fused_embedding_backward_op(
+    grad_tok, grad_pos = backward(
         grad_out.contiguous(),
         ids,
         position_ids,
@@ -143,4 +162,22 @@ def _backward(ctx, grad_out):
     return None, grad_tok, grad_pos, None, None, None, None, None
 
 
+def _backward(ctx, grad_out):
+    return _table_gradients(ctx, grad_out, fused_embedding_backward_op)
+
+
 fused_embedding_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class FusedEmbeddingFunction(torch.autograd.Function):
+    """Eager-mode twin of fused_embedding_op: same arguments, kernels and saved context."""
+
+    @staticmethod
+    def forward(ctx, ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic):
+        inputs = (ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic)
+        _setup_context(ctx, inputs, None)
+        return forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _table_gradients(ctx, grad_out, backward_kernels)

@@ -9,8 +9,9 @@ and one device-to-host sync per call. `set_bounds_check(False)` (or the environm
 FUSEDEMB_BOUNDS_CHECK=0) switches them off for maximum speed; the kernels still never touch
 memory outside the tables (the Triton kernels clamp their loads and the C++ kernels re-check), but
 then an out-of-range id on CUDA yields an undefined output row instead of an error. Under
-torch.compile the value checks are skipped too (they would break the graph), with the same
-consequence; the C++ CPU kernels always check.
+torch.compile and while a CUDA graph is being captured the value checks are skipped too (they
+would break the graph, and a capture cannot synchronise), with the same consequence; the C++
+CPU kernels always check.
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def prepare_inputs(
     num_embeddings, context_length = tok_weight.shape[0], pos_weight.shape[0]
     ids = ids if ids.dtype in SUPPORTED_ID_DTYPES else ids.long()
     check_values = _bounds_check and not torch.compiler.is_compiling()
+    if check_values and ids.is_cuda:
+        check_values = not torch.cuda.is_current_stream_capturing()
     if position_ids is not None:
         _check_index_tensor("position_ids", position_ids, tok_weight.device)
         if position_ids.shape != ids.shape:

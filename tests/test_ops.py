@@ -83,3 +83,18 @@ def test_torch_compile_fullgraph_matches_eager(config):
         torch.testing.assert_close(compiled_loss, eager_loss)
         for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
             torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def test_operator_and_eager_function_agree(backend_config):
+    """Eager calls use FusedEmbeddingFunction, compiled graphs the operator: same results."""
+    from fusedemb.ops import FusedEmbeddingFunction
+
+    backend, device, deterministic = backend_config
+    ids, tok, pos, positions = sample_inputs(device, position_ids=True)
+    grad_out = torch.randn(2, 5, 6, device=device)
+    results = []
+    for apply in (fused_embedding_op, FusedEmbeddingFunction.apply):
+        out = apply(ids, tok, pos, positions, 0, 3, backend, deterministic)
+        results.append((out, *torch.autograd.grad(out, (tok, pos), grad_out)))
+    for from_op, from_function in zip(*results):
+        torch.testing.assert_close(from_op, from_function, rtol=0, atol=0)

@@ -10,10 +10,11 @@ and works on the N small-integer keys only; the gradient rows themselves are rea
    its stable rank among the tokens of the same row (pairwise comparisons, CHUNK^2/2 integer
    compares per chunk, no atomics), and the first of them publishes the row's count in the
    chunk into counts[row, chunk].
-2. An exclusive prefix sum over counts, flattened row-major, gives starts[row, chunk]: where the
-   tokens of `row` that sit in `chunk` begin in the sorted order. This is the classic stable
-   counting sort; rows are contiguous and keep token order inside.
-3. `scatter_sorted_kernel`: token n goes to position starts[index[n], chunk(n)] + rank[n].
+2. An inclusive prefix sum over counts, flattened row-major, gives ends[row, chunk]; the
+   tokens of `row` that sit in `chunk` occupy [ends - counts, ends) of the sorted order. This is
+   the classic stable counting sort; rows are contiguous and keep token order inside.
+3. `scatter_sorted_kernel`: token n goes to position ends[r, c] - counts[r, c] + rank[n], with
+   r = index[n] and c = chunk(n).
 4. `segment_sums_kernel`: the sorted order is cut into tiles of TILE positions. Each tile gathers
    its gradient rows, sums every run of equal rows (differences of prefix sums), writes the rows
    that begin and end inside the tile straight to the table. A row that crosses a tile edge
@@ -44,12 +45,11 @@ ZERO_ROWS = 16  # table rows per program in zero_rows_kernel
 
 
 @triton.jit
-def row_extent(starts_ptr, counts_ptr, rows, num_chunks):
+def row_extent(ends_ptr, counts_ptr, rows, num_chunks):
     """[start, end) of each row's tokens in the sorted order."""
     first = rows.to(tl.int64) * num_chunks
-    last = first + num_chunks - 1
-    start = tl.load(starts_ptr + first)
-    end = tl.load(starts_ptr + last) + tl.load(counts_ptr + last)
+    start = tl.load(ends_ptr + first) - tl.load(counts_ptr + first)
+    end = tl.load(ends_ptr + first + num_chunks - 1)
     return start, end
 
 
@@ -87,7 +87,8 @@ def chunk_rank_kernel(
 def scatter_sorted_kernel(
     index_ptr,  # [N]
     rank_ptr,  # [N] from chunk_rank_kernel
-    starts_ptr,  # [R, num_chunks] exclusive prefix sum of counts
+    ends_ptr,  # [R, num_chunks] inclusive prefix sum of counts
+    counts_ptr,  # [R, num_chunks]
     sorted_tokens_ptr,  # [N] out: token indices, grouped by row, in token order inside a row
     sorted_rows_ptr,  # [N] out: the row of each sorted position
     num_tokens,
@@ -100,7 +101,8 @@ def scatter_sorted_kernel(
     mask = tokens < num_tokens
     rows = clamp_rows(tl.load(index_ptr + tokens, mask=mask, other=0), num_rows)
     rank = tl.load(rank_ptr + tokens, mask=mask, other=0)
-    dest = tl.load(starts_ptr + rows.to(tl.int64) * num_chunks + tokens // CHUNK, mask=mask, other=0) + rank
+    cell = rows.to(tl.int64) * num_chunks + tokens // CHUNK
+    dest = tl.load(ends_ptr + cell, mask=mask, other=0) - tl.load(counts_ptr + cell, mask=mask, other=0) + rank
     tl.store(sorted_tokens_ptr + dest, tokens, mask=mask)
     tl.store(sorted_rows_ptr + dest, rows.to(tl.int32), mask=mask)
 
@@ -110,7 +112,8 @@ def segment_sums_kernel(
     grad_ptr,  # [N, D] gradient rows
     sorted_tokens_ptr,  # [N]
     sorted_rows_ptr,  # [N]
-    starts_ptr,  # [R, num_chunks]
+    ends_ptr,  # [R, num_chunks]
+    counts_ptr,  # [R, num_chunks]
     table_ptr,  # [R, D] out: rows that begin and end inside one tile
     head_ptr,  # [num_tiles, D] float64 out: per tile, the partial sum of the run at its head
     tail_ptr,  # [num_tiles, D] float64 out: per tile, the partial sum of the run at its tail
@@ -131,7 +134,7 @@ def segment_sums_kernel(
 
     rows = tl.load(sorted_rows_ptr + k, mask=k_mask, other=-1)
     next_rows = tl.load(sorted_rows_ptr + k + 1, mask=k + 1 < num_tokens, other=-1)
-    row_start = tl.load(starts_ptr + tl.maximum(rows, 0).to(tl.int64) * num_chunks, mask=k_mask, other=0)
+    row_start, _ = row_extent(ends_ptr, counts_ptr, tl.maximum(rows, 0), num_chunks)
     tokens = tl.load(sorted_tokens_ptr + k, mask=k_mask, other=0).to(tl.int64)
     grad = tl.load(grad_ptr + tokens[:, None] * dim + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0)
 
@@ -173,7 +176,7 @@ def segment_sums_kernel(
 @triton.jit
 def combine_partials_kernel(
     sorted_rows_ptr,  # [N]
-    starts_ptr,  # [R, num_chunks]
+    ends_ptr,  # [R, num_chunks]
     counts_ptr,  # [R, num_chunks]
     head_ptr,  # [num_tiles, D]
     tail_ptr,  # [num_tiles, D]
@@ -192,7 +195,7 @@ def combine_partials_kernel(
     col_mask = cols < dim
     tile_start = tile * TILE
     row = tl.load(sorted_rows_ptr + tl.minimum(tile_start + TILE, num_tokens) - 1)
-    start, end = row_extent(starts_ptr, counts_ptr, row, num_chunks)
+    start, end = row_extent(ends_ptr, counts_ptr, row, num_chunks)
     # The row of this tile's last position is finished here if it continues past the tile and
     # began in it; every crossing row has exactly one such first tile.
     if (end > tile_start + TILE) & (start // TILE == tile) & (row != skip_row):
@@ -212,7 +215,7 @@ def combine_partials_kernel(
 
 @triton.jit
 def zero_rows_kernel(
-    starts_ptr,  # [R, num_chunks]
+    ends_ptr,  # [R, num_chunks]
     counts_ptr,  # [R, num_chunks]
     table_ptr,  # [R, D] out: rows with no token, and skip_row
     num_rows,
@@ -225,7 +228,7 @@ def zero_rows_kernel(
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < num_rows
     cols = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
-    start, end = row_extent(starts_ptr, counts_ptr, tl.minimum(rows, num_rows - 1), num_chunks)
+    start, end = row_extent(ends_ptr, counts_ptr, tl.minimum(rows, num_rows - 1), num_chunks)
     empty = row_mask & ((start == end) | (rows == skip_row))
     zeros = tl.zeros([BLOCK_ROWS, BLOCK_DIM], dtype=table_ptr.dtype.element_ty)
     mask = empty[:, None] & (cols < dim)[None, :]
@@ -250,14 +253,14 @@ def sorted_scatter_add(
     rank = torch.empty(num_tokens, dtype=torch.int32, device=device)
     rank_grid = (num_chunks, triton.cdiv(min(num_tokens, CHUNK), RANK_BLOCK))
     launch(chunk_rank_kernel, rank_grid, index, rank, counts, num_tokens, num_rows, num_chunks, CHUNK=CHUNK, BLOCK=RANK_BLOCK)
-    starts = torch.cumsum(counts.view(-1), 0, dtype=torch.int32).sub_(counts.view(-1)).view(num_rows, num_chunks)
+    ends = torch.cumsum(counts.view(-1), 0, dtype=torch.int32).view(num_rows, num_chunks)
 
     sorted_tokens = torch.empty(num_tokens, dtype=torch.int32, device=device)
     sorted_rows = torch.empty(num_tokens, dtype=torch.int32, device=device)
     launch(
         scatter_sorted_kernel,
         (triton.cdiv(num_tokens, SCATTER_BLOCK),),
-        index, rank, starts, sorted_tokens, sorted_rows, num_tokens, num_rows, num_chunks,
+        index, rank, ends, counts, sorted_tokens, sorted_rows, num_tokens, num_rows, num_chunks,
         CHUNK=CHUNK, BLOCK=SCATTER_BLOCK,
     )  # fmt: skip
 
@@ -269,20 +272,20 @@ def sorted_scatter_add(
     launch(
         segment_sums_kernel,
         (num_tiles, triton.cdiv(dim, SEGMENT_BLOCK_DIM)),
-        grad_rows, sorted_tokens, sorted_rows, starts, table, head, tail, num_tokens, dim, num_chunks, skip_row,
+        grad_rows, sorted_tokens, sorted_rows, ends, counts, table, head, tail, num_tokens, dim, num_chunks, skip_row,
         ACC_FP64=acc_fp64, TILE=TILE, BLOCK_DIM=SEGMENT_BLOCK_DIM,
     )  # fmt: skip
     launch(
         combine_partials_kernel,
         (num_tiles, triton.cdiv(dim, COMBINE_BLOCK_DIM)),
-        sorted_rows, starts, counts, head, tail, table, num_tokens, dim, num_chunks, skip_row,
+        sorted_rows, ends, counts, head, tail, table, num_tokens, dim, num_chunks, skip_row,
         ACC_FP64=acc_fp64, TILE=TILE, PARTIALS_BLOCK=PARTIALS_BLOCK, BLOCK_DIM=COMBINE_BLOCK_DIM,
     )  # fmt: skip
     block_dim = column_block(dim)
     launch(
         zero_rows_kernel,
         (triton.cdiv(num_rows, ZERO_ROWS), triton.cdiv(dim, block_dim)),
-        starts, counts, table, num_rows, dim, num_chunks, skip_row,
+        ends, counts, table, num_rows, dim, num_chunks, skip_row,
         BLOCK_ROWS=ZERO_ROWS, BLOCK_DIM=block_dim,
     )  # fmt: skip
     return table
