@@ -1,0 +1,201 @@
+"""Train the same GPT-2 twice on one text: first layer as nn.Embedding, then as fusedemb; compare.
+
+    TIKTOKEN_CACHE_DIR=../shared/data/tiktoken \
+        python examples/train_gpt.py --text ../shared/data/the-verdict.txt --config tiny --steps 20
+
+Both runs seed the RNG identically before building the model and before training, so they start
+from the same weights, see the same batches and draw the same dropout masks (the embedding
+draws no random numbers). The forward of the two first layers is bitwise equal in float32
+(each output element is the same single addition); only the backward differs: the token and
+position gradients are sums over the tokens of the batch, and fusedemb adds them in another
+order. The printed losses therefore agree to float32 rounding noise, checked against
+LOSS_TOLERANCE. The script also saves the nn.Embedding model's checkpoint and loads it, with
+no key mapping, into a fresh fusedemb model (see gpt_model.py for the names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fusedemb.data import create_dataloader
+from gpt_model import CONFIGS, GPTConfig, GPTModel
+
+# Largest accepted |loss_nn - loss_fused| at any step. Reordering a float32 sum of k terms
+# changes it by at most about k * 2^-24 relative to the sum of magnitudes: for the sums here
+# (a few positions per batch, up to hundreds of repeats of a frequent token) below 1e-5.
+# AdamW's first steps are close to sign(grad) * lr, so such noise moves a weight by ~1e-5 *
+# lr; only where a gradient cancels to almost zero can its sign, and the update, flip, and the
+# loss is insensitive to exactly those weights. So the losses (about ln 50257 = 10.8 at the
+# start) drift apart far slower than 1e-4 over a few dozen steps. Observed: 0 on the CPU (the
+# C++ kernels sum in token order, as PyTorch's CPU embedding backward does), at most 1e-6 on
+# an H200 with the Triton atomic backward (tiny: 30 steps, gpt2-124m: 12 steps). A wrong
+# gradient (a dropped row, a missed position) shifts the loss by 1e-3 or more within a step or two.
+LOSS_TOLERANCE = 1e-4
+# Loading the same weights gives the same function: the logits agree exactly on the CPU; the
+# bound leaves room for nondeterministic GPU kernels, while a wrong load differs by O(1).
+CHECKPOINT_LOGITS_TOLERANCE = 1e-5
+
+
+@dataclass
+class TrainingRun:
+    losses: list[float]
+    step_seconds: list[float]
+
+
+@dataclass
+class Comparison:
+    reference: TrainingRun  # nn.Embedding first layer
+    fused: TrainingRun  # fusedemb first layer
+    same_initial_weights: bool
+    checkpoint_logits_max_diff: float  # nn.Embedding checkpoint loaded into a fresh fusedemb model
+    fused_model: GPTModel
+
+    @property
+    def max_loss_diff(self) -> float:
+        return max(abs(a - b) for a, b in zip(self.reference.losses, self.fused.losses))
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.same_initial_weights
+            and self.max_loss_diff <= LOSS_TOLERANCE
+            and self.checkpoint_logits_max_diff <= CHECKPOINT_LOGITS_TOLERANCE
+        )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file to train on")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--drop-rate", type=float, default=None, help="override the config's dropout rate")
+    parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.steps <= 0:
+        parser.error(f"--steps must be positive, got {args.steps}")
+    return args
+
+
+def training_batches(text: str, config: GPTConfig, batch_size: int, steps: int, seed: int) -> list:
+    """``steps`` (input, target) batches of non-overlapping windows, reshuffled every epoch."""
+    loader = create_dataloader(
+        text,
+        batch_size=batch_size,
+        max_length=config.context_length,
+        stride=config.context_length,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    epochs = itertools.chain.from_iterable(itertools.repeat(loader))
+    return list(itertools.islice(epochs, steps))
+
+
+def build_model(config: GPTConfig, fused_embedding: bool, seed: int) -> GPTModel:
+    # Built on the CPU so that the initial weights do not depend on the device's RNG.
+    torch.manual_seed(seed)
+    return GPTModel(config, fused_embedding)
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(model: GPTModel, batches: list, *, device: str, lr: float, weight_decay: float, seed: int) -> TrainingRun:
+    """One AdamW step per batch; the loss and wall time of every step."""
+    device = torch.device(device)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    torch.manual_seed(seed)  # the same dropout masks in both runs
+    run = TrainingRun(losses=[], step_seconds=[])
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        synchronize(device)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = next_token_loss(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        synchronize(device)
+        run.step_seconds.append(time.perf_counter() - start)
+        run.losses.append(loss.item())
+    return run
+
+
+def checkpoint_round_trip(trained: GPTModel, config: GPTConfig, seed: int, sample: torch.Tensor) -> float:
+    """Save ``trained`` (nn.Embedding), load it strictly into a fresh fusedemb model: max |logits diff|."""
+    buffer = io.BytesIO()
+    torch.save(trained.state_dict(), buffer)
+    buffer.seek(0)
+    fused = build_model(config, fused_embedding=True, seed=seed + 2)  # other weights, overwritten by the load
+    fused.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+    device = next(trained.parameters()).device
+    fused.to(device).eval()
+    trained.eval()
+    with torch.no_grad():
+        sample = sample.to(device)
+        return (trained(sample) - fused(sample)).abs().max().item()
+
+
+def same_state(a: GPTModel, b: GPTModel) -> bool:
+    state_a, state_b = a.state_dict(), b.state_dict()
+    return state_a.keys() == state_b.keys() and all(torch.equal(state_a[key], state_b[key]) for key in state_a)
+
+
+def report(comparison: Comparison, args: argparse.Namespace, config: GPTConfig) -> None:
+    print(f"config {args.config}: {config}")
+    print(f"device {args.device}, {args.steps} steps of batch {args.batch_size} x {config.context_length} tokens")
+    print(f"same initial weights: {comparison.same_initial_weights}")
+    print(f"{'step':>5} {'loss nn.Embedding':>18} {'loss fusedemb':>14} {'|diff|':>9}")
+    for step, (a, b) in enumerate(zip(comparison.reference.losses, comparison.fused.losses), start=1):
+        print(f"{step:>5} {a:>18.6f} {b:>14.6f} {abs(a - b):>9.2e}")
+    print(f"max |loss diff| {comparison.max_loss_diff:.2e} (tolerance {LOSS_TOLERANCE:.0e})")
+    # The first step includes one-time costs (allocator warm-up, kernel compilation): leave it out.
+    for name, run in (("nn.Embedding", comparison.reference), ("fusedemb", comparison.fused)):
+        timed = run.step_seconds[1:] or run.step_seconds
+        print(f"step time {name:>12}: median {1e3 * statistics.median(timed):8.2f} ms over {len(timed)} steps")
+    print(
+        "nn.Embedding checkpoint loaded into the fusedemb model (strict, no key mapping): "
+        f"max |logits diff| {comparison.checkpoint_logits_max_diff:.1e}"
+    )
+
+
+def main(argv: list[str] | None = None) -> Comparison:
+    args = parse_args(argv)
+    config = CONFIGS[args.config]
+    if args.drop_rate is not None:
+        config = replace(config, drop_rate=args.drop_rate)
+    batches = training_batches(args.text.read_text(encoding="utf-8"), config, args.batch_size, args.steps, args.seed)
+
+    reference_model = build_model(config, fused_embedding=False, seed=args.seed)
+    fused_model = build_model(config, fused_embedding=True, seed=args.seed)
+    same_initial_weights = same_state(reference_model, fused_model)
+    training = dict(device=args.device, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed + 1)
+    reference_run = train(reference_model, batches, **training)
+    fused_run = train(fused_model, batches, **training)
+    logits_diff = checkpoint_round_trip(reference_model, config, args.seed, batches[0][0])
+
+    comparison = Comparison(reference_run, fused_run, same_initial_weights, logits_diff, fused_model)
+    report(comparison, args, config)
+    return comparison
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main().ok else 1)

@@ -1,0 +1,110 @@
+"""Next-token training data for GPT models: sliding windows over one tokenized text.
+
+The text is tokenized once into ids x[0], x[1], ..., x[L-1]. Window k starts at s = k * stride
+and holds max_length ids; its target is the same window shifted one token to the right:
+
+    input[k]  = x[s],     x[s + 1], ..., x[s + max_length - 1]
+    target[k] = x[s + 1], x[s + 2], ..., x[s + max_length]
+
+so target[k][t] is the token that follows input[k][t], and a model trained on (input, target)
+with a causal mask learns to predict every next token of the window at once. A window needs
+max_length + 1 ids, so there are floor((L - 1 - max_length) / stride) + 1 windows. stride <
+max_length makes windows overlap (more, correlated samples); stride == max_length tiles the
+text with no overlap and no gap.
+
+tiktoken is imported only when the gpt2 encoding is asked for, so GPTDataset works with any
+tokenizer that has tiktoken's ``encode(text, allowed_special=...)`` method.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+GPT2_ENCODING_NAME = "gpt2"
+END_OF_TEXT = "<|endoftext|>"
+
+
+def load_gpt2_tokenizer():
+    """tiktoken's "gpt2" byte-pair encoding (vocabulary of 50257 tokens).
+
+    tiktoken downloads the encoding's two files on first use and caches them in the folder named
+    by the TIKTOKEN_CACHE_DIR environment variable; with no network the files must already be there.
+    """
+    try:
+        import tiktoken
+    except ImportError as error:
+        raise ImportError("fusedemb.data needs tiktoken for the gpt2 encoding: pip install tiktoken") from error
+    try:
+        return tiktoken.get_encoding(GPT2_ENCODING_NAME)
+    except Exception as error:  # network errors, missing or corrupt cache files: all mean "not available"
+        cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
+        where = f"TIKTOKEN_CACHE_DIR={cache_dir!r}" if cache_dir else "TIKTOKEN_CACHE_DIR is not set"
+        raise RuntimeError(
+            f"cannot load tiktoken's {GPT2_ENCODING_NAME!r} encoding ({where}): tiktoken downloads it on "
+            "first use and caches it in the folder named by TIKTOKEN_CACHE_DIR. With no network, set "
+            "TIKTOKEN_CACHE_DIR to a folder holding the cached gpt2 files "
+            f"(original error: {type(error).__name__}: {error})"
+        ) from error
+
+
+class GPTDataset(Dataset):
+    """(input, target) pairs of ``max_length`` token ids each, windows ``stride`` tokens apart.
+
+    Items are int64 tensors of shape (max_length,): views into one tensor of the text's ids.
+    """
+
+    def __init__(self, text: str, tokenizer, max_length: int, stride: int):
+        if max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        if stride <= 0:
+            raise ValueError(f"stride must be positive, got {stride}")
+        token_ids = torch.tensor(tokenizer.encode(text, allowed_special={END_OF_TEXT}), dtype=torch.long)
+        if token_ids.numel() < max_length + 1:
+            raise ValueError(
+                f"text is too short for one window: it has {token_ids.numel()} tokens and a window "
+                f"with its shifted target needs max_length + 1 = {max_length + 1}"
+            )
+        # unfold(0, size, step) is the sliding window as a strided view: no copy per window.
+        self.inputs = token_ids[:-1].unfold(0, max_length, stride)
+        self.targets = token_ids[1:].unfold(0, max_length, stride)
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.targets[index]
+
+
+def create_dataloader(
+    text: str,
+    batch_size: int = 4,
+    max_length: int = 256,
+    stride: int = 128,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    num_workers: int = 0,
+    *,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    """Batches of (input, target) windows of ``text`` tokenized with tiktoken's gpt2 encoding.
+
+    Each batch is a pair of int64 tensors of shape (batch_size, max_length). ``generator`` seeds
+    the shuffle, so two loaders built with equally seeded generators yield the same batches.
+    """
+    dataset = GPTDataset(text, load_gpt2_tokenizer(), max_length, stride)
+    if drop_last and len(dataset) < batch_size:
+        raise ValueError(
+            f"text gives {len(dataset)} windows of max_length={max_length}, stride={stride}: fewer than "
+            f"batch_size={batch_size}, so drop_last=True would leave no batch at all"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        generator=generator,
+    )

@@ -1,0 +1,98 @@
+"""fusedemb.data: sliding-window next-token pairs and the gpt2 dataloader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusedemb.data import END_OF_TEXT, GPTDataset, create_dataloader, load_gpt2_tokenizer
+from shared_data import use_shared_tiktoken_cache, verdict_text
+
+
+class CharTokenizer:
+    """One id per character (its code point), with tiktoken's encode signature: windows are easy to read."""
+
+    def encode(self, text: str, allowed_special=frozenset()) -> list[int]:
+        assert END_OF_TEXT in allowed_special, "GPTDataset must let <|endoftext|> through as a token"
+        return [ord(character) for character in text]
+
+
+def ids_of(text: str) -> list[int]:
+    return [ord(character) for character in text]
+
+
+def test_windows_are_next_token_pairs_with_the_given_stride():
+    dataset = GPTDataset("abcdefghij", CharTokenizer(), max_length=4, stride=3)
+    # 10 tokens: a window and its target need 5, starts at 0, 3 (6 + 5 > 10 stops there).
+    assert len(dataset) == 2
+    inputs, targets = zip(*(dataset[k] for k in range(len(dataset))))
+    assert [x.tolist() for x in inputs] == [ids_of("abcd"), ids_of("defg")]
+    assert [y.tolist() for y in targets] == [ids_of("bcde"), ids_of("efgh")]
+    assert all(x.dtype == torch.long and x.shape == (4,) for x in inputs + targets)
+
+
+@pytest.mark.parametrize("num_tokens, max_length, stride", [(5, 4, 1), (9, 4, 4), (10, 4, 4), (100, 7, 3), (30, 2, 9)])
+def test_window_count_covers_every_start_with_a_full_target(num_tokens, max_length, stride):
+    dataset = GPTDataset("x" * num_tokens, CharTokenizer(), max_length, stride)
+    starts = range(0, num_tokens - max_length, stride)  # start s is usable iff s + max_length < num_tokens
+    assert len(dataset) == len(starts)
+
+
+@pytest.mark.parametrize("max_length, stride, message", [(0, 1, "max_length"), (-2, 1, "max_length"), (4, 0, "stride")])
+def test_nonpositive_sizes_are_rejected(max_length, stride, message):
+    with pytest.raises(ValueError, match=message):
+        GPTDataset("abcdefghij", CharTokenizer(), max_length, stride)
+
+
+def test_text_shorter_than_one_window_is_rejected():
+    with pytest.raises(ValueError, match="too short"):
+        GPTDataset("abcd", CharTokenizer(), max_length=4, stride=1)  # needs 5 tokens
+
+
+def test_missing_encoding_raises_an_error_naming_tiktoken_cache_dir(monkeypatch):
+    import tiktoken
+
+    def offline_get_encoding(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline_get_encoding)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "/nonexistent/tiktoken-cache")
+    with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR") as caught:
+        load_gpt2_tokenizer()
+    assert "/nonexistent/tiktoken-cache" in str(caught.value)
+    assert isinstance(caught.value.__cause__, ConnectionError)
+
+
+def test_dataloader_on_the_verdict_gives_the_classic_first_batch():
+    text = verdict_text()
+    use_shared_tiktoken_cache()
+    loader = create_dataloader(text, batch_size=8, max_length=4, stride=4, shuffle=False)
+    inputs, targets = next(iter(loader))
+    assert inputs.shape == targets.shape == (8, 4)
+    # "I HAD always thought Jack Gisburn ..." in the gpt2 encoding.
+    assert inputs[0].tolist() == [40, 367, 2885, 1464]
+    assert inputs[1].tolist() == [1807, 3619, 402, 271]
+    # With stride == max_length the windows tile the text: each target ends where the next input starts.
+    torch.testing.assert_close(targets[:, :-1], inputs[:, 1:])
+    torch.testing.assert_close(targets[:-1, -1], inputs[1:, 0])
+    num_tokens = len(load_gpt2_tokenizer().encode(text))
+    assert len(loader.dataset) == (num_tokens - 1 - 4) // 4 + 1
+    assert len(loader) == len(loader.dataset) // 8  # drop_last drops the incomplete final batch
+
+
+def test_dataloader_shuffle_is_reproducible_with_a_seeded_generator():
+    text = verdict_text()
+    use_shared_tiktoken_cache()
+
+    def first_batch(seed):
+        loader = create_dataloader(text, batch_size=2, max_length=8, stride=8, generator=torch.Generator().manual_seed(seed))
+        return next(iter(loader))[0]
+
+    torch.testing.assert_close(first_batch(7), first_batch(7))
+    assert not torch.equal(first_batch(7), first_batch(8))
+
+
+def test_dataloader_refuses_a_text_with_fewer_windows_than_one_batch():
+    use_shared_tiktoken_cache()
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        create_dataloader("Hello, world. This is a short text.", batch_size=4, max_length=4, stride=4)

@@ -1,0 +1,106 @@
+"""The examples run in-process on the-verdict.txt with small settings."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import fusedemb
+from shared_data import import_example, use_shared_tiktoken_cache, verdict_path
+
+
+@pytest.fixture
+def gpt_model():
+    return import_example("gpt_model")
+
+
+def small_config(gpt_model, **overrides):
+    """A one-layer GPT small enough to compare gradients exactly in milliseconds."""
+    fields = dict(vocab_size=97, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0, qkv_bias=True)
+    return gpt_model.GPTConfig(**{**fields, **overrides})
+
+
+@pytest.fixture
+def verdict():
+    path = verdict_path()
+    use_shared_tiktoken_cache()
+    return path
+
+
+def test_ch02_input_embeddings_match_nn_embedding(verdict, capsys):
+    ch02 = import_example("ch02_embeddings")
+    embeddings = ch02.main(["--text", str(verdict)])  # asserts forward and backward equality itself
+    assert embeddings.shape == (8, 4, 256)
+    assert "fusedemb matches nn.Embedding" in capsys.readouterr().out
+
+
+def test_train_gpt_losses_match_step_by_step(verdict, capsys):
+    train_gpt = import_example("train_gpt")
+    steps = 10
+    comparison = train_gpt.main(["--text", str(verdict), "--config", "tiny", "--steps", str(steps), "--device", "cpu"])
+
+    assert comparison.same_initial_weights
+    assert len(comparison.reference.losses) == len(comparison.fused.losses) == steps
+    for step, (reference, fused) in enumerate(zip(comparison.reference.losses, comparison.fused.losses), start=1):
+        assert abs(reference - fused) <= train_gpt.LOSS_TOLERANCE, f"step {step}: {reference} vs {fused}"
+    # Training did something: the loss fell from about ln(50257) = 10.8.
+    assert comparison.reference.losses[-1] < comparison.reference.losses[0] - 0.1
+    assert comparison.checkpoint_logits_max_diff <= train_gpt.CHECKPOINT_LOGITS_TOLERANCE
+    assert comparison.ok
+
+    model = comparison.fused_model
+    assert isinstance(model.embedding, fusedemb.FusedEmbedding)
+    assert model.out_head.weight is model.embedding.tok_emb.weight  # the tie survives training and .to()
+
+    printed = capsys.readouterr().out
+    assert "step time nn.Embedding" in printed and "step time     fusedemb" in printed
+
+
+def test_nn_embedding_checkpoint_loads_strictly_into_the_fused_model(gpt_model):
+    config = small_config(gpt_model)
+    torch.manual_seed(0)
+    plain = gpt_model.GPTModel(config, fused_embedding=False)
+    torch.manual_seed(1)
+    fused = gpt_model.GPTModel(config, fused_embedding=True)
+
+    buffer = io.BytesIO()
+    torch.save(plain.state_dict(), buffer)
+    buffer.seek(0)
+    result = fused.load_state_dict(torch.load(buffer, weights_only=True), strict=True)  # no key mapping
+    assert not result.missing_keys and not result.unexpected_keys
+
+    assert fused.out_head.weight is fused.embedding.tok_emb.weight  # load copies into the tied parameter
+    torch.testing.assert_close(fused.embedding.tok_emb.weight, plain.embedding.tok_emb.weight, rtol=0, atol=0)
+    ids = torch.randint(0, config.vocab_size, (2, config.context_length))
+    plain.eval(), fused.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids), plain(ids))
+
+
+def test_both_first_layers_train_the_tied_table_with_equal_gradients(gpt_model):
+    config = small_config(gpt_model)
+    ids = torch.randint(0, config.vocab_size, (3, config.context_length), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for fused_embedding in (False, True):
+        torch.manual_seed(0)
+        model = gpt_model.GPTModel(config, fused_embedding)
+        model(ids).logsumexp(-1).sum().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_gpt2_124m_config_has_gpt2_small_parameter_count(gpt_model):
+    with torch.device("meta"):  # shapes only, no memory
+        model = gpt_model.GPTModel(gpt_model.GPT2_124M, fused_embedding=True)
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808  # tied head counted once
+
+
+def test_sequences_longer_than_the_context_are_rejected(gpt_model):
+    config = small_config(gpt_model, context_length=4)
+    model = gpt_model.GPTModel(config, fused_embedding=True)
+    with pytest.raises(ValueError, match="context length"):
+        model(torch.zeros(1, 5, dtype=torch.long))
