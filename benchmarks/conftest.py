@@ -1,0 +1,54 @@
+"""Fixtures of the pytest-benchmark suite.
+
+Two modes:
+
+    pytest benchmarks/ --benchmark-json=base.json        real numbers (GB/s in each extra_info)
+    pytest benchmarks/ --benchmark-compare=0001 ...      compare with a saved run (--benchmark-autosave)
+    pytest benchmarks/ --benchmark-disable -q            quick: every benchmark runs once, untimed,
+                                                         on a tiny problem; CI runs this so the
+                                                         suite cannot rot between real runs
+
+Both modes pass every implementation through the correctness gate first.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusedemb.bench.configs import PRESETS, ModelConfig
+from fusedemb.bench.timing import L2Flush
+
+TINY = ModelConfig("tiny", vocab=512, dim=64, seq=32)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> str:
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return request.param
+
+
+@pytest.fixture
+def quick(request) -> bool:
+    """True under --benchmark-disable: run once on tiny sizes, only to prove the code works."""
+    return bool(request.config.getoption("benchmark_disable"))
+
+
+@pytest.fixture
+def model_config(quick) -> ModelConfig:
+    return TINY if quick else PRESETS["gpt2-124M"]
+
+
+@pytest.fixture
+def batch(quick, device) -> int:
+    """2 when quick; else 16k tokens on a GPU (the middle of GPT-2 training batches), 4k on a CPU."""
+    if quick:
+        return 2
+    return 16 if device == "cuda" else 4
+
+
+@pytest.fixture(scope="session")
+def l2_flush():
+    """One flush buffer for the whole session (allocated only if a CUDA benchmark runs)."""
+    return L2Flush("cuda")

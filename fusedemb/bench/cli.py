@@ -1,0 +1,149 @@
+"""``python -m fusedemb.bench`` (also ``fusedemb-bench``): compare fusedemb with PyTorch.
+
+Examples:
+
+    python -m fusedemb.bench                                   # defaults, about a minute
+    python -m fusedemb.bench --device cuda --preset gpt2-124M large-vocab --dtype float32 bfloat16 \\
+        --batch 4 16 64 --ids uniform zipf:1.1 same text:../shared/data/the-verdict.txt \\
+        --json bench.json --plot bench.png
+    python -m fusedemb.bench --device cpu --vocab 8192 --dim 256 --seq 128 --batch 1 8 --quick
+
+The exit status is 0 when every implementation was timed, 1 when any failed the correctness gate
+or raised (the table says which and why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from fusedemb.bench import implementations
+from fusedemb.bench.bytes_model import PASSES
+from fusedemb.bench.configs import DEFAULT_PRESET, DTYPES, PRESETS, resolve_configs, sweep
+from fusedemb.bench.environment import describe_environment
+from fusedemb.bench.ids import parse_distribution
+from fusedemb.bench.report import Report, format_table, write_json
+from fusedemb.bench.runner import Runner
+from fusedemb.bench.timing import copy_bandwidth, make_timer
+
+# Defaults sized so that a bare run takes about a minute: on a GPU three batch sizes from 4k to
+# 64k tokens at gpt2-124M; on a CPU two small ones (the CPU is 100x slower, and compiling for
+# each shape is most of the minute).
+DEFAULT_BATCHES = {"cuda": [4, 16, 64], "cpu": [1, 4]}
+DEFAULT_IDS = ["uniform", "zipf:1.1"]
+# Copy-bandwidth buffers, far larger than the last-level cache (L2 on a GPU, L3 on a CPU).
+COPY_BUFFER_MIB = {"cuda": 1024, "cpu": 256}
+QUICK_COPY_BUFFER_MIB = {"cuda": 256, "cpu": 64}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="fusedemb-bench",
+        description="Time fusedemb's fused embedding against PyTorch eager and torch.compile: "
+        "forward, backward and both, as achieved GB/s and the fraction of the device's copy bandwidth.",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to run (default: cuda when available)")
+    parser.add_argument("--preset", nargs="+", choices=list(PRESETS), metavar="NAME",
+                        help=f"model presets: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})")
+    parser.add_argument("--vocab", type=int, help="vocabulary size V, overriding the presets'")
+    parser.add_argument("--dim", type=int, help="embedding width D, overriding the presets'")
+    parser.add_argument("--seq", type=int, help="sequence length T (= position-table rows), overriding the presets'")
+    parser.add_argument("--batch", nargs="+", type=int, metavar="B",
+                        help="batch sizes to sweep (default: 4 16 64 on cuda, 1 4 on cpu)")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"],
+                        help="table dtypes (default: float32)")
+    parser.add_argument("--ids", nargs="+", type=_distribution, default=[parse_distribution(s) for s in DEFAULT_IDS],
+                        metavar="SPEC",
+                        help="id distributions: uniform, zipf:S, same, text:FILE (default: uniform zipf:1.1)")
+    parser.add_argument("--impl", nargs="+", choices=implementations.NAMES, metavar="NAME",
+                        help=f"implementations: {', '.join(implementations.NAMES)} (default: on cuda "
+                        "fusedemb-fast fusedemb-deterministic eager compile; on cpu fusedemb eager compile)")
+    parser.add_argument("--pass", dest="passes", nargs="+", choices=PASSES, default=list(PASSES),
+                        help="passes to time (default: all)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for ids and tables (default: 0)")
+    parser.add_argument("--no-bounds-check", action="store_true",
+                        help="time fusedemb with its id range check off (fusedemb.set_bounds_check(False)): "
+                             "the maximum-speed setting; on CUDA the check costs a reduction and a sync per call")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats and a smaller copy buffer: a smoke test, not a measurement")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write all results as JSON")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png", help="plot GB/s against problem size")
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    try:
+        args.configs = resolve_configs(args.preset, args.vocab, args.dim, args.seq)
+    except ValueError as error:
+        parser.error(str(error))
+    if any(batch < 1 for batch in args.batch or []):
+        parser.error("--batch sizes must be positive")
+    args.batch = args.batch or DEFAULT_BATCHES[args.device]
+    args.impl = args.impl or implementations.default_names(args.device)
+    return args
+
+
+def _distribution(spec: str):
+    try:
+        return parse_distribution(spec)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.no_bounds_check:
+        import fusedemb
+
+        fusedemb.set_bounds_check(False)
+    from tqdm.auto import tqdm  # here, so that parsing arguments needs only torch
+
+    problems = sweep(args.configs, args.batch, [DTYPES[name] for name in args.dtype], args.ids)
+    available, skipped = implementations.build_implementations(args.impl, args.device)
+    timer = make_timer(args.device, quick=args.quick)
+    buffer_mib = (QUICK_COPY_BUFFER_MIB if args.quick else COPY_BUFFER_MIB)[args.device]
+    runner = Runner(args.device, timer, copy_bandwidth(timer, args.device, buffer_mib * 2**20), args.passes, args.seed)
+
+    results = []
+    with tqdm(total=len(problems) * len(available), unit="impl", file=sys.stderr, disable=None) as progress:
+        for problem in problems:
+            progress.set_description(problem.label)
+            results += runner.run_problem(problem, available, after_each=progress.update)
+
+    report = Report(
+        environment=describe_environment(args.device),
+        settings={
+            "configs": [dataclasses.asdict(config) for config in args.configs],
+            "batches": args.batch,
+            "dtypes": args.dtype,
+            "ids": [distribution.label for distribution in args.ids],
+            "impls": args.impl,
+            "passes": args.passes,
+            "quick": args.quick,
+            "seed": args.seed,
+            "bounds_check": not args.no_bounds_check,
+            "copy_buffer_mib": buffer_mib,
+        },
+        copy_bandwidth=runner.copy_bandwidth,
+        skipped=skipped,
+        results=results,
+    )
+    print(format_table(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        from fusedemb.bench.plot import plot_report
+
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0 if all(result.status == "ok" for result in results) else 1

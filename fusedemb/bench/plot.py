@@ -1,0 +1,63 @@
+"""The figure: achieved GB/s against problem size, one line per implementation, one panel per pass.
+
+The device's copy bandwidth is drawn across each panel: the ceiling of a memory-bound kernel,
+so the distance from it is the headroom left. matplotlib is imported here only, and through its
+object API (no pyplot), so plotting neither needs a display nor changes global state.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from fusedemb.bench.report import Report
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def plot_report(report: Report, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    timed = [result for result in report.results if result.status == "ok"]
+    passes = list(dict.fromkeys(result.pass_name for result in timed)) or ["forward"]
+    # Lines are told apart by implementation, plus whichever problem fields vary in this run.
+    varying = [
+        key
+        for key in ("config", "dtype", "ids")
+        if len({result.problem.describe()[key] for result in timed}) > 1
+    ]
+
+    # One colour per implementation, one line style per variant of the varying fields.
+    impls = list(dict.fromkeys(result.impl for result in timed))
+    variants = list(dict.fromkeys(_variant(result, varying) for result in timed))
+    colors = {impl: f"C{index % 10}" for index, impl in enumerate(impls)}
+    styles = {variant: LINE_STYLES[index % len(LINE_STYLES)] for index, variant in enumerate(variants)}
+
+    figure = Figure(figsize=(5 * len(passes) + 2.5, 4.2), layout="constrained")
+    axes = figure.subplots(1, len(passes), squeeze=False)[0]
+    for ax, pass_name in zip(axes, passes):
+        lines: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+        for result in timed:
+            if result.pass_name == pass_name:
+                lines[result.impl, _variant(result, varying)].append((result.problem.tokens, result.gbps))
+        for (impl, variant), points in lines.items():
+            tokens, gbps = zip(*sorted(points))
+            ax.plot(tokens, gbps, marker="o", color=colors[impl], linestyle=styles[variant],
+                    label=f"{impl} {variant}".strip())
+        ax.axhline(report.copy_bandwidth / 1e9, color="black", linewidth=2, alpha=0.4, label="copy bandwidth")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per batch (B*T)")
+        ax.set_ylabel("achieved GB/s (bytes model)")
+        ax.set_title(pass_name)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_ylim(bottom=0)
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
+    env = report.environment
+    figure.suptitle(f"fusedemb on {env['device_name']} ({env['device']}, torch {env['torch']})")
+    figure.savefig(path, dpi=120)
+
+
+def _variant(result, varying: list[str]) -> str:
+    fields = result.problem.describe()
+    return " ".join(str(fields[key]) for key in varying)

@@ -1,0 +1,93 @@
+"""The results of a run as a table (markdown, readable in a terminal too) and as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from fusedemb.bench.runner import BASELINES, Result
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Report:
+    environment: dict[str, object]
+    settings: dict[str, object]
+    copy_bandwidth: float  # bytes/s
+    skipped: dict[str, str]  # implementation -> why it could not run
+    results: list[Result]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "environment": self.environment,
+            "settings": self.settings,
+            "copy_bandwidth_gbps": self.copy_bandwidth / 1e9,
+            "skipped": self.skipped,
+            "results": [result.to_dict() for result in self.results],
+        }
+
+
+def write_json(report: Report, path: Path) -> None:
+    path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+COLUMNS = ("config", "dtype", "ids", "B", "pass", "impl", "median", "±", "GB/s", "% copy",
+           *(f"vs {baseline}" for baseline in BASELINES), "peak extra")
+
+
+def format_table(report: Report) -> str:
+    """Header lines, one table row per result, then why anything was skipped or not timed."""
+    env = report.environment
+    lines = [
+        f"device: {env['device']} ({env['device_name']}), {env['torch_threads']} torch threads; "
+        f"torch {env['torch']}, triton {env['triton']}",
+        f"copy bandwidth: {report.copy_bandwidth / 1e9:.1f} GB/s (dst.copy_(src), bytes read + written)",
+        "",
+        *_markdown_table(COLUMNS, [_row(result) for result in report.results]),
+    ]
+    notes = {
+        f"{result.impl} on {result.problem.label}: {result.status}: {result.note}": None
+        for result in report.results
+        if result.status != "ok"
+    }  # a dict keeps order and drops the repeats across passes
+    if notes:
+        lines += ["", "not timed:", *(f"  {note}" for note in notes)]
+    if report.skipped:
+        lines += ["", "skipped:", *(f"  {name}: {reason}" for name, reason in report.skipped.items())]
+    return "\n".join(lines)
+
+
+def _row(result: Result) -> list[str]:
+    problem = result.problem
+    identity = [problem.config.name, problem.dtype_name, problem.ids.label, str(problem.batch),
+                result.pass_name, result.impl]
+    if result.status != "ok":
+        return identity + [result.status.upper()] + ["-"] * (len(COLUMNS) - len(identity) - 1)
+    return identity + [
+        _format_seconds(result.timing.median_s),
+        f"{100 * result.timing.spread:.0f}%",
+        f"{result.gbps:.1f}",
+        f"{100 * result.copy_fraction:.0f}%",
+        *(f"{result.speedup[b]:.2f}x" if b in result.speedup else "-" for b in BASELINES),
+        f"{result.peak_extra_bytes / 2**20:.1f} MiB",
+    ]
+
+
+def _format_seconds(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.3f} s"
+
+
+def _markdown_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells) -> str:
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths)) + " |"
+
+    return [line(header), "|" + "|".join("-" * (width + 2) for width in widths) + "|", *map(line, rows)]

@@ -1,0 +1,127 @@
+"""Timers: perf_counter medians on the CPU, CUDA events with the L2 cache flushed on the GPU.
+
+Both time one call at a time and report quantiles over the repeats, never a mean: a benchmark's
+time distribution has a long right tail (interrupts, other processes, clock changes) that a
+median ignores and a mean does not. The number of repeats adapts to a time budget per
+measurement, so small problems get many repeats and large ones a few.
+
+On a GPU, two things would otherwise flatter small problems: launches are asynchronous (CUDA
+events record when the GPU itself reaches them), and the inputs stay resident in L2 between
+repeats (a buffer several times larger than L2 is overwritten before every timed call, outside
+the timed region, as triton.testing.do_bench does).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    median_s: float
+    p25_s: float
+    p75_s: float
+    reps: int
+
+    @property
+    def spread(self) -> float:
+        """Half the interquartile range, relative to the median: the "+-" of the median."""
+        return (self.p75_s - self.p25_s) / (2 * self.median_s)
+
+    @classmethod
+    def from_samples(cls, samples: list[float]) -> TimingStats:
+        if len(samples) == 1:
+            return cls(samples[0], samples[0], samples[0], 1)
+        p25, median, p75 = statistics.quantiles(samples, n=4, method="inclusive")
+        return cls(median, p25, p75, len(samples))
+
+
+class Timer:
+    """Times ``run(*setup())`` with ``setup`` excluded; subclasses say how one call is timed."""
+
+    def __init__(self, budget_s: float, min_reps: int, max_reps: int, warmup_reps: int) -> None:
+        self.budget_s = budget_s
+        self.min_reps = min_reps
+        self.max_reps = max_reps
+        self.warmup_reps = warmup_reps
+
+    def measure(self, run: Callable[..., object], setup: Callable[[], tuple] = lambda: ()) -> TimingStats:
+        """Time ``run(*setup())``, ``setup`` untimed: warm up (which also estimates one call's
+        time), then repeat enough to fill the time budget."""
+        estimate = statistics.median(self.time_calls(run, setup, self.warmup_reps))
+        reps = min(self.max_reps, max(self.min_reps, math.ceil(self.budget_s / max(estimate, 1e-9))))
+        return TimingStats.from_samples(self.time_calls(run, setup, reps))
+
+    def time_calls(self, run: Callable[..., object], setup: Callable[[], tuple], reps: int) -> list[float]:
+        """Seconds taken by each of ``reps`` calls ``run(*setup())``, setup excluded."""
+        raise NotImplementedError
+
+
+class CpuTimer(Timer):
+    def time_calls(self, run, setup, reps):
+        samples = []
+        for _ in range(reps):
+            arguments = setup()
+            start = time.perf_counter()
+            run(*arguments)
+            samples.append(time.perf_counter() - start)
+        return samples
+
+
+class L2Flush:
+    """Calling it evicts whatever a previous call left in the GPU's L2 (asynchronously, like any
+    launch) by overwriting a buffer several times larger than L2 (50 MB on H100, 60 MB on H200)."""
+
+    BUFFER_BYTES = 256 * 2**20
+
+    def __init__(self, device: str = "cuda") -> None:
+        self._buffer = torch.empty(self.BUFFER_BYTES, dtype=torch.int8, device=device)
+
+    def __call__(self) -> None:
+        self._buffer.zero_()
+
+
+class CudaTimer(Timer):
+    def __init__(self, *args, device: str = "cuda", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.flush_l2 = L2Flush(device)
+
+    def time_calls(self, run, setup, reps):
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        torch.cuda.synchronize()
+        for start, end in zip(starts, ends):
+            arguments = setup()  # queued before the start event, so it is not timed either
+            self.flush_l2()
+            start.record()
+            run(*arguments)
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]
+
+
+def make_timer(device: str, quick: bool = False) -> Timer:
+    """The timer for ``device``; ``quick`` trades precision for speed (smoke tests, CI)."""
+    budget_s, min_reps = (0.05, 3) if quick else (0.3, 5)
+    if device == "cuda":
+        return CudaTimer(budget_s, min_reps, max_reps=500, warmup_reps=3, device=device)
+    return CpuTimer(budget_s, min_reps, max_reps=200, warmup_reps=2)
+
+
+def copy_bandwidth(timer: Timer, device: str, buffer_bytes: int) -> float:
+    """The device's copy bandwidth in bytes/s: the ceiling a memory-bound kernel can reach.
+
+    One large ``dst.copy_(src)``, counting bytes read plus bytes written (2 * buffer_bytes), the
+    same way the bytes model counts a kernel's traffic. The buffer must dwarf the caches (L2 on a
+    GPU, the last-level cache on a CPU) or the cache's bandwidth is measured instead.
+    """
+    source = torch.ones(buffer_bytes // 4, dtype=torch.float32, device=device)
+    destination = torch.empty_like(source)
+    stats = timer.measure(lambda: destination.copy_(source))
+    return 2 * source.nbytes / stats.median_s

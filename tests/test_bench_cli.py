@@ -1,0 +1,361 @@
+"""Tests of the benchmark CLI (fusedemb.bench): arguments, id distributions, the bytes model, the
+correctness gate, the JSON report and a tiny end-to-end CPU run. Nothing here asserts a timing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fusedemb.bench import cli
+from fusedemb.bench.bytes_model import PASSES, backward_bytes, forward_bytes, pass_bytes
+from fusedemb.bench.configs import PRESETS, ModelConfig, Problem, resolve_configs, sweep
+from fusedemb.bench.gate import check_against_reference
+from fusedemb.bench.ids import Same, Text, Uniform, Zipf, parse_distribution
+from fusedemb.bench.implementations import Implementation, build_implementations, eager_embedding
+from fusedemb.bench.memory import peak_extra_bytes
+from fusedemb.bench.passes import make_inputs, make_pass
+from fusedemb.bench.runner import Runner
+from fusedemb.bench.timing import CpuTimer, TimingStats
+from shared_data import use_shared_tiktoken_cache, verdict_path
+
+TINY = ModelConfig("tiny", vocab=97, dim=16, seq=8)
+TINY_ARGS = ["--device", "cpu", "--vocab", "97", "--dim", "16", "--seq", "8", "--quick"]
+
+
+def tiny_problem(ids: str = "uniform", batch: int = 3, dtype: torch.dtype = torch.float32) -> Problem:
+    return Problem(TINY, batch, dtype, parse_distribution(ids))
+
+
+def quick_runner(passes=PASSES) -> Runner:
+    timer = CpuTimer(budget_s=0.0, min_reps=2, max_reps=2, warmup_reps=1)
+    return Runner("cpu", timer, copy_bandwidth=1e10, passes=list(passes))
+
+
+# --- arguments and configurations -------------------------------------------------------------
+
+
+def test_defaults_on_cpu():
+    args = cli.parse_args(["--device", "cpu"])
+    assert [config.name for config in args.configs] == ["gpt2-124M"]
+    assert args.batch == cli.DEFAULT_BATCHES["cpu"]
+    assert args.impl == ["fusedemb", "eager", "compile"]
+    assert args.passes == list(PASSES)
+    assert args.dtype == ["float32"]
+    assert [distribution.label for distribution in args.ids] == ["uniform", "zipf:1.1"]
+
+
+def test_lists_of_presets_dtypes_ids_impls_and_passes():
+    args = cli.parse_args([
+        "--device", "cpu", "--preset", "gpt2-355M", "large-vocab", "--batch", "2", "8",
+        "--dtype", "bfloat16", "float16", "--ids", "same", "zipf:1.3",
+        "--impl", "eager", "reference", "--pass", "backward",
+    ])
+    assert args.configs == [PRESETS["gpt2-355M"], PRESETS["large-vocab"]]
+    assert PRESETS["large-vocab"] == ModelConfig("large-vocab", vocab=128256, dim=4096, seq=2048)
+    assert args.batch == [2, 8]
+    assert args.dtype == ["bfloat16", "float16"]
+    assert args.ids == [Same(), Zipf(1.3)]
+    assert args.impl == ["eager", "reference"]
+    assert args.passes == ["backward"]
+
+
+def test_size_flags_make_a_custom_config_or_rename_overridden_presets():
+    assert resolve_configs(None, vocab=1000, dim=None, seq=64) == [
+        ModelConfig("custom", vocab=1000, dim=768, seq=64)
+    ]
+    (overridden,) = resolve_configs(["gpt2-774M"], seq=256)
+    assert overridden == ModelConfig("gpt2-774M[T=256]", vocab=50257, dim=1280, seq=256)
+    with pytest.raises(ValueError, match="positive"):
+        resolve_configs(None, dim=0)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--ids", "zipf:x"],
+        ["--ids", "poisson"],
+        ["--ids", "text:/no/such/file.txt"],
+        ["--preset", "gpt5"],
+        ["--dtype", "float64"],
+        ["--impl", "numpy"],
+        ["--batch", "0"],
+        ["--vocab", "-3"],
+    ],
+)
+def test_bad_arguments_exit_with_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["--device", "cpu", *argv])
+    assert exit_info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when there is no GPU")
+def test_cuda_without_a_gpu_is_a_usage_error():
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--device", "cuda"])
+
+
+def test_sweep_keeps_each_shape_together():
+    distributions = [Uniform(), Zipf(1.1)]
+    problems = sweep([TINY], [1, 2], [torch.float32, torch.bfloat16], distributions)
+    assert len(problems) == 8
+    shapes = [(problem.dtype, problem.batch) for problem in problems]
+    # each (dtype, batch) shape appears in one run of consecutive problems
+    runs = [shape for index, shape in enumerate(shapes) if index == 0 or shapes[index - 1] != shape]
+    assert len(runs) == len(set(shapes)) == 4
+
+
+# --- id distributions -------------------------------------------------------------------------
+
+
+def draw(distribution, batch=4, seq=512, vocab=1000, seed=0) -> torch.Tensor:
+    return distribution.sample(batch, seq, vocab, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("spec", ["uniform", "zipf:1.1", "same"])
+def test_ids_have_the_batch_shape_and_stay_in_the_vocabulary(spec):
+    ids = draw(parse_distribution(spec), batch=3, seq=50, vocab=40)
+    assert ids.shape == (3, 50) and ids.dtype == torch.int64
+    assert 0 <= ids.min() and ids.max() < 40
+
+
+def test_zipf_is_skewed_like_its_law_and_scatters_the_frequent_ids():
+    vocab, exponent = 1000, 1.1
+    counts = torch.bincount(draw(Zipf(exponent), vocab=vocab).flatten(), minlength=vocab).sort(descending=True).values
+    expected_top_share = 1 / torch.arange(1, vocab + 1, dtype=torch.float64).pow(-exponent).sum().item()
+    top_share = counts[0].item() / counts.sum().item()
+    assert top_share == pytest.approx(expected_top_share, rel=0.15)  # ~0.16 here, 0.001 if uniform
+    assert counts[:10].sum() > 0.4 * counts.sum()
+    uniform_counts = torch.bincount(draw(Uniform(), vocab=vocab).flatten(), minlength=vocab)
+    assert uniform_counts.max() < 10 * uniform_counts.float().mean()
+    # the most frequent id is not simply id 0: ranks are permuted over the table
+    most_frequent = {torch.bincount(draw(Zipf(exponent), seed=seed).flatten()).argmax().item() for seed in range(5)}
+    assert len(most_frequent) > 1
+
+
+def test_larger_zipf_exponent_is_more_skewed():
+    def distinct(exponent):
+        return draw(Zipf(exponent)).unique().numel()
+
+    assert distinct(2.0) < distinct(1.1) < draw(Uniform()).unique().numel()
+
+
+def test_same_puts_one_id_everywhere():
+    ids = draw(Same())
+    assert (ids == ids[0, 0]).all()
+
+
+def test_same_seed_same_ids():
+    assert torch.equal(draw(Zipf(1.1), seed=3), draw(Zipf(1.1), seed=3))
+
+
+def test_text_ids_are_the_tokenized_file_tiled_over_the_batch(tmp_path):
+    use_shared_tiktoken_cache()
+    from fusedemb.data import load_gpt2_tokenizer
+
+    path = tmp_path / "short.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog.")
+    stream = torch.tensor(load_gpt2_tokenizer().encode(path.read_text()))
+    batch, seq = 3, 7  # 21 ids from a stream of 10: the text is repeated end to end
+    ids = Text(path).sample(batch, seq, 50257, torch.Generator())
+    assert torch.equal(ids.flatten(), stream.repeat(3)[: batch * seq])
+    folded = Text(path).sample(batch, seq, 1000, torch.Generator())
+    assert torch.equal(folded, ids % 1000)
+
+
+def test_text_of_the_shared_story_is_real_skewed_text():
+    use_shared_tiktoken_cache()
+    distribution = parse_distribution(f"text:{verdict_path()}")
+    assert distribution.label == "text:the-verdict.txt"
+    ids = draw(distribution, batch=2, seq=4096, vocab=50257)
+    counts = torch.bincount(ids.flatten())
+    assert counts.max() > 100 * counts[counts > 0].float().median()
+
+
+# --- bytes model ------------------------------------------------------------------------------
+
+
+def test_bytes_model_at_gpt2_124m():
+    tokens, seq, vocab, dim, elt, ids = 8 * 1024, 1024, 50257, 768, 4, 8
+    forward = forward_bytes(tokens=tokens, seq=seq, dim=dim, element_size=elt, id_size=ids)
+    assert forward == tokens * ids + tokens * dim * elt + seq * dim * elt + tokens * dim * elt
+    assert forward == pytest.approx(2 * tokens * dim * elt, rel=0.07)  # "about 2*N*D*elt"
+    backward = backward_bytes(tokens=tokens, vocab=vocab, positions=seq, dim=dim, element_size=elt, id_size=ids)
+    assert backward == tokens * ids + tokens * dim * elt + vocab * dim * elt + seq * dim * elt
+    sizes = dict(tokens=tokens, seq=seq, vocab=vocab, positions=seq, dim=dim, element_size=elt, id_size=ids)
+    assert pass_bytes("forward", **sizes) == forward
+    assert pass_bytes("backward", **sizes) == backward
+    assert pass_bytes("forward+backward", **sizes) == forward + backward
+    with pytest.raises(ValueError):
+        pass_bytes("sideways", **sizes)
+
+
+def test_bytes_model_scales_with_the_element_size():
+    sizes = dict(tokens=64, seq=8, vocab=100, positions=8, dim=32, id_size=8)
+    fp32, bf16 = pass_bytes("forward", element_size=4, **sizes), pass_bytes("forward", element_size=2, **sizes)
+    assert fp32 - 64 * 8 == 2 * (bf16 - 64 * 8)
+
+
+# --- correctness gate -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ids", ["uniform", "zipf:1.1", "same"])
+@pytest.mark.parametrize("name", ["eager", "fusedemb", "reference"])
+def test_gate_passes_the_correct_implementations(name, dtype, ids):
+    available, skipped = build_implementations([name], "cpu")
+    if skipped:
+        pytest.skip(skipped[name])
+    result = check_against_reference(available[0].forward, make_inputs(tiny_problem(ids, dtype=dtype), "cpu", seed=1))
+    assert result.passed, result.detail
+
+
+def forgets_positions(ids, tok_weight, pos_weight):
+    return torch.nn.functional.embedding(ids, tok_weight) + 0 * pos_weight.sum()
+
+
+def doubles_token_gradient(ids, tok_weight, pos_weight):
+    # the value of tok_weight with twice its gradient: the output is right, the backward is not
+    return eager_embedding(ids, tok_weight + (tok_weight - tok_weight.detach()), pos_weight)
+
+
+def returns_nan(ids, tok_weight, pos_weight):
+    out = eager_embedding(ids, tok_weight, pos_weight)
+    return out.index_fill(-1, torch.tensor([0]), float("nan"))
+
+
+@pytest.mark.parametrize(
+    "wrong, complaint",
+    [(forgets_positions, "output"), (doubles_token_gradient, "grad tok_weight"), (returns_nan, "output")],
+)
+def test_gate_catches_a_wrong_implementation(wrong, complaint):
+    result = check_against_reference(wrong, make_inputs(tiny_problem(), "cpu", seed=0))
+    assert not result.passed
+    assert complaint in result.detail
+
+
+def test_a_mismatch_is_reported_and_not_timed():
+    timed = []
+
+    def wrong(ids, tok_weight, pos_weight):
+        timed.append(1)
+        return doubles_token_gradient(ids, tok_weight, pos_weight)
+
+    results = quick_runner().run_problem(
+        tiny_problem(), [Implementation("wrong", wrong), Implementation("eager", eager_embedding)]
+    )
+    wrong_results = [result for result in results if result.impl == "wrong"]
+    assert [result.status for result in wrong_results] == ["mismatch"] * 3
+    assert all(result.timing is None and result.gbps is None for result in wrong_results)
+    assert len(timed) == 1  # the gate's own call, nothing after it
+    assert all(result.status == "ok" for result in results if result.impl == "eager")
+
+
+def test_an_implementation_that_raises_is_an_error_row():
+    def broken(ids, tok_weight, pos_weight):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    (result, *_) = quick_runner().run_problem(tiny_problem(), [Implementation("broken", broken)])
+    assert result.status == "error"
+    assert result.note == "RuntimeError: kernel exploded"
+
+
+def test_unavailable_implementations_are_skipped_with_a_reason():
+    available, skipped = build_implementations(["fusedemb-fast", "fusedemb-deterministic", "eager"], "cpu")
+    assert [implementation.name for implementation in available] == ["eager"]
+    assert set(skipped) == {"fusedemb-fast", "fusedemb-deterministic"}
+    assert all("CUDA" in reason for reason in skipped.values())
+
+
+# --- passes, timing, memory, speedups ---------------------------------------------------------
+
+
+def test_backward_pass_gets_a_fresh_forward_from_its_untimed_setup():
+    inputs = make_inputs(tiny_problem(), "cpu", seed=0)
+    work = make_pass("backward", eager_embedding, inputs)
+    (out,) = work.setup()
+    grad_tok, grad_pos = work.run(out)
+    assert grad_tok.shape == inputs.tok_weight.shape and grad_pos.shape == inputs.pos_weight.shape
+    assert inputs.tok_weight.grad is None  # autograd.grad: nothing accumulates between repeats
+
+
+def test_timer_runs_setup_before_every_call_and_passes_its_result():
+    calls = []
+    timer = CpuTimer(budget_s=0.0, min_reps=4, max_reps=4, warmup_reps=1)
+    stats = timer.measure(run=lambda token: calls.append(token), setup=lambda: (len(calls),))
+    assert calls == [0, 1, 2, 3, 4]  # one warm-up, then four timed repeats
+    assert stats.reps == 4
+
+
+def test_timing_stats_quantiles():
+    stats = TimingStats.from_samples([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (stats.p25_s, stats.median_s, stats.p75_s, stats.reps) == (2.0, 3.0, 4.0, 5)
+    assert stats.spread == pytest.approx(1 / 3)
+
+
+def test_peak_extra_memory_sees_a_temporary_on_cpu():
+    mib = 2**20
+    assert peak_extra_bytes(lambda: torch.ones(4 * mib // 4).sum(), "cpu") >= 4 * mib
+
+
+def test_speedups_are_baseline_time_over_own_time():
+    results = quick_runner(["forward"]).run_problem(
+        tiny_problem(), [Implementation("eager", eager_embedding), Implementation("also-eager", eager_embedding)]
+    )
+    eager, other = results
+    assert eager.speedup["eager"] == 1.0
+    assert other.speedup["eager"] == pytest.approx(eager.timing.median_s / other.timing.median_s)
+    assert "compile" not in other.speedup
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+
+def test_tiny_cpu_run_writes_the_table_json_and_plot(tmp_path, capsys):
+    json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    status = cli.main([
+        *TINY_ARGS, "--batch", "1", "2", "--ids", "uniform", "same", "--impl", "fusedemb", "eager",
+        "fusedemb-fast", "--json", str(json_path), "--plot", str(plot_path),
+    ])
+    assert status == 0
+    table = capsys.readouterr().out
+    assert "copy bandwidth:" in table and "| custom | float32 | same" in table
+    assert "fusedemb-fast: the Triton kernels need a CUDA device" in table
+
+    report = json.loads(json_path.read_text())
+    assert report["schema_version"] == 1
+    environment = report["environment"]
+    assert environment["device"] == "cpu" and environment["torch"] == torch.__version__
+    assert environment["torch_threads"] >= 1 and environment["device_name"]
+    assert report["copy_bandwidth_gbps"] > 0
+    assert report["settings"]["configs"] == [{"name": "custom", "vocab": 97, "dim": 16, "seq": 8}]
+    assert "fusedemb-fast" in report["skipped"]
+    timed = {"fusedemb", "eager"} - set(report["skipped"])  # fusedemb needs the C++ extension built
+    results = report["results"]
+    assert {result["impl"] for result in results} == timed
+    assert len(results) == 2 * 2 * len(timed) * 3  # batches x distributions x implementations x passes
+    for result in results:
+        assert result["status"] == "ok", result
+        assert result["tokens"] == result["batch"] * 8
+        assert result["gbps"] == pytest.approx(result["bytes"] / result["median_s"] / 1e9)
+        assert result["p25_s"] <= result["median_s"] <= result["p75_s"]
+        assert result["peak_extra_bytes"] >= 0
+        assert result["speedup_vs_eager"] > 0 and result["speedup_vs_compile"] is None
+    assert plot_path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_run_with_a_failure_exits_nonzero(monkeypatch, tmp_path):
+    monkeypatch.setattr(
+        "fusedemb.bench.implementations.eager_embedding", doubles_token_gradient
+    )
+    json_path = tmp_path / "bench.json"
+    assert cli.main([*TINY_ARGS, "--batch", "1", "--ids", "uniform", "--impl", "eager", "--json", str(json_path)]) == 1
+    statuses = {result["status"] for result in json.loads(json_path.read_text())["results"]}
+    assert statuses == {"mismatch"}
+
+
+def test_compile_is_gated_and_timed(capsys):
+    assert cli.main([*TINY_ARGS, "--batch", "2", "--ids", "zipf:1.1", "--impl", "compile", "eager"]) == 0
+    assert "| compile " in capsys.readouterr().out
