@@ -24,7 +24,10 @@ Inputs reach these operators already checked and normalised by fusedemb.validati
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch._library.triton
 from torch.library import custom_op, triton_op
 
 from fusedemb import cpp_extension  # noqa: F401  (registers the C++ operators and their fakes)
@@ -169,6 +172,15 @@ def _backward(ctx, grad_out):
 fused_embedding_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Outside tracing, wrap_triton'd kernels would still go through a higher-order op; eager calls
+# launch them directly, as a triton_op's own eager path does.
+_direct_launches = getattr(torch._library.triton, "set_wrap_triton_enabled", None)
+
+
+def _launch_directly():
+    return _direct_launches(False) if _direct_launches is not None else contextlib.nullcontext()
+
+
 class FusedEmbeddingFunction(torch.autograd.Function):
     """Eager-mode twin of fused_embedding_op: same arguments, kernels and saved context."""
 
@@ -176,8 +188,10 @@ class FusedEmbeddingFunction(torch.autograd.Function):
     def forward(ctx, ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic):
         inputs = (ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic)
         _setup_context(ctx, inputs, None)
-        return forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
+        with _launch_directly():
+            return forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _table_gradients(ctx, grad_out, backward_kernels)
+        with _launch_directly():
+            return _table_gradients(ctx, grad_out, backward_kernels)

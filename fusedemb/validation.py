@@ -80,7 +80,7 @@ def _check_table(name: str, table: torch.Tensor) -> None:
 def _check_values_in_range(name: str, index: torch.Tensor, num_rows: int, table: str) -> None:
     if index.numel() == 0:
         return
-    lo, hi = (int(v) for v in torch.aminmax(index))  # one sync on CUDA
+    lo, hi = torch.stack(torch.aminmax(index)).tolist()  # one device-to-host copy: one sync on CUDA
     if lo < 0 or hi >= num_rows:
         bad = lo if lo < 0 else hi
         raise IndexError(f"{name} contains {bad}, outside [0, {num_rows}) of {table} ({num_rows} rows)")

@@ -105,7 +105,9 @@ def default_position_grad(grad_rows: torch.Tensor, seq_len: int, position_offset
     num_tokens, dim = grad_rows.shape
     grad_pos = grad_rows.new_empty((context_length, dim))
     block_dim = column_block(dim)
-    block_rows = rows_per_tile(block_dim)
+    # Each program loops over the whole batch, so tiles are kept small (a quarter of the usual)
+    # for enough programs to keep every SM busy: P * D / 1024 of them.
+    block_rows = max(1, rows_per_tile(block_dim) // 4)
     grid = (triton.cdiv(context_length, block_rows), triton.cdiv(dim, block_dim))
     launch(
         position_grad_kernel, grid, grad_rows, grad_pos, num_tokens // seq_len if seq_len else 0, seq_len, position_offset,

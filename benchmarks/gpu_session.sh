@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything one lent GPU session checks, in one command (device time is scarce):
+#   1. the parity, operator, validation and module tests on CUDA;
+#   2. the benchmark cases of the Triton issue: gpt2-124M at B 8 and 32, gpt2-1.5B at B 16 and
+#      the large-vocab preset at B 8, float32 and bfloat16, uniform / Zipf(1.1) ids (gpt2-124M
+#      also with one id everywhere and with real text), id range check off;
+#   3. what the id range check costs, measured with it on.
+# Usage, from the repo root on a CUDA machine: bash benchmarks/gpu_session.sh OUT_DIR [DATA_DIR]
+# DATA_DIR holds the-verdict.txt and tiktoken/ (../shared/data beside a checkout).
+set -u
+out=${1:?usage: gpu_session.sh OUT_DIR [DATA_DIR]}
+data=${2:-../shared/data}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR=$data/tiktoken
+tables=$out/tables.txt
+bench() { timeout "$1" python3 -m fusedemb.bench --device cuda --pass forward forward+backward "${@:2}" 2>&1 | tee -a "$tables" | tail -3; }
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton, fusedemb; print('torch', torch.__version__, 'triton', triton.__version__, fusedemb.available_backends('cuda'))"
+} 2>&1 | tee "$tables"
+
+timeout 100 python3 -m pytest tests/test_functional.py tests/test_ops.py tests/test_validation.py tests/test_module.py \
+  -q -x -n 8 -p no:cacheprovider > "$out/tests.log" 2>&1
+echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$tables"
+
+# One command per dtype: the table is printed when a command ends, so a timeout loses only one.
+for dtype in float32 bfloat16; do
+  bench 90 --no-bounds-check --preset gpt2-124M --batch 8 32 --dtype $dtype \
+    --ids uniform zipf:1.1 same "text:$data/the-verdict.txt" --json "$out/bench_gpt2_$dtype.json" \
+    $([ $dtype = float32 ] && echo --plot "$out/bench_gpt2_$dtype.png")
+done
+bench 50 --no-bounds-check --preset gpt2-1.5B --batch 16 --dtype float32 bfloat16 --ids uniform zipf:1.1 \
+  --json "$out/bench_gpt2_1.5b.json"
+bench 60 --no-bounds-check --preset large-vocab --batch 8 --dtype float32 bfloat16 --ids uniform zipf:1.1 \
+  --json "$out/bench_large_vocab.json"
+echo "== id range check on ==" >> "$tables"
+bench 25 --preset gpt2-124M --batch 8 32 --ids uniform --impl fusedemb-fast eager
