@@ -7,9 +7,12 @@ Bytes moved: read grad_out once per table (N * D * elt), write the dense token g
 (V * D * elt, zeros included) and the position gradient (P * D * elt).
 
 The token gradient has two modes:
-- fast: `scatter_add_rows_kernel` adds each gradient row into a zeroed float32 table with
-  atomics. Fastest on uniform ids; the order of the additions, and so the last bits of the
-  result, vary from run to run; rows hit by many tokens serialise on their atomics.
+- fast: `scatter_add_rows_kernel` adds each gradient row into a float32 table with atomics.
+  Fastest on uniform ids; the order of the additions, and so the last bits of the result, vary
+  from run to run; rows hit by many tokens serialise on their atomics. For 16-bit tables the
+  float32 accumulator is only zeroed, and only read back, where a token lands: zeroing and
+  rounding the whole V x D float32 table would move 10 bytes per element instead of the 2 of
+  the 16-bit result.
 - deterministic: `sorted_scatter_add` (sorted_scatter.py), a counting sort plus segment sums:
   no floating-point atomics, bitwise reproducible.
 The position gradient never needs atomics: with default positions it is a reduction over the
@@ -56,6 +59,50 @@ def scatter_add_rows_kernel(
 
 
 @triton.jit
+def zero_touched_rows_kernel(
+    index_ptr,  # [N] destination row of each gradient row
+    acc_ptr,  # [R, D] float32 accumulator, uninitialised
+    touched_ptr,  # [R] int8, zero-initialised: set to 1 for every row some token adds into
+    num_tokens,
+    dim,
+    num_rows,
+    skip_row,
+    BLOCK_TOKENS: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
+):
+    # Repeated ids zero the same row more than once: the same value, and all of it finishes
+    # before scatter_add_rows_kernel starts (same stream).
+    tokens = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+    cols = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
+    rows = clamp_rows(tl.load(index_ptr + tokens, mask=tokens < num_tokens, other=0).to(tl.int64), num_rows)
+    keep = (tokens < num_tokens) & (rows != skip_row)
+    zeros = tl.zeros([BLOCK_TOKENS, BLOCK_DIM], dtype=acc_ptr.dtype.element_ty)
+    tl.store(acc_ptr + rows[:, None] * dim + cols[None, :], zeros, mask=keep[:, None] & (cols < dim)[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(touched_ptr + rows, tl.full([BLOCK_TOKENS], 1, dtype=tl.int8), mask=keep)
+
+
+@triton.jit
+def round_touched_rows_kernel(
+    acc_ptr,  # [R, D] float32 accumulator, valid where touched
+    touched_ptr,  # [R] int8
+    table_ptr,  # [R, D] out: the 16-bit gradient, zero where not touched
+    num_rows,
+    dim,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
+    row_mask = rows < num_rows
+    col_mask = cols < dim
+    touched = tl.load(touched_ptr + rows, mask=row_mask, other=0) != 0
+    offsets = rows.to(tl.int64)[:, None] * dim + cols[None, :]
+    acc = tl.load(acc_ptr + offsets, mask=touched[:, None] & col_mask[None, :], other=0.0)
+    tl.store(table_ptr + offsets, acc.to(table_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
 def position_grad_kernel(
     grad_ptr,  # [B, T, D] gradient rows, contiguous
     out_ptr,  # [P, D] out: grad_pos[p] = sum over b of grad[b, p - position_offset]
@@ -88,17 +135,36 @@ def atomic_scatter_add(
 ) -> torch.Tensor:
     """grad_table = zeros(num_rows, D).index_add_(0, index, grad_rows) with float atomics (fast mode)."""
     num_tokens, dim = grad_rows.shape
-    acc_dtype = torch.float64 if accumulates_in_float64(table_dtype) else torch.float32
-    acc = torch.zeros((num_rows, dim), dtype=acc_dtype, device=grad_rows.device)
+    device = grad_rows.device
+    block_dim = column_block(dim)
+    block_tokens = rows_per_tile(block_dim)
+    token_grid = (triton.cdiv(num_tokens, block_tokens), triton.cdiv(dim, block_dim))
+    if table_dtype in (torch.float32, torch.float64):
+        # The table is its own accumulator.
+        table = torch.zeros((num_rows, dim), dtype=table_dtype, device=device)
+        if num_tokens > 0:
+            launch(
+                scatter_add_rows_kernel, token_grid, grad_rows, index, table, num_tokens, dim, num_rows, skip_row,
+                BLOCK_TOKENS=block_tokens, BLOCK_DIM=block_dim,
+            )  # fmt: skip
+        return table
+    acc = torch.empty((num_rows, dim), dtype=torch.float32, device=device)
+    touched = torch.zeros(num_rows, dtype=torch.int8, device=device)
+    table = torch.empty((num_rows, dim), dtype=table_dtype, device=device)
     if num_tokens > 0:
-        block_dim = column_block(dim)
-        block_tokens = rows_per_tile(block_dim)
-        grid = (triton.cdiv(num_tokens, block_tokens), triton.cdiv(dim, block_dim))
         launch(
-            scatter_add_rows_kernel, grid, grad_rows, index, acc, num_tokens, dim, num_rows, skip_row,
+            zero_touched_rows_kernel, token_grid, index, acc, touched, num_tokens, dim, num_rows, skip_row,
             BLOCK_TOKENS=block_tokens, BLOCK_DIM=block_dim,
         )  # fmt: skip
-    return acc.to(table_dtype)  # no copy for float32 / float64 tables
+        launch(
+            scatter_add_rows_kernel, token_grid, grad_rows, index, acc, num_tokens, dim, num_rows, skip_row,
+            BLOCK_TOKENS=block_tokens, BLOCK_DIM=block_dim,
+        )  # fmt: skip
+    launch(
+        round_touched_rows_kernel, (triton.cdiv(num_rows, block_tokens), triton.cdiv(dim, block_dim)),
+        acc, touched, table, num_rows, dim, BLOCK_ROWS=block_tokens, BLOCK_DIM=block_dim,
+    )  # fmt: skip
+    return table
 
 
 def default_position_grad(grad_rows: torch.Tensor, seq_len: int, position_offset: int, context_length: int) -> torch.Tensor:
