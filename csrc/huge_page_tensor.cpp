@@ -1,10 +1,8 @@
 #include "huge_page_tensor.h"
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <c10/util/accumulate.h>
 
-#include <cstdlib>
+#include <cstdint>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -12,23 +10,25 @@
 
 namespace fusedemb {
 namespace {
-constexpr size_t kHugePageBytes = size_t{2} << 20;
-// Below a few huge pages the saving is small and rounding up would waste memory.
-constexpr size_t kMinHugePageBytes = 4 * kHugePageBytes;
+constexpr uintptr_t kHugePageBytes = uintptr_t{2} << 20;
+constexpr size_t kMinHugePageBytes = size_t{32} << 20;  // glibc's largest mmap threshold
 }  // namespace
 
 at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor tensor = at::empty(sizes, options);
 #ifdef __linux__
-  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  const size_t bytes = tensor.nbytes();
   if (bytes >= kMinHugePageBytes) {
-    const size_t rounded = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
-    void* data = std::aligned_alloc(kHugePageBytes, rounded);
-    TORCH_CHECK(data != nullptr, "fusedemb: out of memory allocating ", bytes, " bytes");
-    madvise(data, rounded, MADV_HUGEPAGE);  // a hint: if refused, the buffer still works
-    return at::from_blob(data, sizes, [](void* ptr) { std::free(ptr); }, options);
+    // Only whole, aligned huge pages inside the buffer can be huge; the ends stay small pages.
+    const auto begin = reinterpret_cast<uintptr_t>(tensor.data_ptr());
+    const uintptr_t first = (begin + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+    const uintptr_t last = (begin + bytes) & ~(kHugePageBytes - 1);
+    if (last > first) {
+      madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+    }
   }
 #endif
-  return at::empty(sizes, options);
+  return tensor;
 }
 
 }  // namespace fusedemb
