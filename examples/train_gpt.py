@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gpt_model import CONFIGS, GPTConfig, GPTModel
 
 from fusedemb.data import create_dataloader
-from gpt_model import CONFIGS, GPTConfig, GPTModel
 
 # Largest accepted |loss_nn - loss_fused| at any step. Reordering a float32 sum of k terms
 # changes it by at most about k * 2^-24 relative to the sum of magnitudes: for the sums here

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from fusedemb.cpp_extension import CPP_EXTENSION_AVAILABLE
-from fusedemb.ops import TRITON_AVAILABLE, FusedEmbeddingFunction, fused_embedding_op
+from fusedemb.ops import INTERPRETED, TRITON_AVAILABLE, FusedEmbeddingFunction, fused_embedding_op
 from fusedemb.reference import fused_embedding_reference
 from fusedemb.validation import prepare_inputs
 
@@ -18,9 +16,7 @@ def triton_runs_on(device: torch.device) -> bool:
     """CUDA tensors run compiled Triton kernels; CPU tensors only under Triton's interpreter."""
     if not TRITON_AVAILABLE:
         return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRETED)
 
 
 def available_backends(device: torch.device | str) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fusedemb  # noqa: E402
+import fusedemb
 
 TABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 ID_DTYPES = (torch.int32, torch.int64)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from shared_data import use_shared_tiktoken_cache, verdict_path
 
 from fusedemb.bench import cli
 from fusedemb.bench.bytes_model import PASSES, backward_bytes, forward_bytes, pass_bytes
@@ -18,7 +19,6 @@ from fusedemb.bench.memory import peak_extra_bytes
 from fusedemb.bench.passes import make_inputs, make_pass
 from fusedemb.bench.runner import Runner
 from fusedemb.bench.timing import CpuTimer, TimingStats
-from shared_data import use_shared_tiktoken_cache, verdict_path
 
 TINY = ModelConfig("tiny", vocab=97, dim=16, seq=8)
 TINY_ARGS = ["--device", "cpu", "--vocab", "97", "--dim", "16", "--seq", "8", "--quick"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from shared_data import use_shared_tiktoken_cache, verdict_text
 
 from fusedemb.data import END_OF_TEXT, GPTDataset, create_dataloader, load_gpt2_tokenizer
-from shared_data import use_shared_tiktoken_cache, verdict_text
 
 
 class CharTokenizer:

@@ -67,7 +67,7 @@ def assert_same_gradients(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for name in want:
         # Equal up to float32 summation order (halves summed, then averaged across ranks).
-        torch.testing.assert_close(got[name], want[name], msg=lambda message: f"{name}: {message}")
+        torch.testing.assert_close(got[name], want[name], msg=lambda message, name=name: f"{name}: {message}")
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])

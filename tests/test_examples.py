@@ -6,9 +6,9 @@ import io
 
 import pytest
 import torch
+from shared_data import import_example, use_shared_tiktoken_cache, verdict_path
 
 import fusedemb
-from shared_data import import_example, use_shared_tiktoken_cache, verdict_path
 
 
 @pytest.fixture

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TABLE_DTYPES
 from torch import nn
 
 import fusedemb
-from conftest import TABLE_DTYPES
 
 
 class EmbeddingPair(nn.Module):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import BACKEND_CONFIGS, config_id, interpreted
 from torch import nn
 
 import fusedemb
-from conftest import BACKEND_CONFIGS, config_id, interpreted
 from fusedemb.ops import fused_embedding_backward_op, fused_embedding_op
 
 

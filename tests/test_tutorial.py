@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from shared_data import REPO_ROOT, use_shared_tiktoken_cache
 
 TUTORIAL = REPO_ROOT / "docs" / "tutorial.md"

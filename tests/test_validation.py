@@ -14,7 +14,7 @@ def tables():
     return torch.randn(10, 4), torch.randn(8, 4)
 
 
-BACKENDS = [b for b in fusedemb.available_backends("cpu")]
+BACKENDS = fusedemb.available_backends("cpu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -107,7 +107,7 @@ def parse_distribution(spec: str) -> IdDistribution:
     raise ValueError(f"unknown id distribution {spec!r}: use uniform, same, zipf:S or text:FILE")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gpt2_tokens(path: Path) -> torch.Tensor:
     """The file's gpt2 token ids, tokenized once per run."""
     from fusedemb.data import END_OF_TEXT, load_gpt2_tokenizer  # imports tiktoken: text ids only

@@ -15,8 +15,8 @@ with default positions (t for t in 0..T-1); the passes, the gate and the timers 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +117,7 @@ def _fusedemb_forward(name: str, device: str) -> tuple[Forward | None, str | Non
     forward = functools.partial(fused_embedding, backend=backend, deterministic=deterministic)
     try:
         _probe(forward, device)
-    except Exception as error:  # noqa: BLE001 - any failure means "not usable here", with its reason
+    except Exception as error:
         return None, f"the {backend} backend failed a tiny run: {describe_error(error)}"
     return forward, None
 

@@ -18,8 +18,8 @@ backward includes allocating both gradients, as with ``zero_grad(set_to_none=Tru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from fusedemb.bench.report import Report
 
-
 LINE_STYLES = ("-", "--", ":", "-.")
 
 

@@ -66,8 +66,9 @@ def _row(result: Result) -> list[str]:
     identity = [problem.config.name, problem.dtype_name, problem.ids.label, str(problem.batch),
                 result.pass_name, result.impl]
     if result.status != "ok":
-        return identity + [result.status.upper()] + ["-"] * (len(COLUMNS) - len(identity) - 1)
-    return identity + [
+        return [*identity, result.status.upper()] + ["-"] * (len(COLUMNS) - len(identity) - 1)
+    return [
+        *identity,
         _format_seconds(result.timing.median_s),
         f"{100 * result.timing.spread:.0f}%",
         f"{result.gbps:.1f}",

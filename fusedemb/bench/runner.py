@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable
 
 from fusedemb.bench.configs import Problem
 from fusedemb.bench.gate import check_against_reference
@@ -85,7 +85,7 @@ class Runner:
 
         try:
             gate = check_against_reference(implementation.forward, inputs)
-        except Exception as error:  # noqa: BLE001 - reported in the table; the sweep goes on
+        except Exception as error:
             return untimed("error", describe_error(error))
         if not gate.passed:
             return untimed("mismatch", gate.detail)
@@ -97,7 +97,7 @@ class Runner:
             work = make_pass(pass_name, implementation.forward, inputs)
             stats = self.timer.measure(work.run, work.setup)
             result.peak_extra_bytes = peak_extra_bytes(functools.partial(work.run, *work.setup()), self.device)
-        except Exception as error:  # noqa: BLE001 - e.g. out of memory at a large preset
+        except Exception as error:
             result.status, result.note = "error", describe_error(error)
             return result
         result.bytes = bytes_moved(pass_name, inputs)

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from fusedemb.kernels.common import (
     accumulates_in_float64,
+    cdiv,
     clamp_rows,
     column_block,
     launch,
@@ -123,7 +124,7 @@ def position_grad_kernel(
     load_mask = in_sequence[:, None] & col_mask[None, :]
     acc = to_accumulator(tl.zeros([BLOCK_ROWS, BLOCK_DIM], dtype=tl.float32), ACC_FP64)
     # Summed in batch order: deterministic. Rows outside [offset, offset + T) stay zero.
-    for b in range(0, batch):
+    for b in range(batch):
         offsets = (b * seq_len + t).to(tl.int64)[:, None] * dim + cols[None, :]
         acc += to_accumulator(tl.load(grad_ptr + offsets, mask=load_mask, other=0), ACC_FP64)
     store_mask = (rows < context_length)[:, None] & col_mask[None, :]
@@ -138,7 +139,7 @@ def atomic_scatter_add(
     device = grad_rows.device
     block_dim = column_block(dim)
     block_tokens = rows_per_tile(block_dim)
-    token_grid = (triton.cdiv(num_tokens, block_tokens), triton.cdiv(dim, block_dim))
+    token_grid = (cdiv(num_tokens, block_tokens), cdiv(dim, block_dim))
     if table_dtype in (torch.float32, torch.float64):
         # The table is its own accumulator.
         table = torch.zeros((num_rows, dim), dtype=table_dtype, device=device)
@@ -161,7 +162,7 @@ def atomic_scatter_add(
             BLOCK_TOKENS=block_tokens, BLOCK_DIM=block_dim,
         )  # fmt: skip
     launch(
-        round_touched_rows_kernel, (triton.cdiv(num_rows, block_tokens), triton.cdiv(dim, block_dim)),
+        round_touched_rows_kernel, (cdiv(num_rows, block_tokens), cdiv(dim, block_dim)),
         acc, touched, table, num_rows, dim, BLOCK_ROWS=block_tokens, BLOCK_DIM=block_dim,
     )  # fmt: skip
     return table
@@ -174,7 +175,7 @@ def default_position_grad(grad_rows: torch.Tensor, seq_len: int, position_offset
     # Each program loops over the whole batch, so tiles are kept small (a quarter of the usual)
     # for enough programs to keep every SM busy: P * D / 1024 of them.
     block_rows = max(1, rows_per_tile(block_dim) // 4)
-    grid = (triton.cdiv(context_length, block_rows), triton.cdiv(dim, block_dim))
+    grid = (cdiv(context_length, block_rows), cdiv(dim, block_dim))
     launch(
         position_grad_kernel, grid, grad_rows, grad_pos, num_tokens // seq_len if seq_len else 0, seq_len, position_offset,
         context_length, dim, ACC_FP64=accumulates_in_float64(grad_rows.dtype), BLOCK_ROWS=block_rows,

@@ -21,8 +21,16 @@ TILE_ELEMENTS = 4096
 MAX_BLOCK_DIM = 256
 
 
+# Grid arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are constexpr
+# functions in recent Triton releases, and calling them from Python costs microseconds each,
+# which adds up on the host side of every launch.
+def cdiv(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
 def column_block(dim: int) -> int:
-    return min(triton.next_power_of_2(dim), MAX_BLOCK_DIM)
+    """The power of two at or above dim, at most MAX_BLOCK_DIM."""
+    return min(1 << max(dim - 1, 0).bit_length(), MAX_BLOCK_DIM)
 
 
 def rows_per_tile(block_dim: int) -> int:

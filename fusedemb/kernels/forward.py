@@ -14,6 +14,7 @@ import triton.language as tl
 
 from fusedemb.kernels.common import (
     accumulates_in_float64,
+    cdiv,
     clamp_rows,
     column_block,
     launch,
@@ -78,7 +79,7 @@ def triton_forward(
         return out
     block_dim = column_block(dim)
     block_tokens = rows_per_tile(block_dim)
-    grid = (triton.cdiv(num_tokens, block_tokens), triton.cdiv(dim, block_dim))
+    grid = (cdiv(num_tokens, block_tokens), cdiv(dim, block_dim))
     launch(
         fused_embedding_forward_kernel,
         grid,

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedemb.kernels.common import accumulates_in_float64, clamp_rows, column_block, launch, to_accumulator
+from fusedemb.kernels.common import accumulates_in_float64, cdiv, clamp_rows, column_block, launch, to_accumulator
 
 CHUNK = 1024  # tokens per counting-sort chunk; counts has num_rows * ceil(N / CHUNK) entries
 RANK_BLOCK = 64  # tokens compared at once in chunk_rank_kernel: a 64 x 64 comparison tile
@@ -248,10 +248,10 @@ def sorted_scatter_add(
     device = grad_rows.device
     if num_tokens == 0:
         return torch.zeros((num_rows, dim), dtype=table_dtype, device=device)
-    num_chunks = triton.cdiv(num_tokens, CHUNK)
+    num_chunks = cdiv(num_tokens, CHUNK)
     counts = torch.zeros((num_rows, num_chunks), dtype=torch.int32, device=device)
     rank = torch.empty(num_tokens, dtype=torch.int32, device=device)
-    rank_grid = (num_chunks, triton.cdiv(min(num_tokens, CHUNK), RANK_BLOCK))
+    rank_grid = (num_chunks, cdiv(min(num_tokens, CHUNK), RANK_BLOCK))
     launch(chunk_rank_kernel, rank_grid, index, rank, counts, num_tokens, num_rows, num_chunks, CHUNK=CHUNK, BLOCK=RANK_BLOCK)
     ends = torch.cumsum(counts.view(-1), 0, dtype=torch.int32).view(num_rows, num_chunks)
 
@@ -259,32 +259,32 @@ def sorted_scatter_add(
     sorted_rows = torch.empty(num_tokens, dtype=torch.int32, device=device)
     launch(
         scatter_sorted_kernel,
-        (triton.cdiv(num_tokens, SCATTER_BLOCK),),
+        (cdiv(num_tokens, SCATTER_BLOCK),),
         index, rank, ends, counts, sorted_tokens, sorted_rows, num_tokens, num_rows, num_chunks,
         CHUNK=CHUNK, BLOCK=SCATTER_BLOCK,
     )  # fmt: skip
 
     table = torch.empty((num_rows, dim), dtype=table_dtype, device=device)
     acc_fp64 = accumulates_in_float64(table_dtype)
-    num_tiles = triton.cdiv(num_tokens, TILE)
+    num_tiles = cdiv(num_tokens, TILE)
     head = torch.empty((num_tiles, dim), dtype=torch.float64, device=device)
     tail = torch.empty_like(head)
     launch(
         segment_sums_kernel,
-        (num_tiles, triton.cdiv(dim, SEGMENT_BLOCK_DIM)),
+        (num_tiles, cdiv(dim, SEGMENT_BLOCK_DIM)),
         grad_rows, sorted_tokens, sorted_rows, ends, counts, table, head, tail, num_tokens, dim, num_chunks, skip_row,
         ACC_FP64=acc_fp64, TILE=TILE, BLOCK_DIM=SEGMENT_BLOCK_DIM,
     )  # fmt: skip
     launch(
         combine_partials_kernel,
-        (num_tiles, triton.cdiv(dim, COMBINE_BLOCK_DIM)),
+        (num_tiles, cdiv(dim, COMBINE_BLOCK_DIM)),
         sorted_rows, ends, counts, head, tail, table, num_tokens, dim, num_chunks, skip_row,
         ACC_FP64=acc_fp64, TILE=TILE, PARTIALS_BLOCK=PARTIALS_BLOCK, BLOCK_DIM=COMBINE_BLOCK_DIM,
     )  # fmt: skip
     block_dim = column_block(dim)
     launch(
         zero_rows_kernel,
-        (triton.cdiv(num_rows, ZERO_ROWS), triton.cdiv(dim, block_dim)),
+        (cdiv(num_rows, ZERO_ROWS), cdiv(dim, block_dim)),
         ends, counts, table, num_rows, dim, num_chunks, skip_row,
         BLOCK_ROWS=ZERO_ROWS, BLOCK_DIM=block_dim,
     )  # fmt: skip
