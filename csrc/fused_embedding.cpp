@@ -167,16 +167,20 @@ void sum_rows_by_group(const scalar_t* grad_rows, int64_t dim, const RowGroups& 
       const int64_t row = task / num_slices;
       const int64_t col0 = (task % num_slices) * kColumnSlice;
       const int64_t width = std::min(kColumnSlice, dim - col0);
+      scalar_t* dst = grad_table + row * dim + col0;
+      const int64_t first = groups.row_start[row];
+      const int64_t last = groups.row_start[row + 1];
+      if (row == skip_row || first == last) {
+        std::fill(dst, dst + width, scalar_t(0));  // most rows of a large vocabulary
+        continue;
+      }
       std::fill(acc.begin(), acc.begin() + width, opmath_t(0));
-      if (row != skip_row) {
-        for (int64_t k = groups.row_start[row]; k < groups.row_start[row + 1]; ++k) {
-          const scalar_t* src = grad_rows + groups.order[k] * dim + col0;
-          for (int64_t d = 0; d < width; ++d) {
-            acc[d] += static_cast<opmath_t>(src[d]);
-          }
+      for (int64_t k = first; k < last; ++k) {
+        const scalar_t* src = grad_rows + groups.order[k] * dim + col0;
+        for (int64_t d = 0; d < width; ++d) {
+          acc[d] += static_cast<opmath_t>(src[d]);
         }
       }
-      scalar_t* dst = grad_table + row * dim + col0;
       for (int64_t d = 0; d < width; ++d) {
         dst[d] = static_cast<scalar_t>(acc[d]);
       }
