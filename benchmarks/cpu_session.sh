@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The CPU measurements quoted in the README and in the core issue: gpt2-124M's tables
+# (V 50257, D 768, T 1024), float32, B 8, fusedemb's C++ kernels against eager PyTorch and
+# torch.compile, side by side in one process, for uniform, Zipf(1.1), one-id and real-text ids.
+# Usage, from the repo root: bash benchmarks/cpu_session.sh OUT_DIR [DATA_DIR]
+# DATA_DIR holds the-verdict.txt and tiktoken/ (../shared/data beside a checkout).
+set -euo pipefail
+out=${1:?usage: cpu_session.sh OUT_DIR [DATA_DIR]}
+data=${2:-../shared/data}
+mkdir -p "$out"
+export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$data/tiktoken}
+python -m fusedemb.bench --device cpu --preset gpt2-124M --batch 8 \
+  --ids uniform zipf:1.1 same "text:$data/the-verdict.txt" \
+  --json "$out/cpu.json" --plot "$out/cpu.png" | tee "$out/cpu_table.txt"
