@@ -1,0 +1,116 @@
+"""Compile every Triton kernel ahead of time for a CUDA GPU, with no GPU present.
+
+Triton's compiler runs on the CPU down to PTX and, with the ptxas it ships, to a cubin; only
+launching needs a GPU. This catches what Triton's interpreter cannot (code the compiler rejects)
+and exposes the resource report (registers, spills) and the memory instructions, which say
+whether loads are 16 bytes wide. tests/test_triton_compile.py runs this file as a script, in a
+process without TRITON_INTERPRET, and checks its JSON report.
+
+Each kernel is compiled with the argument types and tile sizes its launcher uses at GPT-2 sizes
+(D = 768, 8192 tokens of 1024), with pointers and the integers that are multiples of 16 marked
+as such, as Triton specializes them at a real launch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fusedemb.kernels import backward, common, forward, sorted_scatter
+
+DIM = 768
+BLOCK_DIM = common.column_block(DIM)
+TOKENS_PER_TILE = common.rows_per_tile(BLOCK_DIM)
+# Integer arguments that are multiples of 16 at GPT-2 sizes, which a real launch specializes on.
+DIVISIBLE = {"dim", "tok_row_stride", "pos_row_stride", "num_tokens", "seq_len"}
+TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
+
+
+def kernel_specs(table: str):
+    """(name, kernel, pointer types, constexprs) for tables of dtype `table` ("fp32", "bf16")."""
+    ids = "*i64"
+    acc64 = table == "fp64"
+    return [
+        ("forward", forward.fused_embedding_forward_kernel,
+         {"ids_ptr": ids, "position_ids_ptr": ids, "tok_ptr": f"*{table}", "pos_ptr": f"*{table}", "out_ptr": f"*{table}"},
+         {"HAS_POSITION_IDS": False, "ACC_FP64": acc64, "BLOCK_TOKENS": TOKENS_PER_TILE, "BLOCK_DIM": BLOCK_DIM}),
+        ("scatter_add_rows", backward.scatter_add_rows_kernel,
+         {"grad_ptr": f"*{table}", "index_ptr": ids, "acc_ptr": "*fp64" if acc64 else "*fp32"},
+         {"BLOCK_TOKENS": TOKENS_PER_TILE, "BLOCK_DIM": BLOCK_DIM}),
+        ("zero_touched_rows", backward.zero_touched_rows_kernel,
+         {"index_ptr": ids, "acc_ptr": "*fp32", "touched_ptr": "*i8"},
+         {"BLOCK_TOKENS": TOKENS_PER_TILE, "BLOCK_DIM": BLOCK_DIM}),
+        ("round_touched_rows", backward.round_touched_rows_kernel,
+         {"acc_ptr": "*fp32", "touched_ptr": "*i8", "table_ptr": f"*{table}"},
+         {"BLOCK_ROWS": TOKENS_PER_TILE, "BLOCK_DIM": BLOCK_DIM}),
+        ("position_grad", backward.position_grad_kernel,
+         {"grad_ptr": f"*{table}", "out_ptr": f"*{table}"},
+         {"ACC_FP64": acc64, "BLOCK_ROWS": max(1, TOKENS_PER_TILE // 4), "BLOCK_DIM": BLOCK_DIM}),
+        ("chunk_rank", sorted_scatter.chunk_rank_kernel,
+         {"index_ptr": ids, "rank_ptr": "*i32", "counts_ptr": "*i32"},
+         {"CHUNK": sorted_scatter.CHUNK, "BLOCK": sorted_scatter.RANK_BLOCK}),
+        ("scatter_sorted", sorted_scatter.scatter_sorted_kernel,
+         {"index_ptr": ids, "rank_ptr": "*i32", "ends_ptr": "*i32", "counts_ptr": "*i32",
+          "sorted_tokens_ptr": "*i32", "sorted_rows_ptr": "*i32"},
+         {"CHUNK": sorted_scatter.CHUNK, "BLOCK": sorted_scatter.SCATTER_BLOCK}),
+        ("segment_sums", sorted_scatter.segment_sums_kernel,
+         {"grad_ptr": f"*{table}", "sorted_tokens_ptr": "*i32", "sorted_rows_ptr": "*i32", "ends_ptr": "*i32",
+          "counts_ptr": "*i32", "table_ptr": f"*{table}", "head_ptr": "*fp64", "tail_ptr": "*fp64"},
+         {"ACC_FP64": acc64, "TILE": sorted_scatter.TILE, "BLOCK_DIM": sorted_scatter.SEGMENT_BLOCK_DIM}),
+        ("combine_partials", sorted_scatter.combine_partials_kernel,
+         {"sorted_rows_ptr": "*i32", "ends_ptr": "*i32", "counts_ptr": "*i32", "head_ptr": "*fp64",
+          "tail_ptr": "*fp64", "table_ptr": f"*{table}"},
+         {"ACC_FP64": acc64, "TILE": sorted_scatter.TILE, "PARTIALS_BLOCK": sorted_scatter.PARTIALS_BLOCK,
+          "BLOCK_DIM": sorted_scatter.COMBINE_BLOCK_DIM}),
+        ("zero_rows", sorted_scatter.zero_rows_kernel,
+         {"ends_ptr": "*i32", "counts_ptr": "*i32", "table_ptr": f"*{table}"},
+         {"BLOCK_ROWS": sorted_scatter.ZERO_ROWS, "BLOCK_DIM": BLOCK_DIM}),
+    ]  # fmt: skip
+
+
+def compile_kernel(kernel, pointers: dict, constexprs: dict, target: GPUTarget):
+    params = kernel.params
+    signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "i32") for p in params}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p.name in pointers or p.name in DIVISIBLE}
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned), target=target)
+
+
+def resource_usage(ptx: str) -> dict:
+    """Registers and spill bytes from ptxas -v (the ptxas Triton itself uses for this target)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = re.search(r"^\.target (\w+)", ptx, flags=re.M).group(1)  # e.g. sm_90a
+    ptxas = get_ptxas(int(re.sub(r"\D", "", arch))).path
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        result = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", "-o", str(source.with_suffix(".cubin")),
+                                 str(source)], text=True, capture_output=True, check=True)  # fmt: skip
+    registers = re.search(r"Used (\d+) registers", result.stderr)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr)]
+    return {"registers": int(registers.group(1)) if registers else None, "spill_bytes": sum(spills)}
+
+
+def report() -> dict:
+    results = {}
+    for table in ("fp32", "bf16"):
+        for name, kernel, pointers, constexprs in kernel_specs(table):
+            for arch, target in TARGETS.items():
+                compiled = compile_kernel(kernel, pointers, constexprs, target)
+                ptx = compiled.asm["ptx"]
+                memory_ops = Counter(re.findall(r"\b((?:ld|st)\.global[.\w]*|red\.[.\w]*|atom\.[.\w]*)", ptx))
+                results[f"{name}/{table}/{arch}"] = {**resource_usage(ptx), "memory_ops": dict(memory_ops)}
+    return results
+
+
+if __name__ == "__main__":
+    json.dump(report(), sys.stdout, indent=1)
