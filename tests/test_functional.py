@@ -144,7 +144,7 @@ def zipf_ids(shape, vocab, exponent, device):
     return flat.reshape(shape).to(device)
 
 
-@pytest.mark.parametrize("distribution", ["same", "zipf", "two-hot"])
+@pytest.mark.parametrize("distribution", ["same", "zipf", "two-hot", "padding-run"])
 def test_skewed_ids(backend_config, distribution):
     """Rows hit by hundreds of tokens: in the sorted backward they cross many tiles."""
     _, device, _ = backend_config
@@ -154,10 +154,13 @@ def test_skewed_ids(backend_config, distribution):
         ids = torch.full(shape, 17, device=device)
     elif distribution == "zipf":
         ids = zipf_ids(shape, vocab, 1.1, device)
-    else:
+    elif distribution == "two-hot":
         ids = torch.where(torch.rand(shape, device=device) < 0.5, 2, 5)
+    else:  # sequences right-padded with padding_idx 5 from a random length on
+        lengths = torch.randint(1, shape[1], (shape[0], 1), device=device)
+        ids = torch.where(torch.arange(shape[1], device=device) < lengths, torch.randint(0, vocab, shape, device=device), 5)
     tok, pos = make_tables(vocab, 150, 24, torch.float32, device)
-    check_against_reference(backend_config, ids, tok, pos, padding_idx=5 if distribution == "two-hot" else None)
+    check_against_reference(backend_config, ids, tok, pos, padding_idx=None if distribution in ("same", "zipf") else 5)
 
 
 def test_real_tokenized_text(backend_config):

@@ -54,9 +54,18 @@ def scatter_add_rows_kernel(
     token_mask = tokens < num_tokens
     col_mask = cols < dim
     rows = clamp_rows(tl.load(index_ptr + tokens, mask=token_mask, other=0).to(tl.int64), num_rows)
-    grad = tl.load(grad_ptr + tokens[:, None].to(tl.int64) * dim + cols[None, :], mask=token_mask[:, None] & col_mask[None, :])
-    add_mask = (token_mask & (rows != skip_row))[:, None] & col_mask[None, :]
-    tl.atomic_add(acc_ptr + rows[:, None] * dim + cols[None, :], grad.to(acc_ptr.dtype.element_ty), mask=add_mask, sem="relaxed")
+    grad_mask = token_mask[:, None] & col_mask[None, :]
+    grad = tl.load(grad_ptr + tokens[:, None].to(tl.int64) * dim + cols[None, :], mask=grad_mask, other=0.0)
+    grad = grad.to(acc_ptr.dtype.element_ty)
+    # Atomics on one address serialise: a tile whose tokens all share one row (one id over the
+    # batch, a run of padding) sums in registers first and adds once per column.
+    lowest = tl.min(tl.where(token_mask, rows, num_rows))
+    if lowest == tl.max(tl.where(token_mask, rows, -1)):
+        if lowest != skip_row:
+            tl.atomic_add(acc_ptr + lowest * dim + cols, tl.sum(grad, axis=0), mask=col_mask, sem="relaxed")
+    else:
+        add_mask = (token_mask & (rows != skip_row))[:, None] & col_mask[None, :]
+        tl.atomic_add(acc_ptr + rows[:, None] * dim + cols[None, :], grad, mask=add_mask, sem="relaxed")
 
 
 @triton.jit
