@@ -4,7 +4,8 @@
 #   2. the benchmark cases of the Triton issue: gpt2-124M at B 8 and 32, gpt2-1.5B at B 16 and
 #      the large-vocab preset at B 8, float32 and bfloat16, uniform / Zipf(1.1) ids (gpt2-124M
 #      also with one id everywhere and with real text), id range check off;
-#   3. what the id range check costs, measured with it on.
+#   3. what the id range check costs, measured with it on;
+#   4. a per-kernel profile of both backward modes (benchmarks/profile_backward.py).
 # Usage, from the repo root on a CUDA machine: bash benchmarks/gpu_session.sh OUT_DIR [DATA_DIR]
 # DATA_DIR holds the-verdict.txt and tiktoken/ (../shared/data beside a checkout).
 set -u
@@ -37,3 +38,5 @@ bench 60 --no-bounds-check --preset large-vocab --batch 8 --dtype float32 bfloat
   --json "$out/bench_large_vocab.json"
 echo "== id range check on ==" >> "$tables"
 bench 25 --preset gpt2-124M --batch 8 32 --ids uniform --impl fusedemb-fast eager
+echo "== where the backward's time goes ==" >> "$tables"
+timeout 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 8 >> "$tables" 2>&1

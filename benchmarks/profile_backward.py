@@ -1,0 +1,58 @@
+"""Where a fused forward+backward spends its time, kernel by kernel, on a CUDA device.
+
+    python benchmarks/profile_backward.py [--preset gpt2-124M] [--batch 8] [--dtype float32]
+
+For each token-gradient mode it prints torch.profiler's table of GPU kernels (time on the device)
+next to the wall time per call, so that time the GPU spends waiting for the host (launches from
+Python) shows up as the difference between the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import fusedemb
+from fusedemb.bench.configs import DTYPES, PRESETS
+
+REPEATS = 20
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="gpt2-124M", choices=list(PRESETS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    args = parser.parse_args(argv)
+    config, dtype = PRESETS[args.preset], DTYPES[args.dtype]
+    fusedemb.set_bounds_check(False)
+    tok = torch.randn(config.vocab, config.dim, device="cuda", dtype=dtype, requires_grad=True)
+    pos = torch.randn(config.seq, config.dim, device="cuda", dtype=dtype, requires_grad=True)
+    ids = torch.randint(0, config.vocab, (args.batch, config.seq), device="cuda")
+    grad_out = torch.randn(args.batch, config.seq, config.dim, device="cuda", dtype=dtype)
+    for deterministic in (False, True):
+
+        def step(deterministic=deterministic):
+            out = fusedemb.fused_embedding(ids, tok, pos, deterministic=deterministic)
+            return torch.autograd.grad(out, (tok, pos), grad_out)
+
+        for _ in range(3):  # compile and warm up
+            step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(REPEATS):
+                step()
+            torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - start) / REPEATS * 1e6
+        mode = "deterministic" if deterministic else "fast"
+        print(f"\n== {args.preset} B{args.batch} {args.dtype}, {mode} mode: {wall_us:.0f} us wall per step "
+              f"(profiled) ==")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
