@@ -26,13 +26,16 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="gpt2-124M", choices=list(PRESETS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--device", default="cuda", help="cuda (the point of it) or cpu (to try the script)")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     config, dtype = PRESETS[args.preset], DTYPES[args.dtype]
     fusedemb.set_bounds_check(False)
-    tok = torch.randn(config.vocab, config.dim, device="cuda", dtype=dtype, requires_grad=True)
-    pos = torch.randn(config.seq, config.dim, device="cuda", dtype=dtype, requires_grad=True)
-    ids = torch.randint(0, config.vocab, (args.batch, config.seq), device="cuda")
-    grad_out = torch.randn(args.batch, config.seq, config.dim, device="cuda", dtype=dtype)
+    tok = torch.randn(config.vocab, config.dim, device=device, dtype=dtype, requires_grad=True)
+    pos = torch.randn(config.seq, config.dim, device=device, dtype=dtype, requires_grad=True)
+    ids = torch.randint(0, config.vocab, (args.batch, config.seq), device=device)
+    grad_out = torch.randn(args.batch, config.seq, config.dim, device=device, dtype=dtype)
+    # The C++ CPU backward has one mode only; on CPU both rows show it.
     for deterministic in (False, True):
 
         def step(deterministic=deterministic):
@@ -41,17 +44,20 @@ def main(argv=None) -> None:
 
         for _ in range(3):  # compile and warm up
             step()
-        torch.cuda.synchronize()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+        synchronize()
         start = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=activities) as prof:
             for _ in range(REPEATS):
                 step()
-            torch.cuda.synchronize()
+            synchronize()
         wall_us = (time.perf_counter() - start) / REPEATS * 1e6
         mode = "deterministic" if deterministic else "fast"
         print(f"\n== {args.preset} B{args.batch} {args.dtype}, {mode} mode: {wall_us:.0f} us wall per step "
               f"(profiled) ==")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+        sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=15))
 
 
 if __name__ == "__main__":
