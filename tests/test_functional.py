@@ -300,3 +300,19 @@ def test_table_with_more_than_2_31_elements(config):
     torch.testing.assert_close(grad_tok[ids[0]], grad_out[0], rtol=0, atol=0)
     assert grad_tok[num_embeddings - 3].abs().sum() == 0
     del grad_tok, tok
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_small_gradients_beside_large_ones_are_kept(backend_config, dtype):
+    """Rows are summed separately: a tiny gradient row sorted next to a huge one in the same tile
+    must come back exactly (a prefix-sum difference would cancel it to zero)."""
+    backend, device, deterministic = backend_config
+    tok, pos = make_tables(6, 4, 3, dtype, device)
+    ids = torch.tensor([[0, 1, 2, 1]], device=device)
+    scale = torch.tensor([1e17, 1.0, 1e-6, 2.0], dtype=dtype, device=device)
+    grad_out = scale[None, :, None].expand(1, 4, 3).contiguous()
+    out = fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
+    grad_tok, grad_pos = torch.autograd.grad(out, (tok, pos), grad_out)
+    expected_rows = torch.tensor([1e17, 3.0, 1e-6], dtype=dtype, device=device)
+    torch.testing.assert_close(grad_tok[:3], expected_rows[:, None].expand(3, 3), rtol=0, atol=0)
+    torch.testing.assert_close(grad_pos, grad_out[0], rtol=0, atol=0)

@@ -32,7 +32,7 @@ def report():
 
 
 def test_every_kernel_compiles_for_every_target(report):
-    expected = {f"{k}/{t}/{a}" for k in KERNELS for t in ("fp32", "bf16") for a in ("sm_90", "sm_80")}
+    expected = {f"{k}/{t}/{a}" for k in KERNELS for t in ("fp32", "bf16", "fp64") for a in ("sm_90", "sm_80")}
     assert set(report) == expected
 
 

@@ -35,10 +35,13 @@ DIVISIBLE = {"dim", "tok_row_stride", "pos_row_stride", "num_tokens", "seq_len"}
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
 
 
+ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp64": 8}
+
+
 def kernel_specs(table: str):
-    """(name, kernel, pointer types, constexprs) for tables of dtype `table` ("fp32", "bf16")."""
+    """(name, kernel, pointer types, constexprs[, launch options]) for tables of dtype `table`."""
     ids = "*i64"
-    acc64 = table == "fp64"
+    acc64 = table == "fp64"  # float64 tables accumulate in float64
     return [
         ("forward", forward.fused_embedding_forward_kernel,
          {"ids_ptr": ids, "position_ids_ptr": ids, "tok_ptr": f"*{table}", "pos_ptr": f"*{table}", "out_ptr": f"*{table}"},
@@ -65,7 +68,8 @@ def kernel_specs(table: str):
         ("segment_sums", sorted_scatter.segment_sums_kernel,
          {"grad_ptr": f"*{table}", "sorted_tokens_ptr": "*i32", "sorted_rows_ptr": "*i32", "ends_ptr": "*i32",
           "counts_ptr": "*i32", "table_ptr": f"*{table}", "head_ptr": "*fp64", "tail_ptr": "*fp64"},
-         {"ACC_FP64": acc64, "TILE": sorted_scatter.TILE, "BLOCK_DIM": sorted_scatter.SEGMENT_BLOCK_DIM}),
+         {"ACC_FP64": acc64, "TILE": sorted_scatter.TILE, "BLOCK_DIM": BLOCK_DIM},
+         {"num_warps": sorted_scatter.segment_warps(BLOCK_DIM, ELEMENT_SIZE[table])}),
         ("combine_partials", sorted_scatter.combine_partials_kernel,
          {"sorted_rows_ptr": "*i32", "ends_ptr": "*i32", "counts_ptr": "*i32", "head_ptr": "*fp64",
           "tail_ptr": "*fp64", "table_ptr": f"*{table}"},
@@ -77,11 +81,12 @@ def kernel_specs(table: str):
     ]  # fmt: skip
 
 
-def compile_kernel(kernel, pointers: dict, constexprs: dict, target: GPUTarget):
+def compile_kernel(kernel, pointers: dict, constexprs: dict, target: GPUTarget, options: dict | None = None):
     params = kernel.params
     signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "i32") for p in params}
     aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p.name in pointers or p.name in DIVISIBLE}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned), target=target)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+    return triton.compile(source, target=target, options=options)
 
 
 def resource_usage(ptx: str) -> dict:
@@ -102,10 +107,10 @@ def resource_usage(ptx: str) -> dict:
 
 def report() -> dict:
     results = {}
-    for table in ("fp32", "bf16"):
-        for name, kernel, pointers, constexprs in kernel_specs(table):
+    for table in ("fp32", "bf16", "fp64"):
+        for name, kernel, pointers, constexprs, *options in kernel_specs(table):
             for arch, target in TARGETS.items():
-                compiled = compile_kernel(kernel, pointers, constexprs, target)
+                compiled = compile_kernel(kernel, pointers, constexprs, target, *options)
                 ptx = compiled.asm["ptx"]
                 memory_ops = Counter(re.findall(r"\b((?:ld|st)\.global[.\w]*|red\.[.\w]*|atom\.[.\w]*)", ptx))
                 results[f"{name}/{table}/{arch}"] = {**resource_usage(ptx), "memory_ops": dict(memory_ops)}

@@ -7,7 +7,7 @@ sorts cost as much as a whole atomic backward at GPT sizes (DESIGN.md), so the s
 and works on the N small-integer keys only; the gradient rows themselves are read exactly once.
 
 1. `chunk_rank_kernel`: tokens are split into chunks of CHUNK. Within its chunk each token gets
-   its stable rank among the tokens of the same row (pairwise comparisons, CHUNK^2/2 integer
+   its stable rank among the tokens of the same row (pairwise comparisons, CHUNK^2 integer
    compares per chunk, no atomics), and the first of them publishes the row's count in the
    chunk into counts[row, chunk].
 2. An inclusive prefix sum over counts, flattened row-major, gives ends[row, chunk]; the
@@ -15,8 +15,8 @@ and works on the N small-integer keys only; the gradient rows themselves are rea
    the classic stable counting sort; rows are contiguous and keep token order inside.
 3. `scatter_sorted_kernel`: token n goes to position ends[r, c] - counts[r, c] + rank[n], with
    r = index[n] and c = chunk(n).
-4. `segment_sums_kernel`: the sorted order is cut into tiles of TILE positions. Each tile gathers
-   its gradient rows, sums every run of equal rows (differences of prefix sums), writes the rows
+4. `segment_sums_kernel`: the sorted order is cut into tiles of TILE positions. Each tile walks
+   its gradient rows in order, sums every run of equal rows in token order, and writes the rows
    that begin and end inside the tile straight to the table. A row that crosses a tile edge
    leaves a partial sum per tile instead (at most two per tile: the run at its head, the run at
    its tail), so one hot row (one id over the whole batch) is summed by many programs at once.
@@ -37,11 +37,16 @@ from fusedemb.kernels.common import accumulates_in_float64, cdiv, clamp_rows, co
 CHUNK = 1024  # tokens per counting-sort chunk; counts has num_rows * ceil(N / CHUNK) entries
 RANK_BLOCK = 64  # tokens compared at once in chunk_rank_kernel: a 64 x 64 comparison tile
 SCATTER_BLOCK = 1024  # tokens per program in scatter_sorted_kernel
-TILE = 32  # sorted positions per program in segment_sums_kernel
-SEGMENT_BLOCK_DIM = 128  # columns per program there: a 32 x 128 float64 tile stays in registers
+TILE = 32  # sorted positions per program in segment_sums_kernel, walked one by one
 PARTIALS_BLOCK = 64  # partial sums loaded at once when a crossing row is combined
 COMBINE_BLOCK_DIM = 64  # columns per program there: a hot row is combined by D / 64 programs
 ZERO_ROWS = 16  # table rows per program in zero_rows_kernel
+
+
+def segment_warps(block_dim: int, element_size: int) -> int:
+    """Warps for segment_sums_kernel: one gradient row slice per step, 16 bytes per thread, so
+    that each step is a single 16-byte load per thread."""
+    return max(1, block_dim * element_size // (16 * 32))
 
 
 @triton.jit
@@ -127,50 +132,43 @@ def segment_sums_kernel(
 ):
     tile = tl.program_id(0)
     tile_start = tile * TILE
-    k = tile_start + tl.arange(0, TILE)
-    k_mask = k < num_tokens
     cols = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
     col_mask = cols < dim
-
-    rows = tl.load(sorted_rows_ptr + k, mask=k_mask, other=-1)
-    next_rows = tl.load(sorted_rows_ptr + k + 1, mask=k + 1 < num_tokens, other=-1)
-    row_start, _ = row_extent(ends_ptr, counts_ptr, tl.maximum(rows, 0), num_chunks)
-    tokens = tl.load(sorted_tokens_ptr + k, mask=k_mask, other=0).to(tl.int64)
-    grad = tl.load(grad_ptr + tokens[:, None] * dim + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0)
-
-    # Sum of each run of equal rows = difference of two inclusive prefix sums of the tile:
-    #   run_sum(k) = prefix[k] - prefix[first(k) - 1],   first(k) = where k's run begins.
-    # In float64 the prefix sums of at most TILE float32 values are exact but in extreme
-    # dynamic ranges, so the difference is the float32-accumulated sum to within rounding (and a
-    # run of one token gets its gradient row back exactly). Plain cumsum/gather, not a custom
-    # segmented scan: those run fast on GPUs and in Triton's interpreter alike.
-    # (16-bit rows go through float32: exact, and Triton's interpreter cannot cast bfloat16 directly.)
-    prefix = tl.cumsum(to_accumulator(grad, ACC_FP64).to(tl.float64), axis=0)
-    first = tl.maximum(row_start - tile_start, 0)
-    before_run = tl.gather(prefix, tl.broadcast_to(tl.maximum(first - 1, 0)[:, None], (TILE, BLOCK_DIM)), axis=0)
-    run_sums = prefix - tl.where((first > 0)[:, None], before_run, 0.0)
-
-    # A run ends at the row's last token, or at the tile's last position.
-    row_ends = rows != next_rows
-    run_ends = k_mask & (row_ends | (k == tile_start + TILE - 1))
-    complete = run_ends & row_ends & (row_start >= tile_start)
-    out_mask = (complete & (rows != skip_row))[:, None] & col_mask[None, :]
-    table_offsets = tl.maximum(rows, 0).to(tl.int64)[:, None] * dim + cols[None, :]
-    # Rounded as float32 accumulation would be, then to the table's dtype (one step at a time:
-    # Triton's interpreter cannot cast float64 to bfloat16 directly).
-    tl.store(table_ptr + table_offsets, to_accumulator(run_sums, ACC_FP64).to(table_ptr.dtype.element_ty), mask=out_mask)
-
-    # At most one run per tile is a partial head and one a partial tail: pick each out with a
-    # masked sum (adding zeros is exact) and store it only if it exists.
-    partial = run_ends & ~complete
-    is_head = rows == tl.load(sorted_rows_ptr + tile_start)
+    head_row = tl.load(sorted_rows_ptr + tile_start)
     partial_offsets = tile.to(tl.int64) * dim + cols
-    head = partial & is_head
-    if tl.sum(head.to(tl.int32)) > 0:
-        tl.store(head_ptr + partial_offsets, tl.sum(tl.where(head[:, None], run_sums, 0.0), axis=0), mask=col_mask)
-    tail = partial & ~is_head
-    if tl.sum(tail.to(tl.int32)) > 0:
-        tl.store(tail_ptr + partial_offsets, tl.sum(tl.where(tail[:, None], run_sums, 0.0), axis=0), mask=col_mask)
+
+    # Walk the tile's sorted positions in order (unrolled: every load can be issued up front),
+    # summing each run of equal rows in token order, as a sequential loop would: float32
+    # accumulation (float64 for float64 tables), and a row of one token comes back exactly.
+    # (16-bit rows go through float32; Triton's interpreter cannot cast bfloat16 to float64.)
+    acc = to_accumulator(tl.zeros([BLOCK_DIM], dtype=tl.float32), ACC_FP64)
+    previous_row = -1
+    row = head_row
+    for j in tl.static_range(TILE):
+        k = tile_start + j
+        valid = k < num_tokens
+        next_row = tl.load(sorted_rows_ptr + k + 1, mask=k + 1 < num_tokens, other=-1)
+        # Past the last token (only in the last tile) this reads gradient row 0: harmless, as
+        # nothing is stored from those positions on.
+        token = tl.load(sorted_tokens_ptr + k, mask=valid, other=0).to(tl.int64)
+        grad = to_accumulator(tl.load(grad_ptr + token * dim + cols, mask=col_mask, other=0), ACC_FP64)
+        acc = tl.where(row != previous_row, grad, acc + grad)  # a new run restarts the sum
+        # A run ends at its row's last token, or at the tile's last position.
+        if j == TILE - 1:
+            run_ends = valid
+        else:
+            run_ends = valid & (row != next_row)
+        if run_ends:
+            row_start, _ = row_extent(ends_ptr, counts_ptr, row, num_chunks)
+            if (row != next_row) & (row_start >= tile_start):  # the whole row lies in this tile
+                if row != skip_row:
+                    tl.store(table_ptr + row.to(tl.int64) * dim + cols, acc.to(table_ptr.dtype.element_ty), mask=col_mask)
+            elif row == head_row:  # continues from the previous tile (and maybe into the next)
+                tl.store(head_ptr + partial_offsets, acc.to(tl.float64), mask=col_mask)
+            else:  # begins in this tile and continues into the next
+                tl.store(tail_ptr + partial_offsets, acc.to(tl.float64), mask=col_mask)
+        previous_row = row
+        row = next_row
 
 
 @triton.jit
@@ -241,8 +239,9 @@ def sorted_scatter_add(
     """grad_table = zeros(num_rows, D).index_add_(0, index, grad_rows), deterministically.
 
     grad_rows: [N, D] contiguous; index: [N] int32/int64; skip_row: a row left at zero, or -1.
-    Runs inside a tile are summed through float64 prefix sums, partial sums of rows that cross
-    tiles are kept and added in float64, and each row is rounded to table_dtype once.
+    Runs inside a tile are summed in token order in float32 (float64 for float64 tables); partial
+    sums of rows that cross tiles are kept and added in float64; each row is rounded to
+    table_dtype once.
     """
     num_tokens, dim = grad_rows.shape
     device = grad_rows.device
@@ -266,14 +265,16 @@ def sorted_scatter_add(
 
     table = torch.empty((num_rows, dim), dtype=table_dtype, device=device)
     acc_fp64 = accumulates_in_float64(table_dtype)
+    block_dim = column_block(dim)
     num_tiles = cdiv(num_tokens, TILE)
     head = torch.empty((num_tiles, dim), dtype=torch.float64, device=device)
     tail = torch.empty_like(head)
     launch(
         segment_sums_kernel,
-        (num_tiles, cdiv(dim, SEGMENT_BLOCK_DIM)),
+        (num_tiles, cdiv(dim, block_dim)),
         grad_rows, sorted_tokens, sorted_rows, ends, counts, table, head, tail, num_tokens, dim, num_chunks, skip_row,
-        ACC_FP64=acc_fp64, TILE=TILE, BLOCK_DIM=SEGMENT_BLOCK_DIM,
+        ACC_FP64=acc_fp64, TILE=TILE, BLOCK_DIM=block_dim,
+        num_warps=segment_warps(block_dim, grad_rows.element_size()),
     )  # fmt: skip
     launch(
         combine_partials_kernel,
@@ -281,7 +282,6 @@ def sorted_scatter_add(
         sorted_rows, ends, counts, head, tail, table, num_tokens, dim, num_chunks, skip_row,
         ACC_FP64=acc_fp64, TILE=TILE, PARTIALS_BLOCK=PARTIALS_BLOCK, BLOCK_DIM=COMBINE_BLOCK_DIM,
     )  # fmt: skip
-    block_dim = column_block(dim)
     launch(
         zero_rows_kernel,
         (cdiv(num_rows, ZERO_ROWS), cdiv(dim, block_dim)),
