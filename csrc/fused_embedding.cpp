@@ -7,9 +7,10 @@
 // where n runs over the N = ids.numel() tokens in row-major order, T = ids.size(-1), and
 // pos(n) = position_ids[n] when position_ids is given, else n % T + position_offset.
 //
-// The Python layer (fusedemb/ops.py) registers fake kernels and autograd for these ops and
-// validates inputs with readable messages; the checks here are the last line of defence, so
-// that a direct call can never read or write out of bounds.
+// fusedemb/validation.py checks inputs with readable messages before they get here, and
+// fusedemb/cpp_extension.py gives these operators their fake kernels; autograd belongs to the
+// fusedemb::fused_embedding operator that calls them (fusedemb/ops.py). The checks here are
+// the last line of defence, so that a direct call can never read or write out of bounds.
 //
 // Determinism: the backward never lets two threads add into the same row. It groups tokens by
 // row with a stable counting sort, then every output row is summed by exactly one thread in
@@ -54,7 +55,22 @@ void check_rows_in_range(const index_t* rows, int64_t count, int64_t num_rows, c
 
 void check_table(const at::Tensor& table, const char* name) {
   TORCH_CHECK(table.dim() == 2, name, " must be 2-D (rows, dim), got shape ", table.sizes());
+  TORCH_CHECK(table.size(1) > 0, name, " must have at least one column");
   TORCH_CHECK(table.stride(1) == 1, name, " must have unit stride along dim; call .contiguous()");
+}
+
+// Either every explicit position is a row of the position table, or the default positions
+// [offset, offset + seq_len) all are (written so that a huge offset cannot overflow).
+template <typename index_t>
+void check_positions(const index_t* position_ids, int64_t num_tokens, int64_t seq_len, int64_t position_offset,
+                     int64_t context_length) {
+  if (position_ids != nullptr) {
+    check_rows_in_range(position_ids, num_tokens, context_length, "position_ids");
+  } else if (num_tokens > 0) {
+    TORCH_CHECK_INDEX(position_offset >= 0 && seq_len <= context_length && position_offset <= context_length - seq_len,
+                      "positions [", position_offset, ", ", position_offset, " + ", seq_len,
+                      ") do not fit the position table of ", context_length, " rows");
+  }
 }
 
 void check_ids(const at::Tensor& ids, const c10::optional<at::Tensor>& position_ids) {
@@ -95,13 +111,7 @@ at::Tensor forward_cpu(const at::Tensor& ids, const at::Tensor& tok_weight, cons
     const index_t* id_ptr = ids.const_data_ptr<index_t>();
     const index_t* pos_id_ptr = position_ids.has_value() ? position_ids->const_data_ptr<index_t>() : nullptr;
     check_rows_in_range(id_ptr, num_tokens, tok_weight.size(0), "ids");
-    if (pos_id_ptr != nullptr) {
-      check_rows_in_range(pos_id_ptr, num_tokens, pos_weight.size(0), "position_ids");
-    } else {
-      TORCH_CHECK_INDEX(position_offset >= 0 && position_offset + seq_len <= pos_weight.size(0),
-                        "positions [", position_offset, ", ", position_offset + seq_len,
-                        ") do not fit the position table of ", pos_weight.size(0), " rows");
-    }
+    check_positions(pos_id_ptr, num_tokens, seq_len, position_offset, pos_weight.size(0));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tok_weight.scalar_type(), "fusedemb_forward_cpu", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
       const scalar_t* tok = tok_weight.const_data_ptr<scalar_t>();
@@ -194,7 +204,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, cons
                                                 int64_t context_length, int64_t padding_idx) {
   check_ids(ids, position_ids);
   TORCH_CHECK(grad_out.is_contiguous(), "grad_out must be contiguous");
-  TORCH_CHECK(grad_out.dim() == ids.dim() + 1, "grad_out must have shape ids.shape + (dim,)");
+  TORCH_CHECK(grad_out.dim() == ids.dim() + 1 && grad_out.sizes().slice(0, ids.dim()) == ids.sizes() &&
+                  grad_out.size(-1) > 0,
+              "grad_out must have shape ids.shape + (dim,) with dim >= 1, got ", grad_out.sizes(), " for ids of shape ",
+              ids.sizes());
   const int64_t dim = grad_out.size(-1);
   const int64_t num_tokens = ids.numel();
   const int64_t seq_len = ids.dim() == 0 ? 1 : ids.size(-1);
@@ -208,13 +221,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, cons
     const index_t* id_ptr = ids.const_data_ptr<index_t>();
     const index_t* pos_id_ptr = position_ids.has_value() ? position_ids->const_data_ptr<index_t>() : nullptr;
     check_rows_in_range(id_ptr, num_tokens, num_embeddings, "ids");
-    if (pos_id_ptr != nullptr) {
-      check_rows_in_range(pos_id_ptr, num_tokens, context_length, "position_ids");
-    } else if (num_tokens > 0) {
-      TORCH_CHECK_INDEX(position_offset >= 0 && position_offset + seq_len <= context_length,
-                        "positions [", position_offset, ", ", position_offset + seq_len,
-                        ") do not fit the position table of ", context_length, " rows");
-    }
+    check_positions(pos_id_ptr, num_tokens, seq_len, position_offset, context_length);
     const RowGroups by_id = group_tokens_by_row(num_tokens, num_embeddings, [&](int64_t n) {
       return static_cast<int64_t>(id_ptr[n]);
     });

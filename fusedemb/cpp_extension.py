@@ -23,13 +23,17 @@ except ImportError as error:  # pragma: no cover - exercised only on machines wi
         stacklevel=2,
     )
 
+def forward_fake(ids, tok_weight, *_):
+    """Output of a forward kernel: ids.shape + (D,), in the tables' dtype."""
+    return tok_weight.new_empty((*ids.shape, tok_weight.shape[1]))
+
+
+def backward_fake(grad_out, ids, position_ids, position_offset, num_embeddings, context_length, *_):
+    """Outputs of a backward kernel: the two table gradients."""
+    dim = grad_out.shape[-1]
+    return grad_out.new_empty((num_embeddings, dim)), grad_out.new_empty((context_length, dim))
+
+
 if CPP_EXTENSION_AVAILABLE:
-
-    @torch.library.register_fake("fusedemb::cpu_forward")
-    def _cpu_forward_fake(ids, tok_weight, pos_weight, position_ids, position_offset):
-        return tok_weight.new_empty((*ids.shape, tok_weight.shape[1]))
-
-    @torch.library.register_fake("fusedemb::cpu_backward")
-    def _cpu_backward_fake(grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx):
-        dim = grad_out.shape[-1]
-        return grad_out.new_empty((num_embeddings, dim)), grad_out.new_empty((context_length, dim))
+    torch.library.register_fake("fusedemb::cpu_forward", forward_fake)
+    torch.library.register_fake("fusedemb::cpu_backward", backward_fake)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fusedemb.data import load_gpt2_tokenizer
+from fusedemb.data import END_OF_TEXT, load_gpt2_tokenizer
 from fusedemb.module import FusedEmbedding
 
 DEFAULT_TEXT = (
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     text = args.text.read_text(encoding="utf-8") if args.text else DEFAULT_TEXT
     tokenizer = load_gpt2_tokenizer()
-    ids = make_batch(tokenizer.encode(text, allowed_special={"<|endoftext|>"}), args.batch, args.seq_len).to(device)
+    ids = make_batch(tokenizer.encode(text, allowed_special={END_OF_TEXT}), args.batch, args.seq_len).to(device)
 
     torch.manual_seed(0)
     tok_emb = nn.Embedding(tokenizer.n_vocab, args.dim, device=device)

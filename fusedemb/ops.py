@@ -30,7 +30,7 @@ import torch
 import torch._library.triton
 from torch.library import custom_op, triton_op
 
-from fusedemb import cpp_extension  # noqa: F401  (registers the C++ operators and their fakes)
+from fusedemb.cpp_extension import backward_fake, forward_fake  # importing also registers the C++ operators
 
 try:
     from fusedemb.kernels import INTERPRETED, triton_backward, triton_forward
@@ -51,9 +51,7 @@ def interpreted_forward(
     return triton_forward(ids, tok_weight, pos_weight, position_ids, position_offset)
 
 
-@interpreted_forward.register_fake
-def _interpreted_forward_fake(ids, tok_weight, pos_weight, position_ids, position_offset):
-    return tok_weight.new_empty((*ids.shape, tok_weight.shape[1]))
+interpreted_forward.register_fake(forward_fake)
 
 
 @custom_op("fusedemb::interpreted_backward", mutates_args=())
@@ -72,10 +70,7 @@ def interpreted_backward(
     )
 
 
-@interpreted_backward.register_fake
-def _interpreted_backward_fake(grad_out, ids, position_ids, position_offset, num_embeddings, context_length, *_):
-    dim = grad_out.shape[-1]
-    return grad_out.new_empty((num_embeddings, dim)), grad_out.new_empty((context_length, dim))
+interpreted_backward.register_fake(backward_fake)
 
 
 def forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, backend):

@@ -5,7 +5,8 @@
                    = t + position_offset     otherwise
 
 This is exactly what a GPT model computes with two ``nn.Embedding`` modules and an add, so it
-launches three kernels (two gathers and an add) and materialises two full-size intermediates.
+launches three kernels (two gathers and an add) and materialises the gathered rows as
+intermediates: (N, D) for the tokens, (T, D) for the positions.
 """
 
 from __future__ import annotations

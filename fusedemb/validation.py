@@ -77,13 +77,17 @@ def _check_table(name: str, table: torch.Tensor) -> None:
         raise TypeError(f"{name} has dtype {table.dtype}; supported: {', '.join(map(str, SUPPORTED_TABLE_DTYPES))}")
 
 
-def _check_values_in_range(name: str, index: torch.Tensor, num_rows: int, table: str) -> None:
-    if index.numel() == 0:
+def _check_values_in_range(checks: list[tuple[str, torch.Tensor, int, str]]) -> None:
+    """(name, index, num_rows, table) checks of index values, all read in one device-to-host copy
+    (one sync on CUDA, however many tensors are checked)."""
+    checks = [check for check in checks if check[1].numel() > 0]
+    if not checks:
         return
-    lo, hi = torch.stack(torch.aminmax(index)).tolist()  # one device-to-host copy: one sync on CUDA
-    if lo < 0 or hi >= num_rows:
-        bad = lo if lo < 0 else hi
-        raise IndexError(f"{name} contains {bad}, outside [0, {num_rows}) of {table} ({num_rows} rows)")
+    bounds = torch.stack([torch.stack(torch.aminmax(index.long())) for _, index, _, _ in checks]).tolist()
+    for (name, _, num_rows, table), (lo, hi) in zip(checks, bounds):
+        if lo < 0 or hi >= num_rows:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"{name} contains {bad}, outside [0, {num_rows}) of {table} ({num_rows} rows)")
 
 
 def prepare_inputs(
@@ -110,18 +114,22 @@ def prepare_inputs(
     if not isinstance(position_offset, (int, torch.SymInt)) or isinstance(position_offset, bool):
         raise TypeError(f"position_offset must be an int, got {type(position_offset).__name__}")
 
-    num_embeddings, context_length = tok_weight.shape[0], pos_weight.shape[0]
+    num_embeddings, context_length, dim = tok_weight.shape[0], pos_weight.shape[0], tok_weight.shape[1]
+    if dim == 0:
+        raise ValueError("the tables must have an embedding dim of at least 1, got 0")
+    if ids.numel() > 0 and 0 in (num_embeddings, context_length):
+        empty = "tok_weight" if num_embeddings == 0 else "pos_weight"
+        raise IndexError(f"{empty} has no rows, so nothing can be looked up in it")
     ids = ids if ids.dtype in SUPPORTED_ID_DTYPES else ids.long()
-    check_values = _bounds_check and not torch.compiler.is_compiling()
-    if check_values and ids.is_cuda:
-        check_values = not torch.cuda.is_current_stream_capturing()
     if position_ids is not None:
         _check_index_tensor("position_ids", position_ids, tok_weight.device)
         if position_ids.shape != ids.shape:
             raise ValueError(f"position_ids must have the shape of ids {tuple(ids.shape)}, got {tuple(position_ids.shape)}")
-        position_ids = position_ids.to(ids.dtype).contiguous()
-        if check_values:
-            _check_values_in_range("position_ids", position_ids, context_length, "the position table")
+        # The kernels take both index tensors in one dtype: widen, never narrow (narrowing would
+        # wrap an out-of-range position into range).
+        common = torch.promote_types(ids.dtype, position_ids.dtype)
+        common = common if common in SUPPORTED_ID_DTYPES else torch.int64
+        ids, position_ids = ids.to(common), position_ids.to(common).contiguous()
     else:
         seq_len = ids.shape[-1]
         if position_offset < 0 or position_offset + seq_len > context_length:
@@ -129,8 +137,14 @@ def prepare_inputs(
                 f"positions [{position_offset}, {position_offset + seq_len}) (position_offset {position_offset} + "
                 f"sequence length {seq_len}) do not fit the position table of {context_length} rows"
             )
+    check_values = _bounds_check and not torch.compiler.is_compiling()
+    if check_values and ids.is_cuda:
+        check_values = not torch.cuda.is_current_stream_capturing()
     if check_values:
-        _check_values_in_range("ids", ids, num_embeddings, "the token table")
+        checks = [("ids", ids, num_embeddings, "the token table")]
+        if position_ids is not None:
+            checks.append(("position_ids", position_ids, context_length, "the position table"))
+        _check_values_in_range(checks)
 
     # The kernels need unit stride along dim only; row strides are passed through.
     tok_weight = tok_weight if tok_weight.stride(1) == 1 else tok_weight.contiguous()

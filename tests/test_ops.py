@@ -43,7 +43,7 @@ def test_opcheck_cpp_operators():
 
 
 def test_gradients_only_for_tables(backend_config):
-    """ids get no gradient; a frozen table gets none either."""
+    """A frozen table gets no gradient; the trainable one does."""
     backend, device, deterministic = backend_config
     ids, tok, pos, _ = sample_inputs(device)
     pos.requires_grad_(False)

@@ -137,28 +137,63 @@ def test_cpp_backend_rejects_cuda_or_missing_extension(tables):
         fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long, device="cuda"), tok.cuda(), pos.cuda(), backend="cpp")
 
 
+@pytest.fixture
+def bounds_check_off():
+    previous = fusedemb.bounds_check_enabled()
+    fusedemb.set_bounds_check(False)
+    yield
+    fusedemb.set_bounds_check(previous)
+
+
 @pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
-def test_cpp_kernels_check_bounds_themselves(tables):
+def test_cpp_kernels_check_bounds_themselves(tables, bounds_check_off):
     """With the Python check off, the C++ kernel still refuses to read out of bounds."""
     tok, pos = tables
-    fusedemb.set_bounds_check(False)
-    try:
-        with pytest.raises(IndexError, match="ids contains 12 at flat index 1"):
-            fusedemb.fused_embedding(torch.tensor([[1, 12]]), tok, pos, backend="cpp")
-    finally:
-        fusedemb.set_bounds_check(True)
-    assert fusedemb.bounds_check_enabled()
+    with pytest.raises(IndexError, match="ids contains 12 at flat index 1"):
+        fusedemb.fused_embedding(torch.tensor([[1, 12]]), tok, pos, backend="cpp")
+    with pytest.raises(IndexError, match="position_ids contains 9"):
+        fusedemb.fused_embedding(torch.tensor([[1, 2]]), tok, pos, position_ids=torch.tensor([[0, 9]]), backend="cpp")
+
+
+@pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
+def test_cpp_operators_reject_inconsistent_direct_calls():
+    """Called directly, without the Python checks, the C++ operators still cannot go out of bounds."""
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"grad_out must have shape ids.shape \+ \(dim,\)"):
+        torch.ops.fusedemb.cpu_backward(torch.zeros(1, 1, 4), ids, None, 0, 10, 8, -1)
+    with pytest.raises(RuntimeError, match="must have at least one column"):
+        torch.ops.fusedemb.cpu_forward(ids, torch.zeros(10, 0), torch.zeros(8, 0), None, 0)
+    with pytest.raises(IndexError, match="do not fit the position table of 8 rows"):
+        torch.ops.fusedemb.cpu_forward(ids, torch.zeros(10, 3), torch.zeros(8, 3), None, 2**62)
 
 
 @pytest.mark.skipif("triton" not in fusedemb.available_backends("cuda" if torch.cuda.is_available() else "cpu"), reason="no Triton")
-def test_triton_kernels_stay_in_bounds_without_checks():
+def test_triton_kernels_stay_in_bounds_without_checks(bounds_check_off):
     """With checks off an out-of-range id gives an undefined row, never an out-of-bounds access:
     the kernels clamp, so the row read is the table's last one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok, pos = torch.randn(10, 4, device=device), torch.randn(8, 4, device=device)
-    fusedemb.set_bounds_check(False)
-    try:
-        out = fusedemb.fused_embedding(torch.tensor([[1, 1000]], device=device), tok, pos, backend="triton")
-    finally:
-        fusedemb.set_bounds_check(True)
+    out = fusedemb.fused_embedding(torch.tensor([[1, 1000]], device=device), tok, pos, backend="triton")
     torch.testing.assert_close(out[0, 1], tok[9] + pos[1], rtol=0, atol=0)
+
+
+def test_zero_width_tables():
+    with pytest.raises(ValueError, match="embedding dim of at least 1, got 0"):
+        fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), torch.randn(10, 0), torch.randn(8, 0))
+
+
+@pytest.mark.parametrize("empty", ["tok_weight", "pos_weight"])
+def test_tables_without_rows(empty, bounds_check_off):
+    """Rejected from their shapes alone, so even with the value checks off."""
+    tok = torch.randn(0 if empty == "tok_weight" else 10, 4)
+    pos = torch.randn(0 if empty == "pos_weight" else 8, 4)
+    with pytest.raises(IndexError, match=f"{empty} has no rows"):
+        fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), tok, pos, position_ids=torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_wide_position_ids_are_not_wrapped_into_range(tables):
+    """int64 position_ids beside int32 ids are checked as they are, not after narrowing."""
+    tok, pos = tables
+    ids = torch.tensor([[1, 2]], dtype=torch.int32)
+    with pytest.raises(IndexError, match=f"position_ids contains {2**32 + 1}"):
+        fusedemb.fused_embedding(ids, tok, pos, position_ids=torch.tensor([[0, 2**32 + 1]]))

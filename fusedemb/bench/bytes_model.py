@@ -19,7 +19,8 @@ s, vocabulary V, position-table rows P, and T distinct positions per sequence:
     forward+backward = forward + backward
 
 This is a floor, not what a given implementation moves: eager PyTorch also writes and re-reads
-two N*D intermediates in the forward, and its backward reads the output gradient twice. Scoring
+an N*D intermediate (the gathered token rows) in the forward, and its backward reads the output
+gradient twice. Scoring
 all of them against the same floor is what makes their GB/s comparable.
 """
 

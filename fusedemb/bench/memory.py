@@ -1,6 +1,6 @@
 """Peak extra memory: the most a pass holds allocated at once above what it started with.
 
-This is the temporaries and outputs a pass allocates (eager's two full-size gathers before its
+This is the temporaries and outputs a pass allocates (eager's gathered token rows before its
 add, the dense gradients of the backward), not the weights, which every implementation shares.
 
 On CUDA the caching allocator counts exactly. On the CPU there is no allocator counter, so the

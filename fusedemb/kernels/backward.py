@@ -41,7 +41,7 @@ from fusedemb.kernels.sorted_scatter import sorted_scatter_add
 def scatter_add_rows_kernel(
     grad_ptr,  # [N, D] gradient rows
     index_ptr,  # [N] destination row of each gradient row
-    acc_ptr,  # [R, D] float32/float64 accumulator, zero-initialised
+    acc_ptr,  # [R, D] float32/float64 accumulator, zero wherever a token of this launch adds
     num_tokens,
     dim,
     num_rows,

@@ -2,8 +2,8 @@
 
 Bytes moved (the performance model): N ids, N gathered token rows, the position rows (T distinct
 ones, reused across the batch and so mostly served from L2) and N output rows:
-about 2 * N * D * element_size. Eager PyTorch moves about 5 * N * D (two gathers write
-intermediates, the add reads both and writes the output).
+about 2 * N * D * element_size. Eager PyTorch moves about 4 * N * D: the token gather writes an
+(N, D) intermediate that the add reads back (the position intermediate is only (T, D)).
 """
 
 from __future__ import annotations
