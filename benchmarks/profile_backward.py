@@ -4,12 +4,16 @@
 
 For each token-gradient mode it prints torch.profiler's table of GPU kernels (time on the device)
 next to the wall time per call, so that time the GPU spends waiting for the host (launches from
-Python) shows up as the difference between the two.
+Python) shows up as the difference between the two; then where the host's time goes: the Python
+functions that take the most of it (cProfile, own time), for a step queued while the GPU is held
+busy so that no function's time includes waiting for the device.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -58,6 +62,24 @@ def main(argv=None) -> None:
               f"(profiled) ==")
         sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by=sort_by, row_limit=15))
+        print_host_profile(step, synchronize, device)
+
+
+def print_host_profile(step, synchronize, device) -> None:
+    host_profile = cProfile.Profile()
+    seconds = 0.0
+    for _ in range(REPEATS):
+        synchronize()
+        if device.type == "cuda":
+            torch.cuda._sleep(100_000_000)  # ~50 ms: the GPU is busy until all of the step is queued
+        start = time.perf_counter()
+        host_profile.enable()
+        step()
+        host_profile.disable()
+        seconds += time.perf_counter() - start
+    synchronize()
+    print(f"host time per step, queued onto a busy GPU, under cProfile: {seconds / REPEATS * 1e6:.0f} us")
+    pstats.Stats(host_profile).sort_stats("tottime").print_stats(12)
 
 
 if __name__ == "__main__":

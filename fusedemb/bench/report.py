@@ -34,7 +34,9 @@ def write_json(report: Report, path: Path) -> None:
     path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
 
 
-COLUMNS = ("config", "dtype", "ids", "B", "pass", "impl", "median", "±", "GB/s", "% copy",
+# "median" is the device's time on a GPU and the wall time on a CPU; "host" is the host's time
+# to queue (GPU) or run (CPU) one call (fusedemb.bench.timing).
+COLUMNS = ("config", "dtype", "ids", "B", "pass", "impl", "median", "±", "host", "GB/s", "% copy",
            *(f"vs {baseline}" for baseline in BASELINES), "peak extra")
 
 
@@ -71,6 +73,7 @@ def _row(result: Result) -> list[str]:
         *identity,
         _format_seconds(result.timing.median_s),
         f"{100 * result.timing.spread:.0f}%",
+        _format_seconds(result.timing.host_median_s),
         f"{result.gbps:.1f}",
         f"{100 * result.copy_fraction:.0f}%",
         *(f"{result.speedup[b]:.2f}x" if b in result.speedup else "-" for b in BASELINES),

@@ -5,10 +5,19 @@ time distribution has a long right tail (interrupts, other processes, clock chan
 median ignores and a mean does not. The number of repeats adapts to a time budget per
 measurement, so small problems get many repeats and large ones a few.
 
-On a GPU, two things would otherwise flatter small problems: launches are asynchronous (CUDA
-events record when the GPU itself reaches them), and the inputs stay resident in L2 between
-repeats (a buffer several times larger than L2 is overwritten before every timed call, outside
-the timed region, as triton.testing.do_bench does).
+On a GPU three things would otherwise distort the figures:
+- launches are asynchronous: CUDA events record when the GPU itself reaches them;
+- the inputs would stay resident in L2 between repeats: a buffer several times larger than L2
+  is overwritten before every timed call, outside the timed region, as triton.testing.do_bench
+  does;
+- the GPU would idle while Python queues the work (autograd, argument checks, kernel launches:
+  a few hundred microseconds for a forward+backward, as long as its kernels take at GPT-2 sizes),
+  and that idling would be timed as if the kernels were slow. So before each timed call the GPU
+  is held by a spin kernel (`torch.cuda._sleep`) that outlasts the host's queuing, and the events
+  time the device's work alone: what a training step sees when the host runs ahead of the GPU,
+  as it does in a model with enough work per layer. The host's time to queue a call is timed
+  too and reported beside it (`host_median_s`): where it exceeds the device time, an eager step
+  of that size is bound by the host, whatever the kernels do.
 """
 
 from __future__ import annotations
@@ -24,10 +33,11 @@ import torch
 
 @dataclass(frozen=True)
 class TimingStats:
-    median_s: float
+    median_s: float  # device time on a GPU (host hidden, see above); wall time on a CPU
     p25_s: float
     p75_s: float
     reps: int
+    host_median_s: float  # the host's time to run (CPU) or queue (GPU) one call
 
     @property
     def spread(self) -> float:
@@ -35,11 +45,12 @@ class TimingStats:
         return (self.p75_s - self.p25_s) / (2 * self.median_s)
 
     @classmethod
-    def from_samples(cls, samples: list[float]) -> TimingStats:
+    def from_samples(cls, samples: list[float], host_samples: list[float] | None = None) -> TimingStats:
+        host_median = statistics.median(host_samples if host_samples else samples)
         if len(samples) == 1:
-            return cls(samples[0], samples[0], samples[0], 1)
+            return cls(samples[0], samples[0], samples[0], 1, host_median)
         p25, median, p75 = statistics.quantiles(samples, n=4, method="inclusive")
-        return cls(median, p25, p75, len(samples))
+        return cls(median, p25, p75, len(samples), host_median)
 
 
 class Timer:
@@ -54,12 +65,15 @@ class Timer:
     def measure(self, run: Callable[..., object], setup: Callable[[], tuple] = lambda: ()) -> TimingStats:
         """Time ``run(*setup())``, ``setup`` untimed: warm up (which also estimates one call's
         time), then repeat enough to fill the time budget."""
-        estimate = statistics.median(self.time_calls(run, setup, self.warmup_reps))
+        estimate = statistics.median(self.time_calls(run, setup, self.warmup_reps)[0])
         reps = min(self.max_reps, max(self.min_reps, math.ceil(self.budget_s / max(estimate, 1e-9))))
-        return TimingStats.from_samples(self.time_calls(run, setup, reps))
+        return TimingStats.from_samples(*self.time_calls(run, setup, reps))
 
-    def time_calls(self, run: Callable[..., object], setup: Callable[[], tuple], reps: int) -> list[float]:
-        """Seconds taken by each of ``reps`` calls ``run(*setup())``, setup excluded."""
+    def time_calls(
+        self, run: Callable[..., object], setup: Callable[[], tuple], reps: int
+    ) -> tuple[list[float], list[float]]:
+        """Seconds taken by each of ``reps`` calls ``run(*setup())``, setup excluded, and the
+        host's seconds for each."""
         raise NotImplementedError
 
 
@@ -71,7 +85,7 @@ class CpuTimer(Timer):
             start = time.perf_counter()
             run(*arguments)
             samples.append(time.perf_counter() - start)
-        return samples
+        return samples, samples
 
 
 class L2Flush:
@@ -87,23 +101,63 @@ class L2Flush:
         self._buffer.zero_()
 
 
+class GpuHold:
+    """Calling it with a duration queues a kernel that keeps the GPU busy that long, so that
+    whatever the host queues next starts only once all of it is queued."""
+
+    CALIBRATION_CYCLES = 10_000_000
+
+    def __init__(self) -> None:
+        # torch.cuda._sleep spins for a number of GPU clock cycles: time some to convert.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(self.CALIBRATION_CYCLES)  # the first call may include lazy set-up
+        start.record()
+        torch.cuda._sleep(self.CALIBRATION_CYCLES)
+        end.record()
+        end.synchronize()
+        self.cycles_per_s = self.CALIBRATION_CYCLES / (start.elapsed_time(end) / 1e3)
+
+    def __call__(self, seconds: float) -> None:
+        torch.cuda._sleep(int(seconds * self.cycles_per_s))
+
+
 class CudaTimer(Timer):
+    # The hold before each timed call: this many times the median host time of the previous
+    # calls (the warm-up's, for the timed ones), plus a margin for the host's jitter. A median,
+    # because the first warm-up call may include compiling the kernels.
+    HOLD_FACTOR = 2.0
+    HOLD_MARGIN_S = 50e-6
+    FIRST_HOLD_S = 1e-3
+
     def __init__(self, *args, device: str = "cuda", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.flush_l2 = L2Flush(device)
+        self.hold_gpu = GpuHold()
+        self._hold_s = self.FIRST_HOLD_S
+
+    def measure(self, run, setup=lambda: ()):
+        self._hold_s = self.FIRST_HOLD_S  # until the warm-up has timed this call's host side
+        return super().measure(run, setup)
 
     def time_calls(self, run, setup, reps):
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        host = []
         torch.cuda.synchronize()
         for start, end in zip(starts, ends):
             arguments = setup()  # queued before the start event, so it is not timed either
             self.flush_l2()
+            self.hold_gpu(self._hold_s)
             start.record()
+            host_start = time.perf_counter()
             run(*arguments)
+            host.append(time.perf_counter() - host_start)
             end.record()
-        torch.cuda.synchronize()
-        return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]
+            # Wait for the call before the next one: with many calls in flight the launch queue
+            # fills up and the host's time would include waiting for room in it.
+            end.synchronize()
+        self._hold_s = self.HOLD_FACTOR * statistics.median(host) + self.HOLD_MARGIN_S
+        return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)], host
 
 
 def make_timer(device: str, quick: bool = False) -> Timer:
