@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ("forward", "scatter_add_rows", "zero_touched_rows", "round_touched_rows", "position_grad",
-           "chunk_rank", "scatter_sorted", "segment_sums", "combine_partials", "zero_rows")  # fmt: skip
+KERNELS = ("forward", "sweep_batch", "position_sums", "zero_touched_rows", "round_touched_rows",
+           "chunk_rank", "scatter_sorted", "segment_sums", "finish_rows")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +50,12 @@ def test_forward_moves_rows_in_16_byte_vectors(report, table):
     assert not scalar_loads, f"table rows gathered element by element: {scalar_loads}"
 
 
-@pytest.mark.parametrize("kernel", ["scatter_add_rows", "segment_sums", "position_grad", "round_touched_rows"])
+@pytest.mark.parametrize("kernel", ["sweep_batch", "segment_sums", "position_sums", "round_touched_rows"])
 def test_backward_reads_gradients_in_16_byte_vectors(report, kernel):
     ops = report[f"{kernel}/fp32/sm_90"]["memory_ops"]
     assert ops.get("ld.global.v4.b32", 0) > 0, ops
 
 
 def test_atomic_scatter_uses_vector_atomics_on_hopper(report):
-    ops = report["scatter_add_rows/fp32/sm_90"]["memory_ops"]
+    ops = report["sweep_batch/fp32/sm_90"]["memory_ops"]
     assert any(op.startswith("red.") and ".v4.f32" in op for op in ops), ops

@@ -3,23 +3,26 @@
     grad_tok = zeros(V, D).index_add_(0, ids, grad_out)    (row padding_idx stays zero)
     grad_pos = zeros(P, D).index_add_(0, pos, grad_out)
 
-Bytes moved: read grad_out once per table (N * D * elt), write the dense token gradient
-(V * D * elt, zeros included) and the position gradient (P * D * elt).
+Bytes moved: read grad_out (N * D * elt), write the dense token gradient (V * D * elt, zeros
+included) and the position gradient (P * D * elt).
 
 The token gradient has two modes:
-- fast: `scatter_add_rows_kernel` adds each gradient row into a float32 table with atomics.
-  Fastest on uniform ids; the order of the additions, and so the last bits of the result, vary
-  from run to run; rows hit by many tokens serialise on their atomics. For 16-bit tables the
-  float32 accumulator is only zeroed, and only read back, where a token lands: zeroing and
-  rounding the whole V x D float32 table would move 10 bytes per element instead of the 2 of
-  the 16-bit result.
+- fast: `sweep_batch_kernel` adds each gradient row into a float32 table with atomics, in the
+  same read of grad_out that sums the position gradient. The order of the additions, and so the
+  last bits of the result, vary from run to run. The atomics cost more than their bytes: every
+  row a token touches is read back from memory (the zeroing wrote it out) and written again.
+  For 16-bit tables the float32 accumulator is only zeroed, and only read back, where a token
+  lands: zeroing and rounding the whole V x D float32 table would move 10 bytes per element
+  instead of the 2 of the 16-bit result.
 - deterministic: `sorted_scatter_add` (sorted_scatter.py), a counting sort plus segment sums:
-  no floating-point atomics, bitwise reproducible.
-The position gradient never needs atomics: with default positions it is a reduction over the
-batch (`position_grad_kernel`), with explicit position_ids it is the deterministic scatter.
+  no floating-point atomics, bitwise reproducible, and each table row written exactly once.
+The position gradient never needs atomics: with default positions it is a sum over the batch
+(`sweep_batch_kernel`), with explicit position_ids it is the deterministic scatter.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -38,34 +41,107 @@ from fusedemb.kernels.sorted_scatter import sorted_scatter_add
 
 
 @triton.jit
-def scatter_add_rows_kernel(
-    grad_ptr,  # [N, D] gradient rows
-    index_ptr,  # [N] destination row of each gradient row
-    acc_ptr,  # [R, D] float32/float64 accumulator, zero wherever a token of this launch adds
-    num_tokens,
-    dim,
-    num_rows,
-    skip_row,  # a row that receives nothing (padding_idx), or -1
-    BLOCK_TOKENS: tl.constexpr,
+def add_tile_to_table(acc_ptr, grad, table_rows, in_sequence, cols, col_mask, dim, num_rows, skip_row, pending, pending_row):
+    """acc[table_rows] += grad for the in-sequence tokens of one [tokens, BLOCK_DIM] tile, with
+    atomics. Atomics on one address serialise, so a tile whose tokens all share one table row
+    (one id over the batch, a run of padding) is summed in registers instead, into `pending`,
+    which is kept there while the next tiles share that row too and added to `pending_row`
+    (-1: none yet) only when the row changes. Returns the new (pending, pending_row)."""
+    lowest = tl.min(tl.where(in_sequence, table_rows, num_rows))
+    if lowest == tl.max(tl.where(in_sequence, table_rows, -1)):
+        tile_sum = tl.sum(grad, axis=0)
+        if lowest == pending_row:
+            pending += tile_sum
+        else:
+            flush_pending(acc_ptr, pending, pending_row, cols, col_mask, dim, skip_row)
+            pending = tile_sum
+            pending_row = lowest
+    else:
+        add_mask = (in_sequence & (table_rows != skip_row))[:, None] & col_mask[None, :]
+        tl.atomic_add(acc_ptr + table_rows[:, None] * dim + cols[None, :], grad, mask=add_mask, sem="relaxed")
+    return pending, pending_row
+
+
+@triton.jit
+def flush_pending(acc_ptr, pending, pending_row, cols, col_mask, dim, skip_row):
+    if (pending_row >= 0) & (pending_row != skip_row):
+        tl.atomic_add(acc_ptr + pending_row * dim + cols, pending, mask=col_mask, sem="relaxed")
+
+
+@triton.jit
+def sweep_batch_kernel(
+    grad_ptr,  # [B, T, D] gradient rows, contiguous
+    index_ptr,  # [B * T] destination table row of each gradient row (read if ADD_TO_TABLE)
+    acc_ptr,  # [R, D] float32/float64 accumulator, zero wherever a token adds (if ADD_TO_TABLE)
+    sums_ptr,  # [G, S, D] out (if SUM_OVER_BATCH): see below
+    batch,  # B
+    seq_len,  # T
+    position_offset,
+    num_sums,  # S: rows of each sums slice (P, the position-table rows, or T)
+    dim,  # D
+    num_rows,  # R: table rows, for clamping only
+    skip_row,  # a table row that receives nothing (padding_idx), or -1
+    batches_per_group,  # program (i, j, g) walks batch entries [g * batches_per_group, +batches_per_group)
+    ADD_TO_TABLE: tl.constexpr,
+    SUM_OVER_BATCH: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
     BLOCK_DIM: tl.constexpr,
 ):
-    tokens = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+    """One pass over grad_out that serves both tables; the grid is (S / BLOCK_ROWS, D / BLOCK_DIM, G).
+
+    Program (i, j, g) owns sums rows s = i * BLOCK_ROWS + [0, BLOCK_ROWS), sequence positions
+    t = s - position_offset, columns j * BLOCK_DIM + [0, BLOCK_DIM), and walks its group of the
+    batch, reading each gradient tile grad[b, t, cols] once, to
+    - ADD_TO_TABLE: add it into acc[index[b, t]] with float atomics (the fast token gradient);
+    - SUM_OVER_BATCH: sum it over the group in batch order (deterministic, no atomics):
+      sums[g, s] = sum over b in the group of grad[b, s - position_offset], zero for s outside
+      [position_offset, position_offset + T). With G = 1 and S = P this is the position gradient.
+    Bytes: the gradient is read once for both (N * D * elt), the sums written once (G * S * D).
+    """
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
-    token_mask = tokens < num_tokens
+    group = tl.program_id(2)
     col_mask = cols < dim
-    rows = clamp_rows(tl.load(index_ptr + tokens, mask=token_mask, other=0).to(tl.int64), num_rows)
-    grad_mask = token_mask[:, None] & col_mask[None, :]
-    grad = tl.load(grad_ptr + tokens[:, None].to(tl.int64) * dim + cols[None, :], mask=grad_mask, other=0.0)
-    grad = grad.to(acc_ptr.dtype.element_ty)
-    # Atomics on one address serialise: a tile whose tokens all share one row (one id over the
-    # batch, a run of padding) sums in registers first and adds once per column.
-    lowest = tl.min(tl.where(token_mask, rows, num_rows))
-    if lowest == tl.max(tl.where(token_mask, rows, -1)):
-        if lowest != skip_row:
-            tl.atomic_add(acc_ptr + lowest * dim + cols, tl.sum(grad, axis=0), mask=col_mask, sem="relaxed")
-    else:
-        add_mask = (token_mask & (rows != skip_row))[:, None] & col_mask[None, :]
-        tl.atomic_add(acc_ptr + rows[:, None] * dim + cols[None, :], grad, mask=add_mask, sem="relaxed")
+    t = rows - position_offset
+    in_sequence = (t >= 0) & (t < seq_len) & (rows < num_sums)
+    load_mask = in_sequence[:, None] & col_mask[None, :]
+    acc_type = acc_ptr.dtype.element_ty
+    sums = to_accumulator(tl.zeros([BLOCK_ROWS, BLOCK_DIM], dtype=tl.float32), ACC_FP64)
+    # See add_tile_to_table: the row summed in registers, and its sum so far.
+    pending = tl.zeros([BLOCK_DIM], dtype=acc_type)
+    pending_row = tl.full([], -1, tl.int64)
+    first_batch = group * batches_per_group
+    last_batch = tl.minimum(first_batch + batches_per_group, batch)
+    # Two batch entries per step: both tiles' loads are in flight before either is used, twice
+    # the bytes in flight of a step per entry (a step waits for its loads before its atomics).
+    for b in range(first_batch, last_batch, 2):
+        tokens = (b * seq_len + t).to(tl.int64)
+        second_tokens = tokens + seq_len
+        second_in_sequence = in_sequence & (tl.zeros([BLOCK_ROWS], dtype=tl.int32) + b + 1 < last_batch)
+        grad = tl.load(grad_ptr + tokens[:, None] * dim + cols[None, :], mask=load_mask, other=0)
+        second_mask = second_in_sequence[:, None] & col_mask[None, :]
+        second_grad = tl.load(grad_ptr + second_tokens[:, None] * dim + cols[None, :], mask=second_mask, other=0)
+        if SUM_OVER_BATCH:
+            sums += to_accumulator(grad, ACC_FP64)  # in batch order
+            sums += to_accumulator(second_grad, ACC_FP64)
+        if ADD_TO_TABLE:
+            table_rows = clamp_rows(tl.load(index_ptr + tokens, mask=in_sequence, other=0).to(tl.int64), num_rows)
+            second_rows = clamp_rows(tl.load(index_ptr + second_tokens, mask=second_in_sequence, other=0).to(tl.int64), num_rows)
+            pending, pending_row = add_tile_to_table(
+                acc_ptr, grad.to(acc_type), table_rows, in_sequence, cols, col_mask, dim, num_rows, skip_row,
+                pending, pending_row,
+            )  # fmt: skip
+            pending, pending_row = add_tile_to_table(
+                acc_ptr, second_grad.to(acc_type), second_rows, second_in_sequence, cols, col_mask, dim, num_rows,
+                skip_row, pending, pending_row,
+            )  # fmt: skip
+    if ADD_TO_TABLE:
+        flush_pending(acc_ptr, pending, pending_row, cols, col_mask, dim, skip_row)
+    if SUM_OVER_BATCH:
+        offsets = (group * num_sums + rows).to(tl.int64)[:, None] * dim + cols[None, :]
+        store_mask = (rows < num_sums)[:, None] & col_mask[None, :]
+        tl.store(sums_ptr + offsets, sums.to(sums_ptr.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
@@ -112,85 +188,107 @@ def round_touched_rows_kernel(
     tl.store(table_ptr + offsets, acc.to(table_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.jit
-def position_grad_kernel(
-    grad_ptr,  # [B, T, D] gradient rows, contiguous
-    out_ptr,  # [P, D] out: grad_pos[p] = sum over b of grad[b, p - position_offset]
-    batch,  # B = N / T
-    seq_len,  # T
-    position_offset,
-    context_length,  # P
-    dim,
-    ACC_FP64: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_DIM: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
-    col_mask = cols < dim
-    t = rows - position_offset
-    in_sequence = (t >= 0) & (t < seq_len) & (rows < context_length)
-    load_mask = in_sequence[:, None] & col_mask[None, :]
-    acc = to_accumulator(tl.zeros([BLOCK_ROWS, BLOCK_DIM], dtype=tl.float32), ACC_FP64)
-    # Summed in batch order: deterministic. Rows outside [offset, offset + T) stay zero.
-    for b in range(batch):
-        offsets = (b * seq_len + t).to(tl.int64)[:, None] * dim + cols[None, :]
-        acc += to_accumulator(tl.load(grad_ptr + offsets, mask=load_mask, other=0), ACC_FP64)
-    store_mask = (rows < context_length)[:, None] & col_mask[None, :]
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * dim + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=store_mask)
+# sweep_batch_kernel splits the batch into groups only when the positions alone give fewer
+# programs than this: enough to keep every SM of an H100/H200 (132) busy several times over.
+SWEEP_PROGRAMS = 512
+# A [4, 256] tile over 8 warps is one 16-byte vector per thread and tile; with 4 warps ptxas
+# spilled the float32 kernel.
+SWEEP_WARPS = 8
+
+
+def sweep_batch(
+    grad_rows: torch.Tensor,
+    seq_len: int,
+    *,
+    index: torch.Tensor | None = None,
+    table_acc: torch.Tensor | None = None,
+    skip_row: int = -1,
+    position_offset: int = 0,
+    context_length: int | None = None,
+    table_dtype: torch.dtype | None = None,
+    max_groups: int | None = None,
+) -> torch.Tensor | None:
+    """One read of grad_rows ([B * T, D]) that adds it into table_acc at index (if given) and
+    returns grad_pos = zeros(context_length, D).index_add_(0, default positions, grad_rows) in
+    table_dtype (if context_length is given)."""
+    num_tokens, dim = grad_rows.shape
+    sum_positions = context_length is not None
+    if num_tokens == 0:
+        return grad_rows.new_zeros((context_length, dim), dtype=table_dtype) if sum_positions else None
+    batch = num_tokens // seq_len
+    # Only adding: the program rows are the sequence positions themselves.
+    num_sums = context_length if sum_positions else seq_len
+    position_offset = position_offset if sum_positions else 0
+    block_dim = column_block(dim)
+    # Each program walks a group of the batch, so tiles are kept small (a quarter of the usual)
+    # for enough programs: P * D / 1024 of them.
+    block_rows = max(1, rows_per_tile(block_dim) // 4)
+    programs = cdiv(num_sums, block_rows) * cdiv(dim, block_dim)
+    groups = min(batch, max_groups or cdiv(SWEEP_PROGRAMS, programs))
+    batches_per_group = cdiv(batch, groups)
+    groups = cdiv(batch, batches_per_group)
+    acc_fp64 = accumulates_in_float64(table_dtype or grad_rows.dtype)
+    sums = None
+    if sum_positions:
+        # Several groups leave one partial sum each, in the accumulator's precision, that a
+        # second sweep (over the groups, in group order) adds up.
+        partial_dtype = torch.float64 if acc_fp64 else torch.float32
+        sums = grad_rows.new_empty((groups, num_sums, dim), dtype=table_dtype if groups == 1 else partial_dtype)
+    add_to_table = table_acc is not None
+    unused = grad_rows  # stands in for the pointers of the disabled half
+    launch(
+        sweep_batch_kernel, (cdiv(num_sums, block_rows), cdiv(dim, block_dim), groups),
+        grad_rows, index if add_to_table else unused, table_acc if add_to_table else unused,
+        sums if sum_positions else unused, batch, seq_len, position_offset, num_sums, dim,
+        table_acc.shape[0] if add_to_table else 1, skip_row, batches_per_group,
+        ADD_TO_TABLE=add_to_table, SUM_OVER_BATCH=sum_positions, ACC_FP64=acc_fp64,
+        BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim, num_warps=SWEEP_WARPS,
+    )  # fmt: skip
+    if not sum_positions:
+        return None
+    if groups == 1:
+        return sums.view(num_sums, dim)
+    return sweep_batch(
+        sums.view(groups * num_sums, dim), num_sums, context_length=num_sums, table_dtype=table_dtype, max_groups=1
+    )
 
 
 def atomic_scatter_add(
-    grad_rows: torch.Tensor, index: torch.Tensor, num_rows: int, skip_row: int, table_dtype: torch.dtype
-) -> torch.Tensor:
-    """grad_table = zeros(num_rows, D).index_add_(0, index, grad_rows) with float atomics (fast mode)."""
+    grad_rows: torch.Tensor,
+    index: torch.Tensor,
+    seq_len: int,
+    num_rows: int,
+    skip_row: int,
+    table_dtype: torch.dtype,
+    **position_sums,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """grad_table = zeros(num_rows, D).index_add_(0, index, grad_rows) with float atomics (fast
+    mode), and the position gradient from the same read of grad_rows when position_sums (the
+    position_offset and context_length of sweep_batch) are given."""
     num_tokens, dim = grad_rows.shape
     device = grad_rows.device
-    block_dim = column_block(dim)
-    block_tokens = rows_per_tile(block_dim)
-    token_grid = (cdiv(num_tokens, block_tokens), cdiv(dim, block_dim))
+    sweep = functools.partial(sweep_batch, grad_rows, seq_len, index=index, skip_row=skip_row, table_dtype=table_dtype,
+                              **position_sums)  # fmt: skip
     if table_dtype in (torch.float32, torch.float64):
         # The table is its own accumulator.
         table = torch.zeros((num_rows, dim), dtype=table_dtype, device=device)
-        if num_tokens > 0:
-            launch(
-                scatter_add_rows_kernel, token_grid, grad_rows, index, table, num_tokens, dim, num_rows, skip_row,
-                BLOCK_TOKENS=block_tokens, BLOCK_DIM=block_dim,
-            )  # fmt: skip
-        return table
+        return table, sweep(table_acc=table)
     acc = torch.empty((num_rows, dim), dtype=torch.float32, device=device)
     touched = torch.zeros(num_rows, dtype=torch.int8, device=device)
     table = torch.empty((num_rows, dim), dtype=table_dtype, device=device)
+    block_dim = column_block(dim)
+    block_tokens = rows_per_tile(block_dim)
     if num_tokens > 0:
         launch(
-            zero_touched_rows_kernel, token_grid, index, acc, touched, num_tokens, dim, num_rows, skip_row,
-            BLOCK_TOKENS=block_tokens, BLOCK_DIM=block_dim,
+            zero_touched_rows_kernel, (cdiv(num_tokens, block_tokens), cdiv(dim, block_dim)),
+            index, acc, touched, num_tokens, dim, num_rows, skip_row, BLOCK_TOKENS=block_tokens, BLOCK_DIM=block_dim,
         )  # fmt: skip
-        launch(
-            scatter_add_rows_kernel, token_grid, grad_rows, index, acc, num_tokens, dim, num_rows, skip_row,
-            BLOCK_TOKENS=block_tokens, BLOCK_DIM=block_dim,
-        )  # fmt: skip
+    grad_pos = sweep(table_acc=acc)
     launch(
         round_touched_rows_kernel, (cdiv(num_rows, block_tokens), cdiv(dim, block_dim)),
         acc, touched, table, num_rows, dim, BLOCK_ROWS=block_tokens, BLOCK_DIM=block_dim,
     )  # fmt: skip
-    return table
-
-
-def default_position_grad(grad_rows: torch.Tensor, seq_len: int, position_offset: int, context_length: int) -> torch.Tensor:
-    num_tokens, dim = grad_rows.shape
-    grad_pos = grad_rows.new_empty((context_length, dim))
-    block_dim = column_block(dim)
-    # Each program loops over the whole batch, so tiles are kept small (a quarter of the usual)
-    # for enough programs to keep every SM busy: P * D / 1024 of them.
-    block_rows = max(1, rows_per_tile(block_dim) // 4)
-    grid = (cdiv(context_length, block_rows), cdiv(dim, block_dim))
-    launch(
-        position_grad_kernel, grid, grad_rows, grad_pos, num_tokens // seq_len if seq_len else 0, seq_len, position_offset,
-        context_length, dim, ACC_FP64=accumulates_in_float64(grad_rows.dtype), BLOCK_ROWS=block_rows,
-        BLOCK_DIM=block_dim,
-    )  # fmt: skip
-    return grad_pos
+    return table, grad_pos
 
 
 def triton_backward(
@@ -206,10 +304,17 @@ def triton_backward(
     dim = grad_out.shape[-1]
     grad_rows = grad_out.reshape(-1, dim)
     flat_ids = ids.reshape(-1)
-    scatter_add = sorted_scatter_add if deterministic else atomic_scatter_add
-    grad_tok = scatter_add(grad_rows, flat_ids, num_embeddings, padding_idx, grad_out.dtype)
-    if position_ids is not None:
-        grad_pos = sorted_scatter_add(grad_rows, position_ids.reshape(-1), context_length, -1, grad_out.dtype)
+    seq_len = ids.shape[-1]
+    # Default positions: the position gradient is a sum over the batch (sweep_batch), which
+    # the fast mode's atomics share a read of grad_out with. Explicit position_ids are scattered.
+    position_sums = {} if position_ids is not None else {"position_offset": position_offset, "context_length": context_length}
+    if deterministic:
+        grad_tok = sorted_scatter_add(grad_rows, flat_ids, num_embeddings, padding_idx, grad_out.dtype)
+        grad_pos = sweep_batch(grad_rows, seq_len, table_dtype=grad_out.dtype, **position_sums) if position_sums else None
     else:
-        grad_pos = default_position_grad(grad_rows, ids.shape[-1], position_offset, context_length)
+        grad_tok, grad_pos = atomic_scatter_add(
+            grad_rows, flat_ids, seq_len, num_embeddings, padding_idx, grad_out.dtype, **position_sums
+        )
+    if grad_pos is None:
+        grad_pos = sorted_scatter_add(grad_rows, position_ids.reshape(-1), context_length, -1, grad_out.dtype)
     return grad_tok, grad_pos
