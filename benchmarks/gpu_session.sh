@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Everything one lent GPU session checks, in one command (device time is scarce):
-#   1. the parity, operator, validation and module tests on CUDA;
-#   2. the benchmark cases of the Triton issue: gpt2-124M at B 8 and 32, gpt2-1.5B at B 16 and
+#   0. a smoke check of both modes against the reference, which ends the session if it fails;
+#   1. the benchmark cases of the Triton issue: gpt2-124M at B 8 and 32, gpt2-1.5B at B 16 and
 #      the large-vocab preset at B 8, float32 and bfloat16, uniform / Zipf(1.1) ids (gpt2-124M
-#      also with one id everywhere and with real text), id range check off;
-#   3. what the id range check costs, measured with it on;
-#   4. a per-kernel profile of both backward modes (benchmarks/profile_backward.py).
+#      also with one id everywhere and with real text), id range check off; every
+#      implementation passes the benchmark's correctness gate before it is timed;
+#   2. what the id range check costs, measured with it on;
+#   3. a per-kernel profile of both backward modes (benchmarks/profile_backward.py);
+#   4. the parity, operator, validation and module tests on CUDA.
 # Usage, from the repo root on a CUDA machine: bash benchmarks/gpu_session.sh OUT_DIR [DATA_DIR]
 # DATA_DIR holds the-verdict.txt and tiktoken/ (../shared/data beside a checkout).
 set -u
@@ -20,15 +22,16 @@ bench() { timeout "$1" python3 -m fusedemb.bench --device cuda --pass forward fo
   python3 -c "import torch, triton, fusedemb; print('torch', torch.__version__, 'triton', triton.__version__, fusedemb.available_backends('cuda'))"
 } 2>&1 | tee "$tables"
 
-# Compiling the Triton kernels for every tested shape is most of this step's time: spread it
-# over the cores (100 s with 8 workers was not enough on an H200 machine).
-timeout 150 python3 -m pytest tests/test_functional.py tests/test_ops.py tests/test_validation.py tests/test_module.py \
-  -q -x -n 14 -p no:cacheprovider > "$out/tests.log" 2>&1
-echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$tables"
+# First a smoke check that stops the session early if any kernel fails to compile here or
+# disagrees with the reference (the bench's gate) in either mode, at small gpt2-124M sizes.
+timeout 90 python3 -m fusedemb.bench --device cuda --quick --preset gpt2-124M --batch 2 --seq 300 \
+  --dtype float32 bfloat16 float16 --ids uniform same --impl fusedemb-fast fusedemb-deterministic \
+  --pass forward+backward 2>&1 | tee -a "$tables" | tail -20
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "smoke check failed: stopping" | tee -a "$tables"; exit 1; }
 
 # One command per dtype: the table is printed when a command ends, so a timeout loses only one.
 for dtype in float32 bfloat16; do
-  bench 90 --no-bounds-check --preset gpt2-124M --batch 8 32 --dtype $dtype \
+  bench 100 --no-bounds-check --preset gpt2-124M --batch 8 32 --dtype $dtype \
     --ids uniform zipf:1.1 same "text:$data/the-verdict.txt" --json "$out/bench_gpt2_$dtype.json" \
     $([ $dtype = float32 ] && echo --plot "$out/bench_gpt2_$dtype.png")
 done
@@ -39,4 +42,10 @@ bench 60 --no-bounds-check --preset large-vocab --batch 8 --dtype float32 bfloat
 echo "== id range check on ==" >> "$tables"
 bench 25 --preset gpt2-124M --batch 8 32 --ids uniform --impl fusedemb-fast eager
 echo "== where the backward's time goes ==" >> "$tables"
-timeout 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 8 >> "$tables" 2>&1
+timeout 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 32 >> "$tables" 2>&1
+
+# Compiling the Triton kernels for every tested shape is most of this step's time: spread it
+# over the cores (100 s with 8 workers was not enough on an H200 machine).
+timeout 150 python3 -m pytest tests/test_functional.py tests/test_ops.py tests/test_validation.py tests/test_module.py \
+  -q -x -n 14 -p no:cacheprovider > "$out/tests.log" 2>&1
+echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$tables"
