@@ -110,7 +110,7 @@ def sweep_batch_kernel(
     sums = to_accumulator(tl.zeros([BLOCK_ROWS, BLOCK_DIM], dtype=tl.float32), ACC_FP64)
     # See add_tile_to_table: the row summed in registers, and its sum so far.
     pending = tl.zeros([BLOCK_DIM], dtype=acc_type)
-    pending_row = tl.full([], -1, tl.int64)
+    pending_row = tl.cast(-1, tl.int64)
     first_batch = group * batches_per_group
     last_batch = tl.minimum(first_batch + batches_per_group, batch)
     # Two batch entries per step: both tiles' loads are in flight before either is used, twice

@@ -123,7 +123,7 @@ def scatter_sorted_kernel(
 def add_within_runs(left_sum, left_starts, right_sum, right_starts):
     """The combine of a segmented sum: a right operand that holds a run's start discards what
     lies to its left, so no sum ever crosses from one run into the next."""
-    return tl.where(right_starts, right_sum, left_sum + right_sum), left_starts | right_starts
+    return tl.where(right_starts != 0, right_sum, left_sum + right_sum), left_starts | right_starts
 
 
 @triton.jit
@@ -163,7 +163,7 @@ def segment_sums_kernel(
     # a difference of prefix sums, which would cancel a small row sorted beside a huge one.
     # (16-bit rows are summed in float32; Triton's interpreter cannot cast bfloat16 to float64.)
     starts = (rows != previous_rows) | (positions == tile * TILE)
-    starts_2d = tl.broadcast_to(starts[:, None], (TILE, BLOCK_DIM))
+    starts_2d = tl.broadcast_to(starts.to(tl.int32)[:, None], (TILE, BLOCK_DIM))
     sums, _ = tl.associative_scan((grad, starts_2d), 0, add_within_runs)
 
     # A run ends at its row's last token, or at the tile's last position.
@@ -222,11 +222,13 @@ def finish_rows_kernel(
             first_tile = row_start // TILE
             last_tile = (row_end - 1) // TILE
             if (row < num_rows) & (row != skip_row) & (row_end > row_start) & (first_tile != last_tile):
-                first_partial = tl.where(row_start == first_tile * TILE, head_ptr, tail_ptr)
                 for c in range(BLOCK_DIM // COMBINE_BLOCK_DIM):
                     sub_cols = tl.program_id(1) * BLOCK_DIM + c * COMBINE_BLOCK_DIM + tl.arange(0, COMBINE_BLOCK_DIM)
                     sub_mask = sub_cols < dim
-                    acc = tl.load(first_partial + first_tile.to(tl.int64) * dim + sub_cols, mask=sub_mask, other=0)
+                    first_offsets = first_tile.to(tl.int64) * dim + sub_cols
+                    head = tl.load(head_ptr + first_offsets, mask=sub_mask, other=0)
+                    tail = tl.load(tail_ptr + first_offsets, mask=sub_mask, other=0)
+                    acc = tl.where(row_start == first_tile * TILE, head, tail)
                     for first in range(first_tile + 1, last_tile + 1, PARTIALS_BLOCK):
                         tiles = first + tl.arange(0, PARTIALS_BLOCK)
                         partial_mask = (tiles <= last_tile)[:, None] & sub_mask[None, :]
