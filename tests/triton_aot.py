@@ -34,7 +34,7 @@ SWEEP_ROWS = max(1, TOKENS_PER_TILE // 4)  # as backward.sweep_batch launches it
 # Integer arguments that are multiples of 16 at GPT-2 sizes, which a real launch specializes on.
 DIVISIBLE = {"dim", "tok_row_stride", "pos_row_stride", "num_tokens", "seq_len", "num_sums"}
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
-
+ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp64": 8}
 
 
 def kernel_specs(table: str):
@@ -47,12 +47,14 @@ def kernel_specs(table: str):
          {"HAS_POSITION_IDS": False, "ACC_FP64": acc64, "BLOCK_TOKENS": TOKENS_PER_TILE, "BLOCK_DIM": BLOCK_DIM}),
         ("sweep_batch", backward.sweep_batch_kernel,
          {"grad_ptr": f"*{table}", "index_ptr": ids, "acc_ptr": "*fp64" if acc64 else "*fp32", "sums_ptr": f"*{table}"},
-         {"ADD_TO_TABLE": True, "SUM_OVER_BATCH": True, "ACC_FP64": acc64, "BLOCK_ROWS": SWEEP_ROWS,
+         {"ADD_TO_TABLE": True, "SUM_OVER_BATCH": True, "ACC_FP64": acc64, "HOT_ROW_SAMPLE": backward.HOT_ROW_SAMPLE,
+          "BLOCK_ROWS": SWEEP_ROWS,
           "BLOCK_DIM": BLOCK_DIM},
          {"num_warps": backward.SWEEP_WARPS}),
         ("position_sums", backward.sweep_batch_kernel,
          {"grad_ptr": f"*{table}", "index_ptr": f"*{table}", "acc_ptr": f"*{table}", "sums_ptr": f"*{table}"},
-         {"ADD_TO_TABLE": False, "SUM_OVER_BATCH": True, "ACC_FP64": acc64, "BLOCK_ROWS": SWEEP_ROWS,
+         {"ADD_TO_TABLE": False, "SUM_OVER_BATCH": True, "ACC_FP64": acc64, "HOT_ROW_SAMPLE": backward.HOT_ROW_SAMPLE,
+          "BLOCK_ROWS": SWEEP_ROWS,
           "BLOCK_DIM": BLOCK_DIM},
          {"num_warps": backward.SWEEP_WARPS}),
         ("zero_touched_rows", backward.zero_touched_rows_kernel,
@@ -71,13 +73,16 @@ def kernel_specs(table: str):
         ("segment_sums", sorted_scatter.segment_sums_kernel,
          {"grad_ptr": f"*{table}", "sorted_tokens_ptr": "*i32", "sorted_rows_ptr": "*i32", "ends_ptr": "*i32",
           "counts_ptr": "*i32", "table_ptr": f"*{table}", "head_ptr": "*fp64", "tail_ptr": "*fp64"},
-         {"ACC_FP64": acc64, "TILE": sorted_scatter.TILE, "BLOCK_DIM": sorted_scatter.SEGMENT_BLOCK_DIM},
-         {"num_warps": sorted_scatter.SEGMENT_WARPS}),
-        ("finish_rows", sorted_scatter.finish_rows_kernel,
-         {"ends_ptr": "*i32", "counts_ptr": "*i32", "head_ptr": "*fp64", "tail_ptr": "*fp64", "table_ptr": f"*{table}"},
+         {"ACC_FP64": acc64, "TILE": sorted_scatter.TILE, "BLOCK_DIM": BLOCK_DIM},
+         {"num_warps": sorted_scatter.segment_warps(BLOCK_DIM, ELEMENT_SIZE[table])}),
+        ("combine_partials", sorted_scatter.combine_partials_kernel,
+         {"sorted_rows_ptr": "*i32", "ends_ptr": "*i32", "counts_ptr": "*i32", "head_ptr": "*fp64",
+          "tail_ptr": "*fp64", "table_ptr": f"*{table}"},
          {"ACC_FP64": acc64, "TILE": sorted_scatter.TILE, "PARTIALS_BLOCK": sorted_scatter.PARTIALS_BLOCK,
-          "COMBINE_BLOCK_DIM": sorted_scatter.COMBINE_BLOCK_DIM, "BLOCK_ROWS": sorted_scatter.FINISH_ROWS,
-          "BLOCK_DIM": BLOCK_DIM}),
+          "BLOCK_DIM": sorted_scatter.COMBINE_BLOCK_DIM}),
+        ("zero_rows", sorted_scatter.zero_rows_kernel,
+         {"ends_ptr": "*i32", "counts_ptr": "*i32", "table_ptr": f"*{table}"},
+         {"BLOCK_ROWS": sorted_scatter.ZERO_ROWS, "BLOCK_DIM": BLOCK_DIM}),
     ]  # fmt: skip
 
 
