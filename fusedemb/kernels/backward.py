@@ -9,9 +9,7 @@ included) and the position gradient (P * D * elt).
 The token gradient has two modes:
 - fast: `sweep_batch_kernel` adds each gradient row into a float32 table with atomics, in the
   same read of grad_out that sums the position gradient. The order of the additions, and so the
-  last bits of the result, vary from run to run. Each program sums the tokens of its most
-  common id in registers, so skewed ids (one id everywhere, Zipf, real text) do not queue up
-  on one row's atomics. The atomics cost more than their bytes: every
+  last bits of the result, vary from run to run. The atomics cost more than their bytes: every
   row a token touches is read back from memory (the zeroing wrote it out) and written again.
   For 16-bit tables the float32 accumulator is only zeroed, and only read back, where a token
   lands: zeroing and rounding the whole V x D float32 table would move 10 bytes per element
@@ -43,34 +41,35 @@ from fusedemb.kernels.sorted_scatter import sorted_scatter_add
 
 
 @triton.jit
-def most_common_row(index_ptr, first_batch, last_batch, seq_len, position_offset, num_sums, num_rows,
-                    BLOCK_ROWS: tl.constexpr, SAMPLE: tl.constexpr):
-    """The table row that recurs most among the first SAMPLE tokens a program walks: its hot
-    row. All pairs compared (SAMPLE^2 integer compares, once per program); ties go to the
-    lowest row. num_rows (no row) when the program has no tokens."""
-    k = tl.arange(0, SAMPLE)
-    b = first_batch + k // BLOCK_ROWS
-    row = tl.program_id(0) * BLOCK_ROWS + k % BLOCK_ROWS
-    t = row - position_offset
-    valid = (b < last_batch) & (t >= 0) & (t < seq_len) & (row < num_sums)
-    sample = clamp_rows(tl.load(index_ptr + (b * seq_len + t).to(tl.int64), mask=valid, other=0).to(tl.int64), num_rows)
-    repeats = tl.sum(((sample[:, None] == sample[None, :]) & valid[None, :]).to(tl.int32), axis=1)
-    repeats = tl.where(valid, repeats, 0)
-    return tl.min(tl.where(valid & (repeats == tl.max(repeats)), sample, num_rows))
+def add_tile_to_table(acc_ptr, grad, table_rows, in_sequence, cols, col_mask, dim, num_rows, skip_row, pending, pending_row):
+    """acc[table_rows] += grad for the in-sequence tokens of one [tokens, BLOCK_DIM] tile, with
+    atomics. Atomics on one address serialise, so a tile whose tokens all share one table row
+    (one id over the batch, a run of padding) is summed in registers instead, into `pending`,
+    which is kept there while the next tiles share that row too and added to `pending_row`
+    (-1: none yet) only when the row changes. Returns the new (pending, pending_row).
+
+    Summing each program's most common id out of every tile instead (to help Zipf ids too) was
+    measured slower on an H200: the per-tile masked reduction crosses warps, and the kernel took
+    138 us instead of 85 us at gpt2-124M B32 float32 with uniform ids."""
+    lowest = tl.min(tl.where(in_sequence, table_rows, num_rows))
+    if lowest == tl.max(tl.where(in_sequence, table_rows, -1)):
+        tile_sum = tl.sum(grad, axis=0)
+        if lowest == pending_row:
+            pending += tile_sum
+        else:
+            flush_pending(acc_ptr, pending, pending_row, cols, col_mask, dim, skip_row)
+            pending = tile_sum
+            pending_row = lowest
+    else:
+        add_mask = (in_sequence & (table_rows != skip_row))[:, None] & col_mask[None, :]
+        tl.atomic_add(acc_ptr + table_rows[:, None] * dim + cols[None, :], grad, mask=add_mask, sem="relaxed")
+    return pending, pending_row
 
 
 @triton.jit
-def add_tile_to_table(acc_ptr, grad, table_rows, in_sequence, cols, col_mask, dim, skip_row, hot_row, hot_sum):
-    """acc[table_rows] += grad for the in-sequence tokens of one [tokens, BLOCK_DIM] tile, with
-    atomics, except the tokens of hot_row, which are summed in registers (hot_sum, returned).
-    Atomics on one address serialise: one id over the whole batch costs one atomic per
-    program and column instead of one per token, and a Zipf-distributed batch's most common
-    id (14% of the tokens at GPT-2's vocabulary and s = 1.1) is spread over the programs."""
-    hot = in_sequence & (table_rows == hot_row)
-    hot_sum += tl.sum(tl.where(hot[:, None], grad, 0), axis=0)
-    add_mask = (in_sequence & ~hot & (table_rows != skip_row))[:, None] & col_mask[None, :]
-    tl.atomic_add(acc_ptr + table_rows[:, None] * dim + cols[None, :], grad, mask=add_mask, sem="relaxed")
-    return hot_sum
+def flush_pending(acc_ptr, pending, pending_row, cols, col_mask, dim, skip_row):
+    if (pending_row >= 0) & (pending_row != skip_row):
+        tl.atomic_add(acc_ptr + pending_row * dim + cols, pending, mask=col_mask, sem="relaxed")
 
 
 @triton.jit
@@ -90,7 +89,6 @@ def sweep_batch_kernel(
     ADD_TO_TABLE: tl.constexpr,
     SUM_OVER_BATCH: tl.constexpr,
     ACC_FP64: tl.constexpr,
-    HOT_ROW_SAMPLE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_DIM: tl.constexpr,
 ):
@@ -114,12 +112,11 @@ def sweep_batch_kernel(
     load_mask = in_sequence[:, None] & col_mask[None, :]
     acc_type = acc_ptr.dtype.element_ty
     sums = to_accumulator(tl.zeros([BLOCK_ROWS, BLOCK_DIM], dtype=tl.float32), ACC_FP64)
+    # See add_tile_to_table: the row summed in registers, and its sum so far.
+    pending = tl.zeros([BLOCK_DIM], dtype=acc_type)
+    pending_row = tl.cast(-1, tl.int64)
     first_batch = group * batches_per_group
     last_batch = tl.minimum(first_batch + batches_per_group, batch)
-    if ADD_TO_TABLE:
-        hot_row = most_common_row(index_ptr, first_batch, last_batch, seq_len, position_offset, num_sums, num_rows,
-                                  BLOCK_ROWS, HOT_ROW_SAMPLE)  # fmt: skip
-        hot_sum = tl.zeros([BLOCK_DIM], dtype=acc_type)
     # Two batch entries per step: both tiles' loads are in flight before either is used, twice
     # the bytes in flight of a step per entry (a step waits for its loads before its atomics).
     for b in range(first_batch, last_batch, 2):
@@ -135,16 +132,16 @@ def sweep_batch_kernel(
         if ADD_TO_TABLE:
             table_rows = clamp_rows(tl.load(index_ptr + tokens, mask=in_sequence, other=0).to(tl.int64), num_rows)
             second_rows = clamp_rows(tl.load(index_ptr + second_tokens, mask=second_in_sequence, other=0).to(tl.int64), num_rows)
-            hot_sum = add_tile_to_table(
-                acc_ptr, grad.to(acc_type), table_rows, in_sequence, cols, col_mask, dim, skip_row, hot_row, hot_sum
-            )
-            hot_sum = add_tile_to_table(
-                acc_ptr, second_grad.to(acc_type), second_rows, second_in_sequence, cols, col_mask, dim, skip_row,
-                hot_row, hot_sum,
+            pending, pending_row = add_tile_to_table(
+                acc_ptr, grad.to(acc_type), table_rows, in_sequence, cols, col_mask, dim, num_rows, skip_row,
+                pending, pending_row,
+            )  # fmt: skip
+            pending, pending_row = add_tile_to_table(
+                acc_ptr, second_grad.to(acc_type), second_rows, second_in_sequence, cols, col_mask, dim, num_rows,
+                skip_row, pending, pending_row,
             )  # fmt: skip
     if ADD_TO_TABLE:
-        if (hot_row < num_rows) & (hot_row != skip_row):
-            tl.atomic_add(acc_ptr + hot_row * dim + cols, hot_sum, mask=col_mask, sem="relaxed")
+        flush_pending(acc_ptr, pending, pending_row, cols, col_mask, dim, skip_row)
     if SUM_OVER_BATCH:
         offsets = (group * num_sums + rows).to(tl.int64)[:, None] * dim + cols[None, :]
         store_mask = (rows < num_sums)[:, None] & col_mask[None, :]
@@ -201,10 +198,6 @@ SWEEP_PROGRAMS = 512
 # A [4, 256] tile over 8 warps is one 16-byte vector per thread and tile; with 4 warps ptxas
 # spilled the float32 kernel.
 SWEEP_WARPS = 8
-# Tokens each program of sweep_batch_kernel looks at to pick its hot row (most_common_row): a
-# 64 x 64 comparison keeps the kernel at 48 registers (128 tokens took it to 149, one program
-# per SM). 64 tokens of a Zipf(1.1) batch hold its most common id about 9 times.
-HOT_ROW_SAMPLE = 64
 
 
 def sweep_batch(
@@ -253,7 +246,7 @@ def sweep_batch(
         sums if sum_positions else unused, batch, seq_len, position_offset, num_sums, dim,
         table_acc.shape[0] if add_to_table else 1, skip_row, batches_per_group,
         ADD_TO_TABLE=add_to_table, SUM_OVER_BATCH=sum_positions, ACC_FP64=acc_fp64,
-        HOT_ROW_SAMPLE=HOT_ROW_SAMPLE, BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim, num_warps=SWEEP_WARPS,
+        BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim, num_warps=SWEEP_WARPS,
     )  # fmt: skip
     if not sum_positions:
         return None
