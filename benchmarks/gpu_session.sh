@@ -31,7 +31,7 @@ timeout 90 python3 -m fusedemb.bench --device cuda --quick --preset gpt2-124M --
 
 # One command per dtype: the table is printed when a command ends, so a timeout loses only one.
 for dtype in float32 bfloat16; do
-  bench 100 --no-bounds-check --preset gpt2-124M --batch 8 32 --dtype $dtype \
+  bench 120 --no-bounds-check --preset gpt2-124M --batch 8 32 --dtype $dtype \
     --ids uniform zipf:1.1 same "text:$data/the-verdict.txt" --json "$out/bench_gpt2_$dtype.json" \
     $([ $dtype = float32 ] && echo --plot "$out/bench_gpt2_$dtype.png")
 done
