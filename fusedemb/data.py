@@ -19,12 +19,23 @@ tokenizer that has tiktoken's ``encode(text, allowed_special=...)`` method.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 GPT2_ENCODING_NAME = "gpt2"
 END_OF_TEXT = "<|endoftext|>"
+# Where this project's machines, which have no network, keep tiktoken's gpt2 files: in
+# ../shared/data/tiktoken beside a source checkout (fusedemb/data.py -> ../..).
+CHECKOUT_TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiktoken"
+
+
+def use_checkout_tiktoken_cache() -> None:
+    """Point TIKTOKEN_CACHE_DIR at CHECKOUT_TIKTOKEN_CACHE when that folder exists; a
+    TIKTOKEN_CACHE_DIR set by the caller wins."""
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and CHECKOUT_TIKTOKEN_CACHE.is_dir():
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(CHECKOUT_TIKTOKEN_CACHE)
 
 
 def load_gpt2_tokenizer():

@@ -9,7 +9,6 @@ Tests that need them call these helpers, which skip the test with the reason whe
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 VERDICT_PATH = SHARED_DATA_DIR / "the-verdict.txt"
-TIKTOKEN_CACHE = SHARED_DATA_DIR / "tiktoken"
 EXAMPLES_DIR = REPO_ROOT / "examples"
 
 
@@ -38,9 +36,9 @@ def use_shared_tiktoken_cache() -> None:
 
     Skips the test when the gpt2 encoding still cannot be loaded (no cache and no network).
     """
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and TIKTOKEN_CACHE.is_dir():
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(TIKTOKEN_CACHE)
-    from fusedemb.data import load_gpt2_tokenizer
+    from fusedemb.data import load_gpt2_tokenizer, use_checkout_tiktoken_cache
+
+    use_checkout_tiktoken_cache()
 
     try:
         load_gpt2_tokenizer()

@@ -75,5 +75,5 @@ def test_distributed_gradients_equal_single_process(rank_gradients, wrapper):
     for results in rank_gradients:
         assert "embedding.tok_emb.weight" in results["single"] and "embedding.pos_emb.weight" in results["single"]
         assert_same_gradients(results[wrapper], results["single"])
-    # The ranks agree with each other too (same single-process ground truth on both).
-    assert_same_gradients(rank_gradients[1]["single"], rank_gradients[0]["single"])
+    # After the wrapper's reduction every rank holds the same gradient.
+    assert_same_gradients(rank_gradients[1][wrapper], rank_gradients[0][wrapper])

@@ -73,8 +73,11 @@ def test_every_dtype_matches_reference(backend_config, dtype, id_dtype):
 
 @pytest.mark.parametrize(
     "num_embeddings, dim, shape",
-    [(1, 5, (2, 4)), (7, 1, (3, 5)), (13, 3, (2, 9)), (40, 127, (2, 33)), (5, 4097, (2, 3)), (9, 16, (4, 1))],
-    ids=["V1", "D1", "D3", "D127", "D4097", "T1"],
+    [(1, 5, (2, 4)), (7, 1, (3, 5)), (13, 3, (2, 9)), (40, 127, (2, 33)), (5, 4097, (2, 3)), (9, 16, (4, 1)),
+     (11, 16, (601, 1))],
+    # B601T1: so many sequences per position that the Triton backward splits the batch into
+    # groups of two (the last one holding one) and adds the groups' position sums in a second pass.
+    ids=["V1", "D1", "D3", "D127", "D4097", "T1", "B601T1"],
 )
 def test_odd_sizes(backend_config, num_embeddings, dim, shape):
     _, device, _ = backend_config

@@ -14,7 +14,6 @@ hide that contention; these distributions expose it:
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,22 +109,10 @@ def parse_distribution(spec: str) -> IdDistribution:
 @functools.cache
 def _gpt2_tokens(path: Path) -> torch.Tensor:
     """The file's gpt2 token ids, tokenized once per run."""
-    from fusedemb.data import END_OF_TEXT, load_gpt2_tokenizer  # imports tiktoken: text ids only
+    from fusedemb.data import END_OF_TEXT, load_gpt2_tokenizer, use_checkout_tiktoken_cache
 
-    _point_tiktoken_at_shared_cache()
+    use_checkout_tiktoken_cache()  # the machines this project runs on have no network
     tokens = load_gpt2_tokenizer().encode(path.read_text(encoding="utf-8"), allowed_special={END_OF_TEXT})
     if not tokens:
         raise ValueError(f"{path} holds no tokens")
     return torch.tensor(tokens, dtype=torch.int64)
-
-
-def _point_tiktoken_at_shared_cache() -> None:
-    """Use the gpt2 files kept in ../shared/data/tiktoken beside the checkout, when present.
-
-    tiktoken downloads its files on first use; the machines this project runs on have no
-    network, so the files live beside the checkout. An explicit TIKTOKEN_CACHE_DIR wins.
-    """
-    checkout_parent = Path(__file__).resolve().parents[3]  # fusedemb/bench/ids.py -> ../..
-    shared_cache = checkout_parent / "shared" / "data" / "tiktoken"
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and shared_cache.is_dir():
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(shared_cache)
