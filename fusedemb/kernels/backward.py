@@ -22,8 +22,6 @@ The position gradient never needs atomics: with default positions it is a sum ov
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -161,7 +159,7 @@ def zero_touched_rows_kernel(
     BLOCK_DIM: tl.constexpr,
 ):
     # Repeated ids zero the same row more than once: the same value, and all of it finishes
-    # before scatter_add_rows_kernel starts (same stream).
+    # before sweep_batch_kernel starts (same stream).
     tokens = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
     cols = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
     rows = clamp_rows(tl.load(index_ptr + tokens, mask=tokens < num_tokens, other=0).to(tl.int64), num_rows)
@@ -264,34 +262,38 @@ def atomic_scatter_add(
     num_rows: int,
     skip_row: int,
     table_dtype: torch.dtype,
-    **position_sums,
+    position_offset: int = 0,
+    context_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """grad_table = zeros(num_rows, D).index_add_(0, index, grad_rows) with float atomics (fast
-    mode), and the position gradient from the same read of grad_rows when position_sums (the
-    position_offset and context_length of sweep_batch) are given."""
+    mode), and, when context_length is given, the position gradient from the same read of
+    grad_rows (sweep_batch)."""
     num_tokens, dim = grad_rows.shape
     device = grad_rows.device
-    sweep = functools.partial(sweep_batch, grad_rows, seq_len, index=index, skip_row=skip_row, table_dtype=table_dtype,
-                              **position_sums)  # fmt: skip
     if table_dtype in (torch.float32, torch.float64):
         # The table is its own accumulator.
-        table = torch.zeros((num_rows, dim), dtype=table_dtype, device=device)
-        return table, sweep(table_acc=table)
-    acc = torch.empty((num_rows, dim), dtype=torch.float32, device=device)
-    touched = torch.zeros(num_rows, dtype=torch.int8, device=device)
-    table = torch.empty((num_rows, dim), dtype=table_dtype, device=device)
-    block_dim = column_block(dim)
-    block_tokens = rows_per_tile(block_dim)
-    if num_tokens > 0:
-        launch(
-            zero_touched_rows_kernel, (cdiv(num_tokens, block_tokens), cdiv(dim, block_dim)),
-            index, acc, touched, num_tokens, dim, num_rows, skip_row, BLOCK_TOKENS=block_tokens, BLOCK_DIM=block_dim,
-        )  # fmt: skip
-    grad_pos = sweep(table_acc=acc)
-    launch(
-        round_touched_rows_kernel, (cdiv(num_rows, block_tokens), cdiv(dim, block_dim)),
-        acc, touched, table, num_rows, dim, BLOCK_ROWS=block_tokens, BLOCK_DIM=block_dim,
+        table = acc = torch.zeros((num_rows, dim), dtype=table_dtype, device=device)
+    else:
+        acc = torch.empty((num_rows, dim), dtype=torch.float32, device=device)
+        touched = torch.zeros(num_rows, dtype=torch.int8, device=device)
+        table = torch.empty((num_rows, dim), dtype=table_dtype, device=device)
+        block_dim = column_block(dim)
+        block_tokens = rows_per_tile(block_dim)
+        if num_tokens > 0:
+            launch(
+                zero_touched_rows_kernel, (cdiv(num_tokens, block_tokens), cdiv(dim, block_dim)),
+                index, acc, touched, num_tokens, dim, num_rows, skip_row, BLOCK_TOKENS=block_tokens,
+                BLOCK_DIM=block_dim,
+            )  # fmt: skip
+    grad_pos = sweep_batch(
+        grad_rows, seq_len, index=index, table_acc=acc, skip_row=skip_row, position_offset=position_offset,
+        context_length=context_length, table_dtype=table_dtype,
     )  # fmt: skip
+    if acc is not table:
+        launch(
+            round_touched_rows_kernel, (cdiv(num_rows, block_tokens), cdiv(dim, block_dim)),
+            acc, touched, table, num_rows, dim, BLOCK_ROWS=block_tokens, BLOCK_DIM=block_dim,
+        )  # fmt: skip
     return table, grad_pos
 
 
@@ -311,13 +313,18 @@ def triton_backward(
     seq_len = ids.shape[-1]
     # Default positions: the position gradient is a sum over the batch (sweep_batch), which
     # the fast mode's atomics share a read of grad_out with. Explicit position_ids are scattered.
-    position_sums = {} if position_ids is not None else {"position_offset": position_offset, "context_length": context_length}
+    summed_positions = context_length if position_ids is None else None
     if deterministic:
         grad_tok = sorted_scatter_add(grad_rows, flat_ids, num_embeddings, padding_idx, grad_out.dtype)
-        grad_pos = sweep_batch(grad_rows, seq_len, table_dtype=grad_out.dtype, **position_sums) if position_sums else None
+        grad_pos = None
+        if summed_positions is not None:
+            grad_pos = sweep_batch(
+                grad_rows, seq_len, position_offset=position_offset, context_length=summed_positions,
+                table_dtype=grad_out.dtype,
+            )  # fmt: skip
     else:
         grad_tok, grad_pos = atomic_scatter_add(
-            grad_rows, flat_ids, seq_len, num_embeddings, padding_idx, grad_out.dtype, **position_sums
+            grad_rows, flat_ids, seq_len, num_embeddings, padding_idx, grad_out.dtype, position_offset, summed_positions
         )
     if grad_pos is None:
         grad_pos = sorted_scatter_add(grad_rows, position_ids.reshape(-1), context_length, -1, grad_out.dtype)
