@@ -69,8 +69,8 @@ def kernel_specs(table: str):
           "sorted_tokens_ptr": "*i32", "sorted_rows_ptr": "*i32"},
          {"CHUNK": sorted_scatter.CHUNK, "BLOCK": sorted_scatter.SCATTER_BLOCK}),
         ("segment_sums", sorted_scatter.segment_sums_kernel,
-         {"grad_ptr": f"*{table}", "sorted_tokens_ptr": "*i32", "sorted_rows_ptr": "*i32", "ends_ptr": "*i32",
-          "counts_ptr": "*i32", "table_ptr": f"*{table}", "head_ptr": "*fp64", "tail_ptr": "*fp64"},
+         {"grad_ptr": f"*{table}", "sorted_tokens_ptr": "*i32", "sorted_rows_ptr": "*i32", "table_ptr": f"*{table}",
+          "head_ptr": "*fp64", "tail_ptr": "*fp64"},
          {"ACC_FP64": acc64, "TILE": sorted_scatter.TILE, "BLOCK_DIM": BLOCK_DIM},
          {"num_warps": sorted_scatter.segment_warps(BLOCK_DIM, ELEMENT_SIZE[table])}),
         ("combine_partials", sorted_scatter.combine_partials_kernel,
@@ -78,9 +78,6 @@ def kernel_specs(table: str):
           "tail_ptr": "*fp64", "table_ptr": f"*{table}"},
          {"ACC_FP64": acc64, "TILE": sorted_scatter.TILE, "PARTIALS_BLOCK": sorted_scatter.PARTIALS_BLOCK,
           "BLOCK_DIM": sorted_scatter.COMBINE_BLOCK_DIM}),
-        ("zero_rows", sorted_scatter.zero_rows_kernel,
-         {"ends_ptr": "*i32", "counts_ptr": "*i32", "table_ptr": f"*{table}"},
-         {"BLOCK_ROWS": sorted_scatter.ZERO_ROWS, "BLOCK_DIM": BLOCK_DIM}),
     ]  # fmt: skip
 
 
