@@ -238,8 +238,9 @@ def test_deterministic_mode_is_bitwise_reproducible(config):
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
-@pytest.mark.skipif(not any(c[0] == "triton" for c in BACKEND_CONFIGS), reason="Triton backend unavailable")
-def test_deterministic_default_follows_torch_setting(monkeypatch):
+@pytest.fixture
+def sorted_scatter_calls(monkeypatch):
+    """The table sizes passed to the Triton backward's sorted scatter, call by call."""
     from fusedemb.kernels import backward
 
     calls = []
@@ -250,9 +251,20 @@ def test_deterministic_default_follows_torch_setting(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(backward, "sorted_scatter_add", spy)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok, pos = make_tables(8, 4, 3, torch.float32, device)
-    ids = torch.randint(0, 8, (2, 4), device=device)
+    return calls
+
+
+triton_only = pytest.mark.skipif(
+    not any(c[0] == "triton" for c in BACKEND_CONFIGS), reason="Triton backend unavailable"
+)
+any_device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@triton_only
+def test_deterministic_default_follows_torch_setting(sorted_scatter_calls):
+    calls = sorted_scatter_calls
+    tok, pos = make_tables(8, 4, 3, torch.float32, any_device)
+    ids = torch.randint(0, 8, (2, 4), device=any_device)
     fusedemb.fused_embedding(ids, tok, pos, backend="triton").sum().backward()
     assert calls == []
     previous = torch.are_deterministic_algorithms_enabled()
@@ -264,6 +276,25 @@ def test_deterministic_default_follows_torch_setting(monkeypatch):
         assert calls == [8]
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", TABLE_DTYPES, ids=str)
+def test_fast_mode_sorts_many_16_bit_gradient_rows(sorted_scatter_calls, monkeypatch, dtype):
+    """Above both thresholds (lowered here) the fast mode's 16-bit token gradient is the sorted
+    one, and still matches the reference; 32- and 64-bit tables and smaller batches keep the
+    atomics."""
+    from fusedemb.kernels import backward
+
+    monkeypatch.setattr(backward, "FAST_SORTS_MIN_TOKENS", 12)
+    monkeypatch.setattr(backward, "FAST_SORTS_MIN_ELEMENTS", 12 * 5)
+    tok, pos = make_tables(9, 6, 5, dtype, any_device)
+    config = ("triton", any_device, False)
+    check_against_reference(config, torch.randint(0, 9, (2, 6), device=any_device), tok, pos)
+    sorts = dtype.itemsize == 2
+    assert sorted_scatter_calls == ([9] if sorts else [])
+    check_against_reference(config, torch.randint(0, 9, (1, 6), device=any_device), tok, pos)  # 6 tokens
+    assert sorted_scatter_calls == ([9] if sorts else [])
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
