@@ -166,6 +166,20 @@ def test_skewed_ids(backend_config, distribution):
     check_against_reference(backend_config, ids, tok, pos, padding_idx=None if distribution in ("same", "zipf") else 5)
 
 
+
+@pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if c[0] == "triton"], ids=config_id)
+def test_hot_row_over_thousands_of_tokens(config):
+    """One id over 4800 tokens (two more ids between): in the sorted backward the hot row
+    crosses 300 tiles, whose partial sums take several steps of the combining loop (64 a step)."""
+    _, device, _ = config
+    torch.manual_seed(8)
+    ids = torch.full((16, 300), 3, device=device)
+    ids[5, 10:200] = 1
+    ids[9, 100:] = 6
+    tok, pos = make_tables(8, 300, 5, torch.float32, device)
+    check_against_reference(config, ids, tok, pos)
+
+
 def test_real_tokenized_text(backend_config):
     from shared_data import use_shared_tiktoken_cache, verdict_text
 
