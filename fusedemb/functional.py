@@ -75,8 +75,10 @@ def fused_embedding(
         padding_idx: as nn.Embedding: that row is returned as stored and gets no gradient;
             negative values count from the end.
         backend: None (Triton on CUDA, C++ on CPU), "triton", "cpp" or "reference".
-        deterministic: token-gradient mode of the Triton backend; None follows
-            torch.are_deterministic_algorithms_enabled(). The C++ backend is always deterministic.
+        deterministic: token-gradient mode of the Triton backend: True sorts (bitwise
+            reproducible), False may use float atomics (whichever measured faster: large 16-bit
+            gradients sort there too); None follows torch.are_deterministic_algorithms_enabled().
+            The C++ backend is always deterministic.
 
     Returns:
         a tensor of shape (..., T, D) and the tables' dtype.
