@@ -46,8 +46,8 @@ CHUNK = 256
 RANK_BLOCK = 64  # tokens compared at once in chunk_rank_kernel: a 64 x 64 comparison tile
 SCATTER_BLOCK = 1024  # tokens per program in scatter_sorted_kernel
 # Sorted positions per program in segment_sums_kernel, gathered at once: 16 bytes of each of
-# them per thread. Measured on an H200 against 8 and 32 positions: 16 is as fast or faster at
-# gpt2-124M sizes in float32 and bfloat16.
+# them per thread. Measured on an H200 at gpt2-124M B8 and B32: in float32 16 was as fast as
+# or faster than 8 and 32, in bfloat16 faster than 4 and 8.
 TILE = 16
 PARTIALS_BLOCK = 64  # partial sums loaded at once when a crossing row is combined
 COMBINE_BLOCK_DIM = 64  # columns per program there: a hot row is combined by D / 64 programs
@@ -161,12 +161,14 @@ def segment_sums_kernel(
     grad = tl.load(grad_ptr + tokens[:, None] * dim + cols[None, :], mask=valid[:, None] & col_mask[None, :], other=0)
 
     # A run of equal rows starts where the row changes, or at the tile's first position; the
-    # segmented inclusive sum holds, at the last position of each run, the run's sum. The warps
-    # split the columns only (segment_warps), so each thread holds whole columns of the tile
-    # and the scan adds its rows one after the other, in token order, as a sequential loop
-    # would: float32 arithmetic (float64 for float64 tables), and a run of one token comes back
-    # exactly. (16-bit rows go through float32; Triton's interpreter cannot cast bfloat16 to
-    # float64.)
+    # segmented inclusive sum holds, at the last position of each run, the run's sum, in float32
+    # (float64 for float64 tables; 16-bit rows go through float32, as Triton's interpreter
+    # cannot cast bfloat16 to float64); a run of one token comes back exactly. Where a row slice
+    # takes all of the program's threads (D >= 128 in float32, >= 256 in 16 bits: GPT sizes),
+    # the warps split the columns only (segment_warps), each thread holds whole columns of the
+    # tile, and the scan adds its rows one after the other, in token order, as a sequential
+    # loop would. In narrower tables lanes split a column's rows and the scan adds in a fixed
+    # tree order instead: as deterministic, if not the same bits as the loop.
     starts = (rows != previous_rows) | (positions == tile_start)
     starts_2d = tl.broadcast_to(starts[:, None], (TILE, BLOCK_DIM))
     sums, _ = tl.associative_scan((to_accumulator(grad, ACC_FP64), starts_2d), 0, add_within_runs)
