@@ -166,7 +166,6 @@ def test_skewed_ids(backend_config, distribution):
     check_against_reference(backend_config, ids, tok, pos, padding_idx=None if distribution in ("same", "zipf") else 5)
 
 
-
 @pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if c[0] == "triton"], ids=config_id)
 def test_hot_row_over_thousands_of_tokens(config):
     """One id over 4800 tokens (two more ids between): in the sorted backward the hot row
@@ -308,6 +307,9 @@ def test_fast_mode_sorts_many_16_bit_gradient_rows(sorted_scatter_calls, monkeyp
     sorts = dtype.itemsize == 2
     assert sorted_scatter_calls == ([9] if sorts else [])
     check_against_reference(config, torch.randint(0, 9, (1, 6), device=any_device), tok, pos)  # 6 tokens
+    assert sorted_scatter_calls == ([9] if sorts else [])
+    monkeypatch.setattr(backward, "FAST_SORTS_MIN_ELEMENTS", 12 * 5 + 1)  # 12 tokens x 5 columns, one short
+    check_against_reference(config, torch.randint(0, 9, (2, 6), device=any_device), tok, pos)
     assert sorted_scatter_calls == ([9] if sorts else [])
 
 
