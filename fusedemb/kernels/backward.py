@@ -302,9 +302,11 @@ def atomic_scatter_add(
 # elements: there the atomics' float32 accumulator (zeroed, read back and rounded for every
 # touched row) and their collisions on hot rows cost more than the sort. Measured on an H200,
 # backward alone: at gpt2-124M B32 bfloat16 the two tie with uniform ids and sorting is 1.2-1.4x
-# faster with Zipf(1.1) ids; at gpt2-1.5B B16 it is 1.1x faster with either. Below the
-# thresholds the atomics won or tied (gpt2-124M B16: 90 against 105 us with uniform ids;
-# large-vocab B4: 469 against 509 us).
+# faster with Zipf(1.1) ids; at gpt2-1.5B B16 it is 1.1-1.2x faster. Below the thresholds the
+# atomics won with uniform ids (gpt2-124M B16: 90 against 105 us; large-vocab B4: 469 against
+# 509 us), though not with Zipf ids at gpt2-124M B16 (127 against 113 us). (The gpt2-1.5B and
+# below-threshold sorted figures are of the segment sums' earlier 8-row tile for 16-bit tables;
+# the 16-row tile is faster.)
 FAST_SORTS_MIN_TOKENS = 16384
 FAST_SORTS_MIN_ELEMENTS = 1 << 24
 
