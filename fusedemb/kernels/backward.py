@@ -72,6 +72,21 @@ def flush_pending(acc_ptr, pending, pending_row, cols, col_mask, dim, skip_row):
 
 
 @triton.jit
+def load_batch_tile(grad_ptr, index_ptr, b, last_batch, t, in_sequence, seq_len, cols, col_mask, dim, num_rows,
+                    ADD_TO_TABLE: tl.constexpr):  # fmt: skip
+    """Batch entry b's gradient tile grad[b, t, cols], its table rows (if ADD_TO_TABLE) and which
+    of its rows are present: none past the group's last entry, whose loads are all masked off."""
+    present = in_sequence & (tl.zeros_like(t) + b < last_batch)  # (a vector: the interpreter rejects scalar masks here)
+    tokens = (b * seq_len + t).to(tl.int64)
+    grad = tl.load(grad_ptr + tokens[:, None] * dim + cols[None, :], mask=present[:, None] & col_mask[None, :], other=0)
+    if ADD_TO_TABLE:
+        table_rows = clamp_rows(tl.load(index_ptr + tokens, mask=present, other=0).to(tl.int64), num_rows)
+    else:
+        table_rows = tokens  # unused
+    return grad, table_rows, present
+
+
+@triton.jit
 def sweep_batch_kernel(
     grad_ptr,  # [B, T, D] gradient rows, contiguous
     index_ptr,  # [B * T] destination table row of each gradient row (read if ADD_TO_TABLE)
@@ -108,7 +123,6 @@ def sweep_batch_kernel(
     col_mask = cols < dim
     t = rows - position_offset
     in_sequence = (t >= 0) & (t < seq_len) & (rows < num_sums)
-    load_mask = in_sequence[:, None] & col_mask[None, :]
     acc_type = acc_ptr.dtype.element_ty
     sums = to_accumulator(tl.zeros([BLOCK_ROWS, BLOCK_DIM], dtype=tl.float32), ACC_FP64)
     # See add_tile_to_table: the row summed in registers, and its sum so far.
@@ -119,24 +133,22 @@ def sweep_batch_kernel(
     # Two batch entries per step: both tiles' loads are in flight before either is used, twice
     # the bytes in flight of a step per entry (a step waits for its loads before its atomics).
     for b in range(first_batch, last_batch, 2):
-        tokens = (b * seq_len + t).to(tl.int64)
-        second_tokens = tokens + seq_len
-        second_in_sequence = in_sequence & (tl.zeros([BLOCK_ROWS], dtype=tl.int32) + b + 1 < last_batch)
-        grad = tl.load(grad_ptr + tokens[:, None] * dim + cols[None, :], mask=load_mask, other=0)
-        second_mask = second_in_sequence[:, None] & col_mask[None, :]
-        second_grad = tl.load(grad_ptr + second_tokens[:, None] * dim + cols[None, :], mask=second_mask, other=0)
+        grad, table_rows, present = load_batch_tile(
+            grad_ptr, index_ptr, b, last_batch, t, in_sequence, seq_len, cols, col_mask, dim, num_rows, ADD_TO_TABLE
+        )
+        second_grad, second_rows, second_present = load_batch_tile(
+            grad_ptr, index_ptr, b + 1, last_batch, t, in_sequence, seq_len, cols, col_mask, dim, num_rows, ADD_TO_TABLE
+        )
         if SUM_OVER_BATCH:
             sums += to_accumulator(grad, ACC_FP64)  # in batch order
             sums += to_accumulator(second_grad, ACC_FP64)
         if ADD_TO_TABLE:
-            table_rows = clamp_rows(tl.load(index_ptr + tokens, mask=in_sequence, other=0).to(tl.int64), num_rows)
-            second_rows = clamp_rows(tl.load(index_ptr + second_tokens, mask=second_in_sequence, other=0).to(tl.int64), num_rows)
             pending, pending_row = add_tile_to_table(
-                acc_ptr, grad.to(acc_type), table_rows, in_sequence, cols, col_mask, dim, num_rows, skip_row,
-                pending, pending_row,
+                acc_ptr, grad.to(acc_type), table_rows, present, cols, col_mask, dim, num_rows, skip_row, pending,
+                pending_row,
             )  # fmt: skip
             pending, pending_row = add_tile_to_table(
-                acc_ptr, second_grad.to(acc_type), second_rows, second_in_sequence, cols, col_mask, dim, num_rows,
+                acc_ptr, second_grad.to(acc_type), second_rows, second_present, cols, col_mask, dim, num_rows,
                 skip_row, pending, pending_row,
             )  # fmt: skip
     if ADD_TO_TABLE:
