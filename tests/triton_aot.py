@@ -32,7 +32,7 @@ BLOCK_DIM = common.column_block(DIM)
 TOKENS_PER_TILE = common.rows_per_tile(BLOCK_DIM)
 SWEEP_ROWS = max(1, TOKENS_PER_TILE // 4)  # as backward.sweep_batch launches it
 # Integer arguments that are multiples of 16 at GPT-2 sizes, which a real launch specializes on.
-DIVISIBLE = {"dim", "tok_row_stride", "pos_row_stride", "num_tokens", "seq_len", "num_sums"}
+DIVISIBLE = {"dim", "tok_row_stride", "pos_row_stride", "num_tokens", "seq_len", "num_sums", "num_tiles"}
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
 ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp64": 8}
 
@@ -76,8 +76,8 @@ def kernel_specs(table: str):
         ("combine_partials", sorted_scatter.combine_partials_kernel,
          {"sorted_rows_ptr": "*i32", "ends_ptr": "*i32", "counts_ptr": "*i32", "head_ptr": "*fp64",
           "tail_ptr": "*fp64", "table_ptr": f"*{table}"},
-         {"ACC_FP64": acc64, "TILE": sorted_scatter.TILE, "PARTIALS_BLOCK": sorted_scatter.PARTIALS_BLOCK,
-          "BLOCK_DIM": sorted_scatter.COMBINE_BLOCK_DIM}),
+         {"ACC_FP64": acc64, "TILE": sorted_scatter.TILE, "TILES_PER_PROGRAM": sorted_scatter.COMBINE_TILES,
+          "PARTIALS_BLOCK": sorted_scatter.PARTIALS_BLOCK, "BLOCK_DIM": sorted_scatter.COMBINE_BLOCK_DIM}),
     ]  # fmt: skip
 
 

@@ -49,6 +49,7 @@ SCATTER_BLOCK = 1024  # tokens per program in scatter_sorted_kernel
 # them per thread. Measured on an H200 at gpt2-124M B8 and B32: in float32 16 was as fast as
 # or faster than 8 and 32, in bfloat16 faster than 4 and 8.
 TILE = 16
+COMBINE_TILES = 8  # tiles each combine_partials program looks at
 PARTIALS_BLOCK = 64  # partial sums loaded at once when a crossing row is combined
 COMBINE_BLOCK_DIM = 64  # columns per program there: a hot row is combined by D / 64 programs
 
@@ -200,6 +201,25 @@ def segment_sums_kernel(
 
 
 @triton.jit
+def finish_long_row(
+    head_ptr, tail_ptr, table_ptr, tile, tile_start, row, start, last_tile, cols, col_mask, dim,
+    ACC_FP64: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """table[row] = its first partial (this tile's head if the row begins exactly at the tile's
+    start, else its tail) + the heads of tiles tile + 1 .. last_tile, added in tile order."""
+    if start == tile_start:
+        acc = tl.load(head_ptr + tile.to(tl.int64) * dim + cols, mask=col_mask, other=0)
+    else:
+        acc = tl.load(tail_ptr + tile.to(tl.int64) * dim + cols, mask=col_mask, other=0)
+    for first in range(tile + 1, last_tile + 1, PARTIALS_BLOCK):
+        tiles = first + tl.arange(0, PARTIALS_BLOCK)
+        mask = (tiles <= last_tile)[:, None] & col_mask[None, :]
+        partials = tl.load(head_ptr + tiles.to(tl.int64)[:, None] * dim + cols[None, :], mask=mask, other=0)
+        acc += tl.sum(partials, axis=0)
+    tl.store(table_ptr + row.to(tl.int64) * dim + cols, to_accumulator(acc, ACC_FP64).to(table_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
 def combine_partials_kernel(
     sorted_rows_ptr,  # [N]
     ends_ptr,  # [R, num_chunks]
@@ -208,35 +228,57 @@ def combine_partials_kernel(
     tail_ptr,  # [num_tiles, D]
     table_ptr,  # [R, D] out: rows that cross a tile edge
     num_tokens,
+    num_tiles,
     dim,
     num_chunks,
     skip_row,
     ACC_FP64: tl.constexpr,
     TILE: tl.constexpr,
+    TILES_PER_PROGRAM: tl.constexpr,
     PARTIALS_BLOCK: tl.constexpr,
     BLOCK_DIM: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    """Program (i, j) visits tiles i * TILES_PER_PROGRAM + [0, TILES_PER_PROGRAM), columns
+    j * BLOCK_DIM + [0, BLOCK_DIM). The row of a tile's last position is finished by that tile
+    if it continues past the tile and began in it: every crossing row has exactly one such first
+    tile. Most tiles finish no row; looking at several tiles per program, with all of their
+    loads in flight at once, spares a launch wave of programs that would each wait on two
+    dependent loads only to exit."""
+    lanes = tl.arange(0, TILES_PER_PROGRAM)
+    tiles = tl.program_id(0) * TILES_PER_PROGRAM + lanes
     cols = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
     col_mask = cols < dim
-    tile_start = tile * TILE
-    row = tl.load(sorted_rows_ptr + tl.minimum(tile_start + TILE, num_tokens) - 1)
-    start, end = row_extent(ends_ptr, counts_ptr, row, num_chunks)
-    # The row of this tile's last position is finished here if it continues past the tile and
-    # began in it; every crossing row has exactly one such first tile.
-    if (end > tile_start + TILE) & (start // TILE == tile) & (row != skip_row):
-        # The first partial is the head of this tile if the row begins exactly at its start.
-        if start == tile_start:
-            acc = tl.load(head_ptr + tile.to(tl.int64) * dim + cols, mask=col_mask, other=0)
-        else:
-            acc = tl.load(tail_ptr + tile.to(tl.int64) * dim + cols, mask=col_mask, other=0)
-        last_tile = (end - 1) // TILE
-        for first in range(tile + 1, last_tile + 1, PARTIALS_BLOCK):
-            tiles = first + tl.arange(0, PARTIALS_BLOCK)
-            mask = (tiles <= last_tile)[:, None] & col_mask[None, :]
-            partials = tl.load(head_ptr + tiles.to(tl.int64)[:, None] * dim + cols[None, :], mask=mask, other=0)
-            acc += tl.sum(partials, axis=0)
-        tl.store(table_ptr + row.to(tl.int64) * dim + cols, to_accumulator(acc, ACC_FP64).to(table_ptr.dtype.element_ty), mask=col_mask)
+    tile_starts = tiles * TILE
+    tile_valid = tiles < num_tiles
+    rows = tl.load(sorted_rows_ptr + tl.minimum(tile_starts + TILE, num_tokens) - 1, mask=tile_valid, other=0)
+    start, end = row_extent(ends_ptr, counts_ptr, rows, num_chunks)
+    last_tiles = (end - 1) // TILE
+    finishes = tile_valid & (last_tiles > tiles) & (start // TILE == tiles) & (rows != skip_row)
+    # A row that ends in the next tile (with uniform ids, nearly every crossing row) is its
+    # first partial plus the next tile's head: all such rows of the program at once.
+    two_tiles = finishes & (last_tiles == tiles + 1)
+    from_head = (start == tile_starts)[:, None]
+    offsets = tiles.to(tl.int64)[:, None] * dim + cols[None, :]
+    mask = two_tiles[:, None] & col_mask[None, :]
+    first = tl.where(
+        from_head,
+        tl.load(head_ptr + offsets, mask=mask & from_head, other=0),
+        tl.load(tail_ptr + offsets, mask=mask & ~from_head, other=0),
+    )
+    second = tl.load(head_ptr + offsets + dim, mask=mask, other=0)
+    sums = to_accumulator(first + second, ACC_FP64).to(table_ptr.dtype.element_ty)
+    tl.store(table_ptr + rows.to(tl.int64)[:, None] * dim + cols[None, :], sums, mask=mask)
+    # Longer rows (hot ids) one at a time, each over all of its partials.
+    longer = finishes & (last_tiles > tiles + 1)
+    for k in range(TILES_PER_PROGRAM):
+        picked = lanes == k
+        if tl.sum((picked & longer).to(tl.int32)) > 0:
+            finish_long_row(
+                head_ptr, tail_ptr, table_ptr, tl.sum(tl.where(picked, tiles, 0)),
+                tl.sum(tl.where(picked, tile_starts, 0)), tl.sum(tl.where(picked, rows, 0)),
+                tl.sum(tl.where(picked, start, 0)), tl.sum(tl.where(picked, last_tiles, 0)), cols, col_mask, dim,
+                ACC_FP64=ACC_FP64, PARTIALS_BLOCK=PARTIALS_BLOCK,
+            )  # fmt: skip
 
 
 def sorted_scatter_add(
@@ -284,8 +326,9 @@ def sorted_scatter_add(
     )  # fmt: skip
     launch(
         combine_partials_kernel,
-        (num_tiles, cdiv(dim, COMBINE_BLOCK_DIM)),
-        sorted_rows, ends, counts, head, tail, table, num_tokens, dim, num_chunks, skip_row,
-        ACC_FP64=acc_fp64, TILE=TILE, PARTIALS_BLOCK=PARTIALS_BLOCK, BLOCK_DIM=COMBINE_BLOCK_DIM,
+        (cdiv(num_tiles, COMBINE_TILES), cdiv(dim, COMBINE_BLOCK_DIM)),
+        sorted_rows, ends, counts, head, tail, table, num_tokens, num_tiles, dim, num_chunks, skip_row,
+        ACC_FP64=acc_fp64, TILE=TILE, TILES_PER_PROGRAM=COMBINE_TILES, PARTIALS_BLOCK=PARTIALS_BLOCK,
+        BLOCK_DIM=COMBINE_BLOCK_DIM,
     )  # fmt: skip
     return table
