@@ -130,27 +130,25 @@ def sweep_batch_kernel(
     pending_row = tl.cast(-1, tl.int64)
     first_batch = group * batches_per_group
     last_batch = tl.minimum(first_batch + batches_per_group, batch)
-    # Two batch entries per step: both tiles' loads are in flight before either is used, twice
-    # the bytes in flight of a step per entry (a step waits for its loads before its atomics).
-    for b in range(first_batch, last_batch, 2):
-        grad, table_rows, present = load_batch_tile(
-            grad_ptr, index_ptr, b, last_batch, t, in_sequence, seq_len, cols, col_mask, dim, num_rows, ADD_TO_TABLE
-        )
-        second_grad, second_rows, second_present = load_batch_tile(
+    # Software pipelining: the next batch entry's tile is loaded before this one's is added, so
+    # that the program has a load in flight while its atomics go out (a step that loaded two
+    # tiles and then added them left it with nothing in flight while it added). Two entries
+    # ahead would keep more in flight, but ptxas then spills the bfloat16 kernel at 64 registers.
+    grad, table_rows, present = load_batch_tile(
+        grad_ptr, index_ptr, first_batch, last_batch, t, in_sequence, seq_len, cols, col_mask, dim, num_rows, ADD_TO_TABLE
+    )
+    for b in range(first_batch, last_batch):
+        next_grad, next_rows, next_present = load_batch_tile(
             grad_ptr, index_ptr, b + 1, last_batch, t, in_sequence, seq_len, cols, col_mask, dim, num_rows, ADD_TO_TABLE
         )
         if SUM_OVER_BATCH:
             sums += to_accumulator(grad, ACC_FP64)  # in batch order
-            sums += to_accumulator(second_grad, ACC_FP64)
         if ADD_TO_TABLE:
             pending, pending_row = add_tile_to_table(
                 acc_ptr, grad.to(acc_type), table_rows, present, cols, col_mask, dim, num_rows, skip_row, pending,
                 pending_row,
             )  # fmt: skip
-            pending, pending_row = add_tile_to_table(
-                acc_ptr, second_grad.to(acc_type), second_rows, second_present, cols, col_mask, dim, num_rows,
-                skip_row, pending, pending_row,
-            )  # fmt: skip
+        grad, table_rows, present = next_grad, next_rows, next_present
     if ADD_TO_TABLE:
         flush_pending(acc_ptr, pending, pending_row, cols, col_mask, dim, skip_row)
     if SUM_OVER_BATCH:
