@@ -21,6 +21,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -34,7 +35,7 @@ SWEEP_ROWS = max(1, TOKENS_PER_TILE // 4)  # as backward.sweep_batch launches it
 # Integer arguments that are multiples of 16 at GPT-2 sizes, which a real launch specializes on.
 DIVISIBLE = {"dim", "tok_row_stride", "pos_row_stride", "num_tokens", "seq_len", "num_sums", "num_tiles"}
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
-ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp64": 8}
+TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
 def kernel_specs(table: str):
@@ -49,12 +50,12 @@ def kernel_specs(table: str):
          {"grad_ptr": f"*{table}", "index_ptr": ids, "acc_ptr": "*fp64" if acc64 else "*fp32", "sums_ptr": f"*{table}"},
          {"ADD_TO_TABLE": True, "SUM_OVER_BATCH": True, "ACC_FP64": acc64, "BLOCK_ROWS": SWEEP_ROWS,
           "BLOCK_DIM": BLOCK_DIM},
-         {"num_warps": backward.SWEEP_WARPS}),
+         {"num_warps": backward.sweep_warps(True, TORCH_DTYPE[table])}),
         ("position_sums", backward.sweep_batch_kernel,
          {"grad_ptr": f"*{table}", "index_ptr": f"*{table}", "acc_ptr": f"*{table}", "sums_ptr": f"*{table}"},
          {"ADD_TO_TABLE": False, "SUM_OVER_BATCH": True, "ACC_FP64": acc64, "BLOCK_ROWS": SWEEP_ROWS,
           "BLOCK_DIM": BLOCK_DIM},
-         {"num_warps": backward.SWEEP_WARPS}),
+         {"num_warps": backward.sweep_warps(False, TORCH_DTYPE[table])}),
         ("zero_touched_rows", backward.zero_touched_rows_kernel,
          {"index_ptr": ids, "acc_ptr": "*fp32", "touched_ptr": "*i8"},
          {"BLOCK_TOKENS": TOKENS_PER_TILE, "BLOCK_DIM": BLOCK_DIM}),
@@ -72,7 +73,7 @@ def kernel_specs(table: str):
          {"grad_ptr": f"*{table}", "sorted_tokens_ptr": "*i32", "sorted_rows_ptr": "*i32", "table_ptr": f"*{table}",
           "head_ptr": "*fp64", "tail_ptr": "*fp64"},
          {"ACC_FP64": acc64, "TILE": sorted_scatter.TILE, "BLOCK_DIM": BLOCK_DIM},
-         {"num_warps": sorted_scatter.segment_warps(BLOCK_DIM, ELEMENT_SIZE[table])}),
+         {"num_warps": sorted_scatter.segment_warps(BLOCK_DIM, TORCH_DTYPE[table].itemsize)}),
         ("combine_partials", sorted_scatter.combine_partials_kernel,
          {"sorted_rows_ptr": "*i32", "ends_ptr": "*i32", "counts_ptr": "*i32", "head_ptr": "*fp64",
           "tail_ptr": "*fp64", "table_ptr": f"*{table}"},

@@ -204,9 +204,17 @@ def round_touched_rows_kernel(
 # sweep_batch_kernel splits the batch into groups only when the positions alone give fewer
 # programs than this: enough to keep every SM of an H100/H200 (132) busy several times over.
 SWEEP_PROGRAMS = 512
-# A [4, 256] tile over 8 warps is one 16-byte vector per thread and tile; with 4 warps ptxas
-# spilled the float32 kernel.
-SWEEP_WARPS = 8
+
+
+def sweep_warps(add_to_table: bool, grad_dtype: torch.dtype) -> int:
+    """Warps per sweep_batch_kernel program. A [4, 256] tile over 8 warps is one 16-byte vector
+    per thread. Adding float32 gradients into the table, 4 warps (two vectors per thread, 80
+    registers on sm_90: 6 programs per SM, 4 with 8 warps) were faster on an H200, backward alone,
+    with the one-entry-ahead load: at gpt2-124M B32, 169 -> 141 us with Zipf(1.1) ids, 176 -> 87 us
+    with one id everywhere, 124 -> 122 us with uniform ids; large-vocab B16 Zipf 1226 -> 1095 us.
+    With bfloat16 gradients (95 registers) 4 warps were slower (gpt2-124M B8, one id everywhere:
+    72 -> 106 us), and the position sums alone do not need them."""
+    return 4 if add_to_table and grad_dtype == torch.float32 else 8
 
 
 def sweep_batch(
@@ -255,7 +263,7 @@ def sweep_batch(
         sums if sum_positions else unused, batch, seq_len, position_offset, num_sums, dim,
         table_acc.shape[0] if add_to_table else 1, skip_row, batches_per_group,
         ADD_TO_TABLE=add_to_table, SUM_OVER_BATCH=sum_positions, ACC_FP64=acc_fp64,
-        BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim, num_warps=SWEEP_WARPS,
+        BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim, num_warps=sweep_warps(add_to_table, grad_rows.dtype),
     )  # fmt: skip
     if not sum_positions:
         return None
