@@ -179,6 +179,25 @@ def test_hot_row_over_thousands_of_tokens(config):
     check_against_reference(config, ids, tok, pos)
 
 
+@pytest.mark.parametrize(
+    "before, hot, after",
+    [(0, 2048, 0), (16, 2048, 7), (5, 1100, 20), (1000, 3200, 3), (3, 1021, 9)],
+    ids=["from-block-edge", "from-tile-edge", "no-whole-block", "three-blocks", "ends-at-block-edge"],
+)
+@pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if c[0] == "triton"], ids=config_id)
+def test_hot_row_across_block_edges(config, before, hot, after):
+    """A hot row of `hot` tokens with `before` tokens of smaller ids and `after` of larger ones:
+    in the sorted backward it begins at sorted position `before` and its tiles' partials are
+    added in blocks of 64 tiles (1024 positions) where it covers whole blocks. The cases put
+    its start on a block edge, on a tile edge and inside a tile, and its end on a block edge."""
+    _, device, _ = config
+    torch.manual_seed(10)
+    ids = torch.cat([torch.randint(0, 3, (before,)), torch.full((hot,), 3), torch.randint(4, 7, (after,))])
+    ids = ids[torch.randperm(ids.numel())].reshape(1, -1).to(device)  # sorting regroups them
+    tok, pos = make_tables(7, ids.shape[1], 3, torch.float32, device)
+    check_against_reference(config, ids, tok, pos)
+
+
 def test_real_tokenized_text(backend_config):
     from shared_data import use_shared_tiktoken_cache, verdict_text
 

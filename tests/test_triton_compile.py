@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ("forward", "sweep_batch", "position_sums", "zero_touched_rows", "round_touched_rows",
-           "chunk_rank", "scatter_sorted", "segment_sums", "combine_partials")  # fmt: skip
+           "chunk_rank", "scatter_sorted", "segment_sums", "sum_head_blocks", "combine_partials")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

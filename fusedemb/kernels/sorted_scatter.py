@@ -21,8 +21,12 @@ and works on the N small-integer keys only; the gradient rows themselves are rea
    the rows that begin and end inside the tile straight to the table. A row that crosses a tile
    edge leaves a partial sum per tile instead (at most two per tile: the run at its head, the
    run at its tail), so one hot row (one id over the whole batch) is summed by many programs.
-6. `combine_partials_kernel`: each crossing row is finished by the program of its first tile,
-   adding its partials in tile order (a fixed order, hence deterministic).
+6. `sum_head_blocks_kernel`: the heads of every block of PARTIALS_BLOCK tiles that one row
+   covers are summed into a block sum, so that a hot row's partials are added by many programs
+   at once rather than all by one.
+7. `combine_partials_kernel`: each crossing row is finished by the program of its first tile,
+   adding its partials, and the block sums of the blocks it covers, in tile order (a fixed
+   order, hence deterministic).
 
 Bytes: the gradient is read once (N * D * elt); the table is written whole by the memset and
 its touched rows again (V * D * elt plus at most N * D * elt). Writing only the untouched rows
@@ -53,7 +57,9 @@ TILE = 16
 # one program per tile mostly loaded a row and its extent to find nothing: on an H200 at
 # gpt2-124M B32 float32, 22.3 us with one tile per program, 8.1 us with 8.
 COMBINE_TILES = 8
-PARTIALS_BLOCK = 64  # partial sums loaded at once when a crossing row is combined
+# Partial sums loaded at once when a crossing row is combined, and tiles per block sum: a row
+# over N tiles takes about N / PARTIALS_BLOCK**2 + 3 loads of PARTIALS_BLOCK rows to finish.
+PARTIALS_BLOCK = 64
 COMBINE_BLOCK_DIM = 64  # columns per program there: a hot row is combined by D / 64 programs
 
 
@@ -204,21 +210,62 @@ def segment_sums_kernel(
 
 
 @triton.jit
+def sum_head_blocks_kernel(
+    sorted_rows_ptr,  # [N]
+    head_ptr,  # [num_tiles, D]
+    block_sums_ptr,  # [num_tiles / PARTIALS_BLOCK, D] out: written for blocks inside one row
+    num_tiles,
+    dim,
+    TILE: tl.constexpr,
+    PARTIALS_BLOCK: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
+):
+    """Program (k, j): if tiles k * PARTIALS_BLOCK + [0, PARTIALS_BLOCK) all lie in the table
+    and their heads are all partials of one row (sorted rows are nondecreasing, so the rows at
+    the first and last tile starts are equal), block_sums[k] = the sum of those heads, columns
+    j * BLOCK_DIM + [0, BLOCK_DIM). Other blocks are left unwritten: combine_partials reads the
+    block sums of blocks inside a row only. Bytes: with uniform ids, two ids per program."""
+    block = tl.program_id(0)
+    first = block * PARTIALS_BLOCK
+    last = first + PARTIALS_BLOCK - 1
+    if last < num_tiles:
+        if tl.load(sorted_rows_ptr + first * TILE) == tl.load(sorted_rows_ptr + last * TILE):
+            cols = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
+            col_mask = cols < dim
+            tiles = (first + tl.arange(0, PARTIALS_BLOCK)).to(tl.int64)
+            heads = tl.load(head_ptr + tiles[:, None] * dim + cols[None, :], mask=col_mask[None, :], other=0)
+            tl.store(block_sums_ptr + block.to(tl.int64) * dim + cols, tl.sum(heads, axis=0), mask=col_mask)
+
+
+@triton.jit
+def sum_partials(partials_ptr, first, end, cols, col_mask, dim, PARTIALS_BLOCK: tl.constexpr):
+    """The sum of rows [first, end) of partials ([*, D] float64), at most PARTIALS_BLOCK of them."""
+    rows = first + tl.arange(0, PARTIALS_BLOCK)
+    mask = (rows < end)[:, None] & col_mask[None, :]
+    return tl.sum(tl.load(partials_ptr + rows.to(tl.int64)[:, None] * dim + cols[None, :], mask=mask, other=0), axis=0)
+
+
+@triton.jit
 def finish_long_row(
-    head_ptr, tail_ptr, table_ptr, tile, tile_start, row, start, last_tile, cols, col_mask, dim,
+    head_ptr, tail_ptr, block_sums_ptr, table_ptr, tile, tile_start, row, start, last_tile, cols, col_mask, dim,
     ACC_FP64: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
 ):  # fmt: skip
     """table[row] = its first partial (this tile's head if the row begins exactly at the tile's
-    start, else its tail) + the heads of tiles tile + 1 .. last_tile, added in tile order."""
+    start, else its tail) + the heads of tiles tile + 1 .. last_tile, added in tile order: the
+    heads up to the first block edge, the block sums of the whole blocks (sum_head_blocks), then
+    the heads after the last block edge."""
     if start == tile_start:
         acc = tl.load(head_ptr + tile.to(tl.int64) * dim + cols, mask=col_mask, other=0)
     else:
         acc = tl.load(tail_ptr + tile.to(tl.int64) * dim + cols, mask=col_mask, other=0)
-    for first in range(tile + 1, last_tile + 1, PARTIALS_BLOCK):
-        tiles = first + tl.arange(0, PARTIALS_BLOCK)
-        mask = (tiles <= last_tile)[:, None] & col_mask[None, :]
-        partials = tl.load(head_ptr + tiles.to(tl.int64)[:, None] * dim + cols[None, :], mask=mask, other=0)
-        acc += tl.sum(partials, axis=0)
+    first_block = tl.cdiv(tile + 1, PARTIALS_BLOCK)  # blocks [first_block, end_block) lie in the row
+    end_block = (last_tile + 1) // PARTIALS_BLOCK
+    acc += sum_partials(head_ptr, tile + 1, tl.minimum(first_block * PARTIALS_BLOCK, last_tile + 1), cols, col_mask,
+                        dim, PARTIALS_BLOCK)  # fmt: skip
+    for block in range(first_block, end_block, PARTIALS_BLOCK):
+        acc += sum_partials(block_sums_ptr, block, end_block, cols, col_mask, dim, PARTIALS_BLOCK)
+    acc += sum_partials(head_ptr, tl.maximum(end_block, first_block) * PARTIALS_BLOCK, last_tile + 1, cols, col_mask,
+                        dim, PARTIALS_BLOCK)  # fmt: skip
     tl.store(table_ptr + row.to(tl.int64) * dim + cols, to_accumulator(acc, ACC_FP64).to(table_ptr.dtype.element_ty), mask=col_mask)
 
 
@@ -229,6 +276,7 @@ def combine_partials_kernel(
     counts_ptr,  # [R, num_chunks]
     head_ptr,  # [num_tiles, D]
     tail_ptr,  # [num_tiles, D]
+    block_sums_ptr,  # [num_tiles / PARTIALS_BLOCK, D] (sum_head_blocks_kernel)
     table_ptr,  # [R, D] out: rows that cross a tile edge
     num_tokens,
     num_tiles,
@@ -277,7 +325,7 @@ def combine_partials_kernel(
         picked = lanes == k
         if tl.sum((picked & longer).to(tl.int32)) > 0:
             finish_long_row(
-                head_ptr, tail_ptr, table_ptr, tl.sum(tl.where(picked, tiles, 0)),
+                head_ptr, tail_ptr, block_sums_ptr, table_ptr, tl.sum(tl.where(picked, tiles, 0)),
                 tl.sum(tl.where(picked, tile_starts, 0)), tl.sum(tl.where(picked, rows, 0)),
                 tl.sum(tl.where(picked, start, 0)), tl.sum(tl.where(picked, last_tiles, 0)), cols, col_mask, dim,
                 ACC_FP64=ACC_FP64, PARTIALS_BLOCK=PARTIALS_BLOCK,
@@ -327,10 +375,19 @@ def sorted_scatter_add(
         ACC_FP64=acc_fp64, TILE=TILE, BLOCK_DIM=block_dim,
         num_warps=segment_warps(block_dim, grad_rows.element_size()),
     )  # fmt: skip
+    num_blocks = num_tiles // PARTIALS_BLOCK
+    block_sums = head  # stands in, unread, where no row can cover a whole block
+    if num_blocks > 0:
+        block_sums = head.new_empty((num_blocks, dim))
+        launch(
+            sum_head_blocks_kernel, (num_blocks, cdiv(dim, COMBINE_BLOCK_DIM)),
+            sorted_rows, head, block_sums, num_tiles, dim,
+            TILE=TILE, PARTIALS_BLOCK=PARTIALS_BLOCK, BLOCK_DIM=COMBINE_BLOCK_DIM,
+        )  # fmt: skip
     launch(
         combine_partials_kernel,
         (cdiv(num_tiles, COMBINE_TILES), cdiv(dim, COMBINE_BLOCK_DIM)),
-        sorted_rows, ends, counts, head, tail, table, num_tokens, num_tiles, dim, num_chunks, skip_row,
+        sorted_rows, ends, counts, head, tail, block_sums, table, num_tokens, num_tiles, dim, num_chunks, skip_row,
         ACC_FP64=acc_fp64, TILE=TILE, TILES_PER_PROGRAM=COMBINE_TILES, PARTIALS_BLOCK=PARTIALS_BLOCK,
         BLOCK_DIM=COMBINE_BLOCK_DIM,
     )  # fmt: skip
