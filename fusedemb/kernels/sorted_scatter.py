@@ -59,6 +59,9 @@ TILE = 16
 COMBINE_TILES = 8
 # Partial sums loaded at once when a crossing row is combined, and tiles per block sum: a row
 # over N tiles takes about N / PARTIALS_BLOCK**2 + 3 loads of PARTIALS_BLOCK rows to finish.
+# Measured on an H200 at gpt2-124M B32 with one id everywhere (backward alone), block sums
+# against one program adding all 2048 heads in turn: 275 -> 173 us float32, 236 -> 140 us
+# bfloat16; with uniform or Zipf ids within +-2% (+4% at B8 Zipf: the extra launch).
 PARTIALS_BLOCK = 64
 COMBINE_BLOCK_DIM = 64  # columns per program there: a hot row is combined by D / 64 programs
 
