@@ -17,7 +17,7 @@ data=${2:-../shared/data}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR=$data/tiktoken
 tables=$out/tables.txt
-bench() { timeout "$1" python3 -m fusedemb.bench --device cuda --pass forward forward+backward "${@:2}" 2>&1 | tee -a "$tables" | tail -3; }
+bench() { timeout -k 10 "$1" python3 -m fusedemb.bench --device cuda --pass forward forward+backward "${@:2}" 2>&1 | tee -a "$tables" | tail -3; }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton, fusedemb; print('torch', torch.__version__, 'triton', triton.__version__, fusedemb.available_backends('cuda'))"
@@ -36,7 +36,8 @@ timeout 120 python3 -m pytest tests/test_functional.py tests/test_ops.py tests/t
   -q -x -n 14 -p no:cacheprovider > "$out/tests.log" 2>&1
 echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$tables"
 
-# One command per dtype: the table is printed when a command ends, so a timeout loses only one.
+# A bench cut short by its timeout (SIGTERM) still prints and writes the problems it finished;
+# -k 10 kills it if it cannot stop. One command per dtype keeps a lost problem's cost small.
 for dtype in float32 bfloat16; do
   bench 120 --no-bounds-check --preset gpt2-124M --batch 8 32 --dtype $dtype \
     --ids uniform zipf:1.1 same "text:$data/the-verdict.txt" --json "$out/bench_gpt2_$dtype.json" \

@@ -4,6 +4,8 @@ correctness gate, the JSON report and a tiny end-to-end CPU run. Nothing here as
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -354,6 +356,32 @@ def test_a_run_with_a_failure_exits_nonzero(monkeypatch, tmp_path):
     assert cli.main([*TINY_ARGS, "--batch", "1", "--ids", "uniform", "--impl", "eager", "--json", str(json_path)]) == 1
     statuses = {result["status"] for result in json.loads(json_path.read_text())["results"]}
     assert statuses == {"mismatch"}
+
+
+def test_a_run_cut_short_by_sigterm_reports_the_problems_it_finished(monkeypatch, tmp_path, capsys):
+    run_problem = Runner.run_problem
+    problems_started = []
+
+    def terminated_at_the_second_problem(self, problem, *args, **kwargs):
+        problems_started.append(problem)
+        if len(problems_started) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` sends
+        return run_problem(self, problem, *args, **kwargs)
+
+    monkeypatch.setattr(Runner, "run_problem", terminated_at_the_second_problem)
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
+    json_path = tmp_path / "bench.json"
+    status = cli.main([*TINY_ARGS, "--batch", "1", "2", "3", "--ids", "uniform", "--impl", "eager",
+                       "--json", str(json_path)])  # fmt: skip
+    assert status == cli.INTERRUPTED_STATUS
+    assert len(problems_started) == 2 and signal.getsignal(signal.SIGTERM) == sigterm_handler
+    table = capsys.readouterr().out
+    assert "interrupted: the rows above are the problems finished before it" in table
+    assert "| custom | float32 | uniform | 1 " in table and "| custom | float32 | uniform | 2 " not in table
+    report = json.loads(json_path.read_text())
+    assert report["settings"]["complete"] is False
+    assert {result["batch"] for result in report["results"]} == {1}
+    assert all(result["status"] == "ok" for result in report["results"])
 
 
 def test_compile_is_gated_and_timed(capsys):

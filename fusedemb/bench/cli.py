@@ -9,13 +9,15 @@ Examples:
     python -m fusedemb.bench --device cpu --vocab 8192 --dim 256 --seq 128 --batch 1 8 --quick
 
 The exit status is 0 when every implementation was timed, 1 when any failed the correctness gate
-or raised (the table says which and why).
+or raised (the table says which and why), 130 when the run was cut short by Ctrl-C or SIGTERM
+(what `timeout` sends): the problems finished by then are still printed, written and plotted.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from pathlib import Path
 
@@ -38,6 +40,7 @@ DEFAULT_IDS = ["uniform", "zipf:1.1"]
 # Copy-bandwidth buffers, far larger than the last-level cache (L2 on a GPU, L3 on a CPU).
 COPY_BUFFER_MIB = {"cuda": 1024, "cpu": 256}
 QUICK_COPY_BUFFER_MIB = {"cuda": 256, "cpu": 64}
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, the shell's status for a command stopped by Ctrl-C
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,10 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(args.device, timer, copy_bandwidth(timer, args.device, buffer_mib * 2**20), args.passes, args.seed)
 
     results = []
-    with tqdm(total=len(problems) * len(available), unit="impl", file=sys.stderr, disable=None) as progress:
-        for problem in problems:
-            progress.set_description(problem.label)
-            results += runner.run_problem(problem, available, after_each=progress.update)
+    # A long sweep cut short (Ctrl-C, or SIGTERM from `timeout`) still reports the problems it
+    # finished: SIGTERM is turned into the KeyboardInterrupt that Ctrl-C raises.
+    previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with tqdm(total=len(problems) * len(available), unit="impl", file=sys.stderr, disable=None) as progress:
+            for problem in problems:
+                progress.set_description(problem.label)
+                results += runner.run_problem(problem, available, after_each=progress.update)
+        complete = True
+    except KeyboardInterrupt:
+        complete = False
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
 
     report = Report(
         environment=describe_environment(args.device),
@@ -132,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "bounds_check": not args.no_bounds_check,
             "copy_buffer_mib": buffer_mib,
+            "complete": complete,
         },
         copy_bandwidth=runner.copy_bandwidth,
         skipped=skipped,
@@ -146,4 +159,6 @@ def main(argv: list[str] | None = None) -> int:
 
         plot_report(report, args.plot)
         print(f"wrote {args.plot}")
+    if not complete:
+        return INTERRUPTED_STATUS
     return 0 if all(result.status == "ok" for result in results) else 1

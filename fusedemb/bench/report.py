@@ -60,6 +60,8 @@ def format_table(report: Report) -> str:
         lines += ["", "not timed:", *(f"  {note}" for note in notes)]
     if report.skipped:
         lines += ["", "skipped:", *(f"  {name}: {reason}" for name, reason in report.skipped.items())]
+    if not report.settings.get("complete", True):
+        lines += ["", "interrupted: the rows above are the problems finished before it"]
     return "\n".join(lines)
 
 
