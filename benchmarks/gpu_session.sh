@@ -31,9 +31,11 @@ timeout 90 python3 -m fusedemb.bench --device cuda --quick --preset gpt2-124M --
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "smoke check failed: stopping" | tee -a "$tables"; exit 1; }
 
 # Compiling the Triton kernels for every tested shape is most of this step's time: spread it
-# over the cores (100 s with 8 workers was not enough on an H200 machine).
+# over the cores with pytest-xdist where the machine has it (100 s with 8 workers was not enough
+# on an H200 machine), else one process (slower: the timeout may cut it short).
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")
 timeout 120 python3 -m pytest tests/test_functional.py tests/test_ops.py tests/test_validation.py tests/test_module.py \
-  -q -x -n 14 -p no:cacheprovider > "$out/tests.log" 2>&1
+  -q -x $workers -p no:cacheprovider > "$out/tests.log" 2>&1
 echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$tables"
 
 # A bench cut short by its timeout (SIGTERM) still prints and writes the problems it finished;

@@ -50,7 +50,7 @@ GPT2_124M = GPTConfig(
 )
 # Small enough that two 10-step runs take seconds on two CPU cores; same vocabulary as GPT-2.
 TINY = GPTConfig(vocab_size=50257, context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.1, qkv_bias=True)
-CONFIGS = {"tiny": TINY, "gpt2-124m": GPT2_124M}
+CONFIGS = {"tiny": TINY, "gpt2-124M": GPT2_124M}
 
 # GPT-2's initialisation: N(0, 0.02) for every weight matrix and table, zero biases.
 INIT_STD = 0.02

@@ -38,7 +38,7 @@ from fusedemb.data import create_dataloader
 # loss is insensitive to exactly those weights. So the losses (about ln 50257 = 10.8 at the
 # start) drift apart far slower than 1e-4 over a few dozen steps. Observed: 0 on the CPU (the
 # C++ kernels sum in token order, as PyTorch's CPU embedding backward does), at most 1e-6 on
-# an H200 with the Triton atomic backward (tiny: 30 steps, gpt2-124m: 12 steps). A wrong
+# an H200 with the Triton atomic backward (tiny: 30 steps, gpt2-124M: 12 steps). A wrong
 # gradient (a dropped row, a missed position) shifts the loss by 1e-3 or more within a step or two.
 LOSS_TOLERANCE = 1e-4
 # Loading the same weights gives the same function: the logits agree exactly on the CPU; the
