@@ -238,6 +238,24 @@ def test_gate_catches_a_wrong_implementation(wrong, complaint):
     assert complaint in result.detail
 
 
+def loses_one_update(ids, tok_weight, pos_weight):
+    # right output; the first token's gradient reaches neither table
+    out = eager_embedding(ids, tok_weight, pos_weight).clone()
+    out[0, 0] = out[0, 0].detach()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gate_catches_one_lost_update_among_32k_tokens(dtype):
+    # At benchmark sizes a norm-wise error averages one missing token away; the per-element
+    # bound does not where the row has few terms, as token rows do with uniform ids. (Position
+    # rows sum 32 terms here, which in bfloat16 may lose one within the bound.)
+    problem = Problem(ModelConfig("gpt2-124M[D=16]", vocab=50257, dim=16, seq=1024), 32, dtype, Uniform())
+    result = check_against_reference(loses_one_update, make_inputs(problem, "cpu", seed=0))
+    assert not result.passed
+    assert "grad tok_weight" in result.detail
+
+
 def test_a_mismatch_is_reported_and_not_timed():
     timed = []
 

@@ -1,19 +1,28 @@
 """fused_embedding against the reference, on every backend that runs here.
 
 Forward outputs must equal the reference bit for bit (one rounding of tok + pos, as eager);
-gradients are compared with the float64 reference (see conftest.assert_grad_close).
+gradients element by element with the exact scatter-add, within the error bound of float32
+accumulation (fusedemb.accuracy, via conftest.assert_grad_close).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKEND_CONFIGS, ID_DTYPES, TABLE_DTYPES, assert_grad_close, config_id, interpreted
+from conftest import (
+    BACKEND_CONFIGS,
+    ID_DTYPES,
+    TABLE_DTYPES,
+    assert_grad_close,
+    assert_output_equal,
+    config_id,
+    interpreted,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fusedemb
-from fusedemb.reference import fused_embedding_backward_reference, fused_embedding_reference
+from fusedemb.reference import default_positions, fused_embedding_reference
 
 
 def make_tables(num_embeddings, context_length, dim, dtype, device):
@@ -40,23 +49,15 @@ def check_against_reference(
         expected = fused_embedding_reference(ids, tok, pos, position_ids, position_offset, padding_idx)
     assert out.shape == (*ids.shape, tok.shape[1])
     assert out.dtype == tok.dtype
-    if interpreted(config[1], config[0]) and tok.dtype == torch.bfloat16:
-        # Triton's interpreter rounds float32 -> bfloat16 toward zero (compiled kernels round to
-        # nearest even), so there the sum may be one bfloat16 ulp (2^-7 relative) off.
-        torch.testing.assert_close(out, expected, rtol=2**-7, atol=0)
-    else:
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert_output_equal(out, expected, config[1], config[0])
 
     if grad_out is None:
         grad_out = torch.randn_like(out)
     grad_tok, grad_pos = torch.autograd.grad(out, (tok, pos), grad_out)
-    expected_tok, expected_pos = fused_embedding_backward_reference(
-        grad_out.double(), ids, tok.shape[0], pos.shape[0], position_ids, position_offset, padding_idx
-    )
-    assert_grad_close(grad_tok, expected_tok, tok.dtype)
-    assert_grad_close(grad_pos, expected_pos, pos.dtype)
-    if padding_idx is not None:
-        assert grad_tok[padding_idx].abs().sum() == 0
+    skip_row = None if padding_idx is None else padding_idx % tok.shape[0]
+    positions = default_positions(ids, position_offset) if position_ids is None else position_ids
+    assert_grad_close(grad_tok, grad_out, ids, tok.dtype, skip_row)
+    assert_grad_close(grad_pos, grad_out, positions, pos.dtype)
     return out, grad_tok, grad_pos
 
 
@@ -87,6 +88,20 @@ def test_odd_sizes(backend_config, num_embeddings, dim, shape):
     check_against_reference(backend_config, ids, tok, pos, position_offset=1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "num_embeddings, dim, shape", [(1, 5, (2, 4)), (13, 3, (2, 9)), (20, 300, (2, 7)), (9, 16, (4, 1))],
+    ids=["V1", "D3", "D300", "T1"],
+)
+def test_odd_sizes_other_dtypes(backend_config, num_embeddings, dim, shape, dtype):
+    """The odd sizes in the other table dtypes (D300: two column blocks, the second partial)."""
+    _, device, _ = backend_config
+    torch.manual_seed(1)
+    tok, pos = make_tables(num_embeddings, shape[-1] + 1, dim, dtype, device)
+    ids = torch.randint(0, num_embeddings, shape, device=device, dtype=torch.int32)
+    check_against_reference(backend_config, ids, tok, pos, position_offset=1, padding_idx=0)
+
+
 @pytest.mark.parametrize("shape", [(17,), (3, 8), (2, 3, 5)], ids=["1d", "2d", "3d"])
 def test_leading_shapes(backend_config, shape):
     _, device, _ = backend_config
@@ -109,12 +124,16 @@ def test_position_ids_for_left_padded_batch(backend_config):
     check_against_reference(backend_config, ids, tok, pos, position_ids=position_ids, padding_idx=0)
 
 
-def test_packed_random_position_ids(backend_config):
+@pytest.mark.parametrize(
+    "id_dtype, position_dtype", [(torch.int64, torch.int64), (torch.int32, torch.int32), (torch.int32, torch.int64)],
+    ids=["int64", "int32", "mixed"],
+)
+def test_packed_random_position_ids(backend_config, id_dtype, position_dtype):
     _, device, _ = backend_config
     torch.manual_seed(4)
     tok, pos = make_tables(25, 40, 9, torch.bfloat16, device)
-    ids = torch.randint(0, 25, (2, 70), device=device)
-    position_ids = torch.randint(0, 40, (2, 70), device=device)
+    ids = torch.randint(0, 25, (2, 70), device=device, dtype=id_dtype)
+    position_ids = torch.randint(0, 40, (2, 70), device=device, dtype=position_dtype)
     check_against_reference(backend_config, ids, tok, pos, position_ids=position_ids)
 
 
@@ -147,8 +166,9 @@ def zipf_ids(shape, vocab, exponent, device):
     return flat.reshape(shape).to(device)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("distribution", ["same", "zipf", "two-hot", "padding-run"])
-def test_skewed_ids(backend_config, distribution):
+def test_skewed_ids(backend_config, distribution, dtype):
     """Rows hit by hundreds of tokens: in the sorted backward they cross many tiles."""
     _, device, _ = backend_config
     torch.manual_seed(7)
@@ -162,7 +182,7 @@ def test_skewed_ids(backend_config, distribution):
     else:  # sequences right-padded with padding_idx 5 from a random length on
         lengths = torch.randint(1, shape[1], (shape[0], 1), device=device)
         ids = torch.where(torch.arange(shape[1], device=device) < lengths, torch.randint(0, vocab, shape, device=device), 5)
-    tok, pos = make_tables(vocab, 150, 24, torch.float32, device)
+    tok, pos = make_tables(vocab, 150, 24, dtype, device)
     check_against_reference(backend_config, ids, tok, pos, padding_idx=None if distribution in ("same", "zipf") else 5)
 
 
@@ -212,6 +232,38 @@ def test_real_tokenized_text(backend_config):
     check_against_reference(backend_config, tokens, tok, pos)
 
 
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """torch.empty, empty_like and Tensor.new_empty return memory full of garbage (NaN, or -7 in
+    integer tensors) instead of what the allocator happens to hold, on CPU often zeros: a kernel
+    that reads memory it never wrote, or leaves unwritten an element it owns, then shows."""
+
+    def poisoned(allocate):
+        def allocate_poisoned(*args, **kwargs):
+            tensor = allocate(*args, **kwargs)
+            return tensor.fill_(float("nan") if tensor.dtype.is_floating_point else -7)
+
+        return allocate_poisoned
+
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(torch.Tensor.new_empty))
+
+
+@pytest.mark.parametrize("dtype", TABLE_DTYPES, ids=str)
+@pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if c[0] == "triton"], ids=config_id)
+def test_no_kernel_relies_on_what_fresh_memory_holds(config, dtype, poisoned_allocations):
+    """Most table rows untouched (V >> N), a padding row and a hot row: every row no token adds
+    into must come back exactly zero, with every scratch buffer starting as garbage."""
+    _, device, _ = config
+    torch.manual_seed(12)
+    tok, pos = make_tables(64, 40, 19, dtype, device)
+    ids = torch.randint(0, 64, (2, 20), device=device)
+    ids[1, 3:] = 7
+    ids[0, :2] = 5
+    check_against_reference(config, ids, tok, pos, position_offset=4, padding_idx=5)
+
+
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0)], ids=["no-sequences", "no-positions"])
 def test_empty_batch(backend_config, shape):
     _, device, _ = backend_config
@@ -222,16 +274,26 @@ def test_empty_batch(backend_config, shape):
     assert grad_tok.abs().sum() == 0 and grad_pos.abs().sum() == 0
 
 
-def test_non_contiguous_inputs(backend_config):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous_inputs(backend_config, dtype):
     _, device, _ = backend_config
     torch.manual_seed(9)
-    strided_rows = torch.randn(30, 20, device=device)[:, 3:14].detach().requires_grad_()  # rows 20 apart
-    transposed = torch.randn(11, 30, device=device).t().detach().requires_grad_()  # column stride 30
-    pos = torch.randn(8, 11, device=device, requires_grad=True)
+
+    def table(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    strided_rows = table(30, 20)[:, 3:14].requires_grad_()  # rows 20 apart
+    transposed = table(11, 30).t().requires_grad_()  # column stride 30
+    pos = table(8, 11).requires_grad_()
+    strided_pos = table(8, 16)[:, 2:13].requires_grad_()  # rows 16 apart
     ids = torch.randint(0, 30, (6, 16), device=device)[::2, ::2]
+    position_ids = torch.randint(0, 8, (8, 3), device=device).t()
+    grad_out = torch.randn(11, 8, 3, device=device, dtype=dtype).permute(2, 1, 0)
     assert not strided_rows.is_contiguous() and transposed.stride(1) != 1 and not ids.is_contiguous()
+    assert not strided_pos.is_contiguous() and not position_ids.is_contiguous() and not grad_out.is_contiguous()
     check_against_reference(backend_config, ids, strided_rows, pos)
-    check_against_reference(backend_config, ids, transposed, pos)
+    check_against_reference(backend_config, ids, transposed, strided_pos, grad_out=grad_out)
+    check_against_reference(backend_config, ids, strided_rows, strided_pos, position_ids=position_ids)
 
 
 def test_gradcheck_float64(backend_config):
@@ -245,28 +307,44 @@ def test_gradcheck_float64(backend_config):
         return fusedemb.fused_embedding(ids, tok, pos, position_offset=1, backend=backend, deterministic=deterministic)
 
     assert torch.autograd.gradcheck(fn, (tok, pos))
+    position_ids = torch.tensor([[4, 0, 0, 2], [1, 3, 3, 3]], device=device)
+
+    def with_position_ids(tok, pos):
+        return fusedemb.fused_embedding(ids, tok, pos, position_ids=position_ids, backend=backend, deterministic=deterministic)
+
+    assert torch.autograd.gradcheck(with_position_ids, (tok, pos))
 
 
+@pytest.mark.parametrize("with_position_ids", [False, True], ids=["offset", "position_ids"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if c[2]], ids=config_id)
-def test_deterministic_mode_is_bitwise_reproducible(config):
+def test_deterministic_mode_is_bitwise_reproducible(config, dtype, with_position_ids):
+    """Both gradients, bit for bit, call after call (and, for the C++ kernels, whatever the
+    thread count). On CUDA at a GPT-2 batch of Zipf ids, where the hot rows cross hundreds of
+    tiles and the block sums run; on CPU small, since Triton's interpreter runs programs one
+    after another (atomics too are reproducible there)."""
     backend, device, _ = config
+    batch, seq_len, vocab, dim, calls = (32, 1024, 50257, 64, 5) if device == "cuda" else (2, 96, 50, 24, 2)
     torch.manual_seed(11)
-    tok, pos = make_tables(50, 128, 40, torch.float32, device)
-    ids = zipf_ids((4, 128), 50, 1.2, device)
-    grad_out = torch.randn(4, 128, 40, device=device)
+    tok, pos = make_tables(vocab, seq_len, dim, dtype, device)
+    ids = zipf_ids((batch, seq_len), vocab, 1.2, device)
+    position_ids = torch.randint(0, seq_len, (batch, seq_len), device=device) if with_position_ids else None
+    grad_out = torch.randn(batch, seq_len, dim, device=device, dtype=dtype)
 
     def grads(threads):
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            out = fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=True)
+            out = fusedemb.fused_embedding(
+                ids, tok, pos, position_ids=position_ids, backend=backend, deterministic=True
+            )
             return torch.autograd.grad(out, (tok, pos), grad_out)
         finally:
             torch.set_num_threads(previous)
 
     first = grads(2)
-    for threads in (2, 1):
-        again = grads(threads)
+    for call in range(1, calls):
+        again = grads(call % 2 + 1)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
@@ -311,6 +389,19 @@ def test_deterministic_default_follows_torch_setting(sorted_scatter_calls):
 
 
 @triton_only
+def test_explicit_positions_are_scattered_by_the_sort_in_both_modes(sorted_scatter_calls):
+    """The position gradient has no atomics in either mode: with position_ids it is the sorted
+    scatter (table size 4 here), after the token table's in the deterministic mode (size 8)."""
+    tok, pos = make_tables(8, 4, 3, torch.float32, any_device)
+    ids = torch.randint(0, 8, (2, 4), device=any_device)
+    position_ids = torch.randint(0, 4, (2, 4), device=any_device)
+    for deterministic, calls in ((False, [4]), (True, [4, 8, 4])):
+        out = fusedemb.fused_embedding(ids, tok, pos, position_ids=position_ids, backend="triton", deterministic=deterministic)
+        out.sum().backward()
+        assert sorted_scatter_calls == calls
+
+
+@triton_only
 @pytest.mark.parametrize("dtype", TABLE_DTYPES, ids=str)
 def test_fast_mode_sorts_many_16_bit_gradient_rows(sorted_scatter_calls, monkeypatch, dtype):
     """Above both thresholds (lowered here) the fast mode's 16-bit token gradient is the sorted
@@ -330,6 +421,22 @@ def test_fast_mode_sorts_many_16_bit_gradient_rows(sorted_scatter_calls, monkeyp
     monkeypatch.setattr(backward, "FAST_SORTS_MIN_ELEMENTS", 12 * 5 + 1)  # 12 tokens x 5 columns, one short
     check_against_reference(config, torch.randint(0, 9, (2, 6), device=any_device), tok, pos)
     assert sorted_scatter_calls == ([9] if sorts else [])
+    monkeypatch.setattr(backward, "FAST_SORTS_MIN_ELEMENTS", 12 * 5)
+    monkeypatch.setattr(backward, "FAST_SORTS_MIN_TOKENS", 13)  # enough elements, one token short
+    check_against_reference(config, torch.randint(0, 9, (2, 6), device=any_device), tok, pos)
+    assert sorted_scatter_calls == ([9] if sorts else [])
+
+
+@triton_only
+def test_fast_mode_sort_thresholds():
+    """16-bit tables sort in the fast mode from 16384 tokens and 2^24 gradient elements on."""
+    from fusedemb.kernels.backward import fast_mode_sorts
+
+    for dtype in (torch.bfloat16, torch.float16):
+        assert fast_mode_sorts(16384, 1024, dtype) and fast_mode_sorts(32768, 768, dtype)
+        assert not fast_mode_sorts(16383, 4096, dtype)  # enough elements, too few tokens
+        assert not fast_mode_sorts(16384, 1023, dtype)  # enough tokens, too few elements
+    assert not fast_mode_sorts(32768, 768, torch.float32) and not fast_mode_sorts(32768, 768, torch.float64)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -339,13 +446,14 @@ def test_random_shapes_and_ids(backend_config, data):
     batch = data.draw(st.integers(1, 3), label="batch")
     seq_len = data.draw(st.integers(1, 40), label="seq_len")
     vocab = data.draw(st.integers(1, 60), label="vocab")
-    dim = data.draw(st.integers(1, 70), label="dim")
+    dim = data.draw(st.integers(1, 300), label="dim")
     offset = data.draw(st.integers(0, 3), label="offset")
     dtype = data.draw(st.sampled_from(TABLE_DTYPES), label="dtype")
     padding_idx = data.draw(st.one_of(st.none(), st.integers(-vocab, vocab - 1)), label="padding_idx")
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, seq_len), generator=generator).to(device)
+    id_dtype = data.draw(st.sampled_from(ID_DTYPES), label="id_dtype")
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=generator).to(device, id_dtype)
     tok = torch.randn(vocab, dim, generator=generator).to(device, dtype).requires_grad_()
     pos = torch.randn(seq_len + offset, dim, generator=generator).to(device, dtype).requires_grad_()
     padding = None if padding_idx is None else padding_idx % vocab

@@ -105,6 +105,24 @@ def test_position_arguments_reach_the_kernel():
     torch.testing.assert_close(fused(ids, position_ids=position_ids), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("deterministic", [None, False, True])
+def test_backend_and_mode_reach_the_functional_form(monkeypatch, deterministic):
+    """The module's backend= and deterministic= arrive, as given, at every call."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["backend"], kwargs["deterministic"]))
+        return real(*args, **kwargs)
+
+    real = fusedemb.module.fused_embedding
+    monkeypatch.setattr(fusedemb.module, "fused_embedding", spy)
+    fused = fusedemb.FusedEmbedding(11, 4, 6, backend="reference", deterministic=deterministic)
+    wrapped = fusedemb.FusedEmbedding.from_embeddings(fused.tok_emb, fused.pos_emb, backend="reference", deterministic=deterministic)
+    for module in (fused, wrapped):
+        module(torch.randint(0, 11, (2, 6))).sum().backward()
+    assert seen == [("reference", deterministic)] * 2
+
+
 def test_extra_repr_and_properties():
     fused = fusedemb.FusedEmbedding(50257, 768, 1024, padding_idx=0, backend="reference", deterministic=True)
     assert "50257, 768, context_length=1024, padding_idx=0, backend='reference', deterministic=True" in repr(fused)

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ("forward", "sweep_batch", "position_sums", "zero_touched_rows", "round_touched_rows",
-           "chunk_rank", "scatter_sorted", "segment_sums", "sum_head_blocks", "combine_partials")  # fmt: skip
+KERNELS = ("forward", "forward_position_ids", "sweep_batch", "scatter_only", "position_sums", "zero_touched_rows",
+           "round_touched_rows", "chunk_rank", "scatter_sorted", "segment_sums", "sum_head_blocks",
+           "combine_partials")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,8 @@ def report():
 
 
 def test_every_kernel_compiles_for_every_target(report):
-    expected = {f"{k}/{t}/{a}" for k in KERNELS for t in ("fp32", "bf16", "fp64") for a in ("sm_90", "sm_80")}
+    tables = ("fp32", "bf16", "fp16", "fp64")
+    expected = {f"{k}/{t}/{a}" for k in KERNELS for t in tables for a in ("sm_90", "sm_80")}
     assert set(report) == expected
 
 
@@ -42,12 +44,15 @@ def test_no_kernel_spills_registers_on_hopper(report):
     assert not spilling, f"spills to local memory: {spilling}"
 
 
-@pytest.mark.parametrize("table", ["fp32", "bf16"])
-def test_forward_moves_rows_in_16_byte_vectors(report, table):
-    ops = report[f"forward/{table}/sm_90"]["memory_ops"]
-    assert ops.get("ld.global.v4.b32", 0) > 0 and ops.get("st.global.v4.b32", 0) > 0, ops
-    scalar_loads = {op: n for op, n in ops.items() if op in ("ld.global.b32", "ld.global.b16")}
-    assert not scalar_loads, f"table rows gathered element by element: {scalar_loads}"
+@pytest.mark.parametrize("kernel", ["forward", "forward_position_ids"])
+@pytest.mark.parametrize("table", ["fp32", "bf16", "fp16"])
+def test_forward_moves_rows_in_16_byte_vectors(report, table, kernel):
+    """Two 16-byte vector loads (a token row's and a position row's) per 16-byte vector store of
+    the output; the only scalar loads are of the ids and positions themselves."""
+    ops = report[f"{kernel}/{table}/sm_90"]["memory_ops"]
+    assert ops.get("st.global.v4.b32", 0) > 0, ops
+    assert ops.get("ld.global.v4.b32", 0) == 2 * ops["st.global.v4.b32"], ops
+    assert not {op for op in ops if op.startswith(("ld.global.b16", "ld.global.u16", "st.global.b16"))}, ops
 
 
 @pytest.mark.parametrize("kernel", ["sweep_batch", "segment_sums", "position_sums", "round_touched_rows"])

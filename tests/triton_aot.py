@@ -35,7 +35,7 @@ SWEEP_ROWS = max(1, TOKENS_PER_TILE // 4)  # as backward.sweep_batch launches it
 # Integer arguments that are multiples of 16 at GPT-2 sizes, which a real launch specializes on.
 DIVISIBLE = {"dim", "tok_row_stride", "pos_row_stride", "num_tokens", "seq_len", "num_sums", "num_tiles"}
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
-TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 def kernel_specs(table: str):
@@ -46,9 +46,21 @@ def kernel_specs(table: str):
         ("forward", forward.fused_embedding_forward_kernel,
          {"ids_ptr": ids, "position_ids_ptr": ids, "tok_ptr": f"*{table}", "pos_ptr": f"*{table}", "out_ptr": f"*{table}"},
          {"HAS_POSITION_IDS": False, "ACC_FP64": acc64, "BLOCK_TOKENS": TOKENS_PER_TILE, "BLOCK_DIM": BLOCK_DIM}),
+        # int32 ids and explicit positions (left-padded or packed batches)
+        ("forward_position_ids", forward.fused_embedding_forward_kernel,
+         {"ids_ptr": "*i32", "position_ids_ptr": "*i32", "tok_ptr": f"*{table}", "pos_ptr": f"*{table}",
+          "out_ptr": f"*{table}"},
+         {"HAS_POSITION_IDS": True, "ACC_FP64": acc64, "BLOCK_TOKENS": TOKENS_PER_TILE, "BLOCK_DIM": BLOCK_DIM}),
         ("sweep_batch", backward.sweep_batch_kernel,
          {"grad_ptr": f"*{table}", "index_ptr": ids, "acc_ptr": "*fp64" if acc64 else "*fp32", "sums_ptr": f"*{table}"},
          {"ADD_TO_TABLE": True, "SUM_OVER_BATCH": True, "ACC_FP64": acc64, "BLOCK_ROWS": SWEEP_ROWS,
+          "BLOCK_DIM": BLOCK_DIM},
+         {"num_warps": backward.sweep_warps(True, TORCH_DTYPE[table])}),
+        # the fast mode's token gradient alone (explicit positions are scattered apart), int32 ids
+        ("scatter_only", backward.sweep_batch_kernel,
+         {"grad_ptr": f"*{table}", "index_ptr": "*i32", "acc_ptr": "*fp64" if acc64 else "*fp32",
+          "sums_ptr": f"*{table}"},
+         {"ADD_TO_TABLE": True, "SUM_OVER_BATCH": False, "ACC_FP64": acc64, "BLOCK_ROWS": SWEEP_ROWS,
           "BLOCK_DIM": BLOCK_DIM},
          {"num_warps": backward.sweep_warps(True, TORCH_DTYPE[table])}),
         ("position_sums", backward.sweep_batch_kernel,
@@ -112,7 +124,7 @@ def resource_usage(ptx: str) -> dict:
 
 def report() -> dict:
     results = {}
-    for table in ("fp32", "bf16", "fp64"):
+    for table in TORCH_DTYPE:
         for name, kernel, pointers, constexprs, *options in kernel_specs(table):
             for arch, target in TARGETS.items():
                 compiled = compile_kernel(kernel, pointers, constexprs, target, *options)

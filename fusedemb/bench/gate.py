@@ -4,12 +4,14 @@ Each implementation runs forward and backward on the very inputs it is about to 
 its output and both table gradients are compared with fusedemb.reference. A wrong kernel that is
 fast is the easiest benchmark result to get, so a mismatch is reported and never timed.
 
-Comparison is by relative error ||actual - expected|| / ||expected|| in float64, against a bound
-per dtype. The forward is a single add, exact in every dtype up to the final rounding; the
-gradients are float32 sums rounded to the table dtype, so implementations that sum in another
-order differ by about an ulp of the table dtype in some elements: float32 2^-24, float16 2^-11,
-bfloat16 2^-8. The bounds sit a little above those ulps; a wrong row or a lost update moves the
-error by orders of magnitude more.
+The output is compared by relative error ||actual - expected|| / ||expected|| in float64: the
+forward is a single add, exact in every dtype up to the final rounding, so the bound sits a
+little above one ulp of the dtype (float32 2^-24, float16 2^-11, bfloat16 2^-8). The gradients
+are sums over up to N tokens, which implementations add in different orders: each element is
+checked against the error bound of a sum in the table's own precision (fusedemb.accuracy; what
+PyTorch's CPU backward adds 16-bit rows in), which a lost update or a row added to the wrong
+place breaks even where a norm-wise error, averaged over N * D elements, would not. (fusedemb's
+tests hold its kernels to the tighter bound of float32 accumulation.)
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from fusedemb.accuracy import scatter_add_error
 from fusedemb.bench.implementations import Forward
 from fusedemb.bench.passes import Inputs
-from fusedemb.reference import fused_embedding_backward_reference, fused_embedding_reference
+from fusedemb.reference import default_positions, fused_embedding_reference
 
 RELATIVE_TOLERANCE: dict[torch.dtype, float] = {
     torch.float32: 1e-5,
@@ -43,32 +46,25 @@ def check_against_reference(forward: Forward, inputs: Inputs) -> GateResult:
 
     with torch.no_grad():
         expected_out = fused_embedding_reference(inputs.ids, *tables)
-    expected_grad_tok, expected_grad_pos = fused_embedding_backward_reference(
-        inputs.grad_out, inputs.ids, num_embeddings=tables[0].shape[0], context_length=tables[1].shape[0]
-    )
-    tolerance = RELATIVE_TOLERANCE[inputs.tok_weight.dtype]
-    failures = [
-        problem
-        for name, actual, expected in (
-            ("output", out, expected_out),
-            ("grad tok_weight", grad_tok, expected_grad_tok),
-            ("grad pos_weight", grad_pos, expected_grad_pos),
-        )
-        if (problem := _compare(name, actual, expected, tolerance))
-    ]
+    failures = [problem for problem in (_compare(out, expected_out, RELATIVE_TOLERANCE[out.dtype]),) if problem]
+    for name, actual, table, index in (
+        ("grad tok_weight", grad_tok, inputs.tok_weight, inputs.ids),
+        ("grad pos_weight", grad_pos, inputs.pos_weight, default_positions(inputs.ids)),
+    ):
+        if actual.shape != table.shape or actual.dtype != table.dtype:
+            failures.append(f"{name} is {tuple(actual.shape)} {actual.dtype}, expected {tuple(table.shape)} {table.dtype}")
+        elif not (error := scatter_add_error(actual, inputs.grad_out, index, accumulate_in=actual.dtype)) <= 1:
+            failures.append(f"{name} off by {error:.3g} times the error bound of its sums")
     return GateResult(passed=not failures, detail="; ".join(failures))
 
 
-def _compare(name: str, actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> str:
-    """Empty if ``actual`` matches ``expected``, else a one-line description of the mismatch."""
+def _compare(actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> str:
+    """Empty if the output ``actual`` matches ``expected``, else a one-line description of the mismatch."""
     if actual.shape != expected.shape or actual.dtype != expected.dtype:
-        return (
-            f"{name} is {tuple(actual.shape)} {actual.dtype}, "
-            f"expected {tuple(expected.shape)} {expected.dtype}"
-        )
+        return f"output is {tuple(actual.shape)} {actual.dtype}, expected {tuple(expected.shape)} {expected.dtype}"
     difference = torch.linalg.vector_norm((actual.double() - expected.double()).flatten())
     scale = torch.linalg.vector_norm(expected.double().flatten())
     error = (difference / scale).item() if scale > 0 else difference.item()
     if not error <= tolerance:  # also catches NaN
-        return f"{name} relative error {error:.2e} > {tolerance:.0e}"
+        return f"output relative error {error:.2e} > {tolerance:.0e}"
     return ""
