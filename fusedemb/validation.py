@@ -8,7 +8,8 @@ The range checks of ids and position_ids need the values: on CUDA that is one sm
 and one device-to-host sync per call. `set_bounds_check(False)` (or the environment variable
 FUSEDEMB_BOUNDS_CHECK=0) switches them off for maximum speed; the kernels still never touch
 memory outside the tables (the Triton kernels clamp their loads and the C++ kernels re-check), but
-then an out-of-range id on CUDA yields an undefined output row instead of an error. Under
+then an out-of-range id on CUDA is clamped, silently: its output is the row of the nearest valid
+id (0 or V - 1), and its gradient is added into that row. Under
 torch.compile and while a CUDA graph is being captured the value checks are skipped too (they
 would break the graph, and a capture cannot synchronise), with the same consequence; the C++
 CPU kernels always check.

@@ -43,13 +43,44 @@ def test_opcheck_cpp_operators():
 
 
 def test_gradients_only_for_tables(backend_config):
-    """A frozen table gets no gradient; the trainable one does."""
+    """A frozen table gets no gradient; the trainable one gets the right one, also from the
+    stride-0 gradient that out.sum() hands the backward."""
     backend, device, deterministic = backend_config
     ids, tok, pos, _ = sample_inputs(device)
     pos.requires_grad_(False)
     out = fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
     out.sum().backward()
-    assert tok.grad is not None and pos.grad is None
+    assert pos.grad is None
+    expected = torch.zeros_like(tok).index_add_(0, ids.flatten(), torch.ones(ids.numel(), 6, device=device))
+    torch.testing.assert_close(tok.grad, expected, rtol=0, atol=0)
+
+
+triton_configs = [c for c in BACKEND_CONFIGS if c[0] == "triton"]
+
+
+@pytest.mark.parametrize("config", triton_configs, ids=config_id)
+def test_operators_called_directly_refuse_layouts_the_kernels_cannot_read(config):
+    """torch.ops.fusedemb.* skip fusedemb.validation; the Triton launchers check what their
+    kernels assume (as the C++ kernels do) instead of reading the wrong or out-of-bounds memory."""
+    backend, device, deterministic = config
+    ids, tok, pos, _ = sample_inputs(device)
+    tok, pos = tok.detach(), pos.detach()
+    wide_ids = torch.randint(0, 13, (2, 10), device=device)
+    cases = [
+        ((wide_ids[:, ::2], tok, pos, None, 0), "ids must be contiguous"),
+        ((ids, tok, pos, torch.arange(5, device=device).expand(2, 5), 0), "position_ids must be contiguous"),
+        ((ids, tok[:, :1].expand(13, 6), pos, None, 0), "unit stride along dim"),
+        ((ids, tok, pos[:, :4], None, 0), "same dim"),
+        ((ids.float(), tok, pos, None, 0), "int32 or int64"),
+    ]
+    for args, message in cases:
+        with pytest.raises((ValueError, TypeError), match=message):
+            fused_embedding_op(*args, -1, backend, deterministic)
+    grad_out = torch.randn(2, 6, 5, device=device).transpose(1, 2)
+    with pytest.raises(ValueError, match="grad_out must be contiguous"):
+        fused_embedding_backward_op(grad_out, ids, None, 0, 13, 9, -1, backend, deterministic)
+    with pytest.raises(ValueError, match="int32"):
+        fused_embedding_backward_op(grad_out.contiguous(), ids, None, 0, 2**31, 9, -1, backend, deterministic)
 
 
 class TinyGPTInput(nn.Module):

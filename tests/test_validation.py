@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_grad_close, assert_output_equal
 
 import fusedemb
 
@@ -168,13 +169,27 @@ def test_cpp_operators_reject_inconsistent_direct_calls():
 
 
 @pytest.mark.skipif("triton" not in fusedemb.available_backends("cuda" if torch.cuda.is_available() else "cpu"), reason="no Triton")
-def test_triton_kernels_stay_in_bounds_without_checks(bounds_check_off):
-    """With checks off an out-of-range id gives an undefined row, never an out-of-bounds access:
-    the kernels clamp, so the row read is the table's last one."""
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_kernels_stay_in_bounds_without_checks(bounds_check_off, deterministic, dtype):
+    """With checks off an out-of-range id or position is clamped, never an out-of-bounds access:
+    forward and backward (atomic and sorted, float32 and the 16-bit accumulator) both act as if
+    it were the nearest valid index, 0 or the last row."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok, pos = torch.randn(10, 4, device=device), torch.randn(8, 4, device=device)
-    out = fusedemb.fused_embedding(torch.tensor([[1, 1000]], device=device), tok, pos, backend="triton")
-    torch.testing.assert_close(out[0, 1], tok[9] + pos[1], rtol=0, atol=0)
+    tok = torch.randn(10, 4, device=device, dtype=dtype, requires_grad=True)
+    pos = torch.randn(8, 4, device=device, dtype=dtype, requires_grad=True)
+    ids = torch.tensor([[1, 1000, -7, 9, 2**40]], device=device)
+    position_ids = torch.tensor([[0, 3, 99, -1, 7]], device=device)
+    for positions in (None, position_ids):
+        out = fusedemb.fused_embedding(ids, tok, pos, position_ids=positions, backend="triton", deterministic=deterministic)
+        clamped_ids = ids.clamp(0, 9)
+        clamped_positions = None if positions is None else positions.clamp(0, 7)
+        expected = fusedemb.fused_embedding(clamped_ids, tok, pos, position_ids=clamped_positions, backend="reference")
+        assert_output_equal(out, expected, device, "triton")
+        grad_out = torch.randn_like(out)
+        grad_tok, grad_pos = torch.autograd.grad(out, (tok, pos), grad_out)
+        assert_grad_close(grad_tok, grad_out, clamped_ids, dtype)
+        assert_grad_close(grad_pos, grad_out, torch.arange(5, device=device) if positions is None else clamped_positions, dtype)
 
 
 def test_zero_width_tables():

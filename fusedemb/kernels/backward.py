@@ -7,10 +7,11 @@ Bytes moved: read grad_out (N * D * elt), write the dense token gradient (V * D 
 included) and the position gradient (P * D * elt).
 
 The token gradient has two modes:
-- fast: `sweep_batch_kernel` adds each gradient row into a float32 table with atomics, in the
-  same read of grad_out that sums the position gradient. The order of the additions, and so the
-  last bits of the result, vary from run to run. The atomics cost more than their bytes: every
-  row a token touches is read back from memory (the zeroing wrote it out) and written again.
+- fast: `sweep_batch_kernel` adds each gradient row into a float32 table (float64 for float64
+  tables) with atomics, in the same read of grad_out that sums the position gradient. The
+  order of the additions, and so the last bits of the result, vary from run to run. The
+  atomics cost more than their bytes: every row a token touches is read back from memory (the
+  zeroing wrote it out) and written again.
   For 16-bit tables the float32 accumulator is only zeroed, and only read back, where a token
   lands: zeroing and rounding the whole V x D float32 table would move 10 bytes per element
   instead of the 2 of the 16-bit result.
@@ -36,12 +37,13 @@ from fusedemb.kernels.common import (
     rows_per_tile,
     to_accumulator,
 )
+from fusedemb.kernels.preconditions import check_backward_inputs
 from fusedemb.kernels.sorted_scatter import sorted_scatter_add
 
 
 @triton.jit
-def add_tile_to_table(acc_ptr, grad, table_rows, in_sequence, cols, col_mask, dim, num_rows, skip_row, pending, pending_row):
-    """acc[table_rows] += grad for the in-sequence tokens of one [tokens, BLOCK_DIM] tile, with
+def add_tile_to_table(acc_ptr, grad, table_rows, present, cols, col_mask, dim, num_rows, skip_row, pending, pending_row):
+    """acc[table_rows] += grad for the present tokens of one [tokens, BLOCK_DIM] tile, with
     atomics. Atomics on one address serialise, so a tile whose tokens all share one table row
     (one id over the batch, a run of padding) is summed in registers instead, into `pending`,
     which is kept there while the next tiles share that row too and added to `pending_row`
@@ -50,8 +52,8 @@ def add_tile_to_table(acc_ptr, grad, table_rows, in_sequence, cols, col_mask, di
     Summing each program's most common id out of every tile instead (to help Zipf ids too) was
     measured slower on an H200: the per-tile masked reduction crosses warps, and the kernel took
     138 us instead of 85 us at gpt2-124M B32 float32 with uniform ids."""
-    lowest = tl.min(tl.where(in_sequence, table_rows, num_rows))
-    if lowest == tl.max(tl.where(in_sequence, table_rows, -1)):
+    lowest = tl.min(tl.where(present, table_rows, num_rows))  # num_rows: above any row
+    if lowest == tl.max(tl.where(present, table_rows, -1)):
         tile_sum = tl.sum(grad, axis=0)
         if lowest == pending_row:
             pending += tile_sum
@@ -60,7 +62,7 @@ def add_tile_to_table(acc_ptr, grad, table_rows, in_sequence, cols, col_mask, di
             pending = tile_sum
             pending_row = lowest
     else:
-        add_mask = (in_sequence & (table_rows != skip_row))[:, None] & col_mask[None, :]
+        add_mask = (present & (table_rows != skip_row))[:, None] & col_mask[None, :]
         tl.atomic_add(acc_ptr + table_rows[:, None] * dim + cols[None, :], grad, mask=add_mask, sem="relaxed")
     return pending, pending_row
 
@@ -97,7 +99,7 @@ def sweep_batch_kernel(
     position_offset,
     num_sums,  # S: rows of each sums slice (P, the position-table rows, or T)
     dim,  # D
-    num_rows,  # R: table rows, for clamping only
+    num_rows,  # R: table rows (ids are clamped into [0, R))
     skip_row,  # a table row that receives nothing (padding_idx), or -1
     batches_per_group,  # program (i, j, g) walks batch entries [g * batches_per_group, +batches_per_group)
     ADD_TO_TABLE: tl.constexpr,
@@ -291,6 +293,8 @@ def atomic_scatter_add(
     grad_rows (sweep_batch)."""
     num_tokens, dim = grad_rows.shape
     device = grad_rows.device
+    block_dim = column_block(dim)
+    block_tokens = rows_per_tile(block_dim)  # tiles of the 16-bit tables' zeroing and rounding
     if table_dtype in (torch.float32, torch.float64):
         # The table is its own accumulator.
         table = acc = torch.zeros((num_rows, dim), dtype=table_dtype, device=device)
@@ -298,8 +302,6 @@ def atomic_scatter_add(
         acc = torch.empty((num_rows, dim), dtype=torch.float32, device=device)
         touched = torch.zeros(num_rows, dtype=torch.int8, device=device)
         table = torch.empty((num_rows, dim), dtype=table_dtype, device=device)
-        block_dim = column_block(dim)
-        block_tokens = rows_per_tile(block_dim)
         if num_tokens > 0:
             launch(
                 zero_touched_rows_kernel, (cdiv(num_tokens, block_tokens), cdiv(dim, block_dim)),
@@ -350,6 +352,7 @@ def triton_backward(
     padding_idx: int,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    check_backward_inputs(grad_out, ids, position_ids, num_embeddings, context_length)
     dim = grad_out.shape[-1]
     grad_rows = grad_out.reshape(-1, dim)
     flat_ids = ids.reshape(-1)

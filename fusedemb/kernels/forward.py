@@ -21,6 +21,7 @@ from fusedemb.kernels.common import (
     rows_per_tile,
     to_accumulator,
 )
+from fusedemb.kernels.preconditions import check_forward_inputs
 
 
 @triton.jit
@@ -31,17 +32,17 @@ def fused_embedding_forward_kernel(
     pos_ptr,  # [P, D] position table, rows pos_row_stride apart
     out_ptr,  # [N, D] output, contiguous
     num_tokens,  # N
-    seq_len,  # T: token n sits at position n % T (+ position_offset)
-    position_offset,
+    seq_len,  # T: token n sits at position n % T + position_offset (without HAS_POSITION_IDS)
+    position_offset,  # the first sequence position's row of the position table
     dim,  # D
     num_embeddings,  # V, for clamping only
     context_length,  # P, for clamping only
-    tok_row_stride,
-    pos_row_stride,
-    HAS_POSITION_IDS: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    BLOCK_TOKENS: tl.constexpr,
-    BLOCK_DIM: tl.constexpr,
+    tok_row_stride,  # elements between consecutive rows of tok
+    pos_row_stride,  # elements between consecutive rows of pos
+    HAS_POSITION_IDS: tl.constexpr,  # positions from position_ids_ptr instead of n % T + offset
+    ACC_FP64: tl.constexpr,  # add in float64 (float64 tables) instead of float32
+    BLOCK_TOKENS: tl.constexpr,  # tokens (output rows) per program
+    BLOCK_DIM: tl.constexpr,  # columns per program, a power of two
 ):
     # Program (i, j) writes the tile out[i*BLOCK_TOKENS : +BLOCK_TOKENS, j*BLOCK_DIM : +BLOCK_DIM].
     tokens = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
@@ -72,6 +73,7 @@ def triton_forward(
     position_ids: torch.Tensor | None,
     position_offset: int,
 ) -> torch.Tensor:
+    check_forward_inputs(ids, tok_weight, pos_weight, position_ids)
     dim = tok_weight.shape[1]
     out = tok_weight.new_empty((*ids.shape, dim))
     num_tokens = ids.numel()

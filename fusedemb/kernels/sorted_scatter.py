@@ -25,8 +25,9 @@ and works on the N small-integer keys only; the gradient rows themselves are rea
    covers are summed into a block sum, so that a hot row's partials are added by many programs
    at once rather than all by one.
 7. `combine_partials_kernel`: each crossing row is finished by the program of its first tile,
-   adding its partials, and the block sums of the blocks it covers, in tile order (a fixed
-   order, hence deterministic).
+   adding its partials and the block sums of the blocks it covers in an order fixed by the
+   sorted ids alone (loads of up to PARTIALS_BLOCK rows, each summed by a reduction tree of
+   fixed shape), never by scheduling: hence deterministic.
 
 Bytes: the gradient is read once (N * D * elt); the table is written whole by the memset and
 its touched rows again (V * D * elt plus at most N * D * elt). Writing only the untouched rows
@@ -223,8 +224,8 @@ def sum_head_blocks_kernel(
     PARTIALS_BLOCK: tl.constexpr,
     BLOCK_DIM: tl.constexpr,
 ):
-    """Program (k, j): if tiles k * PARTIALS_BLOCK + [0, PARTIALS_BLOCK) all lie in the table
-    and their heads are all partials of one row (sorted rows are nondecreasing, so the rows at
+    """Program (k, j): if tiles k * PARTIALS_BLOCK + [0, PARTIALS_BLOCK) all exist (the last
+    one is below num_tiles) and their heads are all partials of one row (sorted rows are nondecreasing, so the rows at
     the first and last tile starts are equal), block_sums[k] = the sum of those heads, columns
     j * BLOCK_DIM + [0, BLOCK_DIM). Other blocks are left unwritten: combine_partials reads the
     block sums of blocks inside a row only. Bytes: with uniform ids, two ids per program."""
@@ -254,9 +255,12 @@ def finish_long_row(
     ACC_FP64: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
 ):  # fmt: skip
     """table[row] = its first partial (this tile's head if the row begins exactly at the tile's
-    start, else its tail) + the heads of tiles tile + 1 .. last_tile, added in tile order: the
+    start, else its tail) + the heads of tiles tile + 1 .. last_tile, in a fixed order: the
     heads up to the first block edge, the block sums of the whole blocks (sum_head_blocks), then
-    the heads after the last block edge."""
+    the heads after the last block edge, each load of up to PARTIALS_BLOCK rows summed by a
+    reduction tree of fixed shape. The float64 sum reaches a 16-bit table through float32
+    (Triton's interpreter cannot cast float64 to bfloat16): a second rounding, of at most half a
+    float32 ulp, before the one to 16 bits."""
     if start == tile_start:
         acc = tl.load(head_ptr + tile.to(tl.int64) * dim + cols, mask=col_mask, other=0)
     else:
@@ -320,7 +324,7 @@ def combine_partials_kernel(
         tl.load(tail_ptr + offsets, mask=mask & ~from_head, other=0),
     )
     second = tl.load(head_ptr + offsets + dim, mask=mask, other=0)
-    sums = to_accumulator(first + second, ACC_FP64).to(table_ptr.dtype.element_ty)
+    sums = to_accumulator(first + second, ACC_FP64).to(table_ptr.dtype.element_ty)  # via float32: see finish_long_row
     tl.store(table_ptr + rows.to(tl.int64)[:, None] * dim + cols[None, :], sums, mask=mask)
     # Longer rows (hot ids) one at a time, each over all of its partials.
     longer = finishes & (last_tiles > tiles + 1)
@@ -341,9 +345,11 @@ def sorted_scatter_add(
     """grad_table = zeros(num_rows, D).index_add_(0, index, grad_rows), deterministically.
 
     grad_rows: [N, D] contiguous; index: [N] int32/int64; skip_row: a row left at zero, or -1.
-    Runs inside a tile are summed in token order in float32 (float64 for float64 tables); partial
-    sums of rows that cross tiles are kept and added in float64; each row is rounded to
-    table_dtype once.
+    Runs inside a tile are summed in float32 (float64 for float64 tables): in token order at
+    GPT sizes, in a fixed tree order in narrow tables (see segment_sums_kernel). Partial sums of
+    rows that cross tiles are kept in float64 and added in a fixed order. A row inside one tile
+    is rounded to table_dtype once; a crossing row of a 16-bit table twice (float64 -> float32
+    -> 16 bits, see finish_long_row). The order depends on the ids only: bitwise reproducible.
     """
     num_tokens, dim = grad_rows.shape
     device = grad_rows.device
