@@ -132,6 +132,9 @@ def sweep_batch_kernel(
     pending_row = tl.cast(-1, tl.int64)
     first_batch = group * batches_per_group
     last_batch = tl.minimum(first_batch + batches_per_group, batch)
+    # Rows outside the sequence (position rows before position_offset or past it + T) only get
+    # their zeros stored: a program with none inside skips the walk over its batch entries.
+    last_batch = tl.where(tl.max(in_sequence.to(tl.int32), axis=0) > 0, last_batch, first_batch)
     # Software pipelining: the next batch entry's tile is loaded before this one's is added, so
     # that the program has a load in flight while its atomics go out (a step that loaded two
     # tiles and then added them left it with nothing in flight while it added). Measured on an
@@ -248,8 +251,10 @@ def sweep_batch(
     # Each program walks a group of the batch, so tiles are kept small (a quarter of the usual)
     # for enough programs: P * D / 1024 of them.
     block_rows = max(1, rows_per_tile(block_dim) // 4)
-    programs = cdiv(num_sums, block_rows) * cdiv(dim, block_dim)
-    groups = min(batch, max_groups or cdiv(SWEEP_PROGRAMS, programs))
+    # Groups are sized by the programs that hold sequence positions (T rows of the P), the others
+    # exit at once.
+    busy_programs = cdiv(min(seq_len, num_sums), block_rows) * cdiv(dim, block_dim)
+    groups = min(batch, max_groups or cdiv(SWEEP_PROGRAMS, busy_programs))
     batches_per_group = cdiv(batch, groups)
     groups = cdiv(batch, batches_per_group)
     acc_fp64 = accumulates_in_float64(table_dtype or grad_rows.dtype)
