@@ -7,7 +7,8 @@
 #      also with one id everywhere and with real text), id range check off; every
 #      implementation passes the benchmark's correctness gate before it is timed;
 #   3. what the id range check costs, measured with it on;
-#   4. a per-kernel profile of both backward modes (benchmarks/profile_backward.py).
+#   4. per-kernel profiles of both backward modes (benchmarks/profile_backward.py): gpt2-124M
+#      B32 float32, B8 bfloat16 and float32, large-vocab B8 bfloat16.
 # Most important first: if the session's time runs out, the profile is what goes.
 # Usage, from the repo root on a CUDA machine: bash benchmarks/gpu_session.sh OUT_DIR [DATA_DIR]
 # DATA_DIR holds the-verdict.txt and tiktoken/ (../shared/data beside a checkout).
@@ -34,7 +35,7 @@ timeout 90 python3 -m fusedemb.bench --device cuda --quick --preset gpt2-124M --
 # over the cores with pytest-xdist where the machine has it (100 s with 8 workers was not enough
 # on an H200 machine), else one process (slower: the timeout may cut it short).
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")
-timeout 120 python3 -m pytest tests/test_functional.py tests/test_ops.py tests/test_validation.py tests/test_module.py \
+timeout 180 python3 -m pytest tests/test_functional.py tests/test_ops.py tests/test_validation.py tests/test_module.py \
   -q -x $workers -p no:cacheprovider > "$out/tests.log" 2>&1
 echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$tables"
 
@@ -55,4 +56,8 @@ bench 25 --preset gpt2-124M --batch 8 32 --ids uniform --impl fusedemb-fast eage
 echo "== where the backward's time goes ==" >> "$tables"
 timeout 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 32 >> "$tables" 2>&1
 timeout 30 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 8 --dtype bfloat16 >> "$tables" 2>&1
+# Where the deterministic mode's extra time goes at B8 float32 (det / fast 1.4-1.6 there), and
+# whether the 1 GB bfloat16 table's zeroing runs at the float32 memset's speed.
+timeout 30 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 8 >> "$tables" 2>&1
+timeout 40 python3 benchmarks/profile_backward.py --preset large-vocab --batch 8 --dtype bfloat16 >> "$tables" 2>&1
 
