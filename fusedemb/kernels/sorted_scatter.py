@@ -45,7 +45,9 @@ from fusedemb.kernels.common import accumulates_in_float64, cdiv, clamp_rows, co
 
 # Tokens per counting-sort chunk. Each token is compared with all CHUNK tokens of its chunk, and
 # counts has num_rows * ceil(N / CHUNK) entries to zero and prefix-sum: 256 balances the two at
-# GPT-2 sizes (6.4M entries, 26 MB, for 32k tokens). Measured on an H200 at gpt2-124M B32:
+# GPT-2 sizes (6.4M entries, 26 MB, for 32k tokens). counts and its prefix sum grow as V * N:
+# 263 MB each at V = 128256 and 128k tokens, where a sort of the ids by digits (small
+# histograms, more launches) would become the better design. Measured on an H200 at gpt2-124M B32:
 # ranks 61 us -> 16 us, zeroing and prefix sum 10 us -> 24 us, against 1024-token chunks.
 CHUNK = 256
 RANK_BLOCK = 64  # tokens compared at once in chunk_rank_kernel: a 64 x 64 comparison tile
