@@ -348,6 +348,31 @@ def test_deterministic_mode_is_bitwise_reproducible(config, dtype, with_position
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+@pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
+def test_cpp_backward_splits_skewed_work_over_threads_without_changing_a_bit():
+    """Large enough for several threads' worth of work (the C++ backward splits its tasks by
+    cost), with a hot row, Zipf ids and a partial last column slice: 1, 2 and 3 threads give the
+    same bits, and the right sums."""
+    torch.manual_seed(13)
+    ids = zipf_ids((8, 512), 5000, 1.1, "cpu")
+    ids[3] = 42
+    grad_out = torch.randn(8, 512, 300)
+
+    def grads(threads):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return torch.ops.fusedemb.cpu_backward(grad_out, ids, None, 0, 5000, 512, 7)
+        finally:
+            torch.set_num_threads(previous)
+
+    first = grads(1)
+    assert_grad_close(first[0], grad_out, ids, torch.float32, skip_row=7)
+    assert_grad_close(first[1], grad_out, default_positions(ids), torch.float32)
+    for threads in (2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(first, grads(threads)))
+
+
 @pytest.fixture
 def sorted_scatter_calls(monkeypatch):
     """The table sizes passed to the Triton backward's sorted scatter, call by call."""
