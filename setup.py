@@ -4,6 +4,7 @@ Install with `pip install --no-build-isolation -e .`: the extension must be comp
 the torch it will run with, so it is never built in an isolated build environment.
 """
 
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -11,12 +12,20 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = Path(__file__).parent
 
-# at::parallel_for is serial unless the extension itself is compiled with OpenMP.
+# at::parallel_for is serial unless the extension itself is compiled with OpenMP. GCC and
+# clang on Linux take -fopenmp; MSVC spells it /openmp; Apple's clang has no OpenMP of its own
+# (the extension then builds serial rather than not at all).
+if sys.platform == "win32":
+    compile_args, link_args = ["/O2", "/openmp"], []
+elif sys.platform == "darwin":
+    compile_args, link_args = ["-O3"], []
+else:
+    compile_args, link_args = ["-O3", "-fopenmp"], ["-fopenmp"]
 extension = CppExtension(
     name="fusedemb._C",
     sources=sorted(str(path.relative_to(ROOT)) for path in (ROOT / "csrc").glob("*.cpp")),
-    extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
-    extra_link_args=["-fopenmp"],
+    extra_compile_args={"cxx": compile_args},
+    extra_link_args=link_args,
 )
 
 setup(
