@@ -233,10 +233,13 @@ void sum_rows_by_group(const scalar_t* grad_rows, int64_t dim, const RowGroups& 
   });
 }
 
+// A table whose gradient is not needed (tok_needs_grad / pos_needs_grad false: a frozen table)
+// gets an empty [0, dim] tensor and none of the work.
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tensor& ids,
                                                 const c10::optional<at::Tensor>& position_ids,
                                                 int64_t position_offset, int64_t num_embeddings,
-                                                int64_t context_length, int64_t padding_idx) {
+                                                int64_t context_length, int64_t padding_idx, bool tok_needs_grad,
+                                                bool pos_needs_grad) {
   check_ids(ids, position_ids);
   TORCH_CHECK(grad_out.is_contiguous(), "grad_out must be contiguous");
   TORCH_CHECK(grad_out.dim() == ids.dim() + 1 && grad_out.sizes().slice(0, ids.dim()) == ids.sizes() &&
@@ -249,24 +252,28 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, cons
   // No row index -1 exists, so skip_row == -1 skips nothing.
   TORCH_CHECK(padding_idx >= -1 && padding_idx < num_embeddings, "padding_idx must be -1 (none) or in [0, ",
               num_embeddings, "), got ", padding_idx);
-  at::Tensor grad_tok = empty_on_huge_pages({num_embeddings, dim}, grad_out.options());
-  at::Tensor grad_pos = empty_on_huge_pages({context_length, dim}, grad_out.options());
+  at::Tensor grad_tok = empty_on_huge_pages({tok_needs_grad ? num_embeddings : 0, dim}, grad_out.options());
+  at::Tensor grad_pos = empty_on_huge_pages({pos_needs_grad ? context_length : 0, dim}, grad_out.options());
 
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "fusedemb_backward_cpu", [&] {
     const index_t* id_ptr = ids.const_data_ptr<index_t>();
     const index_t* pos_id_ptr = position_ids.has_value() ? position_ids->const_data_ptr<index_t>() : nullptr;
     check_rows_in_range(id_ptr, num_tokens, num_embeddings, "ids");
     check_positions(pos_id_ptr, num_tokens, seq_len, position_offset, context_length);
-    const RowGroups by_id = group_tokens_by_row(num_tokens, num_embeddings, [&](int64_t n) {
-      return static_cast<int64_t>(id_ptr[n]);
-    });
-    const RowGroups by_position = group_tokens_by_row(num_tokens, context_length, [&](int64_t n) {
-      return position_of(pos_id_ptr, n, seq_len, position_offset);
-    });
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "fusedemb_backward_cpu", [&] {
       const scalar_t* grad_rows = grad_out.const_data_ptr<scalar_t>();
-      sum_rows_by_group(grad_rows, dim, by_id, padding_idx, grad_tok.mutable_data_ptr<scalar_t>());
-      sum_rows_by_group(grad_rows, dim, by_position, /*skip_row=*/-1, grad_pos.mutable_data_ptr<scalar_t>());
+      if (tok_needs_grad) {
+        const RowGroups by_id = group_tokens_by_row(num_tokens, num_embeddings, [&](int64_t n) {
+          return static_cast<int64_t>(id_ptr[n]);
+        });
+        sum_rows_by_group(grad_rows, dim, by_id, padding_idx, grad_tok.mutable_data_ptr<scalar_t>());
+      }
+      if (pos_needs_grad) {
+        const RowGroups by_position = group_tokens_by_row(num_tokens, context_length, [&](int64_t n) {
+          return position_of(pos_id_ptr, n, seq_len, position_offset);
+        });
+        sum_rows_by_group(grad_rows, dim, by_position, /*skip_row=*/-1, grad_pos.mutable_data_ptr<scalar_t>());
+      }
     });
   });
   return {grad_tok, grad_pos};
@@ -278,7 +285,8 @@ TORCH_LIBRARY(fusedemb, m) {
   m.def("cpu_forward(Tensor ids, Tensor tok_weight, Tensor pos_weight, Tensor? position_ids, "
         "SymInt position_offset) -> Tensor");
   m.def("cpu_backward(Tensor grad_out, Tensor ids, Tensor? position_ids, SymInt position_offset, "
-        "SymInt num_embeddings, SymInt context_length, int padding_idx) -> (Tensor, Tensor)");
+        "SymInt num_embeddings, SymInt context_length, int padding_idx, *, bool tok_needs_grad=True, "
+        "bool pos_needs_grad=True) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fusedemb, CPU, m) {

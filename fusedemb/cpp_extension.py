@@ -28,10 +28,16 @@ def forward_fake(ids, tok_weight, *_):
     return tok_weight.new_empty((*ids.shape, tok_weight.shape[1]))
 
 
-def backward_fake(grad_out, ids, position_ids, position_offset, num_embeddings, context_length, *_):
-    """Outputs of a backward kernel: the two table gradients."""
+def backward_fake(
+    grad_out, ids, position_ids, position_offset, num_embeddings, context_length, *_, tok_needs_grad=True,
+    pos_needs_grad=True,
+):  # fmt: skip
+    """Outputs of a backward kernel: the two table gradients ([0, D] for a table that needs none)."""
     dim = grad_out.shape[-1]
-    return grad_out.new_empty((num_embeddings, dim)), grad_out.new_empty((context_length, dim))
+    return (
+        grad_out.new_empty((num_embeddings if tok_needs_grad else 0, dim)),
+        grad_out.new_empty((context_length if pos_needs_grad else 0, dim)),
+    )
 
 
 if CPP_EXTENSION_AVAILABLE:

@@ -64,10 +64,14 @@ def interpreted_backward(
     context_length: int,
     padding_idx: int,
     deterministic: bool,
+    *,
+    tok_needs_grad: bool = True,
+    pos_needs_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return triton_backward(
-        grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, deterministic
-    )
+        grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, deterministic,
+        tok_needs_grad=tok_needs_grad, pos_needs_grad=pos_needs_grad,
+    )  # fmt: skip
 
 
 interpreted_backward.register_fake(backward_fake)
@@ -81,15 +85,18 @@ def forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, 
 
 
 def backward_kernels(
-    grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend, deterministic
-):
+    grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend, deterministic,
+    *, tok_needs_grad=True, pos_needs_grad=True,
+):  # fmt: skip
     """Run the backward kernels of `backend` directly."""
+    needs = {"tok_needs_grad": tok_needs_grad, "pos_needs_grad": pos_needs_grad}
     if backend == "triton":
         return triton_backward(
-            grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, deterministic
-        )
+            grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, deterministic,
+            **needs,
+        )  # fmt: skip
     return torch.ops.fusedemb.cpu_backward(
-        grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx
+        grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, **needs
     )
 
 
@@ -125,12 +132,19 @@ def fused_embedding_backward_op(
     padding_idx: int,
     backend: str,
     deterministic: bool,
+    *,
+    tok_needs_grad: bool = True,
+    pos_needs_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scatter-add grad_out into both tables, accumulating in float32 (float64 for float64)."""
+    """Scatter-add grad_out into both tables, accumulating in float32 (float64 for float64).
+
+    A table whose gradient is not needed (tok_needs_grad / pos_needs_grad False: a frozen table)
+    gets an empty [0, D] tensor, and costs nothing: no V x D buffer, no sort."""
     args = (grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx)
+    needs = {"tok_needs_grad": tok_needs_grad, "pos_needs_grad": pos_needs_grad}
     if backend == "triton" and INTERPRETED:
-        return interpreted_backward(*args, deterministic)
-    return backward_kernels(*args, backend, deterministic)
+        return interpreted_backward(*args, deterministic, **needs)
+    return backward_kernels(*args, backend, deterministic, **needs)
 
 
 def _setup_context(ctx, inputs, output):
@@ -146,6 +160,7 @@ def _setup_context(ctx, inputs, output):
 
 def _table_gradients(ctx, grad_out, backward):
     ids, position_ids = ctx.saved_tensors
+    _, tok_needs_grad, pos_needs_grad, *_ = ctx.needs_input_grad  # a frozen table gets no work
     grad_tok, grad_pos = backward(
         grad_out.contiguous(),
         ids,
@@ -156,8 +171,11 @@ def _table_gradients(ctx, grad_out, backward):
         ctx.padding_idx,
         ctx.backend,
         ctx.deterministic,
+        tok_needs_grad=tok_needs_grad,
+        pos_needs_grad=pos_needs_grad,
     )
-    return None, grad_tok, grad_pos, None, None, None, None, None
+    return (None, grad_tok if tok_needs_grad else None, grad_pos if pos_needs_grad else None,
+            None, None, None, None, None)  # fmt: skip
 
 
 def _backward(ctx, grad_out):

@@ -40,19 +40,59 @@ def test_opcheck_cpp_operators():
     torch.library.opcheck(torch.ops.fusedemb.cpu_forward.default, (ids, tok, pos, positions, 0))
     grad_out = torch.randn(2, 5, 6)
     torch.library.opcheck(torch.ops.fusedemb.cpu_backward.default, (grad_out, ids, positions, 0, 13, 9, 4))
+    frozen_tok = {"tok_needs_grad": False}
+    torch.library.opcheck(torch.ops.fusedemb.cpu_backward.default, (grad_out, ids, positions, 0, 13, 9, 4), frozen_tok)
 
 
-def test_gradients_only_for_tables(backend_config):
-    """A frozen table gets no gradient; the trainable one gets the right one, also from the
-    stride-0 gradient that out.sum() hands the backward."""
+@pytest.mark.parametrize("frozen", ["pos", "tok"])
+def test_a_frozen_table_gets_no_gradient_and_no_work(backend_config, monkeypatch, frozen):
+    """The trainable table gets the right gradient, also from the stride-0 gradient that
+    out.sum() hands the backward; the frozen one gets none, and the kernels are told not to
+    compute it (no V x D buffer for a frozen token table)."""
+    import fusedemb.ops
+
     backend, device, deterministic = backend_config
+    calls = []
+    real = fusedemb.ops.backward_kernels
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fusedemb.ops, "backward_kernels", spy)
     ids, tok, pos, _ = sample_inputs(device)
-    pos.requires_grad_(False)
+    (pos if frozen == "pos" else tok).requires_grad_(False)
     out = fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
     out.sum().backward()
-    assert pos.grad is None
-    expected = torch.zeros_like(tok).index_add_(0, ids.flatten(), torch.ones(ids.numel(), 6, device=device))
-    torch.testing.assert_close(tok.grad, expected, rtol=0, atol=0)
+    ones = torch.ones(ids.numel(), 6, device=device)
+    if frozen == "pos":
+        assert pos.grad is None
+        torch.testing.assert_close(tok.grad, torch.zeros_like(tok).index_add_(0, ids.flatten(), ones), rtol=0, atol=0)
+    else:
+        assert tok.grad is None
+        expected = torch.zeros_like(pos)
+        expected[:5] = 2  # positions 0..4, two sequences each
+        torch.testing.assert_close(pos.grad, expected, rtol=0, atol=0)
+    if not interpreted(device, backend):  # (the interpreter goes through its own operator)
+        assert calls == [{"tok_needs_grad": frozen != "tok", "pos_needs_grad": frozen != "pos"}]
+
+
+@pytest.mark.parametrize("position_ids", [False, True], ids=["offset", "position_ids"])
+def test_backward_operator_skips_tables_that_need_no_gradient(backend_config, position_ids):
+    backend, device, deterministic = backend_config
+    ids, _, _, positions = sample_inputs(device, position_ids=position_ids)
+    grad_out = torch.randn(2, 5, 6, device=device)
+    args = (grad_out, ids, positions, 0, 13, 9, 3, backend, deterministic)
+    full_tok, full_pos = fused_embedding_backward_op(*args)
+    for tok_needs, pos_needs in ((True, False), (False, True), (False, False)):
+        needs = {"tok_needs_grad": tok_needs, "pos_needs_grad": pos_needs}
+        grad_tok, grad_pos = fused_embedding_backward_op(*args, **needs)
+        assert grad_tok.shape == ((13, 6) if tok_needs else (0, 6)) and grad_pos.shape == ((9, 6) if pos_needs else (0, 6))
+        if tok_needs:
+            torch.testing.assert_close(grad_tok, full_tok, rtol=0, atol=0)
+        if pos_needs:
+            torch.testing.assert_close(grad_pos, full_pos, rtol=0, atol=0)
+        torch.library.opcheck(fused_embedding_backward_op, args, needs)
 
 
 triton_configs = [c for c in BACKEND_CONFIGS if c[0] == "triton"]
@@ -105,12 +145,16 @@ def test_torch_compile_fullgraph_matches_eager(config):
     torch.manual_seed(0)
     model = TinyGPTInput(backend).to(device)
     compiled = torch.compile(model, fullgraph=True)
-    for offset, batch in ((0, 3), (2, 4)):
+    # The last step freezes the token table, as fine-tuning might: it recompiles, and its graph
+    # asks the backward for the position gradient only.
+    for offset, batch, frozen in ((0, 3, False), (2, 4, False), (1, 4, True)):
+        model.embedding.tok_emb.weight.requires_grad_(not frozen)
+        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
         ids = torch.randint(0, 50, (batch, 10), device=device)
         eager_loss = model(ids, offset)
-        eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+        eager_grads = torch.autograd.grad(eager_loss, trainable)
         compiled_loss = compiled(ids, offset)
-        compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+        compiled_grads = torch.autograd.grad(compiled_loss, trainable)
         torch.testing.assert_close(compiled_loss, eager_loss)
         for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
             torch.testing.assert_close(compiled_grad, eager_grad)
