@@ -62,9 +62,24 @@ def assert_output_equal(out: torch.Tensor, expected: torch.Tensor, device: str, 
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+# Normalised max error allowed for gradients, max |actual - expected| / max(1, max |expected|):
+# one rounding to the dtype plus float32 accumulation over at most a few thousand terms. Checked
+# besides the per-element bound, which is loose for rows of thousands of tokens.
+GRAD_TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
 def assert_grad_close(actual, grad_out, index, dtype, skip_row=None) -> None:
-    """Check a table gradient element by element against the exact scatter-add of grad_out at
-    index, within the float32-accumulation bound of fusedemb.accuracy (zero rows exactly zero)."""
+    """Check a table gradient against the exact scatter-add of grad_out at index: element by
+    element within the float32-accumulation bound of fusedemb.accuracy (rows no token touches
+    exactly zero), and as a whole within GRAD_TOLERANCE (hot rows)."""
     assert actual.dtype == dtype, f"gradient has dtype {actual.dtype}, expected {dtype}"
     error = scatter_add_error(actual, grad_out, index, skip_row)
     assert error <= 1, f"{dtype} gradient off by {error:.3g} times the error bound of float32 accumulation"
+    dim = actual.shape[1]
+    expected = torch.zeros(actual.shape, dtype=torch.float64, device=actual.device)
+    expected.index_add_(0, index.reshape(-1), grad_out.reshape(-1, dim).double())
+    if skip_row is not None:
+        expected[skip_row] = 0
+    scale = max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
+    worst = (actual.double() - expected).abs().max().item() if expected.numel() else 0.0
+    assert worst / scale <= GRAD_TOLERANCE[dtype], f"gradient error {worst:.3e} (scale {scale:.3e}) for {dtype}"

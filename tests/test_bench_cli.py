@@ -14,7 +14,7 @@ from shared_data import use_shared_tiktoken_cache, verdict_path
 from fusedemb.bench import cli
 from fusedemb.bench.bytes_model import PASSES, backward_bytes, forward_bytes, pass_bytes
 from fusedemb.bench.configs import PRESETS, ModelConfig, Problem, resolve_configs, sweep
-from fusedemb.bench.gate import check_against_reference
+from fusedemb.bench.gate import check_against_reference, gate
 from fusedemb.bench.ids import Same, Text, Uniform, Zipf, parse_distribution
 from fusedemb.bench.implementations import Implementation, build_implementations, eager_embedding
 from fusedemb.bench.memory import peak_extra_bytes
@@ -210,7 +210,7 @@ def test_gate_passes_the_correct_implementations(name, dtype, ids):
     available, skipped = build_implementations([name], "cpu")
     if skipped:
         pytest.skip(skipped[name])
-    result = check_against_reference(available[0].forward, make_inputs(tiny_problem(ids, dtype=dtype), "cpu", seed=1))
+    result = gate(available[0], make_inputs(tiny_problem(ids, dtype=dtype), "cpu", seed=1))
     assert result.passed, result.detail
 
 
@@ -256,6 +256,31 @@ def test_gate_catches_one_lost_update_among_32k_tokens(dtype):
     assert "grad tok_weight" in result.detail
 
 
+def halves_the_hottest_row(ids, tok_weight, pos_weight):
+    # right output; the most frequent id's rows get half their gradient
+    hottest = torch.mode(ids.flatten()).values
+    scale = torch.where(ids == hottest, 0.5, 1.0).to(tok_weight.dtype)[..., None]
+    out = eager_embedding(ids, tok_weight, pos_weight)
+    return out.detach() + (out - out.detach()) * scale
+
+
+def one_wrong_output_row(ids, tok_weight, pos_weight):
+    out = eager_embedding(ids, tok_weight, pos_weight).clone()
+    out[0, 0] += 1
+    return out
+
+
+@pytest.mark.parametrize("wrong", [halves_the_hottest_row, one_wrong_output_row])
+@pytest.mark.parametrize("ids", ["same", "zipf:1.1"])
+def test_gate_catches_faults_on_hot_rows_in_bfloat16(wrong, ids):
+    """Rows of thousands of tokens, where the per-element bound is loose (in bfloat16 sums,
+    infinite): the norm-wise check of the gradients and the per-element check of the output
+    still catch a fault, at 16k tokens."""
+    problem = Problem(ModelConfig("gpt2-124M[D=8]", vocab=50257, dim=8, seq=1024), 16, torch.bfloat16, parse_distribution(ids))
+    result = check_against_reference(wrong, make_inputs(problem, "cpu", seed=0), float32_sums=False)
+    assert not result.passed
+
+
 def test_a_mismatch_is_reported_and_not_timed():
     timed = []
 
@@ -280,6 +305,17 @@ def test_an_implementation_that_raises_is_an_error_row():
     (result, *_) = quick_runner().run_problem(tiny_problem(), [Implementation("broken", broken)])
     assert result.status == "error"
     assert result.note == "RuntimeError: kernel exploded"
+
+
+def test_inputs_that_cannot_be_made_are_error_rows(tmp_path):
+    """A text file that cannot be read (or memory that runs out) fails one problem's rows, not
+    the sweep: the problems before and after it are still measured."""
+    missing = Problem(TINY, 2, torch.float32, Text(tmp_path / "missing.txt"))
+    runner = quick_runner(passes=["forward"])
+    rows = [result for problem in (tiny_problem(), missing, tiny_problem("same"))
+            for result in runner.run_problem(problem, [Implementation("eager", eager_embedding)])]  # fmt: skip
+    assert [row.status for row in rows] == ["ok", "error", "ok"]
+    assert rows[1].note.startswith("inputs: ")
 
 
 def test_unavailable_implementations_are_skipped_with_a_reason():

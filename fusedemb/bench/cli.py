@@ -104,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.no_bounds_check:
-        import fusedemb
+    from fusedemb.validation import bounds_check_enabled, set_bounds_check
 
-        fusedemb.set_bounds_check(False)
+    if args.no_bounds_check:
+        set_bounds_check(False)
     from tqdm.auto import tqdm  # here, so that parsing arguments needs only torch
 
     problems = sweep(args.configs, args.batch, [DTYPES[name] for name in args.dtype], args.ids)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             "passes": args.passes,
             "quick": args.quick,
             "seed": args.seed,
-            "bounds_check": not args.no_bounds_check,
+            "bounds_check": bounds_check_enabled(),  # the flag, or FUSEDEMB_BOUNDS_CHECK=0
             "copy_buffer_mib": buffer_mib,
             "complete": complete,
         },

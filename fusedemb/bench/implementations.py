@@ -39,6 +39,9 @@ _FUSEDEMB_VARIANTS: dict[str, tuple[str | None, bool | None]] = {
 class Implementation:
     name: str
     forward: Forward
+    # Its gradients are float32 sums on every device (fusedemb's kernels). On CUDA PyTorch's are
+    # too; on a CPU PyTorch adds 16-bit gradients in 16 bits (see the correctness gate).
+    float32_sums: bool = False
 
 
 def default_names(device: str) -> list[str]:
@@ -96,7 +99,7 @@ def build_implementations(names: list[str], device: str) -> tuple[list[Implement
         elif name in _FUSEDEMB_VARIANTS:
             forward, reason = _fusedemb_forward(name, device)
             if reason is None:
-                available.append(Implementation(name, forward))
+                available.append(Implementation(name, forward, float32_sums=name != "reference"))
             else:
                 skipped[name] = reason
         else:

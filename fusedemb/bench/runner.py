@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 from fusedemb.bench.configs import Problem
-from fusedemb.bench.gate import check_against_reference
+from fusedemb.bench.gate import gate
 from fusedemb.bench.implementations import Implementation, describe_error
 from fusedemb.bench.memory import peak_extra_bytes
 from fusedemb.bench.passes import Inputs, bytes_moved, make_inputs, make_pass
@@ -70,8 +70,16 @@ class Runner:
         implementations: list[Implementation],
         after_each: Callable[[], None] = lambda: None,
     ) -> list[Result]:
-        """All implementations on one problem's inputs; ``after_each`` reports progress."""
-        inputs = make_inputs(problem, self.device, self.seed)
+        """All implementations on one problem's inputs; ``after_each`` reports progress. Inputs
+        that cannot be made (out of memory, an unreadable text file) give error rows, not a crash
+        that would lose the sweep's finished problems."""
+        try:
+            inputs = make_inputs(problem, self.device, self.seed)
+        except Exception as error:
+            note = f"inputs: {describe_error(error)}"
+            for _ in implementations:
+                after_each()
+            return [Result(problem, impl.name, name, "error", note) for impl in implementations for name in self.passes]
         results = []
         for implementation in implementations:
             results += self._run_implementation(problem, implementation, inputs)
@@ -84,11 +92,11 @@ class Runner:
             return [Result(problem, implementation.name, name, status, note) for name in self.passes]
 
         try:
-            gate = check_against_reference(implementation.forward, inputs)
+            result = gate(implementation, inputs)
         except Exception as error:
             return untimed("error", describe_error(error))
-        if not gate.passed:
-            return untimed("mismatch", gate.detail)
+        if not result.passed:
+            return untimed("mismatch", result.detail)
         return [self._time_pass(problem, implementation, inputs, name) for name in self.passes]
 
     def _time_pass(self, problem: Problem, implementation: Implementation, inputs: Inputs, pass_name: str) -> Result:

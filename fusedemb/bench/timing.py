@@ -80,6 +80,10 @@ class Timer:
 
 
 class CpuTimer(Timer):
+    """perf_counter around run(): the call's result is freed inside the timed region, as a training
+    step frees the previous step's gradients. That is a real cost on a CPU (freeing eager's 154 MB
+    gpt2-124M token gradient, on 4 KiB pages, takes milliseconds) and none on a GPU."""
+
     def time_calls(self, run, setup, reps):
         samples = []
         for _ in range(reps):
