@@ -244,43 +244,43 @@ def sweep_batch(
     if num_tokens == 0:
         return grad_rows.new_zeros((context_length, dim), dtype=table_dtype) if sum_positions else None
     batch = num_tokens // seq_len
-    # Only adding: the program rows are the sequence positions themselves.
-    num_sums = context_length if sum_positions else seq_len
-    position_offset = position_offset if sum_positions else 0
     block_dim = column_block(dim)
     # Each program walks a group of the batch, so tiles are kept small (a quarter of the usual)
-    # for enough programs: P * D / 1024 of them.
+    # for enough programs: T * D / 1024 of them.
     block_rows = max(1, rows_per_tile(block_dim) // 4)
-    # Groups are sized by the programs that hold sequence positions (T rows of the P), the others
-    # exit at once.
-    busy_programs = cdiv(min(seq_len, num_sums), block_rows) * cdiv(dim, block_dim)
-    groups = min(batch, max_groups or cdiv(SWEEP_PROGRAMS, busy_programs))
+    programs = cdiv(seq_len, block_rows) * cdiv(dim, block_dim)
+    groups = min(batch, max_groups or cdiv(SWEEP_PROGRAMS, programs))
     batches_per_group = cdiv(batch, groups)
     groups = cdiv(batch, batches_per_group)
+    # One group writes the position gradient itself: its program rows are the P position rows,
+    # zeros outside [position_offset, + T). Several groups (or only adding) work on the T sequence
+    # positions; their partial sums, in the accumulator's precision, are then added in group order
+    # and placed at position_offset by a second sweep, over the groups.
+    direct = sum_positions and groups == 1
+    num_sums, offset = (context_length, position_offset) if direct else (seq_len, 0)
     acc_fp64 = accumulates_in_float64(table_dtype or grad_rows.dtype)
     sums = None
     if sum_positions:
-        # Several groups leave one partial sum each, in the accumulator's precision, that a
-        # second sweep (over the groups, in group order) adds up.
         partial_dtype = torch.float64 if acc_fp64 else torch.float32
-        sums = grad_rows.new_empty((groups, num_sums, dim), dtype=table_dtype if groups == 1 else partial_dtype)
+        sums = grad_rows.new_empty((groups, num_sums, dim), dtype=table_dtype if direct else partial_dtype)
     add_to_table = table_acc is not None
     unused = grad_rows  # stands in for the pointers of the disabled half
     launch(
         sweep_batch_kernel, (cdiv(num_sums, block_rows), cdiv(dim, block_dim), groups),
         grad_rows, index if add_to_table else unused, table_acc if add_to_table else unused,
-        sums if sum_positions else unused, batch, seq_len, position_offset, num_sums, dim,
+        sums if sum_positions else unused, batch, seq_len, offset, num_sums, dim,
         table_acc.shape[0] if add_to_table else 1, skip_row, batches_per_group,
         ADD_TO_TABLE=add_to_table, SUM_OVER_BATCH=sum_positions, ACC_FP64=acc_fp64,
         BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim, num_warps=sweep_warps(add_to_table, grad_rows.dtype),
     )  # fmt: skip
     if not sum_positions:
         return None
-    if groups == 1:
+    if direct:
         return sums.view(num_sums, dim)
     return sweep_batch(
-        sums.view(groups * num_sums, dim), num_sums, context_length=num_sums, table_dtype=table_dtype, max_groups=1
-    )
+        sums.view(groups * seq_len, dim), seq_len, position_offset=position_offset, context_length=context_length,
+        table_dtype=table_dtype, max_groups=1,
+    )  # fmt: skip
 
 
 def atomic_scatter_add(
