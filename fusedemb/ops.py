@@ -1,7 +1,8 @@
 """The torch.library operators of fusedemb: schema, fake kernels, autograd and device dispatch.
 
     fusedemb::fused_embedding           forward  -> out [..., D]
-    fusedemb::fused_embedding_backward  backward -> (grad_tok [V, D], grad_pos [P, D])
+    fusedemb::fused_embedding_backward  backward -> (grad_tok [V, D], grad_pos [P, D]), [0, D] for
+                                        a table that needs no gradient (tok_needs_grad / pos_needs_grad)
 
 Both are `triton_op`s: torch.compile traces into their bodies and sees the Triton kernels
 (wrapped with wrap_triton) as well as the C++ operators they call, instead of one opaque call.
@@ -19,7 +20,9 @@ Outside torch.compile, `FusedEmbeddingFunction` (an autograd.Function) calls the
 with the same saved context but skips the custom-operator dispatch, which costs 60-130 us of
 host time per call: more than the forward kernel itself takes on a GPU at GPT-2 sizes.
 
-Inputs reach these operators already checked and normalised by fusedemb.validation.
+Through fused_embedding, inputs reach these operators checked and normalised by
+fusedemb.validation. Called directly, they check what their kernels assume (layouts, shapes,
+sizes: fusedemb/kernels/preconditions.py and the C++ TORCH_CHECKs), but not the id values.
 """
 
 from __future__ import annotations

@@ -113,14 +113,25 @@ def test_operators_called_directly_refuse_layouts_the_kernels_cannot_read(config
         ((ids, tok, pos[:, :4], None, 0), "same dim"),
         ((ids.float(), tok, pos, None, 0), "int32 or int64"),
     ]
+    cases += [
+        ((ids, tok[:0], pos, None, 0), "tok_weight has no rows"),  # clamping needs a row to clamp to
+        ((ids, tok, pos, None, 5), r"positions \[5, 10\) do not fit the position table of 9 rows"),
+    ]
     for args, message in cases:
-        with pytest.raises((ValueError, TypeError), match=message):
+        with pytest.raises((ValueError, TypeError, IndexError), match=message):
             fused_embedding_op(*args, -1, backend, deterministic)
     grad_out = torch.randn(2, 6, 5, device=device).transpose(1, 2)
-    with pytest.raises(ValueError, match="grad_out must be contiguous"):
-        fused_embedding_backward_op(grad_out, ids, None, 0, 13, 9, -1, backend, deterministic)
-    with pytest.raises(ValueError, match="int32"):
-        fused_embedding_backward_op(grad_out.contiguous(), ids, None, 0, 2**31, 9, -1, backend, deterministic)
+    backward_cases = [
+        ((grad_out, ids, None, 0, 13, 9, -1), "grad_out must be contiguous"),
+        ((grad_out.contiguous(), ids, None, 0, 2**31, 9, -1), "int32"),
+        ((grad_out.contiguous(), ids, None, 0, 0, 9, -1), "the token table has no rows"),
+        # a fast-mode sweep walks the position table's rows only: tokens past it would lose their gradient
+        ((grad_out.contiguous(), ids, None, 6, 13, 9, -1), "do not fit the position table"),
+        ((grad_out.contiguous(), ids, None, 0, 13, 9, 13), "padding_idx"),
+    ]
+    for args, message in backward_cases:
+        with pytest.raises((ValueError, IndexError), match=message):
+            fused_embedding_backward_op(*args, backend, deterministic)
 
 
 class TinyGPTInput(nn.Module):

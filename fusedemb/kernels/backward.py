@@ -362,25 +362,25 @@ def triton_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_tok [V, D], grad_pos [P, D]); a table that needs no gradient (frozen) gets an empty
     [0, D] tensor instead, and none of the work."""
-    check_backward_inputs(grad_out, ids, position_ids, num_embeddings, context_length)
+    check_backward_inputs(grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx)
     dim = grad_out.shape[-1]
     grad_rows = grad_out.reshape(-1, dim)
     flat_ids = ids.reshape(-1)
     seq_len = ids.shape[-1]
     grad_tok, grad_pos = grad_rows.new_empty((0, dim)), grad_rows.new_empty((0, dim))  # what frozen tables get
-    # Default positions: the position gradient is a sum over the batch (sweep_batch), which
-    # the fast mode's atomics share a read of grad_out with. Explicit position_ids are scattered.
+    # Default positions: the position gradient is a sum over the batch (sweep_batch), which the
+    # fast mode's atomics share a read of grad_out with. Explicit position_ids are scattered.
     sum_positions = pos_needs_grad and position_ids is None
-    if tok_needs_grad and not (deterministic or fast_mode_sorts(grad_rows.shape[0], dim, grad_out.dtype)):
+    atomics = tok_needs_grad and not (deterministic or fast_mode_sorts(grad_rows.shape[0], dim, grad_out.dtype))
+    if atomics:
         grad_tok, summed = atomic_scatter_add(
             grad_rows, flat_ids, seq_len, num_embeddings, padding_idx, grad_out.dtype, position_offset,
             context_length if sum_positions else None,
         )  # fmt: skip
-        if sum_positions:
-            grad_pos, sum_positions = summed, False
+        grad_pos = summed if sum_positions else grad_pos
     elif tok_needs_grad:
         grad_tok = sorted_scatter_add(grad_rows, flat_ids, num_embeddings, padding_idx, grad_out.dtype)
-    if sum_positions:
+    if sum_positions and not atomics:
         grad_pos = sweep_batch(
             grad_rows, seq_len, position_offset=position_offset, context_length=context_length,
             table_dtype=grad_out.dtype,

@@ -73,7 +73,7 @@ def triton_forward(
     position_ids: torch.Tensor | None,
     position_offset: int,
 ) -> torch.Tensor:
-    check_forward_inputs(ids, tok_weight, pos_weight, position_ids)
+    check_forward_inputs(ids, tok_weight, pos_weight, position_ids, position_offset)
     dim = tok_weight.shape[1]
     out = tok_weight.new_empty((*ids.shape, dim))
     num_tokens = ids.numel()

@@ -7,29 +7,41 @@ kernels), so they cost no device work and are fine on torch.compile's fake tenso
 
 The kernels flatten the ids and the gradient as contiguous [N] and [N, D] arrays, step along a
 row with unit stride, and hold token indices and sorted table rows in int32: N and the row counts
-must stay below 2^31 (offsets into the tables are 64-bit).
+must stay below 2^31 (offsets into the tables are 64-bit). Ids are clamped into their table, so
+a table must have a row to clamp to, and default positions [offset, offset + T) must lie in the
+position table (the fast backward walks its rows only: a token past it would lose its gradient).
 """
 
 from __future__ import annotations
 
 import torch
 
+from fusedemb.validation import SUPPORTED_ID_DTYPES
+
 INT32_LIMIT = 2**31
-ID_DTYPES = (torch.int32, torch.int64)
 
 
 def check_index(name: str, index: torch.Tensor) -> None:
-    if index.dtype not in ID_DTYPES:
+    if index.dtype not in SUPPORTED_ID_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {index.dtype}")
-    if not index.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
+    if not index.is_contiguous() or index.dim() == 0:
+        raise ValueError(f"{name} must be contiguous, of shape (..., T)")
     if index.numel() >= INT32_LIMIT:
         raise ValueError(f"{name} has {index.numel()} elements; the Triton kernels index tokens in int32 (< 2^31)")
 
 
-def check_rows(name: str, num_rows: int) -> None:
+def check_rows(name: str, num_rows: int, num_tokens: int) -> None:
     if num_rows >= INT32_LIMIT:
         raise ValueError(f"{name} has {num_rows} rows; the Triton kernels hold table rows in int32 (< 2^31)")
+    if num_rows < 1 and num_tokens > 0:
+        raise IndexError(f"{name} has no rows, so nothing can be looked up in it")
+
+
+def check_default_positions(ids, position_ids, position_offset: int, context_length: int) -> None:
+    seq_len = ids.shape[-1]
+    if position_ids is None and ids.numel() > 0 and not 0 <= position_offset <= context_length - seq_len:
+        raise IndexError(f"positions [{position_offset}, {position_offset + seq_len}) do not fit the position table "
+                         f"of {context_length} rows")  # fmt: skip
 
 
 def check_position_ids(position_ids, ids) -> None:
@@ -39,26 +51,30 @@ def check_position_ids(position_ids, ids) -> None:
             raise ValueError(f"position_ids {tuple(position_ids.shape)} must have the shape of ids {tuple(ids.shape)}")
 
 
-def check_forward_inputs(ids, tok_weight, pos_weight, position_ids) -> None:
+def check_forward_inputs(ids, tok_weight, pos_weight, position_ids, position_offset) -> None:
     check_index("ids", ids)
-    if ids.dim() == 0:
-        raise ValueError("ids must have shape (..., T)")
     for name, table in (("tok_weight", tok_weight), ("pos_weight", pos_weight)):
         if table.dim() != 2 or table.stride(1) != 1:
             raise ValueError(f"{name} must be 2-D with unit stride along dim, got shape {tuple(table.shape)} "
                              f"and strides {table.stride()}")  # fmt: skip
-        check_rows(name, table.shape[0])
+        check_rows(name, table.shape[0], ids.numel())
     if tok_weight.shape[1] != pos_weight.shape[1] or tok_weight.dtype != pos_weight.dtype:
         raise ValueError(f"tok_weight {tuple(tok_weight.shape)} {tok_weight.dtype} and pos_weight "
                          f"{tuple(pos_weight.shape)} {pos_weight.dtype} must have the same dim and dtype")  # fmt: skip
     check_position_ids(position_ids, ids)
+    check_default_positions(ids, position_ids, position_offset, pos_weight.shape[0])
 
 
-def check_backward_inputs(grad_out, ids, position_ids, num_embeddings, context_length) -> None:
+def check_backward_inputs(
+    grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx
+) -> None:
     check_index("ids", ids)
     if grad_out.shape[:-1] != ids.shape or not grad_out.is_contiguous():
         raise ValueError(f"grad_out must be contiguous with shape ids.shape + (dim,) = {tuple(ids.shape)} + (dim,), "
                          f"got {tuple(grad_out.shape)}")  # fmt: skip
-    check_rows("the token table", num_embeddings)
-    check_rows("the position table", context_length)
+    check_rows("the token table", num_embeddings, ids.numel())
+    check_rows("the position table", context_length, ids.numel())
     check_position_ids(position_ids, ids)
+    check_default_positions(ids, position_ids, position_offset, context_length)
+    if not -1 <= padding_idx < num_embeddings:
+        raise ValueError(f"padding_idx must be -1 (none) or in [0, {num_embeddings}), got {padding_idx}")
