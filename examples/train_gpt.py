@@ -182,7 +182,10 @@ def main(argv: list[str] | None = None) -> Comparison:
     config = CONFIGS[args.config]
     if args.drop_rate is not None:
         config = replace(config, drop_rate=args.drop_rate)
-    batches = training_batches(args.text.read_text(encoding="utf-8"), config, args.batch_size, args.steps, args.seed)
+    try:
+        batches = training_batches(args.text.read_text(encoding="utf-8"), config, args.batch_size, args.steps, args.seed)
+    except ValueError as error:  # e.g. a batch larger than the text has windows
+        raise SystemExit(f"train_gpt.py: {error}") from None
 
     reference_model = build_model(config, fused_embedding=False, seed=args.seed)
     fused_model = build_model(config, fused_embedding=True, seed=args.seed)
