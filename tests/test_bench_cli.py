@@ -369,6 +369,17 @@ def test_speedups_are_baseline_time_over_own_time():
 # --- end to end ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("switched_off", ["flag", "setting"])
+def test_report_says_whether_the_range_check_was_on(switched_off, monkeypatch, capsys):
+    """Whether by --no-bounds-check or by fusedemb's own setting (FUSEDEMB_BOUNDS_CHECK=0)."""
+    import fusedemb
+
+    monkeypatch.setattr(fusedemb.validation, "_bounds_check", switched_off == "flag")
+    flag = ["--no-bounds-check"] if switched_off == "flag" else []
+    assert cli.main([*TINY_ARGS, "--batch", "1", "--ids", "uniform", "--impl", "eager", "--pass", "forward", *flag]) == 0
+    assert "fusedemb id range check: off" in capsys.readouterr().out
+
+
 def test_tiny_cpu_run_writes_the_table_json_and_plot(tmp_path, capsys):
     json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
     status = cli.main([

@@ -82,7 +82,10 @@ class Timer:
 class CpuTimer(Timer):
     """perf_counter around run(): the call's result is freed inside the timed region, as a training
     step frees the previous step's gradients. That is a real cost on a CPU (freeing eager's 154 MB
-    gpt2-124M token gradient, on 4 KiB pages, takes milliseconds) and none on a GPU."""
+    gpt2-124M token gradient, on 4 KiB pages, takes milliseconds) and none on a GPU. The last-level
+    cache is not flushed between calls: a problem small enough to stay in it (tens of MB) is
+    timed at cache bandwidth, against a copy bandwidth measured in DRAM; the presets' tables
+    alone are 150 MB and more."""
 
     def time_calls(self, run, setup, reps):
         samples = []
