@@ -39,7 +39,7 @@ timeout 180 python3 -m pytest tests/test_functional.py tests/test_ops.py tests/t
   -q -x $workers -p no:cacheprovider > "$out/tests.log" 2>&1
 echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$tables"
 
-# A bench cut short by its timeout (SIGTERM) still prints and writes the problems it finished;
+# A bench cut short by its timeout (SIGTERM) still prints and writes what it finished;
 # -k 10 kills it if it cannot stop. One command per dtype keeps a lost problem's cost small.
 for dtype in float32 bfloat16; do
   bench 120 --no-bounds-check --preset gpt2-124M --batch 8 32 --dtype $dtype \

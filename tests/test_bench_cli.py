@@ -441,12 +441,28 @@ def test_a_run_cut_short_by_sigterm_reports_the_problems_it_finished(monkeypatch
     assert status == cli.INTERRUPTED_STATUS
     assert len(problems_started) == 2 and signal.getsignal(signal.SIGTERM) == sigterm_handler
     table = capsys.readouterr().out
-    assert "interrupted: the rows above are the problems finished before it" in table
+    assert "interrupted: the rows above are what finished before it" in table
     assert "| custom | float32 | uniform | 1 " in table and "| custom | float32 | uniform | 2 " not in table
     report = json.loads(json_path.read_text())
     assert report["settings"]["complete"] is False
     assert {result["batch"] for result in report["results"]} == {1}
     assert all(result["status"] == "ok" for result in report["results"])
+
+
+def test_a_run_cut_short_inside_a_problem_keeps_its_finished_implementations(monkeypatch, tmp_path):
+    """Interrupted while the second implementation runs: the first one's rows are reported."""
+    def interrupted(ids, tok_weight, pos_weight):
+        raise KeyboardInterrupt  # what SIGTERM becomes during the run
+
+    monkeypatch.setattr(
+        cli.implementations, "build_implementations",
+        lambda names, device: ([Implementation("eager", eager_embedding), Implementation("slow", interrupted)], {}),
+    )  # fmt: skip
+    json_path = tmp_path / "bench.json"
+    status = cli.main([*TINY_ARGS, "--batch", "1", "--ids", "uniform", "--impl", "eager", "--json", str(json_path)])
+    assert status == cli.INTERRUPTED_STATUS
+    report = json.loads(json_path.read_text())
+    assert {(result["impl"], result["status"]) for result in report["results"]} == {("eager", "ok")}
 
 
 def test_compile_is_gated_and_timed(capsys):

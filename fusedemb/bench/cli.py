@@ -117,14 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(args.device, timer, copy_bandwidth(timer, args.device, buffer_mib * 2**20), args.passes, args.seed)
 
     results = []
-    # A long sweep cut short (Ctrl-C, or SIGTERM from `timeout`) still reports the problems it
-    # finished: SIGTERM is turned into the KeyboardInterrupt that Ctrl-C raises.
+    # A long sweep cut short (Ctrl-C, or SIGTERM from `timeout`) still reports what it finished,
+    # down to the implementations of the problem it was in: SIGTERM is turned into the
+    # KeyboardInterrupt that Ctrl-C raises.
     previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with tqdm(total=len(problems) * len(available), unit="impl", file=sys.stderr, disable=None) as progress:
             for problem in problems:
                 progress.set_description(problem.label)
-                results += runner.run_problem(problem, available, after_each=progress.update)
+                runner.run_problem(problem, available, after_each=progress.update, into=results)
         complete = True
     except KeyboardInterrupt:
         complete = False

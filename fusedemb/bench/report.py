@@ -61,7 +61,7 @@ def format_table(report: Report) -> str:
     if report.skipped:
         lines += ["", "skipped:", *(f"  {name}: {reason}" for name, reason in report.skipped.items())]
     if not report.settings.get("complete", True):
-        lines += ["", "interrupted: the rows above are the problems finished before it"]
+        lines += ["", "interrupted: the rows above are what finished before it"]
     return "\n".join(lines)
 
 

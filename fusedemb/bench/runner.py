@@ -69,20 +69,28 @@ class Runner:
         problem: Problem,
         implementations: list[Implementation],
         after_each: Callable[[], None] = lambda: None,
+        into: list[Result] | None = None,
     ) -> list[Result]:
         """All implementations on one problem's inputs; ``after_each`` reports progress. Inputs
         that cannot be made (out of memory, an unreadable text file) give error rows, not a crash
-        that would lose the sweep's finished problems."""
+        that would lose the sweep's finished problems. Each implementation's rows are also
+        appended to ``into`` as soon as they are done, so that a run interrupted in the middle of
+        a problem (a timeout during a slow torch.compile) keeps the implementations it finished;
+        their speedups are filled in when the whole problem is done."""
+        results = []
         try:
             inputs = make_inputs(problem, self.device, self.seed)
         except Exception as error:
             note = f"inputs: {describe_error(error)}"
-            for _ in implementations:
-                after_each()
-            return [Result(problem, impl.name, name, "error", note) for impl in implementations for name in self.passes]
-        results = []
+            inputs = None
         for implementation in implementations:
-            results += self._run_implementation(problem, implementation, inputs)
+            if inputs is None:
+                rows = [Result(problem, implementation.name, name, "error", note) for name in self.passes]
+            else:
+                rows = self._run_implementation(problem, implementation, inputs)
+            results += rows
+            if into is not None:
+                into += rows
             after_each()
         _add_speedups(results)
         return results
