@@ -61,19 +61,20 @@ def scatter_add_error(
     exact = grad_rows.new_zeros(len(rows), dim).index_add_(0, position, grad_rows)
     magnitude = grad_rows.new_zeros(len(rows), dim).index_add_(0, position, grad_rows.abs())
     roundoff = torch.finfo(accumulate_in or torch.promote_types(actual.dtype, torch.float32)).eps / 2
-    terms = terms.to(torch.float64)[:, None] * roundoff
+    n_u = terms.to(torch.float64)[:, None] * roundoff
     # gamma_n is finite only while n * u < 1: beyond that the bound says nothing.
-    sum_error = torch.where(terms < 1, terms / (1 - terms), float("inf")) * magnitude
+    sum_error = torch.where(n_u < 1, n_u / (1 - n_u), float("inf")) * magnitude
     bound = sum_error + ulp(exact.abs() + sum_error, actual.dtype)
     error = (actual[rows].to(torch.float64) - exact).abs()
     ratio = torch.where(error == 0, 0.0, error / bound)
     worst = torch.nan_to_num(ratio, nan=float("inf"), posinf=float("inf")).max().item() if ratio.numel() else 0.0
-    # Every other row must be exactly zero (checked a block of rows at a time: no R x D temporaries).
+    # Every other row must be exactly zero: checked a block of rows at a time (no R x D
+    # temporaries), the verdict read back once.
     touched = torch.zeros(num_rows, dtype=torch.bool, device=actual.device)
     touched[rows] = True
+    stray = torch.zeros((), dtype=torch.bool, device=actual.device)
     for start in range(0, num_rows, ROWS_PER_CHECK):
         block = actual[start : start + ROWS_PER_CHECK]
-        if (block.ne(0).any(dim=1) & ~touched[start : start + ROWS_PER_CHECK]).any():
-            return float("inf")
-    return worst
+        stray |= (block.ne(0).any(dim=1) & ~touched[start : start + ROWS_PER_CHECK]).any()
+    return float("inf") if stray.item() else worst
 

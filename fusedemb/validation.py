@@ -60,6 +60,22 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int:
     return padding_idx % num_embeddings
 
 
+def check_tables_have_rows(num_tokens: int, tables: dict[str, int]) -> None:
+    """Ids are looked up (or clamped) into each table: with any token, each needs a row."""
+    for name, num_rows in tables.items():
+        if num_tokens > 0 and num_rows == 0:
+            raise IndexError(f"{name} has no rows, so nothing can be looked up in it")
+
+
+def check_positions_fit(seq_len: int, position_offset: int, context_length: int) -> None:
+    """Default positions [position_offset, position_offset + seq_len) must be rows of the table."""
+    if position_offset < 0 or position_offset + seq_len > context_length:
+        raise IndexError(
+            f"positions [{position_offset}, {position_offset + seq_len}) (position_offset {position_offset} + "
+            f"sequence length {seq_len}) do not fit the position table of {context_length} rows"
+        )
+
+
 def _check_index_tensor(name: str, index: torch.Tensor, device: torch.device) -> None:
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(index).__name__}")
@@ -118,9 +134,7 @@ def prepare_inputs(
     num_embeddings, context_length, dim = tok_weight.shape[0], pos_weight.shape[0], tok_weight.shape[1]
     if dim == 0:
         raise ValueError("the tables must have an embedding dim of at least 1, got 0")
-    if ids.numel() > 0 and 0 in (num_embeddings, context_length):
-        empty = "tok_weight" if num_embeddings == 0 else "pos_weight"
-        raise IndexError(f"{empty} has no rows, so nothing can be looked up in it")
+    check_tables_have_rows(ids.numel(), {"tok_weight": num_embeddings, "pos_weight": context_length})
     ids = ids if ids.dtype in SUPPORTED_ID_DTYPES else ids.long()
     if position_ids is not None:
         _check_index_tensor("position_ids", position_ids, tok_weight.device)
@@ -132,12 +146,7 @@ def prepare_inputs(
         common = common if common in SUPPORTED_ID_DTYPES else torch.int64
         ids, position_ids = ids.to(common), position_ids.to(common).contiguous()
     else:
-        seq_len = ids.shape[-1]
-        if position_offset < 0 or position_offset + seq_len > context_length:
-            raise IndexError(
-                f"positions [{position_offset}, {position_offset + seq_len}) (position_offset {position_offset} + "
-                f"sequence length {seq_len}) do not fit the position table of {context_length} rows"
-            )
+        check_positions_fit(ids.shape[-1], position_offset, context_length)
     check_values = _bounds_check and not torch.compiler.is_compiling()
     if check_values and ids.is_cuda:
         check_values = not torch.cuda.is_current_stream_capturing()

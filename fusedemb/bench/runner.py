@@ -85,7 +85,7 @@ class Runner:
             inputs = None
         for implementation in implementations:
             if inputs is None:
-                rows = [Result(problem, implementation.name, name, "error", note) for name in self.passes]
+                rows = self._untimed(problem, implementation, "error", note)
             else:
                 rows = self._run_implementation(problem, implementation, inputs)
             results += rows
@@ -95,16 +95,16 @@ class Runner:
         _add_speedups(results)
         return results
 
-    def _run_implementation(self, problem: Problem, implementation: Implementation, inputs: Inputs) -> list[Result]:
-        def untimed(status: str, note: str) -> list[Result]:
-            return [Result(problem, implementation.name, name, status, note) for name in self.passes]
+    def _untimed(self, problem: Problem, implementation: Implementation, status: str, note: str) -> list[Result]:
+        return [Result(problem, implementation.name, name, status, note) for name in self.passes]
 
+    def _run_implementation(self, problem: Problem, implementation: Implementation, inputs: Inputs) -> list[Result]:
         try:
             result = gate(implementation, inputs)
         except Exception as error:
-            return untimed("error", describe_error(error))
+            return self._untimed(problem, implementation, "error", describe_error(error))
         if not result.passed:
-            return untimed("mismatch", result.detail)
+            return self._untimed(problem, implementation, "mismatch", result.detail)
         return [self._time_pass(problem, implementation, inputs, name) for name in self.passes]
 
     def _time_pass(self, problem: Problem, implementation: Implementation, inputs: Inputs, pass_name: str) -> Result:

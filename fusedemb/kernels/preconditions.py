@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedemb.validation import SUPPORTED_ID_DTYPES
+from fusedemb.validation import SUPPORTED_ID_DTYPES, check_positions_fit, check_tables_have_rows
 
 INT32_LIMIT = 2**31
 
@@ -30,18 +30,15 @@ def check_index(name: str, index: torch.Tensor) -> None:
         raise ValueError(f"{name} has {index.numel()} elements; the Triton kernels index tokens in int32 (< 2^31)")
 
 
-def check_rows(name: str, num_rows: int, num_tokens: int) -> None:
-    if num_rows >= INT32_LIMIT:
-        raise ValueError(f"{name} has {num_rows} rows; the Triton kernels hold table rows in int32 (< 2^31)")
-    if num_rows < 1 and num_tokens > 0:
-        raise IndexError(f"{name} has no rows, so nothing can be looked up in it")
-
-
-def check_default_positions(ids, position_ids, position_offset: int, context_length: int) -> None:
-    seq_len = ids.shape[-1]
-    if position_ids is None and ids.numel() > 0 and not 0 <= position_offset <= context_length - seq_len:
-        raise IndexError(f"positions [{position_offset}, {position_offset + seq_len}) do not fit the position table "
-                         f"of {context_length} rows")  # fmt: skip
+def check_rows(ids, position_ids, position_offset: int, token_table: tuple[str, int], position_table: tuple[str, int]):
+    """The tables' row counts, each given as (name, rows), against the kernels' int32 rows, the
+    ids to clamp into them and the default positions."""
+    for name, num_rows in (token_table, position_table):
+        if num_rows >= INT32_LIMIT:
+            raise ValueError(f"{name} has {num_rows} rows; the Triton kernels hold table rows in int32 (< 2^31)")
+    check_tables_have_rows(ids.numel(), dict((token_table, position_table)))
+    if position_ids is None:
+        check_positions_fit(ids.shape[-1], position_offset, position_table[1])
 
 
 def check_position_ids(position_ids, ids) -> None:
@@ -57,12 +54,11 @@ def check_forward_inputs(ids, tok_weight, pos_weight, position_ids, position_off
         if table.dim() != 2 or table.stride(1) != 1:
             raise ValueError(f"{name} must be 2-D with unit stride along dim, got shape {tuple(table.shape)} "
                              f"and strides {table.stride()}")  # fmt: skip
-        check_rows(name, table.shape[0], ids.numel())
     if tok_weight.shape[1] != pos_weight.shape[1] or tok_weight.dtype != pos_weight.dtype:
         raise ValueError(f"tok_weight {tuple(tok_weight.shape)} {tok_weight.dtype} and pos_weight "
                          f"{tuple(pos_weight.shape)} {pos_weight.dtype} must have the same dim and dtype")  # fmt: skip
     check_position_ids(position_ids, ids)
-    check_default_positions(ids, position_ids, position_offset, pos_weight.shape[0])
+    check_rows(ids, position_ids, position_offset, ("tok_weight", tok_weight.shape[0]), ("pos_weight", pos_weight.shape[0]))
 
 
 def check_backward_inputs(
@@ -72,9 +68,9 @@ def check_backward_inputs(
     if grad_out.shape[:-1] != ids.shape or not grad_out.is_contiguous():
         raise ValueError(f"grad_out must be contiguous with shape ids.shape + (dim,) = {tuple(ids.shape)} + (dim,), "
                          f"got {tuple(grad_out.shape)}")  # fmt: skip
-    check_rows("the token table", num_embeddings, ids.numel())
-    check_rows("the position table", context_length, ids.numel())
     check_position_ids(position_ids, ids)
-    check_default_positions(ids, position_ids, position_offset, context_length)
+    check_rows(
+        ids, position_ids, position_offset, ("the token table", num_embeddings), ("the position table", context_length)
+    )
     if not -1 <= padding_idx < num_embeddings:
         raise ValueError(f"padding_idx must be -1 (none) or in [0, {num_embeddings}), got {padding_idx}")
