@@ -12,9 +12,13 @@
 # Most important first: if the session's time runs out, the profile is what goes.
 # Usage, from the repo root on a CUDA machine: bash benchmarks/gpu_session.sh OUT_DIR [DATA_DIR]
 # DATA_DIR holds the-verdict.txt and tiktoken/ (../shared/data beside a checkout).
+# GPU_SESSION_STEPS picks steps by name (default: all of "smoke tests bench rangecheck profile"),
+# for a session that splits its device time between calls.
 set -u
 out=${1:?usage: gpu_session.sh OUT_DIR [DATA_DIR]}
 data=${2:-../shared/data}
+steps=" ${GPU_SESSION_STEPS:-smoke tests bench rangecheck profile} "
+step() { [[ $steps == *" $1 "* ]]; }
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR=$data/tiktoken
 tables=$out/tables.txt
@@ -26,33 +30,42 @@ bench() { timeout -k 10 "$1" python3 -m fusedemb.bench --device cuda --pass forw
 
 # First a smoke check that stops the session early if any kernel fails to compile here or
 # disagrees with the reference (the bench's gate) in either mode, at small gpt2-124M sizes.
-timeout 90 python3 -m fusedemb.bench --device cuda --quick --preset gpt2-124M --batch 2 --seq 300 \
-  --dtype float32 bfloat16 float16 --ids uniform same --impl fusedemb-fast fusedemb-deterministic \
-  --pass forward+backward 2>&1 | tee -a "$tables" | tail -20
-[ "${PIPESTATUS[0]}" = 0 ] || { echo "smoke check failed: stopping" | tee -a "$tables"; exit 1; }
+step smoke && {
+  timeout 90 python3 -m fusedemb.bench --device cuda --quick --preset gpt2-124M --batch 2 --seq 300 \
+    --dtype float32 bfloat16 float16 --ids uniform same --impl fusedemb-fast fusedemb-deterministic \
+    --pass forward+backward 2>&1 | tee -a "$tables" | tail -20
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "smoke check failed: stopping" | tee -a "$tables"; exit 1; }
+}
 
 # Compiling the Triton kernels for every tested shape is most of this step's time: spread it
 # over the cores with pytest-xdist where the machine has it (100 s with 8 workers was not enough
 # on an H200 machine), else one process (slower: the timeout may cut it short).
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")
-timeout 180 python3 -m pytest tests/test_functional.py tests/test_ops.py tests/test_validation.py tests/test_module.py \
-  -q -x $workers -p no:cacheprovider > "$out/tests.log" 2>&1
-echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$tables"
+step tests && {
+  timeout 180 python3 -m pytest tests/test_functional.py tests/test_ops.py tests/test_validation.py tests/test_module.py \
+    -q -x $workers -p no:cacheprovider > "$out/tests.log" 2>&1
+  echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$tables"
+}
 
 # A bench cut short by its timeout (SIGTERM) still prints and writes what it finished;
 # -k 10 kills it if it cannot stop. One command per dtype keeps a lost problem's cost small.
-for dtype in float32 bfloat16; do
-  bench 120 --no-bounds-check --preset gpt2-124M --batch 8 32 --dtype $dtype \
-    --ids uniform zipf:1.1 same "text:$data/the-verdict.txt" --json "$out/bench_gpt2_$dtype.json" \
-    $([ $dtype = float32 ] && echo --plot "$out/bench_gpt2_$dtype.png")
-done
-# 50 s sufficed on one H200 machine and not on another (torch.compile's compile time varies).
-bench 90 --no-bounds-check --preset gpt2-1.5B --batch 16 --dtype float32 bfloat16 --ids uniform zipf:1.1 \
-  --json "$out/bench_gpt2_1.5b.json"
-bench 60 --no-bounds-check --preset large-vocab --batch 8 --dtype float32 bfloat16 --ids uniform zipf:1.1 \
-  --json "$out/bench_large_vocab.json"
-echo "== id range check on ==" >> "$tables"
-bench 25 --preset gpt2-124M --batch 8 32 --ids uniform --impl fusedemb-fast eager
+step bench && {
+  for dtype in float32 bfloat16; do
+    bench 120 --no-bounds-check --preset gpt2-124M --batch 8 32 --dtype $dtype \
+      --ids uniform zipf:1.1 same "text:$data/the-verdict.txt" --json "$out/bench_gpt2_$dtype.json" \
+      $([ $dtype = float32 ] && echo --plot "$out/bench_gpt2_$dtype.png")
+  done
+  # 50 s sufficed on one H200 machine and not on another (torch.compile's compile time varies).
+  bench 90 --no-bounds-check --preset gpt2-1.5B --batch 16 --dtype float32 bfloat16 --ids uniform zipf:1.1 \
+    --json "$out/bench_gpt2_1.5b.json"
+  bench 60 --no-bounds-check --preset large-vocab --batch 8 --dtype float32 bfloat16 --ids uniform zipf:1.1 \
+    --json "$out/bench_large_vocab.json"
+}
+step rangecheck && {
+  echo "== id range check on ==" >> "$tables"
+  bench 25 --preset gpt2-124M --batch 8 32 --ids uniform --impl fusedemb-fast eager
+}
+step profile || exit 0
 echo "== where the backward's time goes ==" >> "$tables"
 timeout 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 32 >> "$tables" 2>&1
 timeout 30 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 8 --dtype bfloat16 >> "$tables" 2>&1
