@@ -1,0 +1,98 @@
+"""The sorted backward's side stream (fusedemb/kernels/streams.py): used where it can be, never
+where it cannot (CPU tensors, fake tensors under tracing, CUDA graph capture), and results
+unchanged by it: against the exact sums, and bit for bit with the sort kept on one stream."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_grad_close, assert_output_equal, zipf_ids
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fusedemb
+from fusedemb.kernels import backward, streams
+from fusedemb.reference import default_positions, fused_embedding_reference
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_no_side_stream_for_cpu_or_fake_tensors_or_when_disabled():
+    with streams.side_stream(torch.empty(2)) as stream:
+        assert stream is None
+    with FakeTensorMode():
+        fake_cuda = torch.empty(2, device="cuda")
+    assert fake_cuda.is_cuda and not streams.can_fork(fake_cuda)
+    if torch.cuda.is_available():
+        with streams.side_stream(torch.empty(2, device="cuda"), enabled=False) as stream:
+            assert stream is None
+
+
+@pytest.fixture
+def sort_streams(monkeypatch):
+    """The stream argument of each token-table sort of the Triton backward."""
+    seen = []
+    real = backward.sort_by_row
+
+    def spy(index, num_rows, stream=None):
+        seen.append(stream)
+        return real(index, num_rows, stream)
+
+    monkeypatch.setattr(backward, "sort_by_row", spy)
+    return seen
+
+
+def gpt_step(ids, tok, pos, grad_out, deterministic):
+    out = fusedemb.fused_embedding(ids, tok, pos, backend="triton", deterministic=deterministic)
+    return (out, *torch.autograd.grad(out, (tok, pos), grad_out))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_side_stream_gives_the_one_stream_result_bit_for_bit(sort_streams, monkeypatch, dtype):
+    """At gpt2-124M sizes (8k Zipf ids), the sort on the side stream gives the very gradients of
+    the sort on the current stream, and both are within the bound of the exact sums."""
+    torch.manual_seed(3)
+    vocab, seq_len, dim = 50257, 1024, 768
+    tok = torch.randn(vocab, dim, device="cuda", dtype=dtype, requires_grad=True)
+    pos = torch.randn(seq_len, dim, device="cuda", dtype=dtype, requires_grad=True)
+    ids = zipf_ids((8, seq_len), vocab, 1.1, "cuda")
+    grad_out = torch.randn(8, seq_len, dim, device="cuda", dtype=dtype)
+    forked = gpt_step(ids, tok, pos, grad_out, True)
+    assert len(sort_streams) == 1 and isinstance(sort_streams[0], torch.cuda.Stream)
+    assert sort_streams[0].priority < torch.cuda.current_stream().priority
+    monkeypatch.setattr(backward, "side_stream", lambda like, enabled: streams.side_stream(like, enabled=False))
+    one_stream = gpt_step(ids, tok, pos, grad_out, True)
+    assert sort_streams[1] is None
+    assert all(torch.equal(a, b) for a, b in zip(forked, one_stream))
+    assert_grad_close(forked[1], grad_out, ids, dtype)
+    assert_grad_close(forked[2], grad_out, default_positions(ids), dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+def test_cuda_graph_replays_a_training_step(sort_streams, deterministic):
+    """A forward and backward captured in a CUDA graph (the sort stays on the capturing stream)
+    and replayed on new ids and gradients gives the reference's output and gradients."""
+    torch.manual_seed(4)
+    vocab, seq_len, dim, batch = 1000, 128, 96, 4
+    tok = torch.randn(vocab, dim, device="cuda", requires_grad=True)
+    pos = torch.randn(seq_len, dim, device="cuda", requires_grad=True)
+    ids = torch.randint(0, vocab, (batch, seq_len), device="cuda")
+    grad_out = torch.randn(batch, seq_len, dim, device="cuda")
+    warmup = torch.cuda.Stream()  # compiles the kernels outside the capture, as CUDA graphs ask
+    warmup.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warmup):
+        gpt_step(ids, tok, pos, grad_out, deterministic)
+    torch.cuda.current_stream().wait_stream(warmup)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = gpt_step(ids, tok, pos, grad_out, deterministic)
+    if deterministic:
+        assert sort_streams[-1] is None  # the capture's sort
+    ids.copy_(torch.randint(0, vocab, ids.shape, device="cuda"))
+    grad_out.copy_(torch.randn(grad_out.shape, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_output_equal(captured[0], fused_embedding_reference(ids, tok, pos), "cuda", "triton")
+    assert_grad_close(captured[1], grad_out, ids, torch.float32)
+    assert_grad_close(captured[2], grad_out, default_positions(ids), torch.float32)
