@@ -15,8 +15,7 @@ and works on the N small-integer keys only; the gradient rows themselves are rea
    the classic stable counting sort; rows are contiguous and keep token order inside.
 3. `scatter_sorted_kernel`: token n goes to position ends[r, c] - counts[r, c] + rank[n], with
    r = index[n] and c = chunk(n).
-4. The table is zeroed (a memset), for the rows no token adds into and for skip_row. Steps
-   1-3 need nothing from it: the backward runs them on a side stream meanwhile (streams.py).
+4. The table is zeroed (a memset), for the rows no token adds into and for skip_row.
 5. `segment_sums_kernel`: the sorted order is cut into tiles of TILE positions. Each tile
    gathers its gradient rows at once, sums every run of equal rows in token order, and writes
    the rows that begin and end inside the tile straight to the table. A row that crosses a tile
@@ -37,8 +36,6 @@ float32, 108 us against 95 us for the whole backward; at large-vocab B8, 941 us 
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import triton
@@ -344,88 +341,6 @@ def combine_partials_kernel(
             )  # fmt: skip
 
 
-class RowOrder(NamedTuple):
-    """The tokens in stable order of their rows (steps 1-3 above)."""
-
-    counts: torch.Tensor  # [num_rows, num_chunks] int32: tokens of each row in each chunk
-    ends: torch.Tensor  # [num_rows, num_chunks] int32: inclusive prefix sum of counts, row-major
-    sorted_tokens: torch.Tensor  # [N] int32: the token at each sorted position
-    sorted_rows: torch.Tensor  # [N] int32: its row
-
-
-def sort_by_row(index: torch.Tensor, num_rows: int, stream: torch.cuda.Stream | None = None) -> RowOrder:
-    """Steps 1-3 of the module docstring: the counting sort of index ([N] int32/int64).
-
-    With `stream`, the launches run on it. The buffers are allocated on the current stream, which
-    must wait for `stream` before it reads or frees them (see streams.py).
-    """
-    num_tokens = index.shape[0]
-    num_chunks = cdiv(num_tokens, CHUNK)
-    counts = torch.empty((num_rows, num_chunks), dtype=torch.int32, device=index.device)
-    ends = torch.empty_like(counts)
-    rank = torch.empty(num_tokens, dtype=torch.int32, device=index.device)
-    sorted_tokens = torch.empty_like(rank)
-    sorted_rows = torch.empty_like(rank)
-    with torch.cuda.stream(stream):  # a no-op for None
-        if num_tokens > 0:
-            counts.zero_()
-            rank_grid = (num_chunks, cdiv(min(num_tokens, CHUNK), RANK_BLOCK))
-            launch(
-                chunk_rank_kernel, rank_grid, index, rank, counts, num_tokens, num_rows, num_chunks,
-                CHUNK=CHUNK, BLOCK=RANK_BLOCK,
-            )  # fmt: skip
-            torch.cumsum(counts.view(-1), 0, dtype=torch.int32, out=ends.view(-1))
-            launch(
-                scatter_sorted_kernel,
-                (cdiv(num_tokens, SCATTER_BLOCK),),
-                index, rank, ends, counts, sorted_tokens, sorted_rows, num_tokens, num_rows, num_chunks,
-                CHUNK=CHUNK, BLOCK=SCATTER_BLOCK,
-            )  # fmt: skip
-    return RowOrder(counts, ends, sorted_tokens, sorted_rows)
-
-
-def sum_sorted_rows(grad_rows: torch.Tensor, order: RowOrder, table: torch.Tensor, skip_row: int) -> torch.Tensor:
-    """Steps 5-7 of the module docstring: table[r] = the sum of grad_rows over the tokens of row r.
-
-    table: [num_rows, D], zeroed (step 4, the caller's), written in place and returned.
-    """
-    num_tokens, dim = grad_rows.shape
-    if num_tokens == 0:
-        return table
-    num_chunks = order.counts.shape[1]
-    device = grad_rows.device
-    acc_fp64 = accumulates_in_float64(table.dtype)
-    block_dim = column_block(dim)
-    num_tiles = cdiv(num_tokens, TILE)
-    head = torch.empty((num_tiles, dim), dtype=torch.float64, device=device)
-    tail = torch.empty_like(head)
-    launch(
-        segment_sums_kernel,
-        (num_tiles, cdiv(dim, block_dim)),
-        grad_rows, order.sorted_tokens, order.sorted_rows, table, head, tail, num_tokens, dim, skip_row,
-        ACC_FP64=acc_fp64, TILE=TILE, BLOCK_DIM=block_dim,
-        num_warps=segment_warps(block_dim, grad_rows.element_size()),
-    )  # fmt: skip
-    num_blocks = num_tiles // PARTIALS_BLOCK
-    block_sums = head  # stands in, unread, where no row can cover a whole block
-    if num_blocks > 0:
-        block_sums = head.new_empty((num_blocks, dim))
-        launch(
-            sum_head_blocks_kernel, (num_blocks, cdiv(dim, COMBINE_BLOCK_DIM)),
-            order.sorted_rows, head, block_sums, num_tiles, dim,
-            TILE=TILE, PARTIALS_BLOCK=PARTIALS_BLOCK, BLOCK_DIM=COMBINE_BLOCK_DIM,
-        )  # fmt: skip
-    launch(
-        combine_partials_kernel,
-        (cdiv(num_tiles, COMBINE_TILES), cdiv(dim, COMBINE_BLOCK_DIM)),
-        order.sorted_rows, order.ends, order.counts, head, tail, block_sums, table, num_tokens, num_tiles, dim,
-        num_chunks, skip_row,
-        ACC_FP64=acc_fp64, TILE=TILE, TILES_PER_PROGRAM=COMBINE_TILES, PARTIALS_BLOCK=PARTIALS_BLOCK,
-        BLOCK_DIM=COMBINE_BLOCK_DIM,
-    )  # fmt: skip
-    return table
-
-
 def sorted_scatter_add(
     grad_rows: torch.Tensor, index: torch.Tensor, num_rows: int, skip_row: int, table_dtype: torch.dtype
 ) -> torch.Tensor:
@@ -438,6 +353,53 @@ def sorted_scatter_add(
     is rounded to table_dtype once; a crossing row of a 16-bit table twice (float64 -> float32
     -> 16 bits, see finish_long_row). The order depends on the ids only: bitwise reproducible.
     """
-    order = sort_by_row(index, num_rows)
-    table = torch.zeros((num_rows, grad_rows.shape[1]), dtype=table_dtype, device=grad_rows.device)
-    return sum_sorted_rows(grad_rows, order, table, skip_row)
+    num_tokens, dim = grad_rows.shape
+    device = grad_rows.device
+    if num_tokens == 0:
+        return torch.zeros((num_rows, dim), dtype=table_dtype, device=device)
+    num_chunks = cdiv(num_tokens, CHUNK)
+    counts = torch.zeros((num_rows, num_chunks), dtype=torch.int32, device=device)
+    rank = torch.empty(num_tokens, dtype=torch.int32, device=device)
+    rank_grid = (num_chunks, cdiv(min(num_tokens, CHUNK), RANK_BLOCK))
+    launch(chunk_rank_kernel, rank_grid, index, rank, counts, num_tokens, num_rows, num_chunks, CHUNK=CHUNK, BLOCK=RANK_BLOCK)
+    ends = torch.cumsum(counts.view(-1), 0, dtype=torch.int32).view(num_rows, num_chunks)
+
+    sorted_tokens = torch.empty(num_tokens, dtype=torch.int32, device=device)
+    sorted_rows = torch.empty(num_tokens, dtype=torch.int32, device=device)
+    launch(
+        scatter_sorted_kernel,
+        (cdiv(num_tokens, SCATTER_BLOCK),),
+        index, rank, ends, counts, sorted_tokens, sorted_rows, num_tokens, num_rows, num_chunks,
+        CHUNK=CHUNK, BLOCK=SCATTER_BLOCK,
+    )  # fmt: skip
+
+    table = torch.zeros((num_rows, dim), dtype=table_dtype, device=device)
+    acc_fp64 = accumulates_in_float64(table_dtype)
+    block_dim = column_block(dim)
+    num_tiles = cdiv(num_tokens, TILE)
+    head = torch.empty((num_tiles, dim), dtype=torch.float64, device=device)
+    tail = torch.empty_like(head)
+    launch(
+        segment_sums_kernel,
+        (num_tiles, cdiv(dim, block_dim)),
+        grad_rows, sorted_tokens, sorted_rows, table, head, tail, num_tokens, dim, skip_row,
+        ACC_FP64=acc_fp64, TILE=TILE, BLOCK_DIM=block_dim,
+        num_warps=segment_warps(block_dim, grad_rows.element_size()),
+    )  # fmt: skip
+    num_blocks = num_tiles // PARTIALS_BLOCK
+    block_sums = head  # stands in, unread, where no row can cover a whole block
+    if num_blocks > 0:
+        block_sums = head.new_empty((num_blocks, dim))
+        launch(
+            sum_head_blocks_kernel, (num_blocks, cdiv(dim, COMBINE_BLOCK_DIM)),
+            sorted_rows, head, block_sums, num_tiles, dim,
+            TILE=TILE, PARTIALS_BLOCK=PARTIALS_BLOCK, BLOCK_DIM=COMBINE_BLOCK_DIM,
+        )  # fmt: skip
+    launch(
+        combine_partials_kernel,
+        (cdiv(num_tiles, COMBINE_TILES), cdiv(dim, COMBINE_BLOCK_DIM)),
+        sorted_rows, ends, counts, head, tail, block_sums, table, num_tokens, num_tiles, dim, num_chunks, skip_row,
+        ACC_FP64=acc_fp64, TILE=TILE, TILES_PER_PROGRAM=COMBINE_TILES, PARTIALS_BLOCK=PARTIALS_BLOCK,
+        BLOCK_DIM=COMBINE_BLOCK_DIM,
+    )  # fmt: skip
+    return table
