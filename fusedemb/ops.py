@@ -21,8 +21,8 @@ with the same saved context but skips the custom-operator dispatch, which costs 
 host time per call: more than the forward kernel itself takes on a GPU at GPT-2 sizes.
 
 Through fused_embedding, inputs reach these operators checked and normalised by
-fusedemb.validation. Called directly, they check what their kernels assume (layouts, shapes,
-sizes: fusedemb/kernels/preconditions.py and the C++ TORCH_CHECKs), but not the id values.
+fusedemb.validation. Called directly, they check what their kernels assume (devices, layouts,
+shapes, sizes: fusedemb/kernels/preconditions.py and the C++ TORCH_CHECKs), but not the id values.
 """
 
 from __future__ import annotations

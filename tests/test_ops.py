@@ -134,6 +134,58 @@ def test_operators_called_directly_refuse_layouts_the_kernels_cannot_read(config
             fused_embedding_backward_op(*args, backend, deterministic)
 
 
+@pytest.mark.parametrize("config", triton_configs, ids=config_id)
+def test_triton_launchers_refuse_tensors_on_two_devices(config):
+    """A kernel dereferences every pointer on the device it runs on: the launchers refuse a mix
+    instead of reading another device's memory. (On a CPU-only machine "meta" stands in for
+    the second device.)"""
+    from fusedemb.kernels import triton_backward, triton_forward
+
+    _, device, deterministic = config
+    ids, tok, pos, positions = sample_inputs(device, position_ids=True)
+    tok, pos = tok.detach(), pos.detach()
+    other = "cpu" if device == "cuda" else "meta"
+    on = f"is on {torch.device(other)} but"
+    forward_cases = [
+        ((ids.to(other), tok, pos, None, 0), f"ids {on} tok_weight is on {tok.device}"),
+        ((ids, tok, pos.to(other), None, 0), f"pos_weight {on} tok_weight"),
+        ((ids, tok, pos, positions.to(other), 0), f"position_ids {on} tok_weight"),
+    ]
+    for args, message in forward_cases:
+        with pytest.raises(ValueError, match=message):
+            triton_forward(*args)
+    grad_out = torch.randn(2, 5, 6, device=device)
+    backward_cases = [
+        ((grad_out, ids.to(other), None), f"ids {on} grad_out is on {grad_out.device}"),
+        ((grad_out, ids, positions.to(other)), f"position_ids {on} grad_out"),
+    ]
+    for (grad, index, position_index), message in backward_cases:
+        with pytest.raises(ValueError, match=message):
+            triton_backward(grad, index, position_index, 0, 13, 9, -1, deterministic)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+def test_kernels_run_on_the_gpu_of_their_tensors_not_the_current_one(deterministic):
+    """Triton launches on the current device: the launchers switch to the tensors' GPU first,
+    so operators called directly on cuda:1 while cuda:0 is current are right."""
+    from fusedemb.reference import fused_embedding_backward_reference, fused_embedding_reference
+
+    ids, tok, pos, positions = sample_inputs("cuda:1", position_ids=True)
+    tok, pos = tok.detach(), pos.detach()
+    grad_out = torch.randn(2, 5, 6, device="cuda:1")
+    with torch.cuda.device(0):
+        for position_ids in (None, positions):
+            out = fused_embedding_op(ids, tok, pos, position_ids, 0, -1, "triton", deterministic)
+            grads = fused_embedding_backward_op(grad_out, ids, position_ids, 0, 13, 9, -1, "triton", deterministic)
+            torch.cuda.synchronize(1)
+            assert torch.cuda.current_device() == 0
+            torch.testing.assert_close(out, fused_embedding_reference(ids, tok, pos, position_ids), rtol=0, atol=0)
+            expected = fused_embedding_backward_reference(grad_out, ids, 13, 9, position_ids)
+            for grad, reference in zip(grads, expected):
+                torch.testing.assert_close(grad, reference)
+
+
 class TinyGPTInput(nn.Module):
     """The first layer of a GPT and something after it, for compiling as one graph."""
 

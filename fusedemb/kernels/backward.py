@@ -34,6 +34,7 @@ from fusedemb.kernels.common import (
     clamp_rows,
     column_block,
     launch,
+    on_device_of,
     rows_per_tile,
     to_accumulator,
 )
@@ -372,21 +373,22 @@ def triton_backward(
     # fast mode's atomics share a read of grad_out with. Explicit position_ids are scattered.
     sum_positions = pos_needs_grad and position_ids is None
     atomics = tok_needs_grad and not (deterministic or fast_mode_sorts(grad_rows.shape[0], dim, grad_out.dtype))
-    if atomics:
-        grad_tok, summed = atomic_scatter_add(
-            grad_rows, flat_ids, seq_len, num_embeddings, padding_idx, grad_out.dtype, position_offset,
-            context_length if sum_positions else None,
-        )  # fmt: skip
-        grad_pos = summed
-    elif tok_needs_grad:
-        grad_tok = sorted_scatter_add(grad_rows, flat_ids, num_embeddings, padding_idx, grad_out.dtype)
-    if sum_positions and not atomics:
-        grad_pos = sweep_batch(
-            grad_rows, seq_len, position_offset=position_offset, context_length=context_length,
-            table_dtype=grad_out.dtype,
-        )  # fmt: skip
-    if pos_needs_grad and position_ids is not None:
-        grad_pos = sorted_scatter_add(grad_rows, position_ids.reshape(-1), context_length, -1, grad_out.dtype)
+    with on_device_of(grad_out):
+        if atomics:
+            grad_tok, summed = atomic_scatter_add(
+                grad_rows, flat_ids, seq_len, num_embeddings, padding_idx, grad_out.dtype, position_offset,
+                context_length if sum_positions else None,
+            )  # fmt: skip
+            grad_pos = summed
+        elif tok_needs_grad:
+            grad_tok = sorted_scatter_add(grad_rows, flat_ids, num_embeddings, padding_idx, grad_out.dtype)
+        if sum_positions and not atomics:
+            grad_pos = sweep_batch(
+                grad_rows, seq_len, position_offset=position_offset, context_length=context_length,
+                table_dtype=grad_out.dtype,
+            )  # fmt: skip
+        if pos_needs_grad and position_ids is not None:
+            grad_pos = sorted_scatter_add(grad_rows, position_ids.reshape(-1), context_length, -1, grad_out.dtype)
     # A frozen table's [0, D] placeholder is made only when needed: two empty tensors on every
     # call took 3.6 us of host time (this project's CPU VM).
     return tuple(grad if grad is not None else grad_rows.new_empty((0, dim)) for grad in (grad_tok, grad_pos))

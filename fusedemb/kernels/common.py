@@ -8,6 +8,8 @@ called directly, and fusedemb.ops keeps such calls out of traced graphs.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -48,6 +50,17 @@ def to_accumulator(x, ACC_FP64: tl.constexpr):
         return x.to(tl.float64)
     else:
         return x.to(tl.float32)
+
+
+def on_device_of(tensor: torch.Tensor):
+    """A context in which `tensor`'s GPU is the current device. Triton launches a kernel on the
+    current device and its current stream, whatever device the pointers it is given live on: a
+    call with cuda:1 tensors while cuda:0 is current would run on cuda:0 and read cuda:1's memory
+    from there. PyTorch's own operators switch devices the same way (a device guard). CPU
+    tensors (the interpreter) need nothing."""
+    if tensor.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device.index)
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:

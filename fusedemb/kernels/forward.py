@@ -18,6 +18,7 @@ from fusedemb.kernels.common import (
     clamp_rows,
     column_block,
     launch,
+    on_device_of,
     rows_per_tile,
     to_accumulator,
 )
@@ -82,25 +83,26 @@ def triton_forward(
     block_dim = column_block(dim)
     block_tokens = rows_per_tile(block_dim)
     grid = (cdiv(num_tokens, block_tokens), cdiv(dim, block_dim))
-    launch(
-        fused_embedding_forward_kernel,
-        grid,
-        ids,
-        ids if position_ids is None else position_ids,
-        tok_weight,
-        pos_weight,
-        out,
-        num_tokens,
-        ids.shape[-1],
-        position_offset,
-        dim,
-        tok_weight.shape[0],
-        pos_weight.shape[0],
-        tok_weight.stride(0),
-        pos_weight.stride(0),
-        HAS_POSITION_IDS=position_ids is not None,
-        ACC_FP64=accumulates_in_float64(tok_weight.dtype),
-        BLOCK_TOKENS=block_tokens,
-        BLOCK_DIM=block_dim,
-    )
+    with on_device_of(ids):
+        launch(
+            fused_embedding_forward_kernel,
+            grid,
+            ids,
+            ids if position_ids is None else position_ids,
+            tok_weight,
+            pos_weight,
+            out,
+            num_tokens,
+            ids.shape[-1],
+            position_offset,
+            dim,
+            tok_weight.shape[0],
+            pos_weight.shape[0],
+            tok_weight.stride(0),
+            pos_weight.stride(0),
+            HAS_POSITION_IDS=position_ids is not None,
+            ACC_FP64=accumulates_in_float64(tok_weight.dtype),
+            BLOCK_TOKENS=block_tokens,
+            BLOCK_DIM=block_dim,
+        )
     return out

@@ -1,11 +1,14 @@
 """What the Triton kernels assume of their arguments, checked on the host before any launch.
 
 fusedemb.validation normalises what users pass in; these checks guard the registered operators
-(torch.ops.fusedemb.*), which anyone can call directly, as the C++ kernels' TORCH_CHECKs do. They
-read shapes, strides and dtypes only, never values (out-of-range values are clamped inside the
-kernels), so they cost no device work and are fine on torch.compile's fake tensors.
+(torch.ops.fusedemb.*), which anyone can call directly, as the C++ kernels' TORCH_CHECKs do.
+They read devices, shapes, strides and dtypes only, never values (out-of-range values are
+clamped inside the kernels), so they cost no device work and are fine on torch.compile's fake
+tensors.
 
-The kernels flatten the ids and the gradient as contiguous [N] and [N, D] arrays, step along a
+All tensors of a call must be on one device (a kernel dereferences every pointer on the device
+it runs on; the launchers make that device current, fusedemb.kernels.common.on_device_of). The
+kernels flatten the ids and the gradient as contiguous [N] and [N, D] arrays, step along a
 row with unit stride, and hold token indices and sorted table rows in int32: N and the row counts
 must stay below 2^31 (offsets into the tables are 64-bit). Ids are clamped into their table, so
 a table must have a row to clamp to, and default positions [offset, offset + T) must lie in the
@@ -19,6 +22,15 @@ import torch
 from fusedemb.validation import SUPPORTED_ID_DTYPES, check_positions_fit, check_tables_have_rows
 
 INT32_LIMIT = 2**31
+
+
+def check_same_device(anchor: tuple[str, torch.Tensor], **others: torch.Tensor | None) -> None:
+    """Every tensor on the anchor's device: a kernel runs on one device, and a pointer into
+    another device's memory would be dereferenced there (an illegal address, or a CPU pointer)."""
+    anchor_name, anchor_tensor = anchor
+    for name, tensor in others.items():
+        if tensor is not None and tensor.device != anchor_tensor.device:
+            raise ValueError(f"{name} is on {tensor.device} but {anchor_name} is on {anchor_tensor.device}")
 
 
 def check_index(name: str, index: torch.Tensor) -> None:
@@ -49,6 +61,7 @@ def check_position_ids(position_ids, ids) -> None:
 
 
 def check_forward_inputs(ids, tok_weight, pos_weight, position_ids, position_offset) -> None:
+    check_same_device(("tok_weight", tok_weight), ids=ids, pos_weight=pos_weight, position_ids=position_ids)
     check_index("ids", ids)
     for name, table in (("tok_weight", tok_weight), ("pos_weight", pos_weight)):
         if table.dim() != 2 or table.stride(1) != 1:
@@ -64,6 +77,7 @@ def check_forward_inputs(ids, tok_weight, pos_weight, position_ids, position_off
 def check_backward_inputs(
     grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx
 ) -> None:
+    check_same_device(("grad_out", grad_out), ids=ids, position_ids=position_ids)
     check_index("ids", ids)
     if grad_out.shape[:-1] != ids.shape or not grad_out.is_contiguous():
         raise ValueError(f"grad_out must be contiguous with shape ids.shape + (dim,) = {tuple(ids.shape)} + (dim,), "
