@@ -6,6 +6,9 @@ computed with no floating-point atomics, so the result is bitwise identical run 
 sorts cost as much as a whole atomic backward at GPT sizes (DESIGN.md), so the sort is our own
 and works on the N small-integer keys only; the gradient rows themselves are read exactly once.
 
+Steps 1-3 order the tokens by row (`sort_by_row`); past COUNTING_SORT_MAX_CELLS, where the
+counting sort's per-chunk counts would grow too large, torch.sort does that instead.
+
 1. `chunk_rank_kernel`: tokens are split into chunks of CHUNK. Within its chunk each token gets
    its stable rank among the tokens of the same row (pairwise comparisons, CHUNK^2 integer
    compares per chunk, no atomics), and the first of them publishes the row's count in the
@@ -37,6 +40,8 @@ float32, 108 us against 95 us for the whole backward; at large-vocab B8, 941 us 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -45,11 +50,17 @@ from fusedemb.kernels.common import accumulates_in_float64, cdiv, clamp_rows, co
 
 # Tokens per counting-sort chunk. Each token is compared with all CHUNK tokens of its chunk, and
 # counts has num_rows * ceil(N / CHUNK) entries to zero and prefix-sum: 256 balances the two at
-# GPT-2 sizes (6.4M entries, 26 MB, for 32k tokens). counts and its prefix sum grow as V * N:
-# 263 MB each at V = 128256 and 128k tokens, where a sort of the ids by digits (small
-# histograms, more launches) would become the better design. Measured on an H200 at gpt2-124M B32:
+# GPT-2 sizes (6.4M entries, 26 MB, for 32k tokens). Measured on an H200 at gpt2-124M B32:
 # ranks 61 us -> 16 us, zeroing and prefix sum 10 us -> 24 us, against 1024-token chunks.
 CHUNK = 256
+# counts and its prefix sum grow as V * N / CHUNK (8 bytes each): 263 MB each at V = 128256 and
+# 128k tokens, 2.1 GB at 1M tokens. Past this many cells (128 MB for both) torch.sort orders the
+# ids instead, in memory and time that grow as N. By the bytes model the two cost about the same
+# there: the counting sort's zeroing and prefix sum move 12 bytes a cell (200 MB, ~60 us at
+# 3.3 TB/s), the library sort of 32k ids took 51-84 us on an H200 (DESIGN.md). The crossing
+# point is not measured. Every size of the benchmark sweep stays below it (large-vocab B8 has
+# 8.2M cells), so its figures are of the counting sort.
+COUNTING_SORT_MAX_CELLS = 1 << 24
 RANK_BLOCK = 64  # tokens compared at once in chunk_rank_kernel: a 64 x 64 comparison tile
 SCATTER_BLOCK = 1024  # tokens per program in scatter_sorted_kernel
 # Sorted positions per program in segment_sums_kernel, gathered at once: 16 bytes of each of
@@ -341,6 +352,95 @@ def combine_partials_kernel(
             )  # fmt: skip
 
 
+class RowOrder(NamedTuple):
+    """The tokens in stable order of their rows (steps 1-3 above), and where each row's run is."""
+
+    counts: torch.Tensor  # [num_rows, num_chunks] int32: tokens of each row in each chunk
+    ends: torch.Tensor  # [num_rows, num_chunks] int32: inclusive prefix sum of counts, row-major
+    sorted_tokens: torch.Tensor  # [N] int32: the token at each sorted position
+    sorted_rows: torch.Tensor  # [N] int32: its row
+
+
+def counting_sort_by_row(index: torch.Tensor, num_rows: int) -> RowOrder:
+    """Steps 1-3 of the module docstring, for N > 0 tokens."""
+    num_tokens = index.shape[0]
+    device = index.device
+    num_chunks = cdiv(num_tokens, CHUNK)
+    counts = torch.zeros((num_rows, num_chunks), dtype=torch.int32, device=device)
+    rank = torch.empty(num_tokens, dtype=torch.int32, device=device)
+    rank_grid = (num_chunks, cdiv(min(num_tokens, CHUNK), RANK_BLOCK))
+    launch(chunk_rank_kernel, rank_grid, index, rank, counts, num_tokens, num_rows, num_chunks, CHUNK=CHUNK, BLOCK=RANK_BLOCK)
+    ends = torch.cumsum(counts.view(-1), 0, dtype=torch.int32).view(num_rows, num_chunks)
+    sorted_tokens = torch.empty(num_tokens, dtype=torch.int32, device=device)
+    sorted_rows = torch.empty(num_tokens, dtype=torch.int32, device=device)
+    launch(
+        scatter_sorted_kernel,
+        (cdiv(num_tokens, SCATTER_BLOCK),),
+        index, rank, ends, counts, sorted_tokens, sorted_rows, num_tokens, num_rows, num_chunks,
+        CHUNK=CHUNK, BLOCK=SCATTER_BLOCK,
+    )  # fmt: skip
+    return RowOrder(counts, ends, sorted_tokens, sorted_rows)
+
+
+def library_sort_by_row(index: torch.Tensor, num_rows: int) -> RowOrder:
+    """The same order from torch.sort (stable, so token order is kept inside a row), with one
+    chunk: each row's run [ends - counts, ends) comes from a binary search of the sorted rows.
+    Memory and time grow as N (plus V for the search), not as V * N."""
+    rows = index.clamp(0, num_rows - 1).to(torch.int32)  # as clamp_rows in the kernels
+    sorted_rows, sorted_tokens = torch.sort(rows, stable=True)
+    all_rows = torch.arange(num_rows, dtype=torch.int32, device=index.device)
+    ends = torch.searchsorted(sorted_rows, all_rows, right=True, out_int32=True)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    return RowOrder(counts.view(num_rows, 1), ends.view(num_rows, 1), sorted_tokens.to(torch.int32), sorted_rows)
+
+
+def sort_by_row(index: torch.Tensor, num_rows: int) -> RowOrder:
+    """index ([N] int32/int64, N > 0) in stable order of rows: by the counting sort, unless its
+    counts (and their prefix sum) would exceed COUNTING_SORT_MAX_CELLS, where torch.sort does."""
+    if num_rows * cdiv(index.shape[0], CHUNK) > COUNTING_SORT_MAX_CELLS:
+        return library_sort_by_row(index, num_rows)
+    return counting_sort_by_row(index, num_rows)
+
+
+def sum_sorted_rows(grad_rows: torch.Tensor, order: RowOrder, table: torch.Tensor, skip_row: int) -> torch.Tensor:
+    """Steps 5-7 of the module docstring: table[r] = the sum of grad_rows over the tokens of row r.
+
+    table: [num_rows, D], zeroed (step 4, the caller's), written in place and returned.
+    """
+    num_tokens, dim = grad_rows.shape
+    num_chunks = order.counts.shape[1]
+    acc_fp64 = accumulates_in_float64(table.dtype)
+    block_dim = column_block(dim)
+    num_tiles = cdiv(num_tokens, TILE)
+    head = grad_rows.new_empty((num_tiles, dim), dtype=torch.float64)
+    tail = torch.empty_like(head)
+    launch(
+        segment_sums_kernel,
+        (num_tiles, cdiv(dim, block_dim)),
+        grad_rows, order.sorted_tokens, order.sorted_rows, table, head, tail, num_tokens, dim, skip_row,
+        ACC_FP64=acc_fp64, TILE=TILE, BLOCK_DIM=block_dim,
+        num_warps=segment_warps(block_dim, grad_rows.element_size()),
+    )  # fmt: skip
+    num_blocks = num_tiles // PARTIALS_BLOCK
+    block_sums = head  # stands in, unread, where no row can cover a whole block
+    if num_blocks > 0:
+        block_sums = head.new_empty((num_blocks, dim))
+        launch(
+            sum_head_blocks_kernel, (num_blocks, cdiv(dim, COMBINE_BLOCK_DIM)),
+            order.sorted_rows, head, block_sums, num_tiles, dim,
+            TILE=TILE, PARTIALS_BLOCK=PARTIALS_BLOCK, BLOCK_DIM=COMBINE_BLOCK_DIM,
+        )  # fmt: skip
+    launch(
+        combine_partials_kernel,
+        (cdiv(num_tiles, COMBINE_TILES), cdiv(dim, COMBINE_BLOCK_DIM)),
+        order.sorted_rows, order.ends, order.counts, head, tail, block_sums, table, num_tokens, num_tiles, dim,
+        num_chunks, skip_row,
+        ACC_FP64=acc_fp64, TILE=TILE, TILES_PER_PROGRAM=COMBINE_TILES, PARTIALS_BLOCK=PARTIALS_BLOCK,
+        BLOCK_DIM=COMBINE_BLOCK_DIM,
+    )  # fmt: skip
+    return table
+
+
 def sorted_scatter_add(
     grad_rows: torch.Tensor, index: torch.Tensor, num_rows: int, skip_row: int, table_dtype: torch.dtype
 ) -> torch.Tensor:
@@ -353,53 +453,6 @@ def sorted_scatter_add(
     is rounded to table_dtype once; a crossing row of a 16-bit table twice (float64 -> float32
     -> 16 bits, see finish_long_row). The order depends on the ids only: bitwise reproducible.
     """
-    num_tokens, dim = grad_rows.shape
-    device = grad_rows.device
-    if num_tokens == 0:
-        return torch.zeros((num_rows, dim), dtype=table_dtype, device=device)
-    num_chunks = cdiv(num_tokens, CHUNK)
-    counts = torch.zeros((num_rows, num_chunks), dtype=torch.int32, device=device)
-    rank = torch.empty(num_tokens, dtype=torch.int32, device=device)
-    rank_grid = (num_chunks, cdiv(min(num_tokens, CHUNK), RANK_BLOCK))
-    launch(chunk_rank_kernel, rank_grid, index, rank, counts, num_tokens, num_rows, num_chunks, CHUNK=CHUNK, BLOCK=RANK_BLOCK)
-    ends = torch.cumsum(counts.view(-1), 0, dtype=torch.int32).view(num_rows, num_chunks)
-
-    sorted_tokens = torch.empty(num_tokens, dtype=torch.int32, device=device)
-    sorted_rows = torch.empty(num_tokens, dtype=torch.int32, device=device)
-    launch(
-        scatter_sorted_kernel,
-        (cdiv(num_tokens, SCATTER_BLOCK),),
-        index, rank, ends, counts, sorted_tokens, sorted_rows, num_tokens, num_rows, num_chunks,
-        CHUNK=CHUNK, BLOCK=SCATTER_BLOCK,
-    )  # fmt: skip
-
-    table = torch.zeros((num_rows, dim), dtype=table_dtype, device=device)
-    acc_fp64 = accumulates_in_float64(table_dtype)
-    block_dim = column_block(dim)
-    num_tiles = cdiv(num_tokens, TILE)
-    head = torch.empty((num_tiles, dim), dtype=torch.float64, device=device)
-    tail = torch.empty_like(head)
-    launch(
-        segment_sums_kernel,
-        (num_tiles, cdiv(dim, block_dim)),
-        grad_rows, sorted_tokens, sorted_rows, table, head, tail, num_tokens, dim, skip_row,
-        ACC_FP64=acc_fp64, TILE=TILE, BLOCK_DIM=block_dim,
-        num_warps=segment_warps(block_dim, grad_rows.element_size()),
-    )  # fmt: skip
-    num_blocks = num_tiles // PARTIALS_BLOCK
-    block_sums = head  # stands in, unread, where no row can cover a whole block
-    if num_blocks > 0:
-        block_sums = head.new_empty((num_blocks, dim))
-        launch(
-            sum_head_blocks_kernel, (num_blocks, cdiv(dim, COMBINE_BLOCK_DIM)),
-            sorted_rows, head, block_sums, num_tiles, dim,
-            TILE=TILE, PARTIALS_BLOCK=PARTIALS_BLOCK, BLOCK_DIM=COMBINE_BLOCK_DIM,
-        )  # fmt: skip
-    launch(
-        combine_partials_kernel,
-        (cdiv(num_tiles, COMBINE_TILES), cdiv(dim, COMBINE_BLOCK_DIM)),
-        sorted_rows, ends, counts, head, tail, block_sums, table, num_tokens, num_tiles, dim, num_chunks, skip_row,
-        ACC_FP64=acc_fp64, TILE=TILE, TILES_PER_PROGRAM=COMBINE_TILES, PARTIALS_BLOCK=PARTIALS_BLOCK,
-        BLOCK_DIM=COMBINE_BLOCK_DIM,
-    )  # fmt: skip
-    return table
+    order = sort_by_row(index, num_rows) if grad_rows.shape[0] > 0 else None
+    table = torch.zeros((num_rows, grad_rows.shape[1]), dtype=table_dtype, device=grad_rows.device)
+    return table if order is None else sum_sorted_rows(grad_rows, order, table, skip_row)
