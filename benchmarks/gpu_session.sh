@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # Everything one lent GPU session checks, in one command (device time is scarce):
 #   0. a smoke check of both modes against the reference, which ends the session if it fails;
-#   1. the parity, operator, validation and module tests on CUDA;
+#   1. the parity, operator, validation, module and sort tests on CUDA;
 #   2. the benchmark cases of the Triton issue: gpt2-124M at B 8 and 32, gpt2-1.5B at B 16 and
 #      the large-vocab preset at B 8, float32 and bfloat16, uniform / Zipf(1.1) ids (gpt2-124M
 #      also with one id everywhere and with real text), id range check off; every
 #      implementation passes the benchmark's correctness gate before it is timed;
-#   3. what the id range check costs, measured with it on;
-#   4. per-kernel profiles of both backward modes (benchmarks/profile_backward.py): gpt2-124M
+#   3. the two ways of sorting the ids (benchmarks/sort_crossover.py), for the threshold between them;
+#   4. what the id range check costs, measured with it on;
+#   5. per-kernel profiles of both backward modes (benchmarks/profile_backward.py): gpt2-124M
 #      B8 and B32 float32, large-vocab B8 bfloat16, gpt2-124M B8 bfloat16.
 # Most important first: if the session's time runs out, the profile is what goes.
 # Usage, from the repo root on a CUDA machine: bash benchmarks/gpu_session.sh OUT_DIR [DATA_DIR]
 # DATA_DIR holds the-verdict.txt and tiktoken/ (../shared/data beside a checkout).
-# GPU_SESSION_STEPS picks steps by name (default: all of "smoke tests bench rangecheck profile"),
+# GPU_SESSION_STEPS picks steps by name (default: all of "smoke tests bench sortcross rangecheck profile"),
 # for a session that splits its device time between calls.
 set -u
 out=${1:?usage: gpu_session.sh OUT_DIR [DATA_DIR]}
 data=${2:-../shared/data}
-steps=" ${GPU_SESSION_STEPS:-smoke tests bench rangecheck profile} "
+steps=" ${GPU_SESSION_STEPS:-smoke tests bench sortcross rangecheck profile} "
 step() { [[ $steps == *" $1 "* ]]; }
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR=$data/tiktoken
@@ -43,6 +44,7 @@ step smoke && {
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")
 step tests && {
   timeout 180 python3 -m pytest tests/test_functional.py tests/test_ops.py tests/test_validation.py tests/test_module.py \
+    tests/test_sorted_scatter.py \
     -q -x $workers -p no:cacheprovider > "$out/tests.log" 2>&1
   echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$tables"
 }
@@ -61,6 +63,8 @@ step bench && {
   bench 60 --no-bounds-check --preset large-vocab --batch 8 --dtype float32 bfloat16 --ids uniform zipf:1.1 \
     --json "$out/bench_large_vocab.json"
 }
+# Where torch.sort overtakes the counting sort (COUNTING_SORT_MAX_CELLS): both, alone, V x N.
+step sortcross && timeout 60 python3 benchmarks/sort_crossover.py 2>&1 | tee -a "$tables"
 step rangecheck && {
   echo "== id range check on ==" >> "$tables"
   bench 25 --preset gpt2-124M --batch 8 32 --ids uniform --impl fusedemb-fast eager

@@ -1,0 +1,31 @@
+"""The standalone scripts of benchmarks/ run (on CPU, tiny sizes): a GPU session has no time to
+find out that one has rotted."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import fusedemb
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif("triton" not in fusedemb.available_backends("cpu"), reason="Triton unavailable")
+def test_sort_crossover_times_both_sorts(capsys):
+    load_script("sort_crossover").main(["--device", "cpu", "--quick", "--vocab", "7", "--tokens", "300", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[2:]]
+    assert [row[:3] for row in rows] == [["7", "300", "14"], ["7", "1", "7"]]  # V, N, V * ceil(N / 256)
+    for row in rows:
+        counting_us, sort_us, ratio = map(float, row[3:])
+        assert counting_us > 0 and sort_us > 0 and ratio == pytest.approx(counting_us / sort_us, rel=0.05, abs=0.01)
