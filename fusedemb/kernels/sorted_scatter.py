@@ -362,23 +362,28 @@ class RowOrder(NamedTuple):
 
 
 def counting_sort_by_row(index: torch.Tensor, num_rows: int) -> RowOrder:
-    """Steps 1-3 of the module docstring, for N > 0 tokens."""
+    """Steps 1-3 of the module docstring."""
     num_tokens = index.shape[0]
     device = index.device
     num_chunks = cdiv(num_tokens, CHUNK)
     counts = torch.zeros((num_rows, num_chunks), dtype=torch.int32, device=device)
-    rank = torch.empty(num_tokens, dtype=torch.int32, device=device)
-    rank_grid = (num_chunks, cdiv(min(num_tokens, CHUNK), RANK_BLOCK))
-    launch(chunk_rank_kernel, rank_grid, index, rank, counts, num_tokens, num_rows, num_chunks, CHUNK=CHUNK, BLOCK=RANK_BLOCK)
-    ends = torch.cumsum(counts.view(-1), 0, dtype=torch.int32).view(num_rows, num_chunks)
+    ends = torch.empty_like(counts)
     sorted_tokens = torch.empty(num_tokens, dtype=torch.int32, device=device)
-    sorted_rows = torch.empty(num_tokens, dtype=torch.int32, device=device)
-    launch(
-        scatter_sorted_kernel,
-        (cdiv(num_tokens, SCATTER_BLOCK),),
-        index, rank, ends, counts, sorted_tokens, sorted_rows, num_tokens, num_rows, num_chunks,
-        CHUNK=CHUNK, BLOCK=SCATTER_BLOCK,
-    )  # fmt: skip
+    sorted_rows = torch.empty_like(sorted_tokens)
+    if num_tokens > 0:
+        rank = torch.empty_like(sorted_tokens)
+        rank_grid = (num_chunks, cdiv(min(num_tokens, CHUNK), RANK_BLOCK))
+        launch(
+            chunk_rank_kernel, rank_grid, index, rank, counts, num_tokens, num_rows, num_chunks,
+            CHUNK=CHUNK, BLOCK=RANK_BLOCK,
+        )  # fmt: skip
+        torch.cumsum(counts.view(-1), 0, dtype=torch.int32, out=ends.view(-1))
+        launch(
+            scatter_sorted_kernel,
+            (cdiv(num_tokens, SCATTER_BLOCK),),
+            index, rank, ends, counts, sorted_tokens, sorted_rows, num_tokens, num_rows, num_chunks,
+            CHUNK=CHUNK, BLOCK=SCATTER_BLOCK,
+        )  # fmt: skip
     return RowOrder(counts, ends, sorted_tokens, sorted_rows)
 
 
@@ -395,7 +400,7 @@ def library_sort_by_row(index: torch.Tensor, num_rows: int) -> RowOrder:
 
 
 def sort_by_row(index: torch.Tensor, num_rows: int) -> RowOrder:
-    """index ([N] int32/int64, N > 0) in stable order of rows: by the counting sort, unless its
+    """index ([N] int32/int64) in stable order of rows: by the counting sort, unless its
     counts (and their prefix sum) would exceed COUNTING_SORT_MAX_CELLS, where torch.sort does."""
     if num_rows * cdiv(index.shape[0], CHUNK) > COUNTING_SORT_MAX_CELLS:
         return library_sort_by_row(index, num_rows)
@@ -408,6 +413,8 @@ def sum_sorted_rows(grad_rows: torch.Tensor, order: RowOrder, table: torch.Tenso
     table: [num_rows, D], zeroed (step 4, the caller's), written in place and returned.
     """
     num_tokens, dim = grad_rows.shape
+    if num_tokens == 0:
+        return table
     num_chunks = order.counts.shape[1]
     acc_fp64 = accumulates_in_float64(table.dtype)
     block_dim = column_block(dim)
@@ -453,6 +460,6 @@ def sorted_scatter_add(
     is rounded to table_dtype once; a crossing row of a 16-bit table twice (float64 -> float32
     -> 16 bits, see finish_long_row). The order depends on the ids only: bitwise reproducible.
     """
-    order = sort_by_row(index, num_rows) if grad_rows.shape[0] > 0 else None
+    order = sort_by_row(index, num_rows)
     table = torch.zeros((num_rows, grad_rows.shape[1]), dtype=table_dtype, device=grad_rows.device)
-    return table if order is None else sum_sorted_rows(grad_rows, order, table, skip_row)
+    return sum_sorted_rows(grad_rows, order, table, skip_row)
