@@ -1,4 +1,4 @@
-"""The standalone scripts of benchmarks/ run (on CPU, tiny sizes): a GPU session has no time to
+"""The standalone scripts of benchmarks/ run (on CPU, at small sizes): a GPU session has no time to
 find out that one has rotted."""
 
 from __future__ import annotations
@@ -29,3 +29,14 @@ def test_sort_crossover_times_both_sorts(capsys):
     for row in rows:
         counting_us, sort_us, ratio = map(float, row[3:])
         assert counting_us > 0 and sort_us > 0 and ratio == pytest.approx(counting_us / sort_us, rel=0.05, abs=0.01)
+
+
+def test_profile_backward_reports_both_modes(capsys):
+    """On CPU both rows profile the C++ backward (it has one mode); the GPU run differs only in
+    what the profiler records and in holding the GPU busy for the host profile."""
+    load_script("profile_backward").main(["--device", "cpu", "--preset", "gpt2-124M", "--batch", "1"])
+    out = capsys.readouterr().out
+    for mode in ("fast", "deterministic"):
+        assert f"== gpt2-124M B1 float32, {mode} mode:" in out
+    assert out.count("host time per step") == 2
+    assert "fused_embedding" in out  # the profiled step's own functions show in both tables
