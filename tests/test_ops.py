@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import BACKEND_CONFIGS, config_id, interpreted
 from torch import nn
 
 import fusedemb
+from fusedemb.ops import TRITON_AVAILABLE as TRITON_LAUNCHERS
 from fusedemb.ops import fused_embedding_backward_op, fused_embedding_op
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def sample_inputs(device, dtype=torch.float32, position_ids=False):
@@ -162,6 +170,34 @@ def test_triton_launchers_refuse_tensors_on_two_devices(config):
     for (grad, index, position_index), message in backward_cases:
         with pytest.raises(ValueError, match=message):
             triton_backward(grad, index, position_index, 0, 13, 9, -1, deterministic)
+
+
+# Run without Triton's interpreter (kernels are then JITFunctions, launched through wrap_triton,
+# as when tracing for a GPU), so in a process of its own.
+FAKE_CUDA_TRACE = """
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from fusedemb.kernels import triton_backward, triton_forward
+with FakeTensorMode():
+    ids = torch.randint(0, 50, (2, 8), device="cuda")
+    tok, pos = torch.randn(50, 16, device="cuda"), torch.randn(8, 16, device="cuda")
+    grad_out = torch.randn(2, 8, 16, device="cuda")
+    print(tuple(triton_forward(ids, tok, pos, None, 0).shape))
+    for deterministic in (False, True):
+        print([tuple(g.shape) for g in triton_backward(grad_out, ids, None, 0, 50, 8, -1, deterministic)])
+"""
+
+
+@pytest.mark.skipif(not TRITON_LAUNCHERS, reason="Triton unavailable")
+def test_launchers_trace_on_fake_cuda_tensors_without_touching_a_gpu():
+    """torch.compile and export run the Triton operators' bodies on fake tensors, possibly on a
+    host with no GPU: the launchers' device guard must not switch (or need) a real device."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", FAKE_CUDA_TRACE], capture_output=True, text=True, env=env,
+                            timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:3] == ["(2, 8, 16)", "[(50, 16), (8, 16)]", "[(50, 16), (8, 16)]"]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

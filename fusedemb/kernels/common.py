@@ -13,6 +13,7 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
@@ -57,8 +58,10 @@ def on_device_of(tensor: torch.Tensor):
     current device and its current stream, whatever device the pointers it is given live on: a
     call with cuda:1 tensors while cuda:0 is current would run on cuda:0 and read cuda:1's memory
     from there. PyTorch's own operators switch devices the same way (a device guard). CPU
-    tensors (the interpreter) need nothing."""
-    if tensor.device.type != "cuda":
+    tensors (the interpreter) need nothing, and nor do fake tensors: a traced call launches
+    nothing (Inductor guards the devices of the kernels it emits), and tracing for a GPU may run
+    on a host without one, where switching devices would raise."""
+    if tensor.device.type != "cuda" or is_fake(tensor):
         return contextlib.nullcontext()
     return torch.cuda.device(tensor.device.index)
 
