@@ -1,8 +1,9 @@
 """pytest-benchmark suite: every implementation x pass x id distribution, on CPU and CUDA.
 
 Each benchmark gates its implementation against the reference, then times one pass in pedantic
-mode (explicit warm-up rounds, the pass's untimed setup before every round). On CUDA each round
-synchronizes, and the L2 cache is flushed in the untimed setup so the rounds don't time the cache;
+mode (explicit warm-up rounds, the pass's untimed setup before every round). The last-level
+cache (L2 on a GPU, L3 on a CPU) is flushed in the untimed setup so the rounds don't time the
+cache, and on CUDA each round synchronizes;
 a round is therefore wall time, the host's queuing and the id range check's sync (left on)
 included, unlike the CLI's device times (`python -m fusedemb.bench`, GPU hold, CUDA events),
 which are the figures to quote. This suite compares implementations, and catches regressions.
@@ -29,7 +30,7 @@ ROUNDS = {"cpu": (15, 2), "cuda": (100, 10)}
 @pytest.mark.parametrize("pass_name", PASSES)
 @pytest.mark.parametrize("ids_spec", ["uniform", "zipf:1.1"])
 @pytest.mark.parametrize("impl_name", IMPLEMENTATIONS)
-def test_fused_embedding(benchmark, request, device, model_config, batch, impl_name, ids_spec, pass_name):
+def test_fused_embedding(benchmark, cache_flushes, device, model_config, batch, impl_name, ids_spec, pass_name):
     available, skipped = build_implementations([impl_name], device)
     if skipped:
         pytest.skip(skipped[impl_name])
@@ -40,23 +41,18 @@ def test_fused_embedding(benchmark, request, device, model_config, batch, impl_n
     assert checked.passed, checked.detail
 
     work = make_pass(pass_name, implementation.forward, inputs)
-    if device == "cuda":
-        flush = request.getfixturevalue("l2_flush")
+    flush = cache_flushes(device)
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
 
-        def setup():
-            arguments = work.setup()
-            flush()
-            torch.cuda.synchronize()
-            return arguments, {}
+    def setup():
+        arguments = work.setup()
+        flush()
+        synchronize()
+        return arguments, {}
 
-        def target(*arguments):
-            work.run(*arguments)
-            torch.cuda.synchronize()
-    else:
-        def setup():
-            return work.setup(), {}
-
-        target = work.run
+    def target(*arguments):
+        work.run(*arguments)
+        synchronize()
 
     rounds, warmup_rounds = ROUNDS[device]
     benchmark.group = f"{model_config.name} B={batch} {ids_spec} {pass_name} {device}"

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fusedemb.bench.configs import PRESETS, ModelConfig
-from fusedemb.bench.timing import L2Flush
+from fusedemb.bench.timing import CacheFlush
 
 TINY = ModelConfig("tiny", vocab=512, dim=64, seq=32)
 
@@ -49,6 +49,13 @@ def batch(quick, device) -> int:
 
 
 @pytest.fixture(scope="session")
-def l2_flush():
-    """One flush buffer for the whole session (allocated only if a CUDA benchmark runs)."""
-    return L2Flush("cuda")
+def cache_flushes():
+    """One flush buffer per device for the whole session, allocated on first use."""
+    flushes = {}
+
+    def flush_for(device: str) -> CacheFlush:
+        if device not in flushes:
+            flushes[device] = CacheFlush(device)
+        return flushes[device]
+
+    return flush_for

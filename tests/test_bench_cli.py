@@ -20,7 +20,7 @@ from fusedemb.bench.implementations import Implementation, build_implementations
 from fusedemb.bench.memory import peak_extra_bytes
 from fusedemb.bench.passes import make_inputs, make_pass
 from fusedemb.bench.runner import Runner
-from fusedemb.bench.timing import CpuTimer, TimingStats
+from fusedemb.bench.timing import CacheFlush, CpuTimer, TimingStats, last_level_cache_bytes
 
 TINY = ModelConfig("tiny", vocab=97, dim=16, seq=8)
 TINY_ARGS = ["--device", "cpu", "--vocab", "97", "--dim", "16", "--seq", "8", "--quick"]
@@ -337,12 +337,25 @@ def test_backward_pass_gets_a_fresh_forward_from_its_untimed_setup():
     assert inputs.tok_weight.grad is None  # autograd.grad: nothing accumulates between repeats
 
 
-def test_timer_runs_setup_before_every_call_and_passes_its_result():
-    calls = []
+def test_timer_runs_setup_then_flushes_the_cache_before_every_call():
+    events = []
     timer = CpuTimer(budget_s=0.0, min_reps=4, max_reps=4, warmup_reps=1)
-    stats = timer.measure(run=lambda token: calls.append(token), setup=lambda: (len(calls),))
-    assert calls == [0, 1, 2, 3, 4]  # one warm-up, then four timed repeats
+    timer.flush_cache = lambda: events.append("flush")
+    stats = timer.measure(run=lambda token: events.append(token), setup=lambda: (len(events),))
+    # One warm-up, then four timed repeats. Each token is the event count its setup saw: 0, 2,
+    # ... before the flush that precedes it, so the order is setup, flush, run.
+    assert events == ["flush", 0, "flush", 2, "flush", 4, "flush", 6, "flush", 8]
     assert stats.reps == 4
+
+
+def test_last_level_cache_size_from_sysfs(tmp_path):
+    for index, size in (("index0", "32K"), ("index2", "512K"), ("index3", "32768K"), ("index9", "")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    (tmp_path / "index4").mkdir()  # no size file
+    assert last_level_cache_bytes(tmp_path) == 32 * 2**20
+    assert last_level_cache_bytes(tmp_path / "missing") == 64 * 2**20
+    assert CacheFlush("cpu")._buffer.numel() == 2 * last_level_cache_bytes()
 
 
 def test_timing_stats_quantiles():

@@ -6,7 +6,7 @@
     gate.py            the correctness gate every implementation passes before it is timed
     passes.py          inputs and the timed callables for forward, backward and forward+backward
     bytes_model.py     the bytes each pass must move, the basis of GB/s
-    timing.py          CPU (perf_counter) and CUDA (events, L2 flushed) timers, copy bandwidth
+    timing.py          CPU (perf_counter) and CUDA (events) timers, caches flushed; copy bandwidth
     memory.py          peak memory a pass allocates on top of what it starts with
     runner.py          runs a sweep: gate, time, measure, compare
     environment.py     device name, versions and threads recorded with every run

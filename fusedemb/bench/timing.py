@@ -1,15 +1,17 @@
-"""Timers: perf_counter medians on the CPU, CUDA events with the L2 cache flushed on the GPU.
+"""Timers: perf_counter medians on the CPU, CUDA events on the GPU, last-level cache flushed.
 
 Both time one call at a time and report quantiles over the repeats, never a mean: a benchmark's
 time distribution has a long right tail (interrupts, other processes, clock changes) that a
 median ignores and a mean does not. The number of repeats adapts to a time budget per
 measurement, so small problems get many repeats and large ones a few.
 
-On a GPU three things would otherwise distort the figures:
+On both devices the inputs would stay resident in the last-level cache between repeats (L2
+on a GPU, L3 on a CPU), which a training step, whose other layers evict them, does not see: a
+buffer larger than that cache is overwritten before every timed call, outside the timed
+region, as triton.testing.do_bench does on a GPU.
+
+On a GPU two more things would otherwise distort the figures:
 - launches are asynchronous: CUDA events record when the GPU itself reaches them;
-- the inputs would stay resident in L2 between repeats: a buffer several times larger than L2
-  is overwritten before every timed call, outside the timed region, as triton.testing.do_bench
-  does;
 - the GPU would idle while Python queues the work (autograd, argument checks, kernel launches:
   a few hundred microseconds for a forward+backward, as long as its kernels take at GPT-2 sizes),
   and that idling would be timed as if the kernels were slow. So before each timed call the GPU
@@ -29,6 +31,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -82,29 +85,47 @@ class Timer:
 class CpuTimer(Timer):
     """perf_counter around run(): the call's result is freed inside the timed region, as a training
     step frees the previous step's gradients. That is a real cost on a CPU (freeing eager's 154 MB
-    gpt2-124M token gradient, on 4 KiB pages, takes milliseconds) and none on a GPU. The last-level
-    cache is not flushed between calls: a problem small enough to stay in it (tens of MB) is
-    timed at cache bandwidth, against a copy bandwidth measured in DRAM; the presets' tables
-    alone are 150 MB and more."""
+    gpt2-124M token gradient, on 4 KiB pages, takes milliseconds) and none on a GPU."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.flush_cache = CacheFlush("cpu")
 
     def time_calls(self, run, setup, reps):
         samples = []
         for _ in range(reps):
             arguments = setup()
+            self.flush_cache()
             start = time.perf_counter()
             run(*arguments)
             samples.append(time.perf_counter() - start)
         return samples, samples
 
 
-class L2Flush:
-    """Calling it evicts whatever a previous call left in the GPU's L2 (asynchronously, like any
-    launch) by overwriting a buffer several times larger than L2 (50 MB on H100, 60 MB on H200)."""
+def last_level_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The size of the CPU's largest cache, from Linux's sysfs (index*/size, e.g. "32768K");
+    64 MiB where that cannot be read (other systems)."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    for cache in caches.glob("index*"):
+        try:
+            size = (cache / "size").read_text().strip()
+            sizes.append(int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size))
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(sizes, default=64 * 2**20)
 
-    BUFFER_BYTES = 256 * 2**20
+
+class CacheFlush:
+    """Calling it evicts whatever a previous call left in the device's last-level cache by
+    overwriting a buffer larger than it: on a GPU 256 MB, several times L2 (50 MB on H100, 60 MB
+    on H200; queued like any launch); on a CPU twice the largest cache, shared by all cores."""
+
+    GPU_BUFFER_BYTES = 256 * 2**20
 
     def __init__(self, device: str = "cuda") -> None:
-        self._buffer = torch.empty(self.BUFFER_BYTES, dtype=torch.int8, device=device)
+        nbytes = 2 * last_level_cache_bytes() if torch.device(device).type == "cpu" else self.GPU_BUFFER_BYTES
+        self._buffer = torch.empty(nbytes, dtype=torch.int8, device=device)
 
     def __call__(self) -> None:
         self._buffer.zero_()
@@ -140,7 +161,7 @@ class CudaTimer(Timer):
 
     def __init__(self, *args, device: str = "cuda", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.flush_l2 = L2Flush(device)
+        self.flush_cache = CacheFlush(device)
         self.hold_gpu = GpuHold()
         self._hold_s = self.FIRST_HOLD_S
 
@@ -155,7 +176,7 @@ class CudaTimer(Timer):
         torch.cuda.synchronize()
         for start, end in zip(starts, ends):
             arguments = setup()  # queued before the start event, so it is not timed either
-            self.flush_l2()
+            self.flush_cache()
             self.hold_gpu(self._hold_s)
             start.record()
             host_start = time.perf_counter()
