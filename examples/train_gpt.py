@@ -3,9 +3,10 @@
     TIKTOKEN_CACHE_DIR=../shared/data/tiktoken \
         python examples/train_gpt.py --text ../shared/data/the-verdict.txt --config tiny --steps 20
 
-Both runs seed the RNG identically before building the model and before training, so they start
-from the same weights, see the same batches and draw the same dropout masks (the embedding
-draws no random numbers). The forward of the two first layers is bitwise equal in float32
+Both models are built from the same seed and trained side by side, step for step, each with its
+own random stream seeded alike, so they start from the same weights, see the same batches and
+draw the same dropout masks (the embedding draws no random numbers); their steps alternate, so
+that the step times printed compare them on an equally warm machine. The forward of the two first layers is bitwise equal in float32
 (each output element is the same single addition); only the backward differs: the token and
 position gradients are sums over the tokens of the batch, and fusedemb adds them in another
 order. The printed losses therefore agree to float32 rounding noise, checked against
@@ -16,6 +17,7 @@ no key mapping, into a fresh fusedemb model (see gpt_model.py for the names).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import itertools
 import statistics
@@ -118,25 +120,65 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train(model: GPTModel, batches: list, *, device: str, lr: float, weight_decay: float, seed: int) -> TrainingRun:
-    """One AdamW step per batch; the loss and wall time of every step."""
+class RandomStream:
+    """A model's own stream of random numbers (the CPU's, and the GPU's on CUDA), swapped in for
+    its steps: two models trained side by side then draw the same dropout masks, as two runs
+    one after the other from the same seed would."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.device = device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            self.state = self._get()
+
+    def _get(self):
+        return (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+
+    def _set(self, state) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    @contextlib.contextmanager
+    def active(self):
+        outside = self._get()
+        self._set(self.state)
+        try:
+            yield
+        finally:
+            self.state = self._get()
+            self._set(outside)
+
+
+def train_side_by_side(
+    models: list[GPTModel], batches: list, *, device: str, lr: float, weight_decay: float, seed: int
+) -> list[TrainingRun]:
+    """One AdamW step per batch for each model; the loss and wall time of every step.
+
+    The models' steps alternate, and which goes first alternates from batch to batch, so that
+    neither is timed on a warmer machine (caches, allocator, clock speed) than the other, as the
+    second of two runs one after the other would be. Each model draws from its own random
+    stream, seeded alike: the same dropout masks."""
     device = torch.device(device)
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    torch.manual_seed(seed)  # the same dropout masks in both runs
-    run = TrainingRun(losses=[], step_seconds=[])
-    for inputs, targets in batches:
+    trainees = []
+    for model in models:
+        model.to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        trainees.append((model, optimizer, RandomStream(seed, device), TrainingRun(losses=[], step_seconds=[])))
+    for step, (inputs, targets) in enumerate(batches):
         inputs, targets = inputs.to(device), targets.to(device)
-        synchronize(device)
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = next_token_loss(model(inputs), targets)
-        loss.backward()
-        optimizer.step()
-        synchronize(device)
-        run.step_seconds.append(time.perf_counter() - start)
-        run.losses.append(loss.item())
-    return run
+        for model, optimizer, stream, run in trainees[:: 1 if step % 2 == 0 else -1]:
+            with stream.active():
+                synchronize(device)
+                start = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                loss = next_token_loss(model(inputs), targets)
+                loss.backward()
+                optimizer.step()
+                synchronize(device)
+                run.step_seconds.append(time.perf_counter() - start)
+            run.losses.append(loss.item())
+    return [run for *_, run in trainees]
 
 
 def checkpoint_round_trip(trained: GPTModel, config: GPTConfig, seed: int, sample: torch.Tensor) -> float:
@@ -191,8 +233,7 @@ def main(argv: list[str] | None = None) -> Comparison:
     fused_model = build_model(config, fused_embedding=True, seed=args.seed)
     same_initial_weights = same_state(reference_model, fused_model)
     training = dict(device=args.device, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed + 1)
-    reference_run = train(reference_model, batches, **training)
-    fused_run = train(fused_model, batches, **training)
+    reference_run, fused_run = train_side_by_side([reference_model, fused_model], batches, **training)
     logits_diff = checkpoint_round_trip(reference_model, config, args.seed, batches[0][0])
 
     comparison = Comparison(reference_run, fused_run, same_initial_weights, logits_diff, fused_model)
