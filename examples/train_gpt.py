@@ -1,4 +1,4 @@
-"""Train the same GPT-2 twice on one text: first layer as nn.Embedding, then as fusedemb; compare.
+"""Train the same GPT-2 twice on one text: first layer as nn.Embedding and as fusedemb; compare.
 
     TIKTOKEN_CACHE_DIR=../shared/data/tiktoken \
         python examples/train_gpt.py --text ../shared/data/the-verdict.txt --config tiny --steps 20
@@ -6,11 +6,11 @@
 Both models are built from the same seed and trained side by side, step for step, each with its
 own random stream seeded alike, so they start from the same weights, see the same batches and
 draw the same dropout masks (the embedding draws no random numbers); their steps alternate, so
-that the step times printed compare them on an equally warm machine. The forward of the two first layers is bitwise equal in float32
-(each output element is the same single addition); only the backward differs: the token and
-position gradients are sums over the tokens of the batch, and fusedemb adds them in another
-order. The printed losses therefore agree to float32 rounding noise, checked against
-LOSS_TOLERANCE. The script also saves the nn.Embedding model's checkpoint and loads it, with
+that the step times printed compare them on an equally warm machine. The forward of the two
+first layers is bitwise equal in float32 (each output element is the same single addition);
+only the backward differs: the token and position gradients are sums over the tokens of the
+batch, and fusedemb adds them in another order. The printed losses therefore agree to float32
+rounding noise, checked against LOSS_TOLERANCE. The script also saves the nn.Embedding model's checkpoint and loads it, with
 no key mapping, into a fresh fusedemb model (see gpt_model.py for the names).
 """
 
