@@ -10,8 +10,9 @@ that the step times printed compare them on an equally warm machine. The forward
 first layers is bitwise equal in float32 (each output element is the same single addition);
 only the backward differs: the token and position gradients are sums over the tokens of the
 batch, and fusedemb adds them in another order. The printed losses therefore agree to float32
-rounding noise, checked against LOSS_TOLERANCE. The script also saves the nn.Embedding model's checkpoint and loads it, with
-no key mapping, into a fresh fusedemb model (see gpt_model.py for the names).
+rounding noise, checked against LOSS_TOLERANCE. The script also saves the nn.Embedding
+model's checkpoint and loads it, with no key mapping, into a fresh fusedemb model (see
+gpt_model.py for the names).
 """
 
 from __future__ import annotations
