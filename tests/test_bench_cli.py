@@ -348,14 +348,44 @@ def test_timer_runs_setup_then_flushes_the_cache_before_every_call():
     assert stats.reps == 4
 
 
-def test_last_level_cache_size_from_sysfs(tmp_path):
-    for index, size in (("index0", "32K"), ("index2", "512K"), ("index3", "32768K"), ("index9", "")):
-        (tmp_path / index).mkdir()
-        (tmp_path / index / "size").write_text(size + "\n")
-    (tmp_path / "index4").mkdir()  # no size file
-    assert last_level_cache_bytes(tmp_path) == 32 * 2**20
-    assert last_level_cache_bytes(tmp_path / "missing") == 64 * 2**20
-    assert CacheFlush("cpu")._buffer.numel() == 2 * last_level_cache_bytes()
+def fake_sysfs(root, caches_by_cpu):
+    """cpu<i>/cache/index<j>/{level,size,shared_cpu_list} under root, as Linux lays them out."""
+    for cpu, caches in enumerate(caches_by_cpu):
+        for index, fields in enumerate(caches):
+            cache = root / f"cpu{cpu}" / "cache" / f"index{index}"
+            cache.mkdir(parents=True)
+            for name, value in fields.items():
+                (cache / name).write_text(value + "\n")
+    (root / "cpufreq").mkdir(exist_ok=True)  # not a CPU
+
+
+def test_last_level_cache_bytes_counts_each_shared_cache_once(tmp_path):
+    def l1(cpu):
+        return {"level": "1", "size": "32K", "shared_cpu_list": str(cpu)}
+
+    def l3(shared_by):
+        return {"level": "3", "size": "32768K", "shared_cpu_list": shared_by}
+
+    one_l3 = tmp_path / "one"
+    fake_sysfs(one_l3, [[l1(0), l3("0-1")], [l1(1), l3("0-1")]])
+    assert last_level_cache_bytes(one_l3) == 32 * 2**20
+    two_l3 = tmp_path / "two"  # two chiplets (or sockets), an L3 each
+    fake_sysfs(two_l3, [[l1(0), l3("0")], [l1(1), l3("1")]])
+    assert last_level_cache_bytes(two_l3) == 64 * 2**20
+    unreadable = tmp_path / "unreadable"  # a cache with no size file is skipped
+    fake_sysfs(unreadable, [[l1(0), {"level": "3", "shared_cpu_list": "0"}]])
+    assert last_level_cache_bytes(unreadable) == 32 * 2**10
+    assert last_level_cache_bytes(tmp_path / "missing") == 0
+    assert CacheFlush("cpu")._buffer.numel() == max(2 * last_level_cache_bytes(), 64 * 2**20)
+
+
+def test_the_flush_counts_against_the_time_budget():
+    """A call of microseconds gets budget / (call + flush) repeats, not max_reps flushes."""
+    timer = CpuTimer(budget_s=0.05, min_reps=1, max_reps=1000, warmup_reps=1)
+    assert timer.untimed_s_per_call > 0
+    timer.untimed_s_per_call = 0.01
+    timer.flush_cache = lambda: None
+    assert timer.measure(lambda: None).reps in (5, 6)  # ceil(0.05 / (0.01 + a few microseconds))
 
 
 def test_timing_stats_quantiles():

@@ -61,6 +61,10 @@ class TimingStats:
 class Timer:
     """Times ``run(*setup())`` with ``setup`` excluded; subclasses say how one call is timed."""
 
+    # Host time each repeat spends outside the timed region (a CPU cache flush), counted against
+    # the time budget: otherwise a call of microseconds would get max_reps flushes.
+    untimed_s_per_call = 0.0
+
     def __init__(self, budget_s: float, min_reps: int, max_reps: int, warmup_reps: int) -> None:
         self.budget_s = budget_s
         self.min_reps = min_reps
@@ -71,7 +75,8 @@ class Timer:
         """Time ``run(*setup())``, ``setup`` untimed: warm up (which also estimates one call's
         time), then repeat enough to fill the time budget."""
         estimate = statistics.median(self.time_calls(run, setup, self.warmup_reps)[0])
-        reps = min(self.max_reps, max(self.min_reps, math.ceil(self.budget_s / max(estimate, 1e-9))))
+        per_call_s = estimate + self.untimed_s_per_call
+        reps = min(self.max_reps, max(self.min_reps, math.ceil(self.budget_s / max(per_call_s, 1e-9))))
         return TimingStats.from_samples(*self.time_calls(run, setup, reps))
 
     def time_calls(
@@ -90,6 +95,12 @@ class CpuTimer(Timer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.flush_cache = CacheFlush("cpu")
+        flush_seconds = []
+        for _ in range(3):
+            start = time.perf_counter()
+            self.flush_cache()
+            flush_seconds.append(time.perf_counter() - start)
+        self.untimed_s_per_call = statistics.median(flush_seconds)
 
     def time_calls(self, run, setup, reps):
         samples = []
@@ -102,29 +113,44 @@ class CpuTimer(Timer):
         return samples, samples
 
 
-def last_level_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
-    """The size of the CPU's largest cache, from Linux's sysfs (index*/size, e.g. "32768K");
-    64 MiB where that cannot be read (other systems)."""
+def last_level_cache_bytes(cpus: Path = Path("/sys/devices/system/cpu")) -> int:
+    """The bytes of all of the CPU's last-level caches together, from Linux's sysfs: each CPU's
+    highest-level cache (cpu*/cache/index*: level, size such as "32768K", shared_cpu_list),
+    counted once per instance, since a flush written by several threads spreads over all of
+    them (several L3s on multi-chiplet or multi-socket machines). 0 where sysfs has none."""
     units = {"K": 2**10, "M": 2**20, "G": 2**30}
-    sizes = []
-    for cache in caches.glob("index*"):
-        try:
-            size = (cache / "size").read_text().strip()
-            sizes.append(int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size))
-        except (OSError, ValueError, IndexError):
-            continue
-    return max(sizes, default=64 * 2**20)
+    instances = {}
+    for cpu in cpus.glob("cpu[0-9]*"):
+        caches = []
+        for cache in (cpu / "cache").glob("index*"):
+            try:
+                level = int((cache / "level").read_text())
+                size = (cache / "size").read_text().strip()
+                size_bytes = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+                shared_by = (cache / "shared_cpu_list").read_text().strip()
+            except (OSError, ValueError, IndexError):
+                continue
+            caches.append((level, shared_by, size_bytes))
+        if caches:
+            level, shared_by, size_bytes = max(caches)
+            instances[(level, shared_by)] = size_bytes
+    return sum(instances.values())
 
 
 class CacheFlush:
     """Calling it evicts whatever a previous call left in the device's last-level cache by
     overwriting a buffer larger than it: on a GPU 256 MB, several times L2 (50 MB on H100, 60 MB
-    on H200; queued like any launch); on a CPU twice the largest cache, shared by all cores."""
+    on H200; queued like any launch); on a CPU twice its last-level caches together, and at
+    least 64 MiB (where sysfs lists none, or only small ones)."""
 
     GPU_BUFFER_BYTES = 256 * 2**20
+    MIN_CPU_BUFFER_BYTES = 64 * 2**20
 
     def __init__(self, device: str = "cuda") -> None:
-        nbytes = 2 * last_level_cache_bytes() if torch.device(device).type == "cpu" else self.GPU_BUFFER_BYTES
+        if torch.device(device).type == "cpu":
+            nbytes = max(2 * last_level_cache_bytes(), self.MIN_CPU_BUFFER_BYTES)
+        else:
+            nbytes = self.GPU_BUFFER_BYTES
         self._buffer = torch.empty(nbytes, dtype=torch.int8, device=device)
 
     def __call__(self) -> None:
