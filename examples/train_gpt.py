@@ -128,9 +128,10 @@ class RandomStream:
 
     def __init__(self, seed: int, device: torch.device) -> None:
         self.device = device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            self.state = self._get()
+        # The states torch.manual_seed(seed) would give, made without touching the global ones.
+        cpu = torch.Generator().manual_seed(seed).get_state()
+        gpu = torch.Generator(device).manual_seed(seed).get_state() if device.type == "cuda" else None
+        self.state = (cpu, gpu)
 
     def _get(self):
         return (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
