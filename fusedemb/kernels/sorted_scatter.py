@@ -53,11 +53,11 @@ from fusedemb.kernels.common import accumulates_in_float64, cdiv, clamp_rows, co
 # GPT-2 sizes (6.4M entries, 26 MB, for 32k tokens). Measured on an H200 at gpt2-124M B32:
 # ranks 61 us -> 16 us, zeroing and prefix sum 10 us -> 24 us, against 1024-token chunks.
 CHUNK = 256
-# counts and its prefix sum grow as V * N / CHUNK (8 bytes each): 263 MB each at V = 128256 and
-# 128k tokens, 2.1 GB at 1M tokens. Past this many cells (128 MB for both) torch.sort orders the
-# ids instead, in memory and time that grow as N. By the bytes model the two cost about the same
-# there: the counting sort's zeroing and prefix sum move 12 bytes a cell (200 MB, ~60 us at
-# 3.3 TB/s), the library sort of 32k ids took 51-84 us on an H200 (DESIGN.md). The crossing
+# counts and its prefix sum grow as V * N / CHUNK cells of 4 bytes: 263 MB each at V = 128256
+# and 128k tokens, 2.1 GB at 1M tokens. Past this many cells (128 MB for both) torch.sort orders
+# the ids instead, in memory and time that grow as N. By the bytes model the two cost about the
+# same there: the counting sort's zeroing and prefix sum move 12 bytes a cell (200 MB, ~60 us
+# at 3.3 TB/s), the library sort of 32k ids took 51-84 us on an H200 (DESIGN.md). The crossing
 # point is not measured. Every size of the benchmark sweep stays below it (large-vocab B8 has
 # 8.2M cells), so its figures are of the counting sort.
 COUNTING_SORT_MAX_CELLS = 1 << 24
