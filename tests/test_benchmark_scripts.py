@@ -41,4 +41,4 @@ def test_profile_backward_reports_both_modes(capsys, monkeypatch):
     for mode in ("fast", "deterministic"):
         assert f"== gpt2-124M B1 float32, {mode} mode:" in out
     assert out.count("host time per step") == 2
-    assert "fused_embedding" in out  # the profiled step's own functions show in both tables
+    assert out.count("fusedemb::cpu_backward") >= 2  # the kernels show in both modes' tables
