@@ -385,7 +385,8 @@ def test_the_flush_counts_against_the_time_budget():
     assert timer.untimed_s_per_call > 0
     timer.untimed_s_per_call = 0.01
     timer.flush_cache = lambda: None
-    assert timer.measure(lambda: None).reps in (5, 6)  # ceil(0.05 / (0.01 + a few microseconds))
+    # ceil(0.05 / (0.01 + the call)) = 5 for a call of microseconds (fewer if the VM stalls it)
+    assert timer.measure(lambda: None).reps <= 5
 
 
 def test_timing_stats_quantiles():
