@@ -76,13 +76,21 @@ def check_positions_fit(seq_len: int, position_offset: int, context_length: int)
         )
 
 
+def check_same_device(anchor: tuple[str, torch.device], **tensors: torch.Tensor | None) -> None:
+    """Every tensor (None: absent) on the anchor's device, given as (name, device): a kernel runs
+    on one device, and a pointer into another device's memory would be dereferenced there."""
+    anchor_name, device = anchor
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but {anchor_name} on {device}")
+
+
 def _check_index_tensor(name: str, index: torch.Tensor, device: torch.device) -> None:
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(index).__name__}")
     if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor (int32 or int64), got {index.dtype}")
-    if index.device != device:
-        raise ValueError(f"{name} is on {index.device} but the tables are on {device}")
+    check_same_device(("the tables", device), **{name: index})
 
 
 def _check_table(name: str, table: torch.Tensor) -> None:
@@ -123,8 +131,7 @@ def prepare_inputs(
         raise ValueError(
             f"tok_weight and pos_weight must have the same embedding dim, got {tok_weight.shape[1]} and {pos_weight.shape[1]}"
         )
-    if tok_weight.device != pos_weight.device:
-        raise ValueError(f"tok_weight is on {tok_weight.device} but pos_weight is on {pos_weight.device}")
+    check_same_device(("tok_weight", tok_weight.device), pos_weight=pos_weight)
     _check_index_tensor("ids", ids, tok_weight.device)
     if ids.dim() == 0:
         raise ValueError("ids must have shape (..., T) with at least one dimension, got a 0-d tensor")

@@ -155,7 +155,7 @@ def test_triton_launchers_refuse_tensors_on_two_devices(config):
     other = "cpu" if device == "cuda" else "meta"
     on = f"is on {torch.device(other)} but"
     forward_cases = [
-        ((ids.to(other), tok, pos, None, 0), f"ids {on} tok_weight is on {tok.device}"),
+        ((ids.to(other), tok, pos, None, 0), f"ids {on} tok_weight on {tok.device}"),
         ((ids, tok, pos.to(other), None, 0), f"pos_weight {on} tok_weight"),
         ((ids, tok, pos, positions.to(other), 0), f"position_ids {on} tok_weight"),
     ]
@@ -164,7 +164,7 @@ def test_triton_launchers_refuse_tensors_on_two_devices(config):
             triton_forward(*args)
     grad_out = torch.randn(2, 5, 6, device=device)
     backward_cases = [
-        ((grad_out, ids.to(other), None), f"ids {on} grad_out is on {grad_out.device}"),
+        ((grad_out, ids.to(other), None), f"ids {on} grad_out on {grad_out.device}"),
         ((grad_out, ids, positions.to(other)), f"position_ids {on} grad_out"),
     ]
     for (grad, index, position_index), message in backward_cases:

@@ -118,15 +118,15 @@ def test_unknown_backend(tables):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
 def test_ids_on_another_device(tables):
     tok, pos = tables
-    with pytest.raises(ValueError, match="ids is on cuda:0 but the tables are on cpu"):
+    with pytest.raises(ValueError, match="ids is on cuda:0 but the tables on cpu"):
         fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long, device="cuda"), tok, pos)
 
 
 def test_ids_on_another_device_meta():
     """Checked without a GPU: the meta device stands in for another device."""
-    with pytest.raises(ValueError, match="ids is on meta but the tables are on cpu"):
+    with pytest.raises(ValueError, match="ids is on meta but the tables on cpu"):
         fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long, device="meta"), torch.randn(10, 4), torch.randn(8, 4))
-    with pytest.raises(ValueError, match="tok_weight is on cpu but pos_weight is on meta"):
+    with pytest.raises(ValueError, match="pos_weight is on meta but tok_weight on cpu"):
         fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), torch.randn(10, 4), torch.randn(8, 4, device="meta"))
 
 

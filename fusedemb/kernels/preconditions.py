@@ -19,18 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from fusedemb.validation import SUPPORTED_ID_DTYPES, check_positions_fit, check_tables_have_rows
+from fusedemb.validation import SUPPORTED_ID_DTYPES, check_positions_fit, check_same_device, check_tables_have_rows
 
 INT32_LIMIT = 2**31
-
-
-def check_same_device(anchor: tuple[str, torch.Tensor], **others: torch.Tensor | None) -> None:
-    """Every tensor on the anchor's device: a kernel runs on one device, and a pointer into
-    another device's memory would be dereferenced there (an illegal address, or a CPU pointer)."""
-    anchor_name, anchor_tensor = anchor
-    for name, tensor in others.items():
-        if tensor is not None and tensor.device != anchor_tensor.device:
-            raise ValueError(f"{name} is on {tensor.device} but {anchor_name} is on {anchor_tensor.device}")
 
 
 def check_index(name: str, index: torch.Tensor) -> None:
@@ -61,7 +52,7 @@ def check_position_ids(position_ids, ids) -> None:
 
 
 def check_forward_inputs(ids, tok_weight, pos_weight, position_ids, position_offset) -> None:
-    check_same_device(("tok_weight", tok_weight), ids=ids, pos_weight=pos_weight, position_ids=position_ids)
+    check_same_device(("tok_weight", tok_weight.device), ids=ids, pos_weight=pos_weight, position_ids=position_ids)
     check_index("ids", ids)
     for name, table in (("tok_weight", tok_weight), ("pos_weight", pos_weight)):
         if table.dim() != 2 or table.stride(1) != 1:
@@ -77,7 +68,7 @@ def check_forward_inputs(ids, tok_weight, pos_weight, position_ids, position_off
 def check_backward_inputs(
     grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx
 ) -> None:
-    check_same_device(("grad_out", grad_out), ids=ids, position_ids=position_ids)
+    check_same_device(("grad_out", grad_out.device), ids=ids, position_ids=position_ids)
     check_index("ids", ids)
     if grad_out.shape[:-1] != ids.shape or not grad_out.is_contiguous():
         raise ValueError(f"grad_out must be contiguous with shape ids.shape + (dim,) = {tuple(ids.shape)} + (dim,), "
