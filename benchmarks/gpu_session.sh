@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything one lent GPU session checks, in one command (device time is scarce):
 #   0. a smoke check of both modes against the reference, which ends the session if it fails;
-#   1. the parity, operator, validation, module and sort tests on CUDA;
+#   1. the parity, stream, operator, validation, module and sort tests on CUDA;
 #   2. the benchmark cases of the Triton issue: gpt2-124M at B 8 and 32, gpt2-1.5B at B 16 and
 #      the large-vocab preset at B 8, float32 and bfloat16, uniform / Zipf(1.1) ids (gpt2-124M
 #      also with one id everywhere and with real text), id range check off; every
@@ -43,7 +43,7 @@ step smoke && {
 # on an H200 machine), else one process (slower: the timeout may cut it short).
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")
 step tests && {
-  timeout 180 python3 -m pytest tests/test_functional.py tests/test_ops.py tests/test_validation.py tests/test_module.py \
+  timeout 180 python3 -m pytest tests/test_functional.py tests/test_streams.py tests/test_ops.py tests/test_validation.py tests/test_module.py \
     tests/test_sorted_scatter.py \
     -q -x $workers -p no:cacheprovider > "$out/tests.log" 2>&1
   echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$tables"

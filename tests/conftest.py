@@ -62,6 +62,14 @@ def assert_output_equal(out: torch.Tensor, expected: torch.Tensor, device: str, 
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+def zipf_ids(shape, vocab, exponent, device):
+    """Ids of rank k (id k - 1) drawn with probability proportional to k^-exponent."""
+    ranks = torch.arange(1, vocab + 1, dtype=torch.float64)
+    weights = ranks.pow(-exponent)
+    flat = torch.multinomial(weights, int(torch.tensor(shape).prod()), replacement=True)
+    return flat.reshape(shape).to(device)
+
+
 # Normalised max error allowed for gradients, max |actual - expected| / max(1, max |expected|):
 # one rounding to the dtype plus float32 accumulation over at most a few thousand terms. Checked
 # besides the per-element bound, which is loose for rows of thousands of tokens.

@@ -17,6 +17,7 @@ from conftest import (
     assert_output_equal,
     config_id,
     interpreted,
+    zipf_ids,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -157,13 +158,6 @@ def test_negative_padding_idx_counts_from_the_end(backend_config):
     (grad_negative,) = torch.autograd.grad(out_negative, tok, torch.ones_like(out))
     assert grad_negative[9].abs().sum() == 0
     assert grad_negative[1].abs().sum() > 0
-
-
-def zipf_ids(shape, vocab, exponent, device):
-    ranks = torch.arange(1, vocab + 1, dtype=torch.float64)
-    weights = ranks.pow(-exponent)
-    flat = torch.multinomial(weights, int(torch.tensor(shape).prod()), replacement=True)
-    return flat.reshape(shape).to(device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -375,17 +369,19 @@ def test_cpp_backward_splits_skewed_work_over_threads_without_changing_a_bit():
 
 @pytest.fixture
 def sorted_scatter_calls(monkeypatch):
-    """The table sizes passed to the Triton backward's sorted scatter, call by call."""
-    from fusedemb.kernels import backward
+    """The table sizes the Triton backward's counting sorts are for, call by call (the token
+    table's is called from backward.py, the position table's through sorted_scatter_add)."""
+    from fusedemb.kernels import backward, sorted_scatter
 
     calls = []
-    real = backward.sorted_scatter_add
+    real = sorted_scatter.sort_by_row
 
     def spy(*args, **kwargs):
-        calls.append(args[2])
+        calls.append(args[1])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(backward, "sorted_scatter_add", spy)
+    monkeypatch.setattr(backward, "sort_by_row", spy)
+    monkeypatch.setattr(sorted_scatter, "sort_by_row", spy)
     return calls
 
 

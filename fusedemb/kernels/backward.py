@@ -15,8 +15,9 @@ The token gradient has two modes:
   For 16-bit tables the float32 accumulator is only zeroed, and only read back, where a token
   lands: zeroing and rounding the whole V x D float32 table would move 10 bytes per element
   instead of the 2 of the 16-bit result.
-- deterministic: `sorted_scatter_add` (sorted_scatter.py), a counting sort plus segment sums:
-  no floating-point atomics, bitwise reproducible. The fast mode takes it too for 16-bit tables
+- deterministic: a counting sort plus segment sums (sorted_scatter.py): no floating-point
+  atomics, bitwise reproducible. The sort runs on a side stream, alongside the table's zeroing
+  and the position sums (streams.py). The fast mode takes it too for 16-bit tables
   with many tokens (`fast_mode_sorts`), where it is the faster of the two.
 The position gradient never needs atomics: with default positions it is a sum over the batch
 (`sweep_batch_kernel`), with explicit position_ids it is the deterministic scatter.
@@ -39,7 +40,8 @@ from fusedemb.kernels.common import (
     to_accumulator,
 )
 from fusedemb.kernels.preconditions import check_backward_inputs
-from fusedemb.kernels.sorted_scatter import sorted_scatter_add
+from fusedemb.kernels.sorted_scatter import sort_by_row, sorted_scatter_add, sum_sorted_rows
+from fusedemb.kernels.streams import side_stream
 
 
 @triton.jit
@@ -380,13 +382,20 @@ def triton_backward(
                 context_length if sum_positions else None,
             )  # fmt: skip
             grad_pos = summed
-        elif tok_needs_grad:
-            grad_tok = sorted_scatter_add(grad_rows, flat_ids, num_embeddings, padding_idx, grad_out.dtype)
-        if sum_positions and not atomics:
-            grad_pos = sweep_batch(
-                grad_rows, seq_len, position_offset=position_offset, context_length=context_length,
-                table_dtype=grad_out.dtype,
-            )  # fmt: skip
+        else:
+            # The sort runs on a side stream of high priority while this stream zeroes the table
+            # and sums the positions, work it does not depend on (streams.py).
+            with side_stream(grad_rows, enabled=tok_needs_grad) as sort_stream:
+                if tok_needs_grad:
+                    order = sort_by_row(flat_ids, num_embeddings, sort_stream)
+                    grad_tok = torch.zeros((num_embeddings, dim), dtype=grad_out.dtype, device=grad_out.device)
+                if sum_positions:
+                    grad_pos = sweep_batch(
+                        grad_rows, seq_len, position_offset=position_offset, context_length=context_length,
+                        table_dtype=grad_out.dtype,
+                    )  # fmt: skip
+            if tok_needs_grad:
+                sum_sorted_rows(grad_rows, order, grad_tok, padding_idx)
         if pos_needs_grad and position_ids is not None:
             grad_pos = sorted_scatter_add(grad_rows, position_ids.reshape(-1), context_length, -1, grad_out.dtype)
     # A frozen table's [0, D] placeholder is made only when needed: two empty tensors on every

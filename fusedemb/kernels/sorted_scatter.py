@@ -18,7 +18,8 @@ counting sort's per-chunk counts would grow too large, torch.sort does that inst
    the classic stable counting sort; rows are contiguous and keep token order inside.
 3. `scatter_sorted_kernel`: token n goes to position ends[r, c] - counts[r, c] + rank[n], with
    r = index[n] and c = chunk(n).
-4. The table is zeroed (a memset), for the rows no token adds into and for skip_row.
+4. The table is zeroed (a memset), for the rows no token adds into and for skip_row. Steps
+   1-3 need nothing from it: the backward runs them on a side stream meanwhile (streams.py).
 5. `segment_sums_kernel`: the sorted order is cut into tiles of TILE positions. Each tile
    gathers its gradient rows at once, sums every run of equal rows in token order, and writes
    the rows that begin and end inside the tile straight to the table. A row that crosses a tile
@@ -359,32 +360,48 @@ class RowOrder(NamedTuple):
     ends: torch.Tensor  # [num_rows, num_chunks] int32: inclusive prefix sum of counts, row-major
     sorted_tokens: torch.Tensor  # [N] int32: the token at each sorted position
     sorted_rows: torch.Tensor  # [N] int32: its row
+    # [N] int32: each token's rank among its row's tokens in its chunk (the counting sort's
+    # scratch; empty from torch.sort). Kept with the order so that it lives as long as the order:
+    # until after the join when a side stream computed it (see counting_sort_by_row).
+    rank: torch.Tensor
 
 
-def counting_sort_by_row(index: torch.Tensor, num_rows: int) -> RowOrder:
-    """Steps 1-3 of the module docstring."""
+def counting_sort_by_row(index: torch.Tensor, num_rows: int, stream: torch.cuda.Stream | None = None) -> RowOrder:
+    """Steps 1-3 of the module docstring; with `stream`, launched on it (see sort_by_row)."""
     num_tokens = index.shape[0]
     device = index.device
     num_chunks = cdiv(num_tokens, CHUNK)
-    counts = torch.zeros((num_rows, num_chunks), dtype=torch.int32, device=device)
+    counts = torch.empty((num_rows, num_chunks), dtype=torch.int32, device=device)
     ends = torch.empty_like(counts)
     sorted_tokens = torch.empty(num_tokens, dtype=torch.int32, device=device)
     sorted_rows = torch.empty_like(sorted_tokens)
-    if num_tokens > 0:
-        rank = torch.empty_like(sorted_tokens)
-        rank_grid = (num_chunks, cdiv(min(num_tokens, CHUNK), RANK_BLOCK))
-        launch(
-            chunk_rank_kernel, rank_grid, index, rank, counts, num_tokens, num_rows, num_chunks,
-            CHUNK=CHUNK, BLOCK=RANK_BLOCK,
-        )  # fmt: skip
-        torch.cumsum(counts.view(-1), 0, dtype=torch.int32, out=ends.view(-1))
-        launch(
-            scatter_sorted_kernel,
-            (cdiv(num_tokens, SCATTER_BLOCK),),
-            index, rank, ends, counts, sorted_tokens, sorted_rows, num_tokens, num_rows, num_chunks,
-            CHUNK=CHUNK, BLOCK=SCATTER_BLOCK,
-        )  # fmt: skip
-    return RowOrder(counts, ends, sorted_tokens, sorted_rows)
+    rank = torch.empty_like(sorted_tokens)
+    if stream is not None:
+        # Every buffer is allocated on the current stream before the fork, and is returned in
+        # the RowOrder, rank included, so none is freed before the current stream has joined
+        # `stream`. The caching allocator hands a freed block to the next allocation of the
+        # stream it came from at once: when this function freed `rank` on return, a table's
+        # zeroing overwrote it while the sort still read it, and scatter_sorted stored out of
+        # bounds (CUDA, small sizes). The fork comes after the allocations: under
+        # torch.use_deterministic_algorithms(True), torch.empty also queues a fill of the new
+        # memory on the current stream (fill_uninitialized_memory), which must land first.
+        stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # a no-op for None
+        counts.zero_()
+        if num_tokens > 0:
+            rank_grid = (num_chunks, cdiv(min(num_tokens, CHUNK), RANK_BLOCK))
+            launch(
+                chunk_rank_kernel, rank_grid, index, rank, counts, num_tokens, num_rows, num_chunks,
+                CHUNK=CHUNK, BLOCK=RANK_BLOCK,
+            )  # fmt: skip
+            torch.cumsum(counts.view(-1), 0, dtype=torch.int32, out=ends.view(-1))
+            launch(
+                scatter_sorted_kernel,
+                (cdiv(num_tokens, SCATTER_BLOCK),),
+                index, rank, ends, counts, sorted_tokens, sorted_rows, num_tokens, num_rows, num_chunks,
+                CHUNK=CHUNK, BLOCK=SCATTER_BLOCK,
+            )  # fmt: skip
+    return RowOrder(counts, ends, sorted_tokens, sorted_rows, rank)
 
 
 def library_sort_by_row(index: torch.Tensor, num_rows: int) -> RowOrder:
@@ -396,15 +413,22 @@ def library_sort_by_row(index: torch.Tensor, num_rows: int) -> RowOrder:
     all_rows = torch.arange(num_rows, dtype=torch.int32, device=index.device)
     ends = torch.searchsorted(sorted_rows, all_rows, right=True, out_int32=True)
     counts = torch.diff(ends, prepend=ends.new_zeros(1))
-    return RowOrder(counts.view(num_rows, 1), ends.view(num_rows, 1), sorted_tokens.to(torch.int32), sorted_rows)
+    return RowOrder(
+        counts.view(num_rows, 1), ends.view(num_rows, 1), sorted_tokens.to(torch.int32), sorted_rows, rows[:0]
+    )
 
 
-def sort_by_row(index: torch.Tensor, num_rows: int) -> RowOrder:
+def sort_by_row(index: torch.Tensor, num_rows: int, stream: torch.cuda.Stream | None = None) -> RowOrder:
     """index ([N] int32/int64) in stable order of rows: by the counting sort, unless its
-    counts (and their prefix sum) would exceed COUNTING_SORT_MAX_CELLS, where torch.sort does."""
+    counts (and their prefix sum) would exceed COUNTING_SORT_MAX_CELLS, where torch.sort does.
+
+    With `stream`, the counting sort's launches run on it, after all the work queued so far on
+    the current stream (the fork is in counting_sort_by_row), and the current stream must wait
+    for it before it reads the result (streams.side_stream's join). torch.sort's way stays on
+    the current stream: it allocates as it goes, which the side stream's rules leave out."""
     if num_rows * cdiv(index.shape[0], CHUNK) > COUNTING_SORT_MAX_CELLS:
         return library_sort_by_row(index, num_rows)
-    return counting_sort_by_row(index, num_rows)
+    return counting_sort_by_row(index, num_rows, stream)
 
 
 def sum_sorted_rows(grad_rows: torch.Tensor, order: RowOrder, table: torch.Tensor, skip_row: int) -> torch.Tensor:
