@@ -56,11 +56,14 @@ from fusedemb.kernels.common import accumulates_in_float64, cdiv, clamp_rows, co
 CHUNK = 256
 # counts and its prefix sum grow as V * N / CHUNK cells of 4 bytes: 263 MB each at V = 128256
 # and 128k tokens, 2.1 GB at 1M tokens. Past this many cells (128 MB for both) torch.sort orders
-# the ids instead, in memory and time that grow as N. By the bytes model the two cost about the
-# same there: the counting sort's zeroing and prefix sum move 12 bytes a cell (200 MB, ~60 us
-# at 3.3 TB/s), the library sort of 32k ids took 51-84 us on an H200 (DESIGN.md). The crossing
-# point is not measured. Every size of the benchmark sweep stays below it (large-vocab B8 has
-# 8.2M cells), so its figures are of the counting sort.
+# the ids instead, in memory and time that grow as N. Each alone, on an H100
+# (benchmarks/sort_crossover.py): the counting sort took 28-60 us up to 8.2M cells, 116-119 us
+# at 12.9M-16.4M and 217 us at 25.7M; torch.sort 74-95 us from 8k to 262k ids. Alone they cross
+# at about 9-10M cells. The threshold sits above that because in the backward the counting sort
+# runs on a side stream in the shadow of the table's zeroing (47 us for gpt2-124M's float32
+# table, longer for larger tables), while torch.sort runs on the current stream, in series with
+# it; where the two cross inside the whole backward is not measured. Every size of the benchmark
+# sweep stays below it (large-vocab B8 has 8.2M cells), so its figures are of the counting sort.
 COUNTING_SORT_MAX_CELLS = 1 << 24
 RANK_BLOCK = 64  # tokens compared at once in chunk_rank_kernel: a 64 x 64 comparison tile
 SCATTER_BLOCK = 1024  # tokens per program in scatter_sorted_kernel
