@@ -7,7 +7,7 @@ import torch
 from fusedemb.cpp_extension import CPP_EXTENSION_AVAILABLE
 from fusedemb.ops import INTERPRETED, TRITON_AVAILABLE, FusedEmbeddingFunction, fused_embedding_op
 from fusedemb.reference import fused_embedding_reference
-from fusedemb.validation import prepare_inputs
+from fusedemb.validation import EmbeddingInputs, prepare_inputs
 
 BACKENDS = ("triton", "cpp", "reference")
 
@@ -85,6 +85,17 @@ def fused_embedding(
     """
     inputs = prepare_inputs(ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx)
     backend = resolve_backend(backend, inputs.tok_weight.device)
+    # The Triton kernels clamp every index into its table, so they may run before the range
+    # check's answer is back: the GPU then computes the forward while the host waits for it, instead
+    # of idling until the host has queued the forward. The other kernels must not see a bad index.
+    if backend != "triton":
+        inputs.range_check.wait()
+    out = _run_backend(inputs, backend, deterministic)
+    inputs.range_check.wait()
+    return out
+
+
+def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | None) -> torch.Tensor:
     if backend == "reference":
         return fused_embedding_reference(
             inputs.ids,

@@ -1,18 +1,22 @@
 """Input checking and normalisation shared by every backend.
 
 Every check raises a Python exception that names the problem, so that bad input never reaches
-a kernel: out-of-range ids would otherwise read out of bounds (CPU) or trip an illegal memory
-access that kills the process (CUDA).
+a kernel that could misuse it: out-of-range ids would otherwise read out of bounds (CPU) or
+trip a device-side assert that kills the process (eager's embedding on CUDA).
 
-The range checks of ids and position_ids need the values: on CUDA that is one small reduction
-and one device-to-host sync per call. `set_bounds_check(False)` (or the environment variable
-FUSEDEMB_BOUNDS_CHECK=0) switches them off for maximum speed; the kernels still never touch
-memory outside the tables (the Triton kernels clamp their loads and the C++ kernels re-check), but
-then an out-of-range id on CUDA is clamped, silently: its output is the row of the nearest valid
-id (0 or V - 1), and its gradient is added into that row. Under
-torch.compile and while a CUDA graph is being captured the value checks are skipped too (they
-would break the graph, and a capture cannot synchronise), with the same consequence; the C++
-CPU kernels always check.
+The range checks of ids and position_ids need the values: on CUDA that is one small reduction,
+a copy of its result to the host and a wait for it, per call (RangeCheck). The Triton kernels
+clamp every index into its table, so the Triton path queues its forward before it waits: the
+GPU computes the forward while the host waits for the answer, and a bad id still raises from
+the same call, its output never returned. Every other backend waits first.
+
+`set_bounds_check(False)` (or the environment variable FUSEDEMB_BOUNDS_CHECK=0) switches the
+range checks off for maximum speed; the kernels still never touch memory outside the tables
+(the Triton kernels clamp their loads and the C++ kernels re-check), but then an out-of-range
+id on CUDA is clamped, silently: its output is the row of the nearest valid id (0 or V - 1),
+and its gradient is added into that row. Under torch.compile and while a CUDA graph is being
+captured the value checks are skipped too (they would break the graph, and a capture cannot
+synchronise), with the same consequence; the C++ CPU kernels always check.
 """
 
 from __future__ import annotations
@@ -38,10 +42,48 @@ def bounds_check_enabled() -> bool:
     return _bounds_check
 
 
+class RangeCheck:
+    """The value checks of index tensors, given as (name, index, num_rows, table): started when
+    made, answered by `wait`, which raises IndexError for the first value outside its table.
+
+    All bounds come back in one device-to-host copy, however many tensors are checked. On CUDA
+    the copy goes to pinned memory without blocking and `wait` blocks on an event recorded after
+    it, so work queued between the two (a forward whose kernels clamp their indices) runs on the
+    GPU while the host waits; `.tolist()` of the bounds would instead drain the stream before
+    that work is even queued."""
+
+    def __init__(self, checks: list[tuple[str, torch.Tensor, int, str]]) -> None:
+        self._checks = [check for check in checks if check[1].numel() > 0]
+        self._ready = None
+        if not self._checks:
+            return
+        bounds = torch.stack([torch.stack(torch.aminmax(index.long())) for _, index, _, _ in self._checks])
+        if bounds.is_cuda:
+            self._bounds = bounds.to("cpu", non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(bounds.device))
+        else:
+            self._bounds = bounds
+
+    def wait(self) -> None:
+        """Block until the bounds are on the host and raise if one is outside its table; the
+        answer is read once, and later calls return at once."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        checks, self._checks, self._ready = self._checks, [], None
+        if not checks:
+            return
+        for (name, _, num_rows, table), (lo, hi) in zip(checks, self._bounds.tolist()):
+            if lo < 0 or hi >= num_rows:
+                bad = lo if lo < 0 else hi
+                raise IndexError(f"{name} contains {bad}, outside [0, {num_rows}) of {table} ({num_rows} rows)")
+
+
 @dataclass(frozen=True)
 class EmbeddingInputs:
     """Inputs in the form the operators take: contiguous ids, same-dtype position_ids, and
-    padding_idx as a non-negative row or -1 for none."""
+    padding_idx as a non-negative row or -1 for none; with the range check of the index values,
+    started but not yet waited for (the caller decides when: see RangeCheck)."""
 
     ids: torch.Tensor
     tok_weight: torch.Tensor
@@ -49,6 +91,7 @@ class EmbeddingInputs:
     position_ids: torch.Tensor | None
     position_offset: int
     padding_idx: int
+    range_check: RangeCheck
 
 
 def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int:
@@ -102,19 +145,6 @@ def _check_table(name: str, table: torch.Tensor) -> None:
         raise TypeError(f"{name} has dtype {table.dtype}; supported: {', '.join(map(str, SUPPORTED_TABLE_DTYPES))}")
 
 
-def _check_values_in_range(checks: list[tuple[str, torch.Tensor, int, str]]) -> None:
-    """(name, index, num_rows, table) checks of index values, all read in one device-to-host copy
-    (one sync on CUDA, however many tensors are checked)."""
-    checks = [check for check in checks if check[1].numel() > 0]
-    if not checks:
-        return
-    bounds = torch.stack([torch.stack(torch.aminmax(index.long())) for _, index, _, _ in checks]).tolist()
-    for (name, _, num_rows, table), (lo, hi) in zip(checks, bounds):
-        if lo < 0 or hi >= num_rows:
-            bad = lo if lo < 0 else hi
-            raise IndexError(f"{name} contains {bad}, outside [0, {num_rows}) of {table} ({num_rows} rows)")
-
-
 def prepare_inputs(
     ids: torch.Tensor,
     tok_weight: torch.Tensor,
@@ -157,11 +187,11 @@ def prepare_inputs(
     check_values = _bounds_check and not torch.compiler.is_compiling()
     if check_values and ids.is_cuda:
         check_values = not torch.cuda.is_current_stream_capturing()
+    checks = []
     if check_values:
-        checks = [("ids", ids, num_embeddings, "the token table")]
+        checks.append(("ids", ids, num_embeddings, "the token table"))
         if position_ids is not None:
             checks.append(("position_ids", position_ids, context_length, "the position table"))
-        _check_values_in_range(checks)
 
     # The kernels need unit stride along dim only; row strides are passed through.
     tok_weight = tok_weight if tok_weight.stride(1) == 1 else tok_weight.contiguous()
@@ -173,4 +203,5 @@ def prepare_inputs(
         position_ids=position_ids,
         position_offset=position_offset,
         padding_idx=normalize_padding_idx(padding_idx, num_embeddings),
+        range_check=RangeCheck(checks),
     )

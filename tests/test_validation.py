@@ -7,6 +7,7 @@ import torch
 from conftest import assert_grad_close, assert_output_equal
 
 import fusedemb
+import fusedemb.functional as functional
 
 
 @pytest.fixture
@@ -35,6 +36,43 @@ def test_position_ids_out_of_range(tables, backend):
         fusedemb.fused_embedding(ids, tok, pos, position_ids=torch.tensor([[0, 8, 1]]), backend=backend)
     with pytest.raises(IndexError, match=r"position_ids contains -1"):
         fusedemb.fused_embedding(ids, tok, pos, position_ids=torch.tensor([[0, -1, 1]]), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_clamping_kernels_run_before_the_range_check(tables, backend, monkeypatch):
+    """The Triton kernels clamp every index, so the Triton path queues its forward before it
+    waits for the range check's answer (the GPU works meanwhile) and still raises from the same
+    call; the C++ kernels and the reference must never see the bad id."""
+    kernel_calls = []
+
+    def spy(function):
+        return lambda *args: kernel_calls.append(function) or function(*args)
+
+    monkeypatch.setattr(fusedemb.ops, "forward_kernels", spy(fusedemb.ops.forward_kernels))
+    monkeypatch.setattr(functional, "fused_embedding_reference", spy(functional.fused_embedding_reference))
+    tok, pos = tables
+    with pytest.raises(IndexError, match=r"ids contains 10, outside \[0, 10\)"):
+        fusedemb.fused_embedding(torch.tensor([[1, 10, 2]]), tok, pos, backend=backend)
+    assert len(kernel_calls) == (1 if backend == "triton" else 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", fusedemb.available_backends("cuda") if torch.cuda.is_available() else [])
+def test_out_of_range_on_cuda(tables, backend):
+    """On CUDA the same IndexError from the call, never a device-side assert or an illegal
+    access: the GPU stays usable, and a valid call afterwards gives the reference's output."""
+    tok, pos = (table.cuda() for table in tables)
+    ids = torch.tensor([[1, 9, 2]], device="cuda")
+    with pytest.raises(IndexError, match=r"ids contains 10, outside \[0, 10\)"):
+        fusedemb.fused_embedding(torch.tensor([[1, 10, 2]], device="cuda"), tok, pos, backend=backend)
+    with pytest.raises(IndexError, match=r"ids contains -1"):
+        fusedemb.fused_embedding(torch.tensor([[-1, 0, 2]], device="cuda"), tok, pos, backend=backend)
+    with pytest.raises(IndexError, match=r"position_ids contains 8, outside \[0, 8\)"):
+        fusedemb.fused_embedding(ids, tok, pos, position_ids=torch.tensor([[0, 8, 1]], device="cuda"), backend=backend)
+    out = fusedemb.fused_embedding(ids, tok, pos, backend=backend)
+    torch.cuda.synchronize()
+    expected = fusedemb.fused_embedding(ids.cpu(), *tables, backend="reference")
+    torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
