@@ -7,8 +7,10 @@ trip a device-side assert that kills the process (eager's embedding on CUDA).
 The range checks of ids and position_ids need the values: on CUDA that is one small reduction,
 a copy of its result to the host and a wait for it, per call (RangeCheck). The Triton kernels
 clamp every index into its table, so the Triton path queues its forward before it waits: the
-GPU computes the forward while the host waits for the answer, and a bad id still raises from
-the same call, its output never returned. Every other backend waits first.
+GPU starts the forward as soon as the answer has left for the host, rather than idling until
+the host has woken up and queued it, and a bad id still raises from the same call, its output
+never returned. Every other backend waits first. Either way the call waits for all the work
+queued before it.
 
 `set_bounds_check(False)` (or the environment variable FUSEDEMB_BOUNDS_CHECK=0) switches the
 range checks off for maximum speed; the kernels still never touch memory outside the tables
@@ -48,9 +50,9 @@ class RangeCheck:
 
     All bounds come back in one device-to-host copy, however many tensors are checked. On CUDA
     the copy goes to pinned memory without blocking and `wait` blocks on an event recorded after
-    it, so work queued between the two (a forward whose kernels clamp their indices) runs on the
-    GPU while the host waits; `.tolist()` of the bounds would instead drain the stream before
-    that work is even queued."""
+    it, so work queued between the two (a forward whose kernels clamp their indices) follows the
+    copy on the GPU without waiting for the host; `.tolist()` of the bounds would instead drain
+    the stream before that work is even queued."""
 
     def __init__(self, checks: list[tuple[str, torch.Tensor, int, str]]) -> None:
         self._checks = [check for check in checks if check[1].numel() > 0]

@@ -8,6 +8,7 @@ from conftest import assert_grad_close, assert_output_equal
 
 import fusedemb
 import fusedemb.functional as functional
+import fusedemb.validation as validation
 
 
 @pytest.fixture
@@ -38,11 +39,15 @@ def test_position_ids_out_of_range(tables, backend):
         fusedemb.fused_embedding(ids, tok, pos, position_ids=torch.tensor([[0, -1, 1]]), backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_only_clamping_kernels_run_before_the_range_check(tables, backend, monkeypatch):
+CUDA_BACKENDS = fusedemb.available_backends("cuda") if torch.cuda.is_available() else []
+DEVICE_BACKENDS = [("cpu", backend) for backend in BACKENDS] + [("cuda", backend) for backend in CUDA_BACKENDS]
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_only_clamping_kernels_run_before_the_range_check(tables, device, backend, monkeypatch):
     """The Triton kernels clamp every index, so the Triton path queues its forward before it
-    waits for the range check's answer (the GPU works meanwhile) and still raises from the same
-    call; the C++ kernels and the reference must never see the bad id."""
+    waits for the range check's answer (the GPU need not idle meanwhile) and still raises from
+    the same call; the C++ kernels and the reference must never see the bad id."""
     kernel_calls = []
 
     def spy(function):
@@ -50,27 +55,35 @@ def test_only_clamping_kernels_run_before_the_range_check(tables, backend, monke
 
     monkeypatch.setattr(fusedemb.ops, "forward_kernels", spy(fusedemb.ops.forward_kernels))
     monkeypatch.setattr(functional, "fused_embedding_reference", spy(functional.fused_embedding_reference))
-    tok, pos = tables
+    tok, pos = (table.to(device) for table in tables)
     with pytest.raises(IndexError, match=r"ids contains 10, outside \[0, 10\)"):
-        fusedemb.fused_embedding(torch.tensor([[1, 10, 2]]), tok, pos, backend=backend)
+        fusedemb.fused_embedding(torch.tensor([[1, 10, 2]], device=device), tok, pos, backend=backend)
     assert len(kernel_calls) == (1 if backend == "triton" else 0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", fusedemb.available_backends("cuda") if torch.cuda.is_available() else [])
-def test_out_of_range_on_cuda(tables, backend):
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_out_of_range_on_cuda(tables, device, backend):
     """On CUDA the same IndexError from the call, never a device-side assert or an illegal
-    access: the GPU stays usable, and a valid call afterwards gives the reference's output."""
-    tok, pos = (table.cuda() for table in tables)
-    ids = torch.tensor([[1, 9, 2]], device="cuda")
+    access: the GPU stays usable, and a valid call afterwards gives the reference's output. On
+    the second GPU too while the first is current, and on a stream other than the default."""
+    if torch.device(device).index >= torch.cuda.device_count():
+        pytest.skip(f"needs {device}")
+    tok, pos = (table.to(device) for table in tables)
+    ids = torch.tensor([[1, 9, 2]], device=device)
     with pytest.raises(IndexError, match=r"ids contains 10, outside \[0, 10\)"):
-        fusedemb.fused_embedding(torch.tensor([[1, 10, 2]], device="cuda"), tok, pos, backend=backend)
+        fusedemb.fused_embedding(torch.tensor([[1, 10, 2]], device=device), tok, pos, backend=backend)
     with pytest.raises(IndexError, match=r"ids contains -1"):
-        fusedemb.fused_embedding(torch.tensor([[-1, 0, 2]], device="cuda"), tok, pos, backend=backend)
+        fusedemb.fused_embedding(torch.tensor([[-1, 0, 2]], device=device), tok, pos, backend=backend)
     with pytest.raises(IndexError, match=r"position_ids contains 8, outside \[0, 8\)"):
-        fusedemb.fused_embedding(ids, tok, pos, position_ids=torch.tensor([[0, 8, 1]], device="cuda"), backend=backend)
-    out = fusedemb.fused_embedding(ids, tok, pos, backend=backend)
-    torch.cuda.synchronize()
+        fusedemb.fused_embedding(ids, tok, pos, position_ids=torch.tensor([[0, 8, 1]], device=device), backend=backend)
+    # The bounds come back without blocking the stream: into pinned memory, behind an event.
+    check = validation.prepare_inputs(ids, tok, pos, None, 0, None).range_check
+    assert check._bounds.is_pinned()
+    check.wait()
+    with torch.cuda.stream(torch.cuda.Stream(device)):
+        out = fusedemb.fused_embedding(ids, tok, pos, backend=backend)
+    torch.cuda.synchronize(device)
     expected = fusedemb.fused_embedding(ids.cpu(), *tables, backend="reference")
     torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0)
 

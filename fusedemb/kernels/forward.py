@@ -56,8 +56,10 @@ def fused_embedding_forward_kernel(
         positions = tl.load(position_ids_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
     else:
         positions = (tokens % seq_len + position_offset).to(tl.int64)
-    # Inputs are range-checked on the host; clamping keeps every access inside the tables even
-    # when that check is switched off. Offsets are 64-bit: tables may exceed 2^31 elements.
+    # Clamping keeps every access inside the tables whatever the ids: the host's range check may
+    # be switched off, and when it is on, the forward is queued before its answer is back (see
+    # fusedemb/validation.py), so bad ids do reach this kernel. Offsets are 64-bit: tables may
+    # exceed 2^31 elements.
     ids = clamp_rows(ids, num_embeddings)
     positions = clamp_rows(positions, context_length)
 
