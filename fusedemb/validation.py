@@ -45,8 +45,9 @@ def bounds_check_enabled() -> bool:
 
 
 class RangeCheck:
-    """The value checks of index tensors, given as (name, index, num_rows, table): started when
-    made, answered by `wait`, which raises IndexError for the first value outside its table.
+    """The value checks of index tensors of one dtype, given as (name, index, num_rows, table):
+    started when made, answered by `wait`, which raises IndexError for the first value outside
+    its table.
 
     All bounds come back in one device-to-host copy, however many tensors are checked. On CUDA
     the copy goes to pinned memory without blocking and `wait` blocks on an event recorded after
@@ -59,7 +60,7 @@ class RangeCheck:
         self._ready = None
         if not self._checks:
             return
-        bounds = torch.stack([torch.stack(torch.aminmax(index.long())) for _, index, _, _ in self._checks])
+        bounds = torch.stack([torch.stack(torch.aminmax(index)) for _, index, _, _ in self._checks])
         if bounds.is_cuda:
             self._bounds = bounds.to("cpu", non_blocking=True)
             self._ready = torch.cuda.Event()
