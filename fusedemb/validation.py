@@ -60,7 +60,8 @@ class RangeCheck:
         self._ready = None
         if not self._checks:
             return
-        bounds = torch.stack([torch.stack(torch.aminmax(index)) for _, index, _, _ in self._checks])
+        # [min, max] of each index tensor, in one stack (one kernel, however many tensors)
+        bounds = torch.stack([bound for _, index, _, _ in self._checks for bound in torch.aminmax(index)])
         if bounds.is_cuda:
             self._bounds = bounds.to("cpu", non_blocking=True)
             self._ready = torch.cuda.Event()
@@ -76,7 +77,8 @@ class RangeCheck:
         checks, self._checks, self._ready = self._checks, [], None
         if not checks:
             return
-        for (name, _, num_rows, table), (lo, hi) in zip(checks, self._bounds.tolist()):
+        bounds = self._bounds.tolist()
+        for (name, _, num_rows, table), lo, hi in zip(checks, bounds[0::2], bounds[1::2]):
             if lo < 0 or hi >= num_rows:
                 bad = lo if lo < 0 else hi
                 raise IndexError(f"{name} contains {bad}, outside [0, {num_rows}) of {table} ({num_rows} rows)")
