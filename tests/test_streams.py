@@ -154,6 +154,7 @@ def test_side_stream_waits_for_deterministic_fills_of_its_buffers(sort_streams, 
         ids, grad_out, forked, one_stream = small_step_both_ways(monkeypatch, deterministic=None)
     finally:
         torch.use_deterministic_algorithms(previous)
+    assert isinstance(sort_streams[0], torch.cuda.Stream)
     assert all(torch.equal(a, b) for a, b in zip(forked, one_stream))
     assert_grad_close(forked[1], grad_out, ids, torch.float32)
     assert_grad_close(forked[2], grad_out, default_positions(ids), torch.float32)

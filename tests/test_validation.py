@@ -82,6 +82,8 @@ def test_out_of_range_on_cuda(tables, device, backend):
     assert check._bounds.is_pinned()
     check.wait()
     with torch.cuda.stream(torch.cuda.Stream(device)):
+        with pytest.raises(IndexError, match=r"ids contains 10"):
+            fusedemb.fused_embedding(torch.tensor([[1, 10, 2]], device=device), tok, pos, backend=backend)
         out = fusedemb.fused_embedding(ids, tok, pos, backend=backend)
     torch.cuda.synchronize(device)
     expected = fusedemb.fused_embedding(ids.cpu(), *tables, backend="reference")

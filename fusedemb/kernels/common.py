@@ -75,5 +75,6 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
 @triton.jit
 def clamp_rows(rows, num_rows):
-    """Clamp row indices into [0, num_rows): a memory-safety net for when host checks are off."""
+    """Clamp row indices into [0, num_rows): the kernels see bad ids when the host's range check
+    is off, and also when it is on, since the forward is queued before its answer (validation.py)."""
     return tl.minimum(tl.maximum(rows, 0), num_rows - 1)

@@ -417,7 +417,8 @@ def library_sort_by_row(index: torch.Tensor, num_rows: int) -> RowOrder:
     ends = torch.searchsorted(sorted_rows, all_rows, right=True, out_int32=True)
     counts = torch.diff(ends, prepend=ends.new_zeros(1))
     return RowOrder(
-        counts.view(num_rows, 1), ends.view(num_rows, 1), sorted_tokens.to(torch.int32), sorted_rows, rows[:0]
+        counts.view(num_rows, 1), ends.view(num_rows, 1), sorted_tokens.to(torch.int32), sorted_rows,
+        index.new_empty(0, dtype=torch.int32),
     )
 
 

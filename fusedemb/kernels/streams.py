@@ -13,7 +13,7 @@ T 1024): B 8 float32 120.8 -> 108.1 us, bfloat16 82.7 -> 73.2 us; B 32 1-2% less
 
 What keeps it correct:
 - The side stream waits for the current stream (the fork) after the sort's buffers are
-  allocated, right before the sort's first launch (sort_by_row): in deterministic mode
+  allocated, right before the sort's first launch (counting_sort_by_row): in deterministic mode
   torch.empty queues a fill of new memory on the current stream, which must not land on the
   sort's results. The current stream waits for the side stream (the join, at the end of the
   block) before it runs anything after the block, so it reads those results once written.
@@ -40,8 +40,8 @@ import torch
 
 # One side stream per current stream (and device), made on first use: a side stream shared by
 # two current streams would make each one's join wait for the other's sorts, a dependency
-# between streams that their user (a pipeline schedule, say) keeps apart. Out-of-range
-# priorities are clamped by CUDA: this asks for the highest the device has. torch.cuda.Stream
+# between streams that their user (a pipeline schedule, say) keeps apart. PyTorch clamps an
+# out-of-range priority to its highest stream pool: this asks for the highest the device has. torch.cuda.Stream
 # takes its stream from PyTorch's pool of high-priority streams (32 per device, handed out in
 # turn), so a program that takes many of them may get one of ours: then the join also waits
 # for its work there (less overlap, never a wrong result).
