@@ -41,10 +41,10 @@ import torch
 # One side stream per current stream (and device), made on first use: a side stream shared by
 # two current streams would make each one's join wait for the other's sorts, a dependency
 # between streams that their user (a pipeline schedule, say) keeps apart. PyTorch clamps an
-# out-of-range priority to its highest stream pool: this asks for the highest the device has. torch.cuda.Stream
-# takes its stream from PyTorch's pool of high-priority streams (32 per device, handed out in
-# turn), so a program that takes many of them may get one of ours: then the join also waits
-# for its work there (less overlap, never a wrong result).
+# out-of-range priority to its highest stream pool: this asks for the highest the device has.
+# torch.cuda.Stream takes its stream from PyTorch's pool of high-priority streams (32 per
+# device, handed out in turn), so a program that takes many of them may get one of ours: then
+# the join also waits for its work there (less overlap, never a wrong result).
 _HIGHEST_PRIORITY = -(2**10)
 _side_streams: dict[tuple[int, int], torch.cuda.Stream] = {}
 
