@@ -13,6 +13,8 @@ Both modes pass every implementation through the correctness gate first.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -51,11 +53,4 @@ def batch(quick, device) -> int:
 @pytest.fixture(scope="session")
 def cache_flushes():
     """One flush buffer per device for the whole session, allocated on first use."""
-    flushes = {}
-
-    def flush_for(device: str) -> CacheFlush:
-        if device not in flushes:
-            flushes[device] = CacheFlush(device)
-        return flushes[device]
-
-    return flush_for
+    return functools.cache(CacheFlush)

@@ -124,32 +124,24 @@ def synchronize(device: torch.device) -> None:
 class RandomStream:
     """A model's own stream of random numbers (the CPU's, and the GPU's on CUDA), swapped in for
     its steps: two models trained side by side then draw the same dropout masks, as two runs
-    one after the other from the same seed would."""
+    one after the other from the same seed would. torch.random.fork_rng puts the outside
+    state back after each step."""
 
     def __init__(self, seed: int, device: torch.device) -> None:
-        self.device = device
+        self.gpus = [device] if device.type == "cuda" else []
         # The states torch.manual_seed(seed) would give, made without touching the global ones.
-        cpu = torch.Generator().manual_seed(seed).get_state()
-        gpu = torch.Generator(device).manual_seed(seed).get_state() if device.type == "cuda" else None
-        self.state = (cpu, gpu)
-
-    def _get(self):
-        return (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-
-    def _set(self, state) -> None:
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], self.device)
+        self.cpu_state = torch.Generator().manual_seed(seed).get_state()
+        self.gpu_states = [torch.Generator(gpu).manual_seed(seed).get_state() for gpu in self.gpus]
 
     @contextlib.contextmanager
     def active(self):
-        outside = self._get()
-        self._set(self.state)
-        try:
+        with torch.random.fork_rng(devices=self.gpus):
+            torch.set_rng_state(self.cpu_state)
+            for gpu, state in zip(self.gpus, self.gpu_states):
+                torch.cuda.set_rng_state(state, gpu)
             yield
-        finally:
-            self.state = self._get()
-            self._set(outside)
+            self.cpu_state = torch.get_rng_state()
+            self.gpu_states = [torch.cuda.get_rng_state(gpu) for gpu in self.gpus]
 
 
 def train_side_by_side(

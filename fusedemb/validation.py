@@ -62,12 +62,10 @@ class RangeCheck:
             return
         # [min, max] of each index tensor, in one stack (one kernel, however many tensors)
         bounds = torch.stack([bound for _, index, _, _ in self._checks for bound in torch.aminmax(index)])
+        self._bounds = bounds.to("cpu", non_blocking=True)  # the same tensor if on the CPU already
         if bounds.is_cuda:
-            self._bounds = bounds.to("cpu", non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record(torch.cuda.current_stream(bounds.device))
-        else:
-            self._bounds = bounds
 
     def wait(self) -> None:
         """Block until the bounds are on the host and raise if one is outside its table; the

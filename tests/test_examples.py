@@ -29,6 +29,24 @@ def verdict():
     return path
 
 
+def test_train_gpt_random_streams_are_separate_and_leave_the_global_one_alone():
+    """Each model's stream draws what torch.manual_seed(seed) would, one after the other, and
+    the global random state is as it was after every step (train_gpt.RandomStream)."""
+    train_gpt = import_example("train_gpt")
+    torch.manual_seed(5)
+    outside = torch.get_rng_state()
+    first_model, second_model = (train_gpt.RandomStream(3, torch.device("cpu")) for _ in range(2))
+    with first_model.active():
+        first = torch.rand(4)
+    with second_model.active():
+        assert torch.equal(torch.rand(4), first)  # the same seed: the same draws
+    with first_model.active():
+        second = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), outside)
+    torch.manual_seed(3)
+    assert torch.equal(torch.rand(8), torch.cat([first, second]))  # the stream went on, not restarted
+
+
 def test_ch02_input_embeddings_match_nn_embedding(verdict, capsys):
     ch02 = import_example("ch02_embeddings")
     embeddings = ch02.main(["--text", str(verdict)])  # asserts forward and backward equality itself
