@@ -7,7 +7,8 @@
 #      also with one id everywhere and with real text), id range check off; every
 #      implementation passes the benchmark's correctness gate before it is timed;
 #   3. the two ways of sorting the ids (benchmarks/sort_crossover.py), for the threshold between them;
-#   4. what the id range check costs: fusedemb with it on and off, eager beside;
+#   4. what the id range check costs: fusedemb with it on and off, eager beside, in the benchmark
+#      and in GPT training steps (benchmarks/range_check_cost.py);
 #   5. per-kernel profiles of both backward modes (benchmarks/profile_backward.py): gpt2-124M
 #      B8 and B32 float32, large-vocab B8 bfloat16, gpt2-124M B8 bfloat16.
 # Most important first: if the session's time runs out, the profile is what goes.
@@ -71,6 +72,7 @@ step rangecheck && {
   bench 25 --preset gpt2-124M --batch 8 32 --ids uniform --impl fusedemb-fast eager
   echo "== id range check off ==" >> "$tables"
   bench 25 --no-bounds-check --preset gpt2-124M --batch 8 32 --ids uniform --impl fusedemb-fast
+  timeout 120 python3 benchmarks/range_check_cost.py --batch 4 8 2>&1 | tee -a "$tables"
 }
 step profile || exit 0
 echo "== where the backward's time goes ==" >> "$tables"

@@ -42,3 +42,21 @@ def test_profile_backward_reports_both_modes(capsys, monkeypatch):
         assert f"== gpt2-124M B1 float32, {mode} mode:" in out
     assert out.count("host time per step") == 2
     assert out.count("fusedemb::cpu_backward") >= 2  # the kernels show in both modes' tables
+
+
+def test_range_check_cost_times_all_three(capsys):
+    was_on = fusedemb.bounds_check_enabled()
+    load_script("range_check_cost").main(
+        ["--device", "cpu", "--config", "tiny", "--rounds", "1", "--queued", "1", "--round-trips", "1"]
+    )
+    assert fusedemb.bounds_check_enabled() == was_on  # the script puts the switch back
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines[1:3]] == ["on", "off"]
+    assert all(float(line.split()[2]) > 0 for line in lines[1:3])
+    assert lines[3].startswith("tiny, batch 4 x 32, cpu, 1 rounds")
+    rows = [line.split() for line in lines[4:]]
+    assert len(rows) == 3
+    assert [" ".join(row[:-5]) for row in rows] == ["nn.Embedding", "fusedemb check on", "fusedemb check off"]
+    for *_, synced, synced_ms, queued, times, queued_ms in rows:
+        assert (synced, queued, times) == ("synced", "queued", "x1")
+        assert float(synced_ms) > 0 and float(queued_ms) > 0

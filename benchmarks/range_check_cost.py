@@ -1,0 +1,131 @@
+"""What the id range check costs inside a GPT training step, and on its own.
+
+    python benchmarks/range_check_cost.py [--device cuda] [--config tiny gpt2-124M] [--batch 4]
+
+On CUDA the range check waits for the GPU each call (fusedemb/validation.py, RangeCheck), so
+the host loses its lead over the GPU. How much that costs depends on what else the step does:
+this prints the median time of one training step (zero_grad, forward, cross-entropy, backward,
+AdamW) of examples/gpt_model.py with its first layer as nn.Embedding, as fusedemb with the
+check on and as fusedemb with it off, timed two ways:
+
+  synced  synchronise, one step, synchronise (as examples/train_gpt.py times its steps);
+  queued  --queued steps back to back, one `loss.item()` at the end (the host runs ahead).
+
+The three take turns within each round, starting one later each round, so that none is timed
+on a warmer machine than the others. First it prints the round trip of the check alone: the
+wall time of a forward plus a synchronisation, on an idle device, with the check on and off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fusedemb
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from gpt_model import CONFIGS, GPTModel
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def training_step(model: GPTModel, optimizer: torch.optim.Optimizer, inputs, targets) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def round_trip(device: torch.device, repeats: int) -> None:
+    """A gpt2-124M-sized forward at B 8 on an idle device: wall time of the call plus a sync."""
+    config = CONFIGS["gpt2-124M"]
+    tok = torch.randn(config.vocab_size, config.emb_dim, device=device)
+    pos = torch.randn(config.context_length, config.emb_dim, device=device)
+    ids = torch.randint(0, config.vocab_size, (8, config.context_length), device=device)
+    print(f"forward alone, gpt2-124M B8 float32, idle {device.type}: median wall time of call + sync")
+    for check in (True, False):
+        fusedemb.set_bounds_check(check)
+        fusedemb.fused_embedding(ids, tok, pos)  # warm-up (compilation, allocator)
+        times = []
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            fusedemb.fused_embedding(ids, tok, pos)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        print(f"  check {'on ' if check else 'off'} {1e6 * statistics.median(times):9.1f} us")
+
+
+def training_steps(device: torch.device, config_name: str, batch: int, rounds: int, queued: int) -> None:
+    config = CONFIGS[config_name]
+    models = {}
+    for fused in (False, True):
+        torch.manual_seed(0)  # the same weights for both
+        model = GPTModel(config, fused).to(device).train()
+        models[fused] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    generator = torch.Generator(device=device).manual_seed(1)
+    inputs, targets = (
+        torch.randint(0, config.vocab_size, (batch, config.context_length), device=device, generator=generator)
+        for _ in range(2)
+    )
+    # (label, fused first layer, range check)
+    contenders = [("nn.Embedding", False, True), ("fusedemb check on", True, True), ("fusedemb check off", True, False)]
+    synced = {label: [] for label, *_ in contenders}
+    queued_steps = {label: [] for label, *_ in contenders}
+    for round_index in range(rounds + 1):  # round 0 warms up and is not counted
+        turn = round_index % len(contenders)
+        for label, fused, check in contenders[turn:] + contenders[:turn]:
+            fusedemb.set_bounds_check(check)
+            model, optimizer = models[fused]
+            synchronize(device)
+            start = time.perf_counter()
+            training_step(model, optimizer, inputs, targets)
+            synchronize(device)
+            synced_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(queued):
+                loss = training_step(model, optimizer, inputs, targets)
+            loss.item()
+            if round_index:
+                synced[label].append(synced_seconds)
+                queued_steps[label].append((time.perf_counter() - start) / queued)
+    print(f"{config_name}, batch {batch} x {config.context_length}, {device.type}, {rounds} rounds: median ms per step")
+    for label, *_ in contenders:
+        print(
+            f"  {label:20s} synced {1e3 * statistics.median(synced[label]):9.3f}"
+            f"   queued x{queued} {1e3 * statistics.median(queued_steps[label]):9.3f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda (the point of it) or cpu (to try the script)")
+    parser.add_argument("--config", nargs="+", choices=sorted(CONFIGS), default=["tiny", "gpt2-124M"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[4], help="sequences per step")
+    parser.add_argument("--rounds", type=int, default=8, help="timed rounds (each times all three once)")
+    parser.add_argument("--queued", type=int, default=5, help="steps queued back to back per round")
+    parser.add_argument("--round-trips", type=int, default=200, help="forwards timed for the round trip")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    was_on = fusedemb.bounds_check_enabled()
+    try:
+        round_trip(device, args.round_trips)
+        for config_name in args.config:
+            for batch in args.batch:
+                training_steps(device, config_name, batch, args.rounds, args.queued)
+    finally:
+        fusedemb.set_bounds_check(was_on)
+
+
+if __name__ == "__main__":
+    main()
