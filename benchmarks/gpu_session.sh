@@ -72,7 +72,8 @@ step rangecheck && {
   bench 25 --preset gpt2-124M --batch 8 32 --ids uniform --impl fusedemb-fast eager
   echo "== id range check off ==" >> "$tables"
   bench 25 --no-bounds-check --preset gpt2-124M --batch 8 32 --ids uniform --impl fusedemb-fast
-  timeout 120 python3 benchmarks/range_check_cost.py --batch 4 8 2>&1 | tee -a "$tables"
+  timeout 60 python3 benchmarks/range_check_cost.py --config tiny --rounds 30 --queued 10 2>&1 | tee -a "$tables"
+  timeout 90 python3 benchmarks/range_check_cost.py --config gpt2-124M --batch 4 8 --round-trips 0 2>&1 | tee -a "$tables"
 }
 step profile || exit 0
 echo "== where the backward's time goes ==" >> "$tables"

@@ -12,8 +12,9 @@ check on and as fusedemb with it off, timed two ways:
   queued  --queued steps back to back, one `loss.item()` at the end (the host runs ahead).
 
 The three take turns within each round, starting one later each round, so that none is timed
-on a warmer machine than the others. First it prints the round trip of the check alone: the
-wall time of a forward plus a synchronisation, on an idle device, with the check on and off.
+on a warmer machine than the others; `±` is half the interquartile range over the rounds.
+First it prints the round trip of the check alone: the wall time of a forward plus a
+synchronisation on an idle device, check on, off, on, off (the repeat shows the drift).
 """
 
 from __future__ import annotations
@@ -25,35 +26,38 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import fusedemb
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from gpt_model import CONFIGS, GPTModel
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")
+if EXAMPLES not in sys.path:
+    sys.path.insert(0, EXAMPLES)
+from gpt_model import CONFIGS, GPTModel  # noqa: E402
+from train_gpt import next_token_loss, synchronize  # noqa: E402
 
 
 def training_step(model: GPTModel, optimizer: torch.optim.Optimizer, inputs, targets) -> torch.Tensor:
     optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+    loss = next_token_loss(model(inputs), targets)
     loss.backward()
     optimizer.step()
     return loss
 
 
-def round_trip(device: torch.device, repeats: int) -> None:
-    """A gpt2-124M-sized forward at B 8 on an idle device: wall time of the call plus a sync."""
-    config = CONFIGS["gpt2-124M"]
+def median_and_spread(samples: list[float]) -> str:
+    """Milliseconds: the median ± half the interquartile range."""
+    low, median, high = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
+    return f"{1e3 * median:9.3f} ±{1e3 * (high - low) / 2:.3f}"
+
+
+def time_round_trip(device: torch.device, config_name: str, batch: int, repeats: int) -> None:
+    """A forward of that config's tables at that batch on an idle device: wall time of the call plus a sync."""
+    config = CONFIGS[config_name]
     tok = torch.randn(config.vocab_size, config.emb_dim, device=device)
     pos = torch.randn(config.context_length, config.emb_dim, device=device)
-    ids = torch.randint(0, config.vocab_size, (8, config.context_length), device=device)
-    print(f"forward alone, gpt2-124M B8 float32, idle {device.type}: median wall time of call + sync")
-    for check in (True, False):
+    ids = torch.randint(0, config.vocab_size, (batch, config.context_length), device=device)
+    print(f"forward alone, {config_name} B{batch} float32, idle {device.type}: median wall time of call + sync")
+    for check in (True, False, True, False):
         fusedemb.set_bounds_check(check)
         fusedemb.fused_embedding(ids, tok, pos)  # warm-up (compilation, allocator)
         times = []
@@ -66,7 +70,7 @@ def round_trip(device: torch.device, repeats: int) -> None:
         print(f"  check {'on ' if check else 'off'} {1e6 * statistics.median(times):9.1f} us")
 
 
-def training_steps(device: torch.device, config_name: str, batch: int, rounds: int, queued: int) -> None:
+def time_training_steps(device: torch.device, config_name: str, batch: int, rounds: int, queued: int) -> None:
     config = CONFIGS[config_name]
     models = {}
     for fused in (False, True):
@@ -99,12 +103,10 @@ def training_steps(device: torch.device, config_name: str, batch: int, rounds: i
             if round_index:
                 synced[label].append(synced_seconds)
                 queued_steps[label].append((time.perf_counter() - start) / queued)
-    print(f"{config_name}, batch {batch} x {config.context_length}, {device.type}, {rounds} rounds: median ms per step")
+    print(f"{config_name}, batch {batch} x {config.context_length}, {device.type}, {rounds} rounds: ms per step")
     for label, *_ in contenders:
-        print(
-            f"  {label:20s} synced {1e3 * statistics.median(synced[label]):9.3f}"
-            f"   queued x{queued} {1e3 * statistics.median(queued_steps[label]):9.3f}"
-        )
+        print(f"  {label:20s} synced {median_and_spread(synced[label])}   queued x{queued} "
+              f"{median_and_spread(queued_steps[label])}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,15 +116,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[4], help="sequences per step")
     parser.add_argument("--rounds", type=int, default=8, help="timed rounds (each times all three once)")
     parser.add_argument("--queued", type=int, default=5, help="steps queued back to back per round")
-    parser.add_argument("--round-trips", type=int, default=200, help="forwards timed for the round trip")
+    parser.add_argument("--round-trips", type=int, default=200, help="forwards timed for the round trip, 0: none")
+    parser.add_argument("--round-trip-config", choices=sorted(CONFIGS), default="gpt2-124M")
     args = parser.parse_args(argv)
+    for name in ("rounds", "queued"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     device = torch.device(args.device)
     was_on = fusedemb.bounds_check_enabled()
     try:
-        round_trip(device, args.round_trips)
+        if args.round_trips:
+            time_round_trip(device, args.round_trip_config, 8, args.round_trips)
         for config_name in args.config:
             for batch in args.batch:
-                training_steps(device, config_name, batch, args.rounds, args.queued)
+                time_training_steps(device, config_name, batch, args.rounds, args.queued)
     finally:
         fusedemb.set_bounds_check(was_on)
 

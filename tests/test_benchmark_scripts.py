@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 import fusedemb
 
@@ -44,19 +45,34 @@ def test_profile_backward_reports_both_modes(capsys, monkeypatch):
     assert out.count("fusedemb::cpu_backward") >= 2  # the kernels show in both modes' tables
 
 
-def test_range_check_cost_times_all_three(capsys):
+def test_range_check_cost_times_all_three(capsys, monkeypatch):
+    script = load_script("range_check_cost")
+    steps = []  # (fused first layer, range check on) of every training step, in order
+    training_step = script.training_step
+
+    def recording_step(model, *args):
+        steps.append((isinstance(model.embedding, fusedemb.FusedEmbedding), fusedemb.bounds_check_enabled()))
+        return training_step(model, *args)
+
+    monkeypatch.setattr(script, "training_step", recording_step)
     was_on = fusedemb.bounds_check_enabled()
-    load_script("range_check_cost").main(
-        ["--device", "cpu", "--config", "tiny", "--rounds", "1", "--queued", "1", "--round-trips", "1"]
-    )
+    with torch.random.fork_rng():
+        script.main(["--device", "cpu", "--config", "tiny", "--rounds", "2", "--queued", "3", "--round-trips", "2",
+                     "--round-trip-config", "tiny"])  # fmt: skip
     assert fusedemb.bounds_check_enabled() == was_on  # the script puts the switch back
+    # 3 rounds (one of warm-up), each contender once per round, starting one later each round;
+    # each turn is one synced step and 3 queued ones, with the contender's model and switch.
+    nn_embedding, check_on, check_off = (False, True), (True, True), (True, False)
+    turns = [nn_embedding, check_on, check_off, check_on, check_off, nn_embedding, check_off, nn_embedding, check_on]
+    assert steps == [turn for turn in turns for _ in range(4)]
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[1] for line in lines[1:3]] == ["on", "off"]
-    assert all(float(line.split()[2]) > 0 for line in lines[1:3])
-    assert lines[3].startswith("tiny, batch 4 x 32, cpu, 1 rounds")
-    rows = [line.split() for line in lines[4:]]
-    assert len(rows) == 3
-    assert [" ".join(row[:-5]) for row in rows] == ["nn.Embedding", "fusedemb check on", "fusedemb check off"]
-    for *_, synced, synced_ms, queued, times, queued_ms in rows:
-        assert (synced, queued, times) == ("synced", "queued", "x1")
+    assert lines[0].startswith("forward alone, tiny B8 float32")
+    assert [line.split()[1] for line in lines[1:5]] == ["on", "off", "on", "off"]
+    assert all(float(line.split()[2]) > 0 for line in lines[1:5])
+    assert lines[5].startswith("tiny, batch 4 x 32, cpu, 2 rounds")
+    rows = [line.split() for line in lines[6:]]
+    assert [" ".join(row[:-7]) for row in rows] == ["nn.Embedding", "fusedemb check on", "fusedemb check off"]
+    for *_, synced, synced_ms, synced_spread, queued, times, queued_ms, queued_spread in rows:
+        assert (synced, queued, times) == ("synced", "queued", "x3")
         assert float(synced_ms) > 0 and float(queued_ms) > 0
+        assert synced_spread.startswith("±") and queued_spread.startswith("±")
