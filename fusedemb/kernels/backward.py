@@ -311,10 +311,11 @@ def atomic_scatter_add(
     if table_dtype in (torch.float32, torch.float64):
         # The table is its own accumulator, zeroed whole before the atomics. Zeroing only the
         # rows tokens add into first, and the others from extra programs of the sweep while it
-        # adds, was measured slower on an H100 (forward+backward, float32): +2-5% at gpt2-124M
-        # with uniform, Zipf and text ids, +8-10% at gpt2-1.5B, and +26-42% with one id
-        # everywhere, where those programs zero nearly all of the table: their masked stores
-        # ran slower than the fill kernel, and the overlap did not make up for it.
+        # adds, was measured slower on an H100 (forward+backward, float32; a first form, which
+        # also failed 3 CUDA tests): +2-5% at gpt2-124M with uniform, Zipf and text ids, +8-10%
+        # at gpt2-1.5B, +26-42% with one id everywhere. A guess, not profiled: those programs'
+        # masked stores zero slower than the fill kernel, and with one id the sweep is too
+        # short to hide them.
         table = acc = torch.zeros((num_rows, dim), dtype=table_dtype, device=device)
     else:
         acc = torch.empty((num_rows, dim), dtype=torch.float32, device=device)
