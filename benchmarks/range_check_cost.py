@@ -33,15 +33,7 @@ EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")
 if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
 from gpt_model import CONFIGS, GPTModel  # noqa: E402
-from train_gpt import next_token_loss, synchronize  # noqa: E402
-
-
-def training_step(model: GPTModel, optimizer: torch.optim.Optimizer, inputs, targets) -> torch.Tensor:
-    optimizer.zero_grad(set_to_none=True)
-    loss = next_token_loss(model(inputs), targets)
-    loss.backward()
-    optimizer.step()
-    return loss
+from train_gpt import synchronize, training_step  # noqa: E402
 
 
 def median_and_spread(samples: list[float]) -> str:

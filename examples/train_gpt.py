@@ -116,6 +116,15 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+def training_step(model: GPTModel, optimizer: torch.optim.Optimizer, inputs, targets) -> torch.Tensor:
+    """One AdamW step on next-token prediction; returns the loss (a tensor: reading it syncs)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = next_token_loss(model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -165,10 +174,7 @@ def train_side_by_side(
             with stream.active():
                 synchronize(device)
                 start = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                loss = next_token_loss(model(inputs), targets)
-                loss.backward()
-                optimizer.step()
+                loss = training_step(model, optimizer, inputs, targets)
                 synchronize(device)
                 run.step_seconds.append(time.perf_counter() - start)
             run.losses.append(loss.item())

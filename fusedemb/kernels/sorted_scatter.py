@@ -380,14 +380,8 @@ def counting_sort_by_row(index: torch.Tensor, num_rows: int, stream: torch.cuda.
     sorted_rows = torch.empty_like(sorted_tokens)
     rank = torch.empty_like(sorted_tokens)
     if stream is not None:
-        # Every buffer is allocated on the current stream before the fork, and is returned in
-        # the RowOrder, rank included, so none is freed before the current stream has joined
-        # `stream`. The caching allocator hands a freed block to the next allocation of the
-        # stream it came from at once: when this function freed `rank` on return, a table's
-        # zeroing overwrote it while the sort still read it, and scatter_sorted stored out of
-        # bounds (CUDA, small sizes). The fork comes after the allocations: under
-        # torch.use_deterministic_algorithms(True), torch.empty also queues a fill of the new
-        # memory on the current stream (fill_uninitialized_memory), which must land first.
+        # The fork, after the allocations (their deterministic-mode fills must land first); all
+        # buffers, rank included, are returned so that none is freed before the join (streams.py).
         stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):  # a no-op for None
         counts.zero_()
