@@ -44,13 +44,15 @@ inline int64_t position_of(const index_t* position_ids, int64_t n, int64_t seq_l
 }
 
 // One serial pass over the indices: cheap next to the N * D bytes the kernels move, and it
-// turns a would-be out-of-bounds access into an IndexError in Python.
+// turns a would-be out-of-bounds access into an IndexError in Python, the same one (plus the
+// flat index) as fusedemb.validation's range check, which fused_embedding therefore skips for
+// these kernels. It runs whether or not that check is switched off.
 template <typename index_t>
-void check_rows_in_range(const index_t* rows, int64_t count, int64_t num_rows, const char* what) {
+void check_rows_in_range(const index_t* rows, int64_t count, int64_t num_rows, const char* what, const char* table) {
   for (int64_t n = 0; n < count; ++n) {
     const int64_t row = static_cast<int64_t>(rows[n]);
-    TORCH_CHECK_INDEX(row >= 0 && row < num_rows, what, " contains ", row, " at flat index ", n,
-                      ", outside the table's valid range [0, ", num_rows, ")");
+    TORCH_CHECK_INDEX(row >= 0 && row < num_rows, what, " contains ", row, ", outside [0, ", num_rows, ") of ", table,
+                      " (", num_rows, " rows), at flat index ", n);
   }
 }
 
@@ -66,7 +68,7 @@ template <typename index_t>
 void check_positions(const index_t* position_ids, int64_t num_tokens, int64_t seq_len, int64_t position_offset,
                      int64_t context_length) {
   if (position_ids != nullptr) {
-    check_rows_in_range(position_ids, num_tokens, context_length, "position_ids");
+    check_rows_in_range(position_ids, num_tokens, context_length, "position_ids", "the position table");
   } else if (num_tokens > 0) {
     TORCH_CHECK_INDEX(position_offset >= 0 && seq_len <= context_length && position_offset <= context_length - seq_len,
                       "positions [", position_offset, ", ", position_offset, " + ", seq_len,
@@ -111,7 +113,7 @@ at::Tensor forward_cpu(const at::Tensor& ids, const at::Tensor& tok_weight, cons
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "fusedemb_forward_cpu", [&] {
     const index_t* id_ptr = ids.const_data_ptr<index_t>();
     const index_t* pos_id_ptr = position_ids.has_value() ? position_ids->const_data_ptr<index_t>() : nullptr;
-    check_rows_in_range(id_ptr, num_tokens, tok_weight.size(0), "ids");
+    check_rows_in_range(id_ptr, num_tokens, tok_weight.size(0), "ids", "the token table");
     check_positions(pos_id_ptr, num_tokens, seq_len, position_offset, pos_weight.size(0));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tok_weight.scalar_type(), "fusedemb_forward_cpu", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
@@ -258,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, cons
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "fusedemb_backward_cpu", [&] {
     const index_t* id_ptr = ids.const_data_ptr<index_t>();
     const index_t* pos_id_ptr = position_ids.has_value() ? position_ids->const_data_ptr<index_t>() : nullptr;
-    check_rows_in_range(id_ptr, num_tokens, num_embeddings, "ids");
+    check_rows_in_range(id_ptr, num_tokens, num_embeddings, "ids", "the token table");
     check_positions(pos_id_ptr, num_tokens, seq_len, position_offset, context_length);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "fusedemb_backward_cpu", [&] {
       const scalar_t* grad_rows = grad_out.const_data_ptr<scalar_t>();

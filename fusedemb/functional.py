@@ -85,15 +85,20 @@ def fused_embedding(
     """
     inputs = prepare_inputs(ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx)
     backend = resolve_backend(backend, inputs.tok_weight.device)
+    if backend == "cpp":
+        # The C++ kernels check every index before they read one and raise the range check's
+        # IndexError themselves: checking here too would only cost host time.
+        return _run_backend(inputs, backend, deterministic)
+    range_check = inputs.start_range_check()
     # The Triton kernels clamp every index into its table, so they may be queued before the range
     # check's answer is back: the GPU starts the forward as soon as the answer has left for the
     # host, instead of idling until the host has woken up and queued the forward. The call still
-    # waits for everything queued before it. The other kernels must not see a bad index.
+    # waits for everything queued before it. The reference must not see a bad index.
     if backend != "triton":
-        inputs.range_check.wait()
+        range_check.wait()
     out = _run_backend(inputs, backend, deterministic)
     try:
-        inputs.range_check.wait()
+        range_check.wait()
     except IndexError:
         del out  # not kept alive (with its autograd graph) by the traceback's frame
         raise

@@ -44,21 +44,25 @@ DEVICE_BACKENDS = [("cpu", backend) for backend in BACKENDS] + [("cuda", backend
 
 
 @pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
-def test_only_clamping_kernels_run_before_the_range_check(tables, device, backend, monkeypatch):
+def test_only_kernels_that_guard_their_indices_see_bad_ids(tables, device, backend, monkeypatch):
     """The Triton kernels clamp every index, so the Triton path queues its forward before it
     waits for the range check's answer (the GPU need not idle meanwhile) and still raises from
-    the same call; the C++ kernels and the reference must never see the bad id."""
-    kernel_calls = []
+    the same call; the C++ kernels check every index before reading one, so no range check is
+    started for them; the reference must never see the bad id."""
+    kernel_calls, range_checks = [], []
 
-    def spy(function):
-        return lambda *args: kernel_calls.append(function) or function(*args)
+    def spy(function, calls):
+        return lambda *args: calls.append(function) or function(*args)
 
-    monkeypatch.setattr(fusedemb.ops, "forward_kernels", spy(fusedemb.ops.forward_kernels))
-    monkeypatch.setattr(functional, "fused_embedding_reference", spy(functional.fused_embedding_reference))
+    monkeypatch.setattr(fusedemb.ops, "forward_kernels", spy(fusedemb.ops.forward_kernels, kernel_calls))
+    monkeypatch.setattr(functional, "fused_embedding_reference", spy(functional.fused_embedding_reference, kernel_calls))
+    start = validation.EmbeddingInputs.start_range_check
+    monkeypatch.setattr(validation.EmbeddingInputs, "start_range_check", spy(start, range_checks))
     tok, pos = (table.to(device) for table in tables)
-    with pytest.raises(IndexError, match=r"ids contains 10, outside \[0, 10\)"):
+    with pytest.raises(IndexError, match=r"ids contains 10, outside \[0, 10\) of the token table \(10 rows\)"):
         fusedemb.fused_embedding(torch.tensor([[1, 10, 2]], device=device), tok, pos, backend=backend)
-    assert len(kernel_calls) == (1 if backend == "triton" else 0)
+    assert len(kernel_calls) == (0 if backend == "reference" else 1)
+    assert len(range_checks) == (0 if backend == "cpp" else 1)
 
 
 @pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
@@ -78,7 +82,7 @@ def test_out_of_range_on_cuda(tables, device, backend):
     with pytest.raises(IndexError, match=r"position_ids contains 8, outside \[0, 8\)"):
         fusedemb.fused_embedding(ids, tok, pos, position_ids=torch.tensor([[0, 8, 1]], device=device), backend=backend)
     # The bounds come back without blocking the stream: into pinned memory, behind an event.
-    check = validation.prepare_inputs(ids, tok, pos, None, 0, None).range_check
+    check = validation.prepare_inputs(ids, tok, pos, None, 0, None).start_range_check()
     assert check._bounds.is_pinned()
     check.wait()
     with torch.cuda.stream(torch.cuda.Stream(device)):
@@ -203,7 +207,7 @@ def bounds_check_off():
 def test_cpp_kernels_check_bounds_themselves(tables, bounds_check_off):
     """With the Python check off, the C++ kernel still refuses to read out of bounds."""
     tok, pos = tables
-    with pytest.raises(IndexError, match="ids contains 12 at flat index 1"):
+    with pytest.raises(IndexError, match=r"ids contains 12, outside \[0, 10\) of the token table \(10 rows\), at flat index 1"):
         fusedemb.fused_embedding(torch.tensor([[1, 12]]), tok, pos, backend="cpp")
     with pytest.raises(IndexError, match="position_ids contains 9"):
         fusedemb.fused_embedding(torch.tensor([[1, 2]]), tok, pos, position_ids=torch.tensor([[0, 9]]), backend="cpp")
