@@ -61,7 +61,8 @@ def on_device_of(tensor: torch.Tensor):
     tensors (the interpreter) need nothing, and nor do fake tensors: a traced call launches
     nothing (Inductor guards the devices of the kernels it emits), and tracing for a GPU may run
     on a host without one, where switching devices would raise."""
-    if tensor.device.type != "cuda" or is_fake(tensor):
+    # `type(...) is torch.Tensor` first: is_fake costs microseconds, and real tensors are plain.
+    if not tensor.is_cuda or (type(tensor) is not torch.Tensor and is_fake(tensor)):
         return contextlib.nullcontext()
     return torch.cuda.device(tensor.device.index)
 
