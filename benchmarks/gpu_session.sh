@@ -9,17 +9,18 @@
 #   3. the two ways of sorting the ids (benchmarks/sort_crossover.py), for the threshold between them;
 #   4. what the id range check costs: fusedemb with it on and off, eager beside, in the benchmark
 #      and in GPT training steps (benchmarks/range_check_cost.py);
-#   5. per-kernel profiles of both backward modes (benchmarks/profile_backward.py): gpt2-124M
+#   5. host time per call at small sizes, eager beside (benchmarks/host_overhead.py);
+#   6. per-kernel profiles of both backward modes (benchmarks/profile_backward.py): gpt2-124M
 #      B8 and B32 float32, large-vocab B8 bfloat16, gpt2-124M B8 bfloat16.
 # Most important first: if the session's time runs out, the profile is what goes.
 # Usage, from the repo root on a CUDA machine: bash benchmarks/gpu_session.sh OUT_DIR [DATA_DIR]
 # DATA_DIR holds the-verdict.txt and tiktoken/ (../shared/data beside a checkout).
-# GPU_SESSION_STEPS picks steps by name (default: all of "smoke tests bench sortcross rangecheck profile"),
+# GPU_SESSION_STEPS picks steps by name (default: all of "smoke tests bench sortcross rangecheck host profile"),
 # for a session that splits its device time between calls.
 set -u
 out=${1:?usage: gpu_session.sh OUT_DIR [DATA_DIR]}
 data=${2:-../shared/data}
-steps=" ${GPU_SESSION_STEPS:-smoke tests bench sortcross rangecheck profile} "
+steps=" ${GPU_SESSION_STEPS:-smoke tests bench sortcross rangecheck host profile} "
 step() { [[ $steps == *" $1 "* ]]; }
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR=$data/tiktoken
@@ -75,6 +76,7 @@ step rangecheck && {
   timeout 60 python3 benchmarks/range_check_cost.py --config tiny --rounds 30 --queued 10 2>&1 | tee -a "$tables"
   timeout 90 python3 benchmarks/range_check_cost.py --config gpt2-124M --batch 4 8 --round-trips 0 2>&1 | tee -a "$tables"
 }
+step host && timeout 90 python3 benchmarks/host_overhead.py --device cuda 2>&1 | tee -a "$tables"
 step profile || exit 0
 echo "== where the backward's time goes ==" >> "$tables"
 # Where the deterministic mode's extra time goes at B8 float32 (det / fast 1.4-1.6 there on an

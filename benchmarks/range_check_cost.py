@@ -28,18 +28,14 @@ from pathlib import Path
 import torch
 
 import fusedemb
+from fusedemb.bench.cli import positive_int
+from fusedemb.bench.timing import median_and_spread
 
 EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")
 if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
 from gpt_model import CONFIGS, GPTModel  # noqa: E402
 from train_gpt import synchronize, training_step  # noqa: E402
-
-
-def median_and_spread(samples: list[float]) -> str:
-    """Milliseconds: the median ± half the interquartile range."""
-    low, median, high = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
-    return f"{1e3 * median:9.3f} ±{1e3 * (high - low) / 2:.3f}"
 
 
 def time_round_trip(device: torch.device, config_name: str, batch: int, repeats: int) -> None:
@@ -97,8 +93,8 @@ def time_training_steps(device: torch.device, config_name: str, batch: int, roun
                 queued_steps[label].append((time.perf_counter() - start) / queued)
     print(f"{config_name}, batch {batch} x {config.context_length}, {device.type}, {rounds} rounds: ms per step")
     for label, *_ in contenders:
-        print(f"  {label:20s} synced {median_and_spread(synced[label])}   queued x{queued} "
-              f"{median_and_spread(queued_steps[label])}")  # fmt: skip
+        print(f"  {label:20s} synced {median_and_spread(synced[label], 'ms')}   queued x{queued} "
+              f"{median_and_spread(queued_steps[label], 'ms')}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,14 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda", help="cuda (the point of it) or cpu (to try the script)")
     parser.add_argument("--config", nargs="+", choices=sorted(CONFIGS), default=["tiny", "gpt2-124M"])
     parser.add_argument("--batch", type=int, nargs="+", default=[4], help="sequences per step")
-    parser.add_argument("--rounds", type=int, default=8, help="timed rounds (each times all three once)")
-    parser.add_argument("--queued", type=int, default=5, help="steps queued back to back per round")
+    parser.add_argument("--rounds", type=positive_int, default=8, help="timed rounds (each times all three once)")
+    parser.add_argument("--queued", type=positive_int, default=5, help="steps queued back to back per round")
     parser.add_argument("--round-trips", type=int, default=200, help="forwards timed for the round trip, 0: none")
     parser.add_argument("--round-trip-config", choices=sorted(CONFIGS), default="gpt2-124M")
     args = parser.parse_args(argv)
-    for name in ("rounds", "queued"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     device = torch.device(args.device)
     was_on = fusedemb.bounds_check_enabled()
     try:

@@ -76,3 +76,23 @@ def test_range_check_cost_times_all_three(capsys, monkeypatch):
         assert (synced, queued, times) == ("synced", "queued", "x3")
         assert float(synced_ms) > 0 and float(queued_ms) > 0
         assert synced_spread.startswith("±") and queued_spread.startswith("±")
+
+
+@pytest.mark.parametrize("backend", fusedemb.available_backends("cpu"))
+def test_host_overhead_times_every_row(capsys, backend):
+    """Every row on CPU; the Triton backend (the interpreter) also replays its recorded launch."""
+    was_on = fusedemb.bounds_check_enabled()
+    load_script("host_overhead").main(["--device", "cpu", "--backend", backend, "--calls", "1", "--rounds", "2"])
+    assert fusedemb.bounds_check_enabled() == was_on  # the script puts the switch back
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"host time per call, cpu, backend {backend}, float32")
+    labels = [line.rsplit(maxsplit=3)[0].strip() for line in lines[1:]]
+    layers = {"reference": [], "cpp": ["prepare_inputs", "FusedEmbeddingFunction"]}
+    layers["triton"] = layers["cpp"] + ["kernel launch"]
+    modes = [f"{mode}: {impl}" for mode in ("forward", "forward+backward") for impl in
+             ("eager", "fusedemb, check on", "fusedemb, check off")]  # fmt: skip
+    backward = ["backward: eager", "backward: fusedemb, fast", "backward: fusedemb, deterministic"]
+    assert labels == modes[:3] + layers[backend] + backward + modes[3:]
+    for line in lines[1:]:
+        median, spread, unit = line.split()[-3:]
+        assert float(median) > 0 and spread.startswith("±") and unit == "us"

@@ -43,6 +43,14 @@ QUICK_COPY_BUFFER_MIB = {"cuda": 256, "cpu": 64}
 INTERRUPTED_STATUS = 130  # 128 + SIGINT, the shell's status for a command stopped by Ctrl-C
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="fusedemb-bench",

@@ -58,6 +58,14 @@ class TimingStats:
         return cls(median, p25, p75, len(samples), host_median)
 
 
+def median_and_spread(samples: list[float], unit: str) -> str:
+    """Seconds, printed in `unit` ("ms" or "us") as the median ± half the interquartile range,
+    for the standalone scripts of benchmarks/ that time with perf_counter themselves."""
+    scale, digits = {"ms": (1e3, 3), "us": (1e6, 1)}[unit]
+    stats = TimingStats.from_samples(samples)
+    return f"{scale * stats.median_s:9.{digits}f} ±{scale * (stats.p75_s - stats.p25_s) / 2:.{digits}f}"
+
+
 class Timer:
     """Times ``run(*setup())`` with ``setup`` excluded; subclasses say how one call is timed."""
 
