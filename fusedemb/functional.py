@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fusedemb.cpp_extension import CPP_EXTENSION_AVAILABLE
-from fusedemb.ops import INTERPRETED, TRITON_AVAILABLE, FusedEmbeddingFunction, fused_embedding_op
+from fusedemb.ops import INTERPRETED, TRITON_AVAILABLE, FusedEmbeddingFunction, eager_forward, fused_embedding_op
 from fusedemb.reference import fused_embedding_reference
 from fusedemb.validation import EmbeddingInputs, prepare_inputs
 
@@ -115,6 +115,11 @@ def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | No
             inputs.position_offset,
             inputs.padding_idx if inputs.padding_idx >= 0 else None,
         )
+    tables = (inputs.tok_weight, inputs.pos_weight)
+    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(t.requires_grad for t in tables)):
+        # Nothing to differentiate: the kernels alone, without autograd's bookkeeping (host time
+        # that dominates a small call, such as decoding one token).
+        return eager_forward(inputs.ids, *tables, inputs.position_ids, inputs.position_offset, backend)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     # torch.compile traces the registered operator; eager calls skip its dispatch overhead.

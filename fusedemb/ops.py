@@ -200,6 +200,14 @@ def _launch_directly(backend: str):
     return _direct_launches(False)
 
 
+def eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, backend):
+    """The forward kernels of an eager call, launched directly. Called alone when there is
+    nothing to differentiate (inference, decoding): no autograd node is built, as eager
+    PyTorch builds none for nn.Embedding under torch.no_grad()."""
+    with _launch_directly(backend):
+        return forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
+
+
 class FusedEmbeddingFunction(torch.autograd.Function):
     """Eager-mode twin of fused_embedding_op: same arguments, kernels and saved context."""
 
@@ -207,8 +215,7 @@ class FusedEmbeddingFunction(torch.autograd.Function):
     def forward(ctx, ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic):
         inputs = (ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic)
         _setup_context(ctx, inputs, None)
-        with _launch_directly(backend):
-            return forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
+        return eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
 
     @staticmethod
     def backward(ctx, grad_out):

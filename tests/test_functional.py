@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fusedemb
+from fusedemb.ops import FusedEmbeddingFunction
 from fusedemb.reference import default_positions, fused_embedding_reference
 
 
@@ -101,6 +102,35 @@ def test_odd_sizes_other_dtypes(backend_config, num_embeddings, dim, shape, dtyp
     tok, pos = make_tables(num_embeddings, shape[-1] + 1, dim, dtype, device)
     ids = torch.randint(0, num_embeddings, shape, device=device, dtype=torch.int32)
     check_against_reference(backend_config, ids, tok, pos, position_offset=1, padding_idx=0)
+
+
+def test_nothing_to_differentiate_builds_no_graph(backend_config, monkeypatch):
+    """Under torch.no_grad, or with frozen tables, the kernels run without an autograd node (as
+    nn.Embedding builds none: no autograd.Function's host time), with the same output; with a
+    table to train, the node is there."""
+    _, device, _ = backend_config
+    applied = []
+
+    class Spy:
+        @staticmethod
+        def apply(*args):
+            applied.append(args)
+            return FusedEmbeddingFunction.apply(*args)
+
+    monkeypatch.setattr(fusedemb.functional, "FusedEmbeddingFunction", Spy)
+    torch.manual_seed(0)
+    tok, pos = make_tables(11, 9, 7, torch.float32, device)
+    ids = torch.randint(0, 11, (2, 5), device=device)
+    backend, _, deterministic = backend_config
+    trained = fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
+    assert trained.requires_grad and trained.grad_fn is not None
+    with torch.no_grad():
+        inference = fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
+    frozen = fusedemb.fused_embedding(ids, tok.detach(), pos.detach(), backend=backend, deterministic=deterministic)
+    for out in (inference, frozen):
+        assert not out.requires_grad and out.grad_fn is None
+        torch.testing.assert_close(out, trained.detach(), rtol=0, atol=0)
+    assert len(applied) == (0 if backend == "reference" else 1)  # the trained call's only
 
 
 @pytest.mark.parametrize("shape", [(17,), (3, 8), (2, 3, 5)], ids=["1d", "2d", "3d"])
