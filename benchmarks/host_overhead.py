@@ -6,11 +6,12 @@ At small sizes (a tiny model, decoding a token at a time) a call costs host time
 checking the inputs, dispatching, allocating, launching. This times calls on tensors so small
 (B 1, T 8, V 64, P 16, D 64) that the device never holds the host up: --calls calls back to
 back, then one synchronisation, per round; it prints the median per call over the rounds,
-± half the interquartile range. Rows, forward and
-forward+backward (`out.backward(grad)`):
+± half the interquartile range. Rows, forward and forward+backward (`out.backward(grad)`):
 
   eager                    F.embedding twice and an add, as two nn.Embedding modules do
   fusedemb, check on/off   fused_embedding with the id range check on and off
+
+and the forward under torch.no_grad ("inference"), where neither builds an autograd node;
 
 the layers of fused_embedding's forward, each timed with everything below it (check off):
 
@@ -121,10 +122,19 @@ def cases(device: torch.device, backend: str | None) -> list[tuple[str, Callable
     def fused_mode(deterministic: bool):
         return lambda: fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
 
+    def without_grad(fn):
+        def call():
+            with torch.no_grad():
+                return fn()
+
+        return call
+
     rows = [
         ("forward: eager", eager),
         ("forward: fusedemb, check on", with_check(True, fused)),
         ("forward: fusedemb, check off", with_check(False, fused)),
+        ("inference: eager", without_grad(eager)),
+        ("inference: fusedemb, check off", with_check(False, without_grad(fused))),
     ]
     if backend != "reference":  # the reference is plain PyTorch: no layers of fusedemb's own
         inputs = prepare_inputs(ids, tok, pos, None, 0, None)

@@ -92,7 +92,8 @@ def test_host_overhead_times_every_row(capsys, backend):
     modes = [f"{mode}: {impl}" for mode in ("forward", "forward+backward") for impl in
              ("eager", "fusedemb, check on", "fusedemb, check off")]  # fmt: skip
     backward = ["backward: eager", "backward: fusedemb, fast", "backward: fusedemb, deterministic"]
-    assert labels == modes[:3] + layers[backend] + backward + modes[3:]
+    inference = ["inference: eager", "inference: fusedemb, check off"]
+    assert labels == modes[:3] + inference + layers[backend] + backward + modes[3:]
     for line in lines[1:]:
         median, spread, unit = line.split()[-3:]
         assert float(median) > 0 and spread.startswith("±") and unit == "us"
