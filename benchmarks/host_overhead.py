@@ -21,7 +21,11 @@ the layers of fused_embedding's forward, each timed with everything below it (ch
                            gave it (recorded from one call), for the Triton backend
 
 and the backward alone (torch.autograd.grad through a graph made once and kept), of eager and
-of fusedemb in both token-gradient modes.
+of fusedemb in both token-gradient modes, with the fast mode's layers:
+
+  FusedEmbeddingFunction.backward   called on the calling thread, without autograd's engine
+  first kernel launch               the backward's first Triton launch alone (the sweep, in
+                                    float32), replayed as the forward's
 """
 
 from __future__ import annotations
@@ -136,7 +140,8 @@ def cases(device: torch.device, backend: str | None) -> list[tuple[str, Callable
         ("inference: eager", without_grad(eager)),
         ("inference: fusedemb, check off", with_check(False, without_grad(fused))),
     ]
-    if backend != "reference":  # the reference is plain PyTorch: no layers of fusedemb's own
+    layers = backend != "reference"  # the reference is plain PyTorch: no layers of fusedemb's own
+    if layers:
         inputs = prepare_inputs(ids, tok, pos, None, 0, None)
         args = (inputs.ids, tok, pos, None, 0, -1, backend, False)
         rows += [
@@ -148,9 +153,18 @@ def cases(device: torch.device, backend: str | None) -> list[tuple[str, Callable
 
             launch = recorded_launch(triton_forward_module, lambda: FusedEmbeddingFunction.apply(*args))
             rows.append(("  kernel launch", launch))
+    rows += [("backward: eager", kept(eager)), ("backward: fusedemb, fast", kept(fused_mode(False)))]
+    if layers:
+        # The fast mode's backward on the calling thread, without autograd's engine (which runs
+        # a CUDA graph's backward on a thread of its own): its node is its context.
+        node = FusedEmbeddingFunction.apply(*args).grad_fn
+        rows.append(("  FusedEmbeddingFunction.backward", lambda: FusedEmbeddingFunction.backward(node, grad)))
+        if backend == "triton":
+            import fusedemb.kernels.backward as triton_backward_module
+
+            launch = recorded_launch(triton_backward_module, lambda: FusedEmbeddingFunction.backward(node, grad))
+            rows.append(("  first kernel launch", launch))
     rows += [
-        ("backward: eager", kept(eager)),
-        ("backward: fusedemb, fast", kept(fused_mode(False))),
         ("backward: fusedemb, deterministic", kept(fused_mode(True))),
         ("forward+backward: eager", forward_backward(eager)),
         ("forward+backward: fusedemb, check on", with_check(True, forward_backward(fused))),

@@ -115,11 +115,13 @@ def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | No
             inputs.position_offset,
             inputs.padding_idx if inputs.padding_idx >= 0 else None,
         )
-    tables = (inputs.tok_weight, inputs.pos_weight)
-    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(t.requires_grad for t in tables)):
+    trains = torch.is_grad_enabled() and (inputs.tok_weight.requires_grad or inputs.pos_weight.requires_grad)
+    if not trains and not torch.compiler.is_compiling():
         # Nothing to differentiate: the kernels alone, without autograd's bookkeeping (host time
         # that dominates a small call, such as decoding one token).
-        return eager_forward(inputs.ids, *tables, inputs.position_ids, inputs.position_offset, backend)
+        return eager_forward(
+            inputs.ids, inputs.tok_weight, inputs.pos_weight, inputs.position_ids, inputs.position_offset, backend
+        )
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     # torch.compile traces the registered operator; eager calls skip its dispatch overhead.

@@ -91,7 +91,10 @@ def test_host_overhead_times_every_row(capsys, backend):
     layers["triton"] = layers["cpp"] + ["kernel launch"]
     modes = [f"{mode}: {impl}" for mode in ("forward", "forward+backward") for impl in
              ("eager", "fusedemb, check on", "fusedemb, check off")]  # fmt: skip
-    backward = ["backward: eager", "backward: fusedemb, fast", "backward: fusedemb, deterministic"]
+    backward_layers = {"reference": [], "cpp": ["FusedEmbeddingFunction.backward"]}
+    backward_layers["triton"] = backward_layers["cpp"] + ["first kernel launch"]
+    backward = ["backward: eager", "backward: fusedemb, fast", *backward_layers[backend],
+                "backward: fusedemb, deterministic"]  # fmt: skip
     inference = ["inference: eager", "inference: fusedemb, check off"]
     assert labels == modes[:3] + inference + layers[backend] + backward + modes[3:]
     for line in lines[1:]:
