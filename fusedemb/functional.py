@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from fusedemb.cpp_extension import CPP_EXTENSION_AVAILABLE
 from fusedemb.ops import INTERPRETED, TRITON_AVAILABLE, FusedEmbeddingFunction, eager_forward, fused_embedding_op
@@ -105,6 +106,16 @@ def fused_embedding(
     return out
 
 
+def _nothing_to_differentiate(inputs: EmbeddingInputs) -> bool:
+    """Whether autograd would record nothing: no table trains, or grad mode is off; and neither
+    forward-mode AD nor a torch.func transform is active (their tangents live on tensors that
+    need not require grad, and FusedEmbeddingFunction refuses them with an error rather than
+    dropping them)."""
+    if torch.is_grad_enabled() and (inputs.tok_weight.requires_grad or inputs.pos_weight.requires_grad):
+        return False
+    return forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active()
+
+
 def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | None) -> torch.Tensor:
     if backend == "reference":
         return fused_embedding_reference(
@@ -115,10 +126,9 @@ def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | No
             inputs.position_offset,
             inputs.padding_idx if inputs.padding_idx >= 0 else None,
         )
-    trains = torch.is_grad_enabled() and (inputs.tok_weight.requires_grad or inputs.pos_weight.requires_grad)
-    if not trains and not torch.compiler.is_compiling():
-        # Nothing to differentiate: the kernels alone, without autograd's bookkeeping (host time
-        # that dominates a small call, such as decoding one token).
+    if not torch.compiler.is_compiling() and _nothing_to_differentiate(inputs):
+        # The kernels alone, without autograd's bookkeeping: host time that dominates a small
+        # call, such as decoding one token.
         return eager_forward(
             inputs.ids, inputs.tok_weight, inputs.pos_weight, inputs.position_ids, inputs.position_offset, backend
         )

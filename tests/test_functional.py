@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 from conftest import (
     BACKEND_CONFIGS,
     ID_DTYPES,
@@ -105,10 +106,10 @@ def test_odd_sizes_other_dtypes(backend_config, num_embeddings, dim, shape, dtyp
 
 
 def test_nothing_to_differentiate_builds_no_graph(backend_config, monkeypatch):
-    """Under torch.no_grad, or with frozen tables, the kernels run without an autograd node (as
-    nn.Embedding builds none: no autograd.Function's host time), with the same output; with a
-    table to train, the node is there."""
-    _, device, _ = backend_config
+    """Under torch.no_grad, or with both tables frozen, the kernels run without an autograd node
+    (as nn.Embedding builds none: no autograd.Function's host time), with the same output; with
+    a table to train, even one of the two, the node is there."""
+    backend, device, deterministic = backend_config
     applied = []
 
     class Spy:
@@ -121,16 +122,37 @@ def test_nothing_to_differentiate_builds_no_graph(backend_config, monkeypatch):
     torch.manual_seed(0)
     tok, pos = make_tables(11, 9, 7, torch.float32, device)
     ids = torch.randint(0, 11, (2, 5), device=device)
-    backend, _, deterministic = backend_config
-    trained = fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
-    assert trained.requires_grad and trained.grad_fn is not None
+
+    def embed(tok, pos):
+        return fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
+
+    trained = [embed(tok, pos), embed(tok.detach(), pos), embed(tok, pos.detach())]
     with torch.no_grad():
-        inference = fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
-    frozen = fusedemb.fused_embedding(ids, tok.detach(), pos.detach(), backend=backend, deterministic=deterministic)
+        inference = embed(tok, pos)
+    frozen = embed(tok.detach(), pos.detach())
+    assert len(applied) == 3  # the trained calls' only
+    for out in trained:
+        assert out.requires_grad and out.grad_fn is not None
+    for out in (inference, frozen, *trained[1:]):
+        torch.testing.assert_close(out.detach(), trained[0].detach(), rtol=0, atol=0)
     for out in (inference, frozen):
         assert not out.requires_grad and out.grad_fn is None
-        torch.testing.assert_close(out, trained.detach(), rtol=0, atol=0)
-    assert len(applied) == (0 if backend == "reference" else 1)  # the trained call's only
+
+
+def test_forward_mode_ad_is_refused_not_dropped(backend_config):
+    """Tangents live on tensors that need not require grad: the no-graph path must not take
+    them and drop them silently; the custom autograd.Function has no jvp, and says so."""
+    backend, device, deterministic = backend_config
+    tok, pos = (table.detach() for table in make_tables(11, 9, 7, torch.float32, device))
+    ids = torch.randint(0, 11, (2, 5), device=device)
+
+    def embed(tok):
+        return fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
+
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
+        embed(forward_ad.make_dual(tok, torch.ones_like(tok)))
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.jvp(embed, (tok,), (torch.ones_like(tok),))
 
 
 @pytest.mark.parametrize("shape", [(17,), (3, 8), (2, 3, 5)], ids=["1d", "2d", "3d"])
