@@ -9,7 +9,8 @@ back, then one synchronisation, per round; it prints the median per call over th
 ± half the interquartile range. Rows, forward and forward+backward (`out.backward(grad)`):
 
   eager                    F.embedding twice and an add, as two nn.Embedding modules do
-  fusedemb, check on/off   fused_embedding with the id range check on and off
+  fusedemb, check on/off   fused_embedding with the id range check on and off (the same code
+                           for the C++ backend, whose kernels check the ids themselves)
 
 and the forward under torch.no_grad ("inference"), where neither builds an autograd node;
 
@@ -138,6 +139,7 @@ def cases(device: torch.device, backend: str | None) -> list[tuple[str, Callable
         ("forward: fusedemb, check on", with_check(True, fused)),
         ("forward: fusedemb, check off", with_check(False, fused)),
         ("inference: eager", without_grad(eager)),
+        ("inference: fusedemb, check on", with_check(True, without_grad(fused))),
         ("inference: fusedemb, check off", with_check(False, without_grad(fused))),
     ]
     layers = backend != "reference"  # the reference is plain PyTorch: no layers of fusedemb's own
@@ -156,7 +158,7 @@ def cases(device: torch.device, backend: str | None) -> list[tuple[str, Callable
     rows += [("backward: eager", kept(eager)), ("backward: fusedemb, fast", kept(fused_mode(False)))]
     if layers:
         # The fast mode's backward on the calling thread, without autograd's engine (which runs
-        # a CUDA graph's backward on a thread of its own): its node is its context.
+        # the backward of CUDA tensors on a worker thread per device): its node is its context.
         node = FusedEmbeddingFunction.apply(*args).grad_fn
         rows.append(("  FusedEmbeddingFunction.backward", lambda: FusedEmbeddingFunction.backward(node, grad)))
         if backend == "triton":

@@ -18,11 +18,14 @@ fake kernels of their own, exactly like the C++ path.
 
 Outside torch.compile, `FusedEmbeddingFunction` (an autograd.Function) calls the same kernels
 with the same saved context but skips the custom-operator dispatch, which costs 60-130 us of
-host time per call: more than the forward kernel itself takes on a GPU at GPT-2 sizes.
+host time per call: more than the forward kernel itself takes on a GPU at GPT-2 sizes. An eager
+call with nothing to differentiate skips that too and launches the kernels alone
+(eager_forward).
 
 Through fused_embedding, inputs reach these operators checked and normalised by
 fusedemb.validation. Called directly, they check what their kernels assume (devices, layouts,
-shapes, sizes: fusedemb/kernels/preconditions.py and the C++ TORCH_CHECKs), but not the id values.
+shapes, sizes: fusedemb/kernels/preconditions.py and the C++ TORCH_CHECKs); the id values only
+the C++ operators check (the Triton kernels clamp them).
 """
 
 from __future__ import annotations

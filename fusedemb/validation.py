@@ -2,7 +2,9 @@
 
 Every check raises a Python exception that names the problem, so that bad input never reaches
 a kernel that could misuse it: out-of-range ids would otherwise read out of bounds (CPU) or
-trip a device-side assert that kills the process (eager's embedding on CUDA).
+trip a device-side assert that kills the process (eager's embedding on CUDA). Out-of-range
+index values are the one exception: the C++ kernels check those themselves, before reading
+any, and raise the same IndexError.
 
 The range checks of ids and position_ids need the values: on CUDA that is one small reduction,
 a copy of its result to the host and a wait for it, per call (RangeCheck). The Triton kernels
@@ -36,7 +38,8 @@ _bounds_check = os.environ.get("FUSEDEMB_BOUNDS_CHECK", "1") not in ("0", "false
 
 
 def set_bounds_check(enabled: bool) -> None:
-    """Turn the value range checks of ids and position_ids on (the default) or off."""
+    """Turn the value range checks of ids and position_ids on (the default) or off. The C++
+    kernels (CPU tensors) check every index whatever this says."""
     global _bounds_check
     _bounds_check = bool(enabled)
 

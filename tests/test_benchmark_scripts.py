@@ -95,7 +95,7 @@ def test_host_overhead_times_every_row(capsys, backend):
     backward_layers["triton"] = backward_layers["cpp"] + ["first kernel launch"]
     backward = ["backward: eager", "backward: fusedemb, fast", *backward_layers[backend],
                 "backward: fusedemb, deterministic"]  # fmt: skip
-    inference = ["inference: eager", "inference: fusedemb, check off"]
+    inference = ["inference: eager", "inference: fusedemb, check on", "inference: fusedemb, check off"]
     assert labels == modes[:3] + inference + layers[backend] + backward + modes[3:]
     for line in lines[1:]:
         median, spread, unit = line.split()[-3:]

@@ -81,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed for ids and tables (default: 0)")
     parser.add_argument("--no-bounds-check", action="store_true",
                         help="time fusedemb with its id range check off (fusedemb.set_bounds_check(False)): "
-                             "the maximum-speed setting; on CUDA the check costs a reduction and a sync per call")
+                             "the maximum-speed setting; on CUDA the check costs a reduction and a sync per call "
+                             "(the C++ kernels check the ids themselves either way)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer repeats and a smaller copy buffer: a smoke test, not a measurement")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write all results as JSON")
