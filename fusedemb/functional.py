@@ -95,7 +95,7 @@ def fused_embedding(
     # check's answer is back: the GPU starts the forward as soon as the answer has left for the
     # host, instead of idling until the host has woken up and queued the forward. The call still
     # waits for everything queued before it. The reference must not see a bad index.
-    if backend != "triton":
+    if backend == "reference":
         range_check.wait()
     out = _run_backend(inputs, backend, deterministic)
     try:
@@ -126,16 +126,18 @@ def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | No
             inputs.position_offset,
             inputs.padding_idx if inputs.padding_idx >= 0 else None,
         )
-    if not torch.compiler.is_compiling() and _nothing_to_differentiate(inputs):
+    if torch.compiler.is_compiling():
+        apply = fused_embedding_op  # torch.compile traces the registered operator
+    elif _nothing_to_differentiate(inputs):
         # The kernels alone, without autograd's bookkeeping: host time that dominates a small
         # call, such as decoding one token.
         return eager_forward(
             inputs.ids, inputs.tok_weight, inputs.pos_weight, inputs.position_ids, inputs.position_offset, backend
         )
+    else:
+        apply = FusedEmbeddingFunction.apply  # eager calls skip the operator's dispatch overhead
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    # torch.compile traces the registered operator; eager calls skip its dispatch overhead.
-    apply = fused_embedding_op if torch.compiler.is_compiling() else FusedEmbeddingFunction.apply
     return apply(
         inputs.ids,
         inputs.tok_weight,
