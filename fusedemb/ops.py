@@ -4,6 +4,9 @@
     fusedemb::fused_embedding_backward  backward -> (grad_tok [V, D], grad_pos [P, D]), [0, D] for
                                         a table that needs no gradient (tok_needs_grad / pos_needs_grad)
 
+Each is the other's derivative: the backward's is the forward again (double backward), so
+gradients of gradients (create_graph=True) work to any order.
+
 Both are `triton_op`s: torch.compile traces into their bodies and sees the Triton kernels
 (wrapped with wrap_triton) as well as the C++ operators they call, instead of one opaque call.
 A body runs on fake tensors too (it is its own fake kernel), so it only allocates and launches:
@@ -191,6 +194,47 @@ def _backward(ctx, grad_out):
 fused_embedding_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _setup_backward_context(ctx, inputs, keyword_only_inputs, output):
+    grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend, deterministic = inputs
+    ctx.save_for_backward(ids, position_ids)
+    ctx.position_offset, ctx.padding_idx, ctx.backend, ctx.deterministic = position_offset, padding_idx, backend, deterministic
+    ctx.num_embeddings, ctx.context_length = num_embeddings, context_length
+    ctx.row = {"size": (1, grad_out.shape[-1]), "dtype": grad_out.dtype, "device": grad_out.device}
+
+
+def _as_table(grad: torch.Tensor | None, num_rows: int, row: dict) -> torch.Tensor:
+    """An incoming gradient of a table gradient, in a layout the forward kernels read; a missing
+    one (None, or the [0, D] placeholder of a frozen table) is a zero table that takes no memory:
+    one row of zeros, repeated by a row stride of 0."""
+    if grad is None or grad.shape[0] != num_rows:
+        return torch.zeros(**row).expand(num_rows, -1)
+    return grad if grad.stride(1) == 1 else grad.contiguous()
+
+
+def _backward_of_backward(ctx, grad_of_grad_tok, grad_of_grad_pos):
+    """Double backward (create_graph=True: Hessian-vector products, gradient penalties).
+
+    The backward is linear in grad_out, grad_tok[v] = sum of grad_out[n] over the tokens with
+    ids[n] == v (none for padding_idx) and grad_pos[p] likewise over pos(n) == p, so its
+    vector-Jacobian product gathers the incoming gradients back, token by token:
+
+        d/d grad_out[n] = g_tok[ids[n]] + g_pos[pos(n)]    (g_tok's padding_idx row counted as 0)
+
+    which is the forward itself, with g_tok and g_pos as the tables. It is differentiable in turn."""
+    ids, position_ids = ctx.saved_tensors
+    tok = _as_table(grad_of_grad_tok, ctx.num_embeddings, ctx.row)
+    pos = _as_table(grad_of_grad_pos, ctx.context_length, ctx.row)
+    if ctx.padding_idx >= 0:  # grad_tok's padding row does not depend on grad_out
+        tok = tok.index_fill(0, ids.new_tensor([ctx.padding_idx]), 0)
+    grad_grad_out = fused_embedding_op(
+        ids, tok, pos, position_ids, ctx.position_offset, ctx.padding_idx, ctx.backend, ctx.deterministic
+    )
+    return (grad_grad_out,) + (None,) * 8
+
+
+fused_embedding_backward_op.register_autograd(_backward_of_backward, setup_context=_setup_backward_context)
+
+
 # Outside tracing, wrap_triton'd kernels would still go through a higher-order op (80 us of host
 # time per launch on an H100 machine); eager calls launch them directly, as a triton_op's own
 # eager path does. The C++ backend launches no Triton kernel and skips the context's cost.
@@ -222,5 +266,8 @@ class FusedEmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            # create_graph=True: the registered operator's autograd records the double backward
+            return _table_gradients(ctx, grad_out, fused_embedding_backward_op)
         with _launch_directly(ctx.backend):
             return _table_gradients(ctx, grad_out, backward_kernels)

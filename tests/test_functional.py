@@ -361,6 +361,57 @@ def test_gradcheck_float64(backend_config):
     assert torch.autograd.gradcheck(with_position_ids, (tok, pos))
 
 
+def test_gradgradcheck_float64(backend_config):
+    """Double backward (create_graph=True), which nn.Embedding supports: gradgradcheck also
+    differentiates the table gradients with respect to the output gradient, here with a padding
+    row (whose gradient does not depend on it), explicit positions, and a frozen table."""
+    backend, device, deterministic = backend_config
+    torch.manual_seed(12)
+    tok, pos = make_tables(6, 5, 3, torch.float64, device)
+    ids = torch.tensor([[1, 4, 1, 0], [5, 1, 2, 2]], device=device)
+    position_ids = torch.tensor([[4, 0, 0, 2], [1, 3, 3, 3]], device=device)
+    options = {"backend": backend, "deterministic": deterministic}
+
+    def with_padding(tok, pos):
+        return fusedemb.fused_embedding(ids, tok, pos, position_offset=1, padding_idx=1, **options)
+
+    def with_position_ids(tok, pos):
+        return fusedemb.fused_embedding(ids, tok, pos, position_ids=position_ids, **options)
+
+    def frozen_tokens(pos):
+        return fusedemb.fused_embedding(ids, tok.detach(), pos, **options)
+
+    assert torch.autograd.gradgradcheck(with_padding, (tok, pos), fast_mode=True)
+    assert torch.autograd.gradgradcheck(with_position_ids, (tok, pos), fast_mode=True)
+    assert torch.autograd.gradgradcheck(frozen_tokens, (pos,), fast_mode=True)
+
+
+def test_hessian_vector_product_matches_nn_embedding(backend_config):
+    """A Hessian-vector product through a loss that is not linear in the output (as second-order
+    optimisers take through a whole model), against the same product through the reference."""
+    backend, device, deterministic = backend_config
+    torch.manual_seed(14)
+    tok, pos = (table.detach() for table in make_tables(13, 9, 10, torch.float32, device))
+    ids = torch.randint(0, 13, (3, 7), device=device)
+    ids[0, :3] = 5  # a repeated id
+    target = torch.randn(3, 7, 10, device=device)
+    vectors = (torch.randn_like(tok), torch.randn_like(pos))
+
+    def loss(embed):
+        return lambda tok, pos: ((embed(ids, tok, pos, padding_idx=0) - target).tanh() ** 2).sum()
+
+    def fused(ids, tok, pos, **kwargs):
+        return fusedemb.fused_embedding(ids, tok, pos, position_offset=2, backend=backend, deterministic=deterministic, **kwargs)
+
+    def reference(ids, tok, pos, **kwargs):
+        return fused_embedding_reference(ids, tok, pos, position_offset=2, **kwargs)
+
+    _, product = torch.autograd.functional.hvp(loss(fused), (tok, pos), vectors)
+    _, expected = torch.autograd.functional.hvp(loss(reference), (tok, pos), vectors)
+    for actual, wanted in zip(product, expected):
+        torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("with_position_ids", [False, True], ids=["offset", "position_ids"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if c[2]], ids=config_id)

@@ -33,7 +33,7 @@ def test_opcheck(backend_config, position_ids):
     backend, device, deterministic = backend_config
     ids, tok, pos, positions = sample_inputs(device, position_ids=position_ids)
     torch.library.opcheck(fused_embedding_op, (ids, tok, pos, positions, 2 if positions is None else 0, 3, backend, deterministic))
-    grad_out = torch.randn(2, 5, 6, device=device)
+    grad_out = torch.randn(2, 5, 6, device=device, requires_grad=True)  # the backward is differentiable too
     torch.library.opcheck(
         fused_embedding_backward_op,
         (grad_out, ids, positions, 2 if positions is None else 0, 13, 9, 3, backend, deterministic),
