@@ -60,6 +60,9 @@ def add_tile_to_table(acc_ptr, grad, table_rows, present, cols, col_mask, dim, n
     sm_90a (Triton 3.6 and 3.9, D divisible by 16), the kernel's SASS has REDG.E.ADD.F32x4 (and
     F32x2 in flush_pending), not one instruction per float, so hand-written vector atomics
     would gain nothing here."""
+    # The smallest and the largest row of the present tokens are equal only if they all share
+    # one row. (A tile with no present token has min num_rows > max -1: it takes the atomic
+    # branch, whose mask is then all false.)
     lowest = tl.min(tl.where(present, table_rows, num_rows))  # num_rows: above any row
     if lowest == tl.max(tl.where(present, table_rows, -1)):
         tile_sum = tl.sum(grad, axis=0)
@@ -82,11 +85,11 @@ def flush_pending(acc_ptr, pending, pending_row, cols, col_mask, dim, skip_row):
 
 
 @triton.jit
-def load_batch_tile(grad_ptr, index_ptr, b, last_batch, t, in_sequence, seq_len, cols, col_mask, dim, num_rows,
+def load_batch_tile(grad_ptr, index_ptr, b, end_batch, t, in_sequence, seq_len, cols, col_mask, dim, num_rows,
                     ADD_TO_TABLE: tl.constexpr):  # fmt: skip
     """Batch entry b's gradient tile grad[b, t, cols], its table rows (if ADD_TO_TABLE) and which
     of its rows are present: none past the group's last entry, whose loads are all masked off."""
-    present = in_sequence & (tl.zeros_like(t) + b < last_batch)  # (a vector: the interpreter rejects scalar masks here)
+    present = in_sequence & (tl.zeros_like(t) + b < end_batch)  # (a vector: the interpreter rejects scalar masks here)
     tokens = (b * seq_len + t).to(tl.int64)
     grad = tl.load(grad_ptr + tokens[:, None] * dim + cols[None, :], mask=present[:, None] & col_mask[None, :], other=0)
     if ADD_TO_TABLE:
@@ -139,10 +142,10 @@ def sweep_batch_kernel(
     pending = tl.zeros([BLOCK_DIM], dtype=acc_type)
     pending_row = tl.cast(-1, tl.int64)
     first_batch = group * batches_per_group
-    last_batch = tl.minimum(first_batch + batches_per_group, batch)
+    end_batch = tl.minimum(first_batch + batches_per_group, batch)
     # Rows outside the sequence (position rows before position_offset or past it + T) only get
     # their zeros stored: a program with none inside skips the walk over its batch entries.
-    last_batch = tl.where(tl.max(in_sequence.to(tl.int32), axis=0) > 0, last_batch, first_batch)
+    end_batch = tl.where(tl.max(in_sequence.to(tl.int32), axis=0) > 0, end_batch, first_batch)
     # Software pipelining: the next batch entry's tile is loaded before this one's is added, so
     # that the program has a load in flight while its atomics go out (a step that loaded two
     # tiles and then added them left it with nothing in flight while it added). Measured on an
@@ -150,11 +153,11 @@ def sweep_batch_kernel(
     # position sums alone up to 4%. Two entries ahead would keep more in flight, but ptxas then
     # spills the bfloat16 kernel at 64 registers.
     grad, table_rows, present = load_batch_tile(
-        grad_ptr, index_ptr, first_batch, last_batch, t, in_sequence, seq_len, cols, col_mask, dim, num_rows, ADD_TO_TABLE
+        grad_ptr, index_ptr, first_batch, end_batch, t, in_sequence, seq_len, cols, col_mask, dim, num_rows, ADD_TO_TABLE
     )
-    for b in range(first_batch, last_batch):
+    for b in range(first_batch, end_batch):
         next_grad, next_rows, next_present = load_batch_tile(
-            grad_ptr, index_ptr, b + 1, last_batch, t, in_sequence, seq_len, cols, col_mask, dim, num_rows, ADD_TO_TABLE
+            grad_ptr, index_ptr, b + 1, end_batch, t, in_sequence, seq_len, cols, col_mask, dim, num_rows, ADD_TO_TABLE
         )
         if SUM_OVER_BATCH:
             sums += to_accumulator(grad, ACC_FP64)  # in batch order
@@ -302,12 +305,12 @@ def atomic_scatter_add(
     context_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """grad_table = zeros(num_rows, D).index_add_(0, index, grad_rows) with float atomics (fast
-    mode), and, when context_length is given, the position gradient from the same read of
+    mode; row skip_row left zero), and, when context_length is given, the position gradient from the same read of
     grad_rows (sweep_batch)."""
     num_tokens, dim = grad_rows.shape
     device = grad_rows.device
     block_dim = column_block(dim)
-    block_tokens = rows_per_tile(block_dim)  # tiles of the 16-bit tables' zeroing and rounding
+    tile_rows = rows_per_tile(block_dim)  # tokens, or table rows, per tile of the 16-bit tables' zeroing and rounding
     if table_dtype in (torch.float32, torch.float64):
         # The table is its own accumulator, zeroed whole before the atomics. Zeroing only the
         # rows tokens add into first, and the others from extra programs of the sweep while it
@@ -323,8 +326,8 @@ def atomic_scatter_add(
         table = torch.empty((num_rows, dim), dtype=table_dtype, device=device)
         if num_tokens > 0:
             launch(
-                zero_touched_rows_kernel, (cdiv(num_tokens, block_tokens), cdiv(dim, block_dim)),
-                index, acc, touched, num_tokens, dim, num_rows, skip_row, BLOCK_TOKENS=block_tokens,
+                zero_touched_rows_kernel, (cdiv(num_tokens, tile_rows), cdiv(dim, block_dim)),
+                index, acc, touched, num_tokens, dim, num_rows, skip_row, BLOCK_TOKENS=tile_rows,
                 BLOCK_DIM=block_dim,
             )  # fmt: skip
     grad_pos = sweep_batch(
@@ -333,8 +336,8 @@ def atomic_scatter_add(
     )  # fmt: skip
     if acc is not table:
         launch(
-            round_touched_rows_kernel, (cdiv(num_rows, block_tokens), cdiv(dim, block_dim)),
-            acc, touched, table, num_rows, dim, BLOCK_ROWS=block_tokens, BLOCK_DIM=block_dim,
+            round_touched_rows_kernel, (cdiv(num_rows, tile_rows), cdiv(dim, block_dim)),
+            acc, touched, table, num_rows, dim, BLOCK_ROWS=tile_rows, BLOCK_DIM=block_dim,
         )  # fmt: skip
     return table, grad_pos
 

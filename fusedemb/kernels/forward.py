@@ -58,8 +58,8 @@ def fused_embedding_forward_kernel(
         positions = (tokens % seq_len + position_offset).to(tl.int64)
     # Clamping keeps every access inside the tables whatever the ids: the host's range check may
     # be switched off, and when it is on, the forward is queued before its answer is back (see
-    # fusedemb/validation.py), so bad ids do reach this kernel. Offsets are 64-bit: tables may
-    # exceed 2^31 elements.
+    # fusedemb/validation.py), so bad ids do reach this kernel. Rows are int64 before they are
+    # multiplied by a row stride: V and N fit in int32, but V * D and N * D may pass 2^31.
     ids = clamp_rows(ids, num_embeddings)
     positions = clamp_rows(positions, context_length)
 

@@ -207,10 +207,11 @@ def segment_sums_kernel(
     # A run ends at its row's last token, or at the tile's last position. The head run (the
     # tile's first row) began in an earlier tile if that tile's last row is the same.
     run_ends = valid & ((rows != next_rows) | (positions == tile_start + TILE - 1))
-    # (The row before the tile is loaded in every lane: Triton's interpreter rejects masks that
-    # combine a scalar condition with a vector one.)
+    # (The sorted row just before the tile is loaded in every lane: Triton's interpreter rejects
+    # masks that combine a scalar condition with a vector one.)
     head_row = tl.load(sorted_rows_ptr + tile_start)
-    before_tile = tl.load(sorted_rows_ptr + positions - tl.arange(0, TILE) - 1, mask=positions >= TILE, other=-1)
+    previous_position = tile_start - 1 + tl.zeros_like(positions)
+    before_tile = tl.load(sorted_rows_ptr + previous_position, mask=previous_position >= 0, other=-1)
     head_began_here = before_tile != head_row
     in_head_run = rows == head_row
     whole_row = run_ends & (rows != next_rows) & (head_began_here | ~in_head_run)  # the row lies in this tile
@@ -242,10 +243,11 @@ def sum_head_blocks_kernel(
     BLOCK_DIM: tl.constexpr,
 ):
     """Program (k, j): if tiles k * PARTIALS_BLOCK + [0, PARTIALS_BLOCK) all exist (the last
-    one is below num_tiles) and their heads are all partials of one row (sorted rows are nondecreasing, so the rows at
-    the first and last tile starts are equal), block_sums[k] = the sum of those heads, columns
-    j * BLOCK_DIM + [0, BLOCK_DIM). Other blocks are left unwritten: combine_partials reads the
-    block sums of blocks inside a row only. Bytes: with uniform ids, two ids per program."""
+    one is below num_tiles) and their heads are all partials of one row (sorted rows are
+    nondecreasing, so the rows at the first and last tile starts are equal), block_sums[k] = the
+    sum of those heads, columns j * BLOCK_DIM + [0, BLOCK_DIM). Other blocks are left
+    unwritten: combine_partials reads the block sums of blocks inside a row only. With uniform
+    ids a program loads two sorted rows and exits."""
     block = tl.program_id(0)
     first = block * PARTIALS_BLOCK
     last = first + PARTIALS_BLOCK - 1
@@ -291,6 +293,13 @@ def finish_long_row(
     acc += sum_partials(head_ptr, tl.maximum(end_block, first_block) * PARTIALS_BLOCK, last_tile + 1, cols, col_mask,
                         dim, PARTIALS_BLOCK)  # fmt: skip
     tl.store(table_ptr + row.to(tl.int64) * dim + cols, to_accumulator(acc, ACC_FP64).to(table_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def lane_value(values, picked):
+    """values[k] as a scalar, for the one lane k where picked is set: Triton tensors cannot be
+    indexed, so the other lanes are zeroed and summed away."""
+    return tl.sum(tl.where(picked, values, 0))
 
 
 @triton.jit
@@ -349,10 +358,9 @@ def combine_partials_kernel(
         picked = lanes == k
         if tl.sum((picked & longer).to(tl.int32)) > 0:
             finish_long_row(
-                head_ptr, tail_ptr, block_sums_ptr, table_ptr, tl.sum(tl.where(picked, tiles, 0)),
-                tl.sum(tl.where(picked, tile_starts, 0)), tl.sum(tl.where(picked, rows, 0)),
-                tl.sum(tl.where(picked, start, 0)), tl.sum(tl.where(picked, last_tiles, 0)), cols, col_mask, dim,
-                ACC_FP64=ACC_FP64, PARTIALS_BLOCK=PARTIALS_BLOCK,
+                head_ptr, tail_ptr, block_sums_ptr, table_ptr, lane_value(tiles, picked),
+                lane_value(tile_starts, picked), lane_value(rows, picked), lane_value(start, picked),
+                lane_value(last_tiles, picked), cols, col_mask, dim, ACC_FP64=ACC_FP64, PARTIALS_BLOCK=PARTIALS_BLOCK,
             )  # fmt: skip
 
 
