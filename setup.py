@@ -37,7 +37,8 @@ setup(
     packages=find_packages(include=["fusedemb", "fusedemb.*"]),
     python_requires=">=3.10",
     # Ranges that torch 2.13.0 (the CPU build on our machines) satisfies, so pip installs no other torch.
-    install_requires=["torch>=2.6", "triton>=3.2", "tiktoken>=0.7", "numpy"],
+    # Triton ships wheels for Linux only; elsewhere fusedemb runs its C++ kernels and the reference.
+    install_requires=["torch>=2.6", "triton>=3.2; platform_system == 'Linux'", "tiktoken>=0.7", "numpy"],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4"],
         "bench": ["matplotlib>=3.7", "tqdm>=4.60"],
