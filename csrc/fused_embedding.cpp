@@ -59,7 +59,8 @@ void check_rows_in_range(const index_t* rows, int64_t count, int64_t num_rows, c
 void check_table(const at::Tensor& table, const char* name) {
   TORCH_CHECK(table.dim() == 2, name, " must be 2-D (rows, dim), got shape ", table.sizes());
   TORCH_CHECK(table.size(1) > 0, name, " must have at least one column");
-  TORCH_CHECK(table.stride(1) == 1, name, " must have unit stride along dim; call .contiguous()");
+  // A dim of size 1 has no stride to respect (PyTorch leaves it arbitrary, and .contiguous() keeps it).
+  TORCH_CHECK(table.size(1) == 1 || table.stride(1) == 1, name, " must have unit stride along dim; call .contiguous()");
 }
 
 // Either every explicit position is a row of the position table, or the default positions
@@ -79,6 +80,7 @@ void check_positions(const index_t* position_ids, int64_t num_tokens, int64_t se
 void check_ids(const at::Tensor& ids, const c10::optional<at::Tensor>& position_ids) {
   TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
               "ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK(ids.dim() >= 1, "ids must have shape (..., T) with at least one dimension, got a 0-d tensor");
   TORCH_CHECK(ids.is_contiguous(), "ids must be contiguous");
   if (position_ids.has_value()) {
     TORCH_CHECK(position_ids->scalar_type() == ids.scalar_type(),
@@ -102,7 +104,7 @@ at::Tensor forward_cpu(const at::Tensor& ids, const at::Tensor& tok_weight, cons
 
   const int64_t dim = tok_weight.size(1);
   const int64_t num_tokens = ids.numel();
-  const int64_t seq_len = ids.dim() == 0 ? 1 : ids.size(-1);
+  const int64_t seq_len = ids.size(-1);
   auto out_sizes = ids.sizes().vec();
   out_sizes.push_back(dim);
   at::Tensor out = empty_on_huge_pages(out_sizes, tok_weight.options());
@@ -250,7 +252,9 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, cons
               ids.sizes());
   const int64_t dim = grad_out.size(-1);
   const int64_t num_tokens = ids.numel();
-  const int64_t seq_len = ids.dim() == 0 ? 1 : ids.size(-1);
+  const int64_t seq_len = ids.size(-1);
+  TORCH_CHECK(num_embeddings >= 0 && context_length >= 0, "the tables cannot have a negative number of rows, got ",
+              num_embeddings, " and ", context_length);
   // No row index -1 exists, so skip_row == -1 skips nothing.
   TORCH_CHECK(padding_idx >= -1 && padding_idx < num_embeddings, "padding_idx must be -1 (none) or in [0, ",
               num_embeddings, "), got ", padding_idx);

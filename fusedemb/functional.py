@@ -21,7 +21,8 @@ def triton_runs_on(device: torch.device) -> bool:
 
 
 def available_backends(device: torch.device | str) -> list[str]:
-    """The backends that can run on tensors of `device`, fastest first."""
+    """The backends that can run on tensors of `device`: Triton (compiled on CUDA, interpreted
+    on CPU), the C++ kernels, the reference. (None picks: see resolve_backend.)"""
     device = torch.device(device)
     backends = []
     if triton_runs_on(device):
@@ -90,7 +91,9 @@ def fused_embedding(
         # The C++ kernels check every index before they read one and raise the range check's
         # IndexError themselves: checking here too would only cost host time.
         return _run_backend(inputs, backend, deterministic)
-    range_check = inputs.start_range_check()
+    # The reference is eager PyTorch, whose embedding trips a device-side assert on a bad id: it
+    # is checked even with the checks switched off (it is not the backend to pick for speed).
+    range_check = inputs.start_range_check(even_if_off=backend == "reference")
     # The Triton kernels clamp every index into its table, so they may be queued before the range
     # check's answer is back: the GPU starts the forward as soon as the answer has left for the
     # host, instead of idling until the host has woken up and queued the forward. The call still

@@ -40,13 +40,16 @@ import torch._library.triton
 from torch.library import custom_op, triton_op
 
 from fusedemb.cpp_extension import backward_fake, forward_fake  # importing also registers the C++ operators
+from fusedemb.validation import unit_stride_along_dim
 
 try:
+    import triton  # noqa: F401 - a dependency, but its wheels are for Linux only
+except ImportError:  # pragma: no cover
+    TRITON_AVAILABLE = INTERPRETED = False
+else:  # an ImportError in fusedemb's own kernels is a bug, and must not pass for a missing triton
     from fusedemb.kernels import INTERPRETED, triton_backward, triton_forward
 
     TRITON_AVAILABLE = True
-except ImportError:  # pragma: no cover - triton is a dependency, but not on every platform
-    TRITON_AVAILABLE = INTERPRETED = False
 
 
 @custom_op("fusedemb::interpreted_forward", mutates_args=())
@@ -86,10 +89,17 @@ def interpreted_backward(
 interpreted_backward.register_fake(backward_fake)
 
 
+def check_kernel_backend(backend: str) -> None:
+    """The operators run kernels: "triton" or "cpp" ("reference" is plain PyTorch, no operator)."""
+    if backend not in ("triton", "cpp"):
+        raise ValueError(f"backend must be 'triton' or 'cpp' for the fusedemb operators, got {backend!r}")
+
+
 def forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, backend):
     """Run the forward kernels of `backend` directly."""
     if backend == "triton":
         return triton_forward(ids, tok_weight, pos_weight, position_ids, position_offset)
+    check_kernel_backend(backend)
     return torch.ops.fusedemb.cpu_forward(ids, tok_weight, pos_weight, position_ids, position_offset)
 
 
@@ -104,6 +114,7 @@ def backward_kernels(
             grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, deterministic,
             **needs,
         )  # fmt: skip
+    check_kernel_backend(backend)
     return torch.ops.fusedemb.cpu_backward(
         grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, **needs
     )
@@ -208,7 +219,7 @@ def _as_table(grad: torch.Tensor | None, num_rows: int, row: dict) -> torch.Tens
     one row of zeros, repeated by a row stride of 0."""
     if grad is None or grad.shape[0] != num_rows:
         return torch.zeros(**row).expand(num_rows, -1)
-    return grad if grad.stride(1) == 1 else grad.contiguous()
+    return grad if unit_stride_along_dim(grad) else grad.contiguous()
 
 
 def _backward_of_backward(ctx, grad_of_grad_tok, grad_of_grad_pos):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 def default_positions(ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
     """Positions ``t + position_offset`` for ids of shape ``(..., T)``, broadcast to ids' shape."""
-    seq_len = ids.shape[-1] if ids.dim() > 0 else 1
+    seq_len = ids.shape[-1]
     positions = torch.arange(position_offset, position_offset + seq_len, device=ids.device)
     return positions.expand(ids.shape)
 

@@ -19,13 +19,15 @@ IndexError, so fused_embedding starts no range check for them.
 range checks off for maximum speed; the kernels still never touch memory outside the tables
 (the Triton kernels clamp their loads and the C++ kernels check), but then an out-of-range
 id on CUDA is clamped, silently: its output is the row of the nearest valid id (0 or V - 1),
-and its gradient is added into that row. Under torch.compile and while a CUDA graph is being
-captured the value checks are skipped too (they would break the graph, and a capture cannot
-synchronise), with the same consequence; the C++ CPU kernels always check.
+and its gradient is added into that row. The reference backend (eager's F.embedding, which
+trips a device-side assert on a bad id) is checked even then. Under torch.compile and while a
+CUDA graph is being captured the value checks are skipped too (they would break the graph, and
+a capture cannot synchronise), with the same consequence; the C++ CPU kernels always check.
 """
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import NamedTuple
 
@@ -39,7 +41,8 @@ _bounds_check = os.environ.get("FUSEDEMB_BOUNDS_CHECK", "1") not in ("0", "false
 
 def set_bounds_check(enabled: bool) -> None:
     """Turn the value range checks of ids and position_ids on (the default) or off. The C++
-    kernels (CPU tensors) check every index whatever this says."""
+    kernels (CPU tensors) check every index whatever this says, and the reference backend is
+    checked anyway."""
     global _bounds_check
     _bounds_check = bool(enabled)
 
@@ -98,11 +101,12 @@ class EmbeddingInputs(NamedTuple):
     position_offset: int
     padding_idx: int
 
-    def start_range_check(self) -> RangeCheck:
+    def start_range_check(self, even_if_off: bool = False) -> RangeCheck:
         """The value checks of ids and position_ids, started; the caller decides when to wait
-        for the answer (see RangeCheck). It checks nothing when switched off, under torch.compile
-        or while a CUDA graph is being captured (module docstring)."""
-        if not _bounds_check or torch.compiler.is_compiling():
+        for the answer (see RangeCheck). It checks nothing when switched off (unless
+        even_if_off), under torch.compile or while a CUDA graph is being captured (module
+        docstring)."""
+        if not (_bounds_check or even_if_off) or torch.compiler.is_compiling():
             return RangeCheck([])
         if self.ids.is_cuda and torch.cuda.is_current_stream_capturing():
             return RangeCheck([])
@@ -112,10 +116,18 @@ class EmbeddingInputs(NamedTuple):
         return RangeCheck(checks)
 
 
+def unit_stride_along_dim(table: torch.Tensor) -> bool:
+    """Whether the kernels can read table's rows as they are: unit stride along dim (row strides
+    are passed through). A dim of size 1 qualifies whatever its stride, which PyTorch leaves
+    arbitrary there (.contiguous() would not change it)."""
+    return table.shape[1] == 1 or table.stride(1) == 1
+
+
 def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int:
     """nn.Embedding's rule: negative values count from the end; -1 is returned for none."""
     if padding_idx is None:
         return -1
+    padding_idx = as_int(padding_idx, "padding_idx")
     if not -num_embeddings <= padding_idx < num_embeddings:
         raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
     return padding_idx % num_embeddings
@@ -154,13 +166,30 @@ def _check_index_tensor(name: str, index: torch.Tensor, device: torch.device) ->
     check_same_device(("the tables", device), **{name: index})
 
 
+def as_int(value, name: str) -> int | torch.SymInt:
+    """An int argument: ints (symbolic ones under torch.compile) as they are, numpy integers and
+    other objects with __index__ as ints; bools, floats and tensors refused."""
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, (bool, torch.Tensor)) and hasattr(type(value), "__index__"):
+        return operator.index(value)
+    raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
+def check_embedding_rows(name: str, rows: torch.Tensor) -> None:
+    """A table, or a gradient of table rows: a supported float dtype, an embedding dim of at least 1."""
+    if rows.dtype not in SUPPORTED_TABLE_DTYPES:
+        raise TypeError(f"{name} has dtype {rows.dtype}; supported: {', '.join(map(str, SUPPORTED_TABLE_DTYPES))}")
+    if rows.shape[-1] == 0:
+        raise ValueError(f"{name} must have an embedding dim of at least 1, got 0")
+
+
 def _check_table(name: str, table: torch.Tensor) -> None:
     if not isinstance(table, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(table).__name__}")
     if table.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(table.shape)}")
-    if table.dtype not in SUPPORTED_TABLE_DTYPES:
-        raise TypeError(f"{name} has dtype {table.dtype}; supported: {', '.join(map(str, SUPPORTED_TABLE_DTYPES))}")
+    check_embedding_rows(name, table)
 
 
 def prepare_inputs(
@@ -183,12 +212,9 @@ def prepare_inputs(
     _check_index_tensor("ids", ids, tok_weight.device)
     if ids.dim() == 0:
         raise ValueError("ids must have shape (..., T) with at least one dimension, got a 0-d tensor")
-    if not isinstance(position_offset, (int, torch.SymInt)) or isinstance(position_offset, bool):
-        raise TypeError(f"position_offset must be an int, got {type(position_offset).__name__}")
+    position_offset = as_int(position_offset, "position_offset")
 
-    num_embeddings, context_length, dim = tok_weight.shape[0], pos_weight.shape[0], tok_weight.shape[1]
-    if dim == 0:
-        raise ValueError("the tables must have an embedding dim of at least 1, got 0")
+    num_embeddings, context_length = tok_weight.shape[0], pos_weight.shape[0]
     check_tables_have_rows(ids.numel(), {"tok_weight": num_embeddings, "pos_weight": context_length})
     ids = ids if ids.dtype in SUPPORTED_ID_DTYPES else ids.long()
     if position_ids is not None:
@@ -200,11 +226,12 @@ def prepare_inputs(
         common = torch.promote_types(ids.dtype, position_ids.dtype)
         common = common if common in SUPPORTED_ID_DTYPES else torch.int64
         ids, position_ids = ids.to(common), position_ids.to(common).contiguous()
+        position_offset = 0  # unused with explicit positions: one value, one compiled graph, no overflow
     else:
         check_positions_fit(ids.shape[-1], position_offset, context_length)
     # The kernels need unit stride along dim only; row strides are passed through.
-    tok_weight = tok_weight if tok_weight.stride(1) == 1 else tok_weight.contiguous()
-    pos_weight = pos_weight if pos_weight.stride(1) == 1 else pos_weight.contiguous()
+    tok_weight = tok_weight if unit_stride_along_dim(tok_weight) else tok_weight.contiguous()
+    pos_weight = pos_weight if unit_stride_along_dim(pos_weight) else pos_weight.contiguous()
     return EmbeddingInputs(
         ids=ids.contiguous(),
         tok_weight=tok_weight,

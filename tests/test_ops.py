@@ -120,6 +120,9 @@ def test_operators_called_directly_refuse_layouts_the_kernels_cannot_read(config
         ((ids, tok[:, :1].expand(13, 6), pos, None, 0), "unit stride along dim"),
         ((ids, tok, pos[:, :4], None, 0), "same dim"),
         ((ids.float(), tok, pos, None, 0), "int32 or int64"),
+        ((ids[0, 0], tok, pos, None, 0), "ids must have shape .* got a 0-d tensor"),
+        ((ids, tok.int(), pos.int(), None, 0), "tok_weight has dtype torch.int32"),
+        ((ids, tok[:, :0], pos[:, :0], None, 0), "embedding dim of at least 1"),
     ]
     cases += [
         ((ids, tok[:0], pos, None, 0), "tok_weight has no rows"),  # clamping needs a row to clamp to
@@ -136,9 +139,12 @@ def test_operators_called_directly_refuse_layouts_the_kernels_cannot_read(config
         # a fast-mode sweep walks the position table's rows only: tokens past it would lose their gradient
         ((grad_out.contiguous(), ids, None, 6, 13, 9, -1), "do not fit the position table"),
         ((grad_out.contiguous(), ids, None, 0, 13, 9, 13), "padding_idx"),
+        ((grad_out.contiguous(), ids, None, 0, -3, 9, -1), "the token table cannot have -3 rows"),
+        ((grad_out.contiguous().int(), ids, None, 0, 13, 9, -1), "grad_out has dtype torch.int32"),
+        ((grad_out[..., :0].contiguous(), ids, None, 0, 13, 9, -1), "embedding dim of at least 1"),
     ]
     for args, message in backward_cases:
-        with pytest.raises((ValueError, IndexError), match=message):
+        with pytest.raises((ValueError, TypeError, IndexError), match=message):
             fused_embedding_backward_op(*args, backend, deterministic)
 
 

@@ -52,7 +52,7 @@ def test_only_kernels_that_guard_their_indices_see_bad_ids(tables, device, backe
     kernel_calls, range_checks = [], []
 
     def spy(function, calls):
-        return lambda *args: calls.append(function) or function(*args)
+        return lambda *args, **kwargs: calls.append(function) or function(*args, **kwargs)
 
     monkeypatch.setattr(fusedemb.ops, "forward_kernels", spy(fusedemb.ops.forward_kernels, kernel_calls))
     monkeypatch.setattr(functional, "fused_embedding_reference", spy(functional.fused_embedding_reference, kernel_calls))
@@ -170,6 +170,65 @@ def test_unknown_backend(tables):
     tok, pos = tables
     with pytest.raises(ValueError, match="backend must be None or one of"):
         fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), tok, pos, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["reference", "bogus"])
+def test_operators_run_kernels_only(tables, backend):
+    """Called directly, the operators take the kernels' backends only, not one that would fall
+    through to another's kernels."""
+    tok, pos = tables
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"backend must be 'triton' or 'cpp' for the fusedemb operators, got '{backend}'"):
+        torch.ops.fusedemb.fused_embedding(ids, tok, pos, None, 0, -1, backend, False)
+    with pytest.raises(ValueError, match="backend must be 'triton' or 'cpp'"):
+        torch.ops.fusedemb.fused_embedding_backward(torch.zeros(1, 2, 4), ids, None, 0, 10, 8, -1, backend, False)
+
+
+@pytest.mark.parametrize("argument", ["position_offset", "padding_idx"])
+@pytest.mark.parametrize("value", [1.0, True, torch.tensor(1), "1"], ids=["float", "bool", "tensor", "str"])
+def test_int_arguments_refuse_other_types(tables, argument, value):
+    tok, pos = tables
+    with pytest.raises(TypeError, match=f"{argument} must be an int, got {type(value).__name__}"):
+        fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), tok, pos, **{argument: value})
+
+
+def test_int_arguments_take_numpy_integers(tables):
+    np = pytest.importorskip("numpy")
+    tok, pos = tables
+    ids = torch.tensor([[3, 1, 4]])
+    out = fusedemb.fused_embedding(ids, tok, pos, position_offset=np.int64(2), padding_idx=np.int32(1))
+    assert_output_equal(out, fusedemb.fused_embedding(ids, tok, pos, position_offset=2, padding_idx=1), "cpu", "cpp")
+
+
+def test_position_offset_is_unused_with_position_ids(tables):
+    """Explicit positions replace the default ones, so the offset beside them is not checked
+    against the table (nor passed on: any value would otherwise be a new compiled graph)."""
+    tok, pos = tables
+    ids, positions = torch.tensor([[3, 1, 4]]), torch.tensor([[7, 0, 2]])
+    expected = fusedemb.fused_embedding(ids, tok, pos, position_ids=positions, backend="reference")
+    for offset in (5, 2**64):
+        out = fusedemb.fused_embedding(ids, tok, pos, position_ids=positions, position_offset=offset)
+        assert_output_equal(out, expected, "cpu", "cpp")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_column_tables_of_any_stride(tables, backend):
+    """A dim of size 1 has no stride to respect: PyTorch leaves it arbitrary (here 6, from a
+    transpose) and .contiguous() keeps it, so it must be accepted as it is."""
+    torch.manual_seed(3)
+    tok, pos = torch.randn(1, 6).t(), torch.randn(1, 5).t()
+    assert tok.stride(1) != 1 and tok.is_contiguous()
+    ids = torch.tensor([[1, 5, 0, 2]])
+    expected = fusedemb.fused_embedding(ids, tok, pos, backend="reference")
+    assert_output_equal(fusedemb.fused_embedding(ids, tok, pos, backend=backend), expected, "cpu", backend)
+
+
+def test_reference_is_checked_even_with_checks_off(tables, bounds_check_off):
+    """The reference is eager F.embedding, which a bad id on CUDA kills with a device-side
+    assert: the switch that spares the kernels the check does not spare the reference."""
+    tok, pos = tables
+    with pytest.raises(IndexError, match=r"ids contains 10, outside \[0, 10\) of the token table"):
+        fusedemb.fused_embedding(torch.tensor([[1, 10]]), tok, pos, backend="reference")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")

@@ -10,7 +10,9 @@ All tensors of a call must be on one device (a kernel dereferences every pointer
 it runs on; the launchers make that device current, fusedemb.kernels.common.on_device_of). The
 kernels flatten the ids and the gradient as contiguous [N] and [N, D] arrays, step along a
 row with unit stride, and hold token indices and sorted table rows in int32: N and the row counts
-must stay below 2^31 (offsets into the tables are 64-bit). Ids are clamped into their table, so
+must stay below INT32_LIMIT, 2^31 less a margin for the index arithmetic that runs up to a block
+past the last token or row (a tile's end, a chunk's end; masked off, but it must not wrap
+around into range). Offsets into the tables are 64-bit. Ids are clamped into their table, so
 a table must have a row to clamp to, and default positions [offset, offset + T) must lie in the
 position table (the fast backward walks its rows only: a token past it would lose its gradient).
 """
@@ -19,26 +21,39 @@ from __future__ import annotations
 
 import torch
 
-from fusedemb.validation import SUPPORTED_ID_DTYPES, check_positions_fit, check_same_device, check_tables_have_rows
+from fusedemb.validation import (
+    SUPPORTED_ID_DTYPES,
+    check_embedding_rows,
+    check_positions_fit,
+    check_same_device,
+    check_tables_have_rows,
+    unit_stride_along_dim,
+)
 
-INT32_LIMIT = 2**31
+INT32_LIMIT = 2**31 - 2**16  # above any block of tokens or rows a kernel works on
 
 
 def check_index(name: str, index: torch.Tensor) -> None:
     if index.dtype not in SUPPORTED_ID_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {index.dtype}")
-    if not index.is_contiguous() or index.dim() == 0:
-        raise ValueError(f"{name} must be contiguous, of shape (..., T)")
+    if index.dim() == 0:
+        raise ValueError(f"{name} must have shape (..., T) with at least one dimension, got a 0-d tensor")
+    if not index.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
     if index.numel() >= INT32_LIMIT:
-        raise ValueError(f"{name} has {index.numel()} elements; the Triton kernels index tokens in int32 (< 2^31)")
+        raise ValueError(f"{name} has {index.numel()} elements; the Triton kernels index tokens in int32 "
+                         f"(< {INT32_LIMIT})")  # fmt: skip
 
 
 def check_rows(ids, position_ids, position_offset: int, token_table: tuple[str, int], position_table: tuple[str, int]):
     """The tables' row counts, each given as (name, rows), against the kernels' int32 rows, the
     ids to clamp into them and the default positions."""
     for name, num_rows in (token_table, position_table):
+        if num_rows < 0:
+            raise ValueError(f"{name} cannot have {num_rows} rows")
         if num_rows >= INT32_LIMIT:
-            raise ValueError(f"{name} has {num_rows} rows; the Triton kernels hold table rows in int32 (< 2^31)")
+            raise ValueError(f"{name} has {num_rows} rows; the Triton kernels hold table rows in int32 "
+                             f"(< {INT32_LIMIT})")  # fmt: skip
     check_tables_have_rows(ids.numel(), dict((token_table, position_table)))
     if position_ids is None:
         check_positions_fit(ids.shape[-1], position_offset, position_table[1])
@@ -55,9 +70,10 @@ def check_forward_inputs(ids, tok_weight, pos_weight, position_ids, position_off
     check_same_device(("tok_weight", tok_weight.device), ids=ids, pos_weight=pos_weight, position_ids=position_ids)
     check_index("ids", ids)
     for name, table in (("tok_weight", tok_weight), ("pos_weight", pos_weight)):
-        if table.dim() != 2 or table.stride(1) != 1:
+        if table.dim() != 2 or not unit_stride_along_dim(table):
             raise ValueError(f"{name} must be 2-D with unit stride along dim, got shape {tuple(table.shape)} "
                              f"and strides {table.stride()}")  # fmt: skip
+        check_embedding_rows(name, table)
     if tok_weight.shape[1] != pos_weight.shape[1] or tok_weight.dtype != pos_weight.dtype:
         raise ValueError(f"tok_weight {tuple(tok_weight.shape)} {tok_weight.dtype} and pos_weight "
                          f"{tuple(pos_weight.shape)} {pos_weight.dtype} must have the same dim and dtype")  # fmt: skip
@@ -73,6 +89,7 @@ def check_backward_inputs(
     if grad_out.shape[:-1] != ids.shape or not grad_out.is_contiguous():
         raise ValueError(f"grad_out must be contiguous with shape ids.shape + (dim,) = {tuple(ids.shape)} + (dim,), "
                          f"got {tuple(grad_out.shape)}")  # fmt: skip
+    check_embedding_rows("grad_out", grad_out)
     check_position_ids(position_ids, ids)
     check_rows(
         ids, position_ids, position_offset, ("the token table", num_embeddings), ("the position table", context_length)
