@@ -21,7 +21,7 @@ import torch
 from fusedemb.bench.configs import PRESETS, ModelConfig
 from fusedemb.bench.timing import CacheFlush
 
-TINY = ModelConfig("tiny", vocab=512, dim=64, seq=32)
+TINY = PRESETS["tiny"]
 
 
 @pytest.fixture(params=["cpu", "cuda"])

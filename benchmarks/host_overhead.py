@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedemb
-from fusedemb.bench.cli import positive_int
+from fusedemb.bench.cli import add_device_argument, check_device, positive_int
 from fusedemb.bench.timing import median_and_spread
 from fusedemb.functional import BACKENDS, resolve_backend
 from fusedemb.ops import FusedEmbeddingFunction
@@ -177,11 +177,12 @@ def cases(device: torch.device, backend: str | None) -> list[tuple[str, Callable
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser)
     parser.add_argument("--backend", choices=BACKENDS, help="fusedemb's backend (default: the device's own)")
     parser.add_argument("--calls", type=positive_int, default=500, help="calls queued back to back per round")
     parser.add_argument("--rounds", type=positive_int, default=15, help="timed rounds per row")
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     device = torch.device(args.device)
     was_on = fusedemb.bounds_check_enabled()
     print(f"host time per call, {device.type}, backend {resolve_backend(args.backend, device)}, float32, "

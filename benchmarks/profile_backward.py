@@ -20,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fusedemb
+from fusedemb.bench.cli import add_device_argument, check_device
 from fusedemb.bench.configs import DTYPES, PRESETS
 
 REPEATS = 20
@@ -30,8 +31,9 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="gpt2-124M", choices=list(PRESETS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--device", default="cuda", help="cuda (the point of it) or cpu (to try the script)")
+    add_device_argument(parser, "; cpu only tries the script")
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     device = torch.device(args.device)
     config, dtype = PRESETS[args.preset], DTYPES[args.dtype]
     fusedemb.set_bounds_check(False)

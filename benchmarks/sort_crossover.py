@@ -17,7 +17,9 @@ from functools import partial
 
 import torch
 
+from fusedemb.bench.cli import add_device_argument, check_device
 from fusedemb.bench.timing import make_timer
+from fusedemb.kernels import INTERPRETED
 from fusedemb.kernels.common import cdiv
 from fusedemb.kernels.sorted_scatter import CHUNK, COUNTING_SORT_MAX_CELLS, counting_sort_by_row, library_sort_by_row
 
@@ -27,11 +29,14 @@ TOKENS = (8192, 16384, 32768, 65536, 131072, 262144)
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda", help="cuda (the point of it) or cpu (to try the script)")
+    add_device_argument(parser, "; cpu only tries the script, in Triton's interpreter (TRITON_INTERPRET=1)")
     parser.add_argument("--vocab", type=int, nargs="+", default=VOCABS, help="table rows V")
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="ids N")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke tests)")
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
+    if args.device == "cpu" and not INTERPRETED:
+        parser.error("--device cpu runs the Triton kernels in Triton's interpreter: start with TRITON_INTERPRET=1")
     timer = make_timer(args.device, quick=args.quick)
     print(f"threshold: COUNTING_SORT_MAX_CELLS = {COUNTING_SORT_MAX_CELLS} cells (CHUNK {CHUNK})")
     print(f"{'V':>7} {'N':>7} {'cells':>11} {'counting us':>12} {'torch.sort us':>14} {'counting / sort':>16}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -94,9 +95,19 @@ def test_bad_arguments_exit_with_a_usage_error(argv, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when there is no GPU")
-def test_cuda_without_a_gpu_is_a_usage_error():
-    with pytest.raises(SystemExit):
+def test_cuda_without_a_gpu_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
         cli.parse_args(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_output_paths_are_checked_before_the_sweep(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args([*TINY_ARGS, flag, str(tmp_path / "missing" / "out")])
+    assert exit_info.value.code == 2
+    assert f"{flag} {tmp_path / 'missing' / 'out'}: the folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
 
 
 def test_sweep_keeps_each_shape_together():
@@ -430,16 +441,19 @@ def test_tiny_cpu_run_writes_the_table_json_and_plot(tmp_path, capsys):
         *TINY_ARGS, "--batch", "1", "2", "--ids", "uniform", "same", "--impl", "fusedemb", "eager",
         "fusedemb-fast", "--json", str(json_path), "--plot", str(plot_path),
     ])
-    assert status == 0
+    assert status == 1  # fusedemb-fast was asked for and could not run here
     table = capsys.readouterr().out
     assert "copy bandwidth:" in table and "| custom | float32 | same" in table
     assert "fusedemb-fast: the Triton kernels need a CUDA device" in table
+    assert "median: time per call" in table  # the legend
 
     report = json.loads(json_path.read_text())
     assert report["schema_version"] == 1
     environment = report["environment"]
     assert environment["device"] == "cpu" and environment["torch"] == torch.__version__
     assert environment["torch_threads"] >= 1 and environment["device_name"]
+    commit = environment["fusedemb_commit"]  # None for an installed copy, else the checkout's HEAD
+    assert commit is None or re.fullmatch(r"[0-9a-f]{7,}(\+modified)?", commit), commit
     assert report["copy_bandwidth_gbps"] > 0
     assert report["settings"]["configs"] == [{"name": "custom", "vocab": 97, "dim": 16, "seq": 8}]
     assert "fusedemb-fast" in report["skipped"]

@@ -102,7 +102,8 @@ def test_odd_sizes_other_dtypes(backend_config, num_embeddings, dim, shape, dtyp
     torch.manual_seed(1)
     tok, pos = make_tables(num_embeddings, shape[-1] + 1, dim, dtype, device)
     ids = torch.randint(0, num_embeddings, shape, device=device, dtype=torch.int32)
-    check_against_reference(backend_config, ids, tok, pos, position_offset=1, padding_idx=0)
+    padding_idx = None if num_embeddings == 1 else 0  # with V = 1 a padding row would leave no token gradient to check
+    check_against_reference(backend_config, ids, tok, pos, position_offset=1, padding_idx=padding_idx)
 
 
 def test_nothing_to_differentiate_builds_no_graph(backend_config, monkeypatch):
@@ -178,13 +179,15 @@ def test_position_ids_for_left_padded_batch(backend_config):
 
 
 @pytest.mark.parametrize(
-    "id_dtype, position_dtype", [(torch.int64, torch.int64), (torch.int32, torch.int32), (torch.int32, torch.int64)],
-    ids=["int64", "int32", "mixed"],
-)
-def test_packed_random_position_ids(backend_config, id_dtype, position_dtype):
+    "id_dtype, position_dtype, dtype",
+    [(torch.int64, torch.int64, torch.bfloat16), (torch.int32, torch.int32, torch.float16),
+     (torch.int32, torch.int64, torch.float32), (torch.int64, torch.int32, torch.float64)],
+    ids=["int64-bfloat16", "int32-float16", "mixed-float32", "mixed-float64"],
+)  # fmt: skip
+def test_packed_random_position_ids(backend_config, id_dtype, position_dtype, dtype):
     _, device, _ = backend_config
     torch.manual_seed(4)
-    tok, pos = make_tables(25, 40, 9, torch.bfloat16, device)
+    tok, pos = make_tables(25, 40, 9, dtype, device)
     ids = torch.randint(0, 25, (2, 70), device=device, dtype=id_dtype)
     position_ids = torch.randint(0, 40, (2, 70), device=device, dtype=position_dtype)
     check_against_reference(backend_config, ids, tok, pos, position_ids=position_ids)
@@ -414,12 +417,12 @@ def test_hessian_vector_product_matches_nn_embedding(backend_config):
 
 @pytest.mark.parametrize("with_position_ids", [False, True], ids=["offset", "position_ids"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if c[2]], ids=config_id)
+@pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if c[2] and not interpreted(c[1], c[0])], ids=config_id)
 def test_deterministic_mode_is_bitwise_reproducible(config, dtype, with_position_ids):
     """Both gradients, bit for bit, call after call (and, for the C++ kernels, whatever the
     thread count). On CUDA at a GPT-2 batch of Zipf ids, where the hot rows cross hundreds of
-    tiles and the block sums run; on CPU small, since Triton's interpreter runs programs one
-    after another (atomics too are reproducible there)."""
+    tiles and the block sums run; the C++ kernels on CPU at a small size. Not in Triton's
+    interpreter, which runs programs one after another: atomics too are reproducible there."""
     backend, device, _ = config
     batch, seq_len, vocab, dim, calls = (32, 1024, 50257, 64, 5) if device == "cuda" else (2, 96, 50, 24, 2)
     torch.manual_seed(11)
@@ -563,7 +566,8 @@ def test_fast_mode_sort_thresholds():
     assert not fast_mode_sorts(32768, 768, torch.float32) and not fast_mode_sorts(32768, 768, torch.float64)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same examples on every run, so that a CI run fails for the commit it tests.
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_shapes_and_ids(backend_config, data):
     _, device, _ = backend_config
@@ -581,7 +585,12 @@ def test_random_shapes_and_ids(backend_config, data):
     tok = torch.randn(vocab, dim, generator=generator).to(device, dtype).requires_grad_()
     pos = torch.randn(seq_len + offset, dim, generator=generator).to(device, dtype).requires_grad_()
     padding = None if padding_idx is None else padding_idx % vocab
-    check_against_reference(backend_config, ids, tok, pos, position_offset=offset, padding_idx=padding)
+    position_ids = None
+    if data.draw(st.booleans(), label="position_ids"):
+        position_ids = torch.randint(0, seq_len + offset, (batch, seq_len), generator=generator).to(device, id_dtype)
+    check_against_reference(
+        backend_config, ids, tok, pos, position_ids=position_ids, position_offset=offset, padding_idx=padding
+    )
 
 
 @pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if not interpreted(c[1], c[0])], ids=config_id)

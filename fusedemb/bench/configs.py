@@ -33,6 +33,9 @@ PRESETS: dict[str, ModelConfig] = {
         # The table sizes of Llama-3-8B's vocabulary at GPT-2-style learned positions: the case
         # where the dense V x D token gradient dominates the backward's bytes.
         ModelConfig("large-vocab", vocab=128256, dim=4096, seq=2048),
+        # A smoke test in seconds (with --quick): fixed costs per call dominate, so its figures
+        # say little about bandwidth.
+        ModelConfig("tiny", vocab=512, dim=64, seq=32),
     )
 }
 

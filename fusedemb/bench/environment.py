@@ -6,6 +6,8 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -35,6 +37,24 @@ def _version(distribution: str) -> str | None:
         return None
 
 
+def source_commit() -> str | None:
+    """The git commit fusedemb was imported from, with "+modified" if its checkout has
+    uncommitted changes; None for an installed copy (or without git). Tables cite commits."""
+    checkout = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", *args], cwd=checkout, capture_output=True, text=True, timeout=10, check=True)
+        return run.stdout.strip()
+
+    try:
+        if not (checkout / ".git").exists():
+            return None
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("+modified" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def describe_environment(device: str) -> dict[str, object]:
     return {
         "device": device,
@@ -43,6 +63,7 @@ def describe_environment(device: str) -> dict[str, object]:
         "cuda": torch.version.cuda if device == "cuda" else None,
         "triton": _version("triton"),
         "fusedemb": _version("fusedemb"),
+        "fusedemb_commit": source_commit(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),

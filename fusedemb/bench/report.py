@@ -34,10 +34,15 @@ def write_json(report: Report, path: Path) -> None:
     path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
 
 
-# "median" is the device's time on a GPU and the wall time on a CPU; "host" is the host's time
-# to queue (GPU) or run (CPU) one call (fusedemb.bench.timing).
 COLUMNS = ("config", "dtype", "ids", "B", "pass", "impl", "median", "±", "host", "GB/s", "% copy",
            *(f"vs {baseline}" for baseline in BASELINES), "peak extra")
+LEGEND = (
+    "median: time per call, the device's on a GPU, wall time on a CPU (fusedemb.bench.timing); "
+    "±: half the interquartile range, relative; host: the host's time to queue (GPU) or run (CPU) "
+    "one call; GB/s: the bytes model (fusedemb.bench.bytes_model) over the median; % copy: that "
+    "over the copy bandwidth above; vs X: X's median over this one's (above 1: faster than X); "
+    "peak extra: the most memory the pass held at once beyond its inputs."
+)
 
 
 def format_table(report: Report) -> str:
@@ -45,12 +50,14 @@ def format_table(report: Report) -> str:
     env = report.environment
     lines = [
         f"device: {env['device']} ({env['device_name']}), {env['torch_threads']} torch threads; "
-        f"torch {env['torch']}, triton {env['triton']}",
+        f"torch {env['torch']}, triton {env['triton']}, fusedemb {env.get('fusedemb_commit') or env['fusedemb']}",
         f"copy bandwidth: {report.copy_bandwidth / 1e9:.1f} GB/s (dst.copy_(src), bytes read + written)",
         f"fusedemb id range check: {'on' if report.settings.get('bounds_check', True) else 'off'}"
         + (" (the C++ kernels check the ids themselves either way)" if env["device"] == "cpu" else ""),
         "",
         *_markdown_table(COLUMNS, [_row(result) for result in report.results]),
+        "",
+        LEGEND,
     ]
     notes = {
         f"{result.impl} on {result.problem.label}: {result.status}: {result.note}": None
