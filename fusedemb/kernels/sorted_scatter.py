@@ -3,7 +3,8 @@
     grad_table[r, :] = sum of grad_rows[n, :] over the tokens n with index[n] == r
 
 computed with no floating-point atomics, so the result is bitwise identical run to run. Library
-sorts cost as much as a whole atomic backward at GPT sizes (DESIGN.md), so the sort is our own
+sorts cost as much as a whole atomic backward at GPT sizes (on an H200 at gpt2-124M, torch.sort of
+8k-32k ids 51-84 us, an atomic backward 88 us), so the sort is our own
 and works on the N small-integer keys only; the gradient rows themselves are read exactly once.
 
 Steps 1-3 order the tokens by row (`sort_by_row`); past COUNTING_SORT_MAX_CELLS, where the
