@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import fusedemb
-from fusedemb.data import create_dataloader
+from fusedemb.data import create_dataloader, use_checkout_tiktoken_cache
 
 VOCAB_SIZE = 50257  # GPT-2's byte-pair vocabulary
 EMBEDDING_DIM = 256
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> torch.Tensor:
     """Runs the walk-through and returns the fused input embeddings, shape (8, 4, 256)."""
     args = parse_args(argv)
     text = args.text.read_text(encoding="utf-8")
-
+    use_checkout_tiktoken_cache()  # ../shared/data/tiktoken beside a checkout, unless TIKTOKEN_CACHE_DIR is set
     loader = create_dataloader(
         text, batch_size=BATCH_SIZE, max_length=CONTEXT_LENGTH, stride=CONTEXT_LENGTH, shuffle=False
     )

@@ -10,9 +10,11 @@ that the step times printed compare them on an equally warm machine. The forward
 first layers is bitwise equal in float32 (each output element is the same single addition);
 only the backward differs: the token and position gradients are sums over the tokens of the
 batch, and fusedemb adds them in another order. The printed losses therefore agree to float32
-rounding noise, checked against LOSS_TOLERANCE. The script also saves the nn.Embedding
-model's checkpoint and loads it, with no key mapping, into a fresh fusedemb model (see
-gpt_model.py for the names).
+rounding noise, checked against LOSS_TOLERANCE. The last tenth of the text (--val-ratio) is
+held out, and both trained models' loss on it is compared the same way. The script also saves
+the nn.Embedding model's checkpoint and loads it, with no key mapping, into a fresh fusedemb
+model (see gpt_model.py for the names). It ends with PASS, or FAIL and what failed, and exits
+with status 0 or 1 accordingly.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from gpt_model import CONFIGS, GPTConfig, GPTModel
 
-from fusedemb.data import create_dataloader
+from fusedemb.data import create_dataloader, split_text, use_checkout_tiktoken_cache
 
 # Largest accepted |loss_nn - loss_fused| at any step. Reordering a float32 sum of k terms
 # changes it by at most about k * 2^-24 relative to the sum of magnitudes: for the sums here
@@ -62,34 +64,58 @@ class Comparison:
     same_initial_weights: bool
     checkpoint_logits_max_diff: float  # nn.Embedding checkpoint loaded into a fresh fusedemb model
     fused_model: GPTModel
+    # Loss of each trained model (nn.Embedding, fusedemb) on the held-out text; None without one.
+    validation_losses: tuple[float, float] | None = None
 
     @property
     def max_loss_diff(self) -> float:
         return max(abs(a - b) for a, b in zip(self.reference.losses, self.fused.losses))
 
+    def failures(self) -> list[str]:
+        """What did not hold, in words; empty when everything did."""
+        checks = {
+            "the two models started from different weights": self.same_initial_weights,
+            f"training losses differ by {self.max_loss_diff:.1e} > {LOSS_TOLERANCE:.0e}": (
+                self.max_loss_diff <= LOSS_TOLERANCE
+            ),
+            f"the checkpoint's logits differ by {self.checkpoint_logits_max_diff:.1e}": (
+                self.checkpoint_logits_max_diff <= CHECKPOINT_LOGITS_TOLERANCE
+            ),
+        }
+        if self.validation_losses is not None:
+            diff = abs(self.validation_losses[0] - self.validation_losses[1])
+            checks[f"validation losses differ by {diff:.1e} > {LOSS_TOLERANCE:.0e}"] = diff <= LOSS_TOLERANCE
+        return [failure for failure, held in checks.items() if not held]
+
     @property
     def ok(self) -> bool:
-        return (
-            self.same_initial_weights
-            and self.max_loss_diff <= LOSS_TOLERANCE
-            and self.checkpoint_logits_max_diff <= CHECKPOINT_LOGITS_TOLERANCE
-        )
+        return not self.failures()
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every option's default."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file to train on")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="model size (gpt_model.py)")
+    parser.add_argument("--steps", type=int, default=20, help="training steps of each model")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     parser.add_argument("--drop-rate", type=float, default=None, help="override the config's dropout rate")
-    parser.add_argument("--seed", type=int, default=123)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--val-ratio", type=float, default=0.1,
+                        help="share of the text held out for the validation loss (0: none)")  # fmt: skip
+    parser.add_argument("--deterministic", action="store_true",
+                        help="fusedemb's deterministic token gradient on CUDA (the C++ backward always is)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=123, help="seed of the weights, the batches and dropout")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
     args = parser.parse_args(argv)
     if args.steps <= 0:
         parser.error(f"--steps must be positive, got {args.steps}")
+    if not 0 <= args.val_ratio < 1:
+        parser.error(f"--val-ratio must be in [0, 1), got {args.val_ratio}")
     return args
 
 
@@ -104,6 +130,27 @@ def training_batches(text: str, config: GPTConfig, batch_size: int, steps: int, 
     )
     epochs = itertools.chain.from_iterable(itertools.repeat(loader))
     return list(itertools.islice(epochs, steps))
+
+
+def validation_batches(text: str, config: GPTConfig, batch_size: int) -> list:
+    """Every non-overlapping window of the held-out text, in order; [] if it has none."""
+    try:
+        loader = create_dataloader(
+            text, batch_size=batch_size, max_length=config.context_length, stride=config.context_length,
+            shuffle=False, drop_last=False,
+        )  # fmt: skip
+    except ValueError:  # too short for one window of the model's context length
+        return []
+    return list(loader)
+
+
+def validation_loss(model: GPTModel, batches: list, device: str) -> float:
+    """Mean next-token loss over the batches' windows, in eval mode (no dropout)."""
+    model.eval()
+    with torch.no_grad():
+        losses = [next_token_loss(model(inputs.to(device)), targets.to(device)).item() for inputs, targets in batches]
+    model.train()
+    return statistics.fmean(losses)
 
 
 def build_model(config: GPTConfig, fused_embedding: bool, seed: int) -> GPTModel:
@@ -213,10 +260,17 @@ def report(comparison: Comparison, args: argparse.Namespace, config: GPTConfig) 
     for name, run in (("nn.Embedding", comparison.reference), ("fusedemb", comparison.fused)):
         timed = run.step_seconds[1:] or run.step_seconds
         print(f"step time {name:>12}: median {1e3 * statistics.median(timed):8.2f} ms over {len(timed)} steps")
+    if comparison.validation_losses is None:
+        print("validation loss: none (no held-out text, or too short for one window)")
+    else:
+        reference, fused = comparison.validation_losses
+        print(f"validation loss: nn.Embedding {reference:.6f}, fusedemb {fused:.6f}, |diff| {abs(reference - fused):.2e}")
     print(
         "nn.Embedding checkpoint loaded into the fusedemb model (strict, no key mapping): "
         f"max |logits diff| {comparison.checkpoint_logits_max_diff:.1e}"
     )
+    failures = comparison.failures()
+    print("PASS" if not failures else "FAIL: " + "; ".join(failures))
 
 
 def main(argv: list[str] | None = None) -> Comparison:
@@ -224,19 +278,32 @@ def main(argv: list[str] | None = None) -> Comparison:
     config = CONFIGS[args.config]
     if args.drop_rate is not None:
         config = replace(config, drop_rate=args.drop_rate)
+    use_checkout_tiktoken_cache()
+    text = args.text.read_text(encoding="utf-8")
+    train_text, held_out = split_text(text, 1 - args.val_ratio) if args.val_ratio > 0 else (text, "")
     try:
-        batches = training_batches(args.text.read_text(encoding="utf-8"), config, args.batch_size, args.steps, args.seed)
-    except ValueError as error:  # e.g. a batch larger than the text has windows
-        raise SystemExit(f"train_gpt.py: {error}") from None
+        batches = training_batches(train_text, config, args.batch_size, args.steps, args.seed)
+    except ValueError as error:  # a batch larger than the text has windows
+        raise SystemExit(f"train_gpt.py: {error}; use a smaller --batch-size or a longer text") from None
+    held_out_batches = validation_batches(held_out, config, args.batch_size) if held_out else []
 
     reference_model = build_model(config, fused_embedding=False, seed=args.seed)
     fused_model = build_model(config, fused_embedding=True, seed=args.seed)
+    if args.deterministic:
+        fused_model.embedding.deterministic = True
     same_initial_weights = same_state(reference_model, fused_model)
     training = dict(device=args.device, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed + 1)
     reference_run, fused_run = train_side_by_side([reference_model, fused_model], batches, **training)
+    validation_losses = None
+    if held_out_batches:
+        validation_losses = tuple(
+            validation_loss(model, held_out_batches, args.device) for model in (reference_model, fused_model)
+        )
     logits_diff = checkpoint_round_trip(reference_model, config, args.seed, batches[0][0])
 
-    comparison = Comparison(reference_run, fused_run, same_initial_weights, logits_diff, fused_model)
+    comparison = Comparison(
+        reference_run, fused_run, same_initial_weights, logits_diff, fused_model, validation_losses
+    )
     report(comparison, args, config)
     return comparison
 

@@ -61,6 +61,16 @@ def load_gpt2_tokenizer():
         ) from error
 
 
+def split_text(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
+    """(training text, validation text): the first train_ratio of the characters, then the rest,
+    as chapter 5 of "LLMs from scratch" splits its text. The held-out part comes after the
+    training part, so no window of one overlaps a window of the other."""
+    if not 0 < train_ratio < 1:
+        raise ValueError(f"train_ratio must be in (0, 1), got {train_ratio}")
+    split = int(train_ratio * len(text))
+    return text[:split], text[split:]
+
+
 class GPTDataset(Dataset):
     """(input, target) pairs of ``max_length`` token ids each, windows ``stride`` tokens apart.
 

@@ -5,7 +5,11 @@
 The text (an embedded paragraph by default) is tokenized with tiktoken's gpt2 encoding and cut
 into a batch of sequences (tiled if it is short). The GPT-2-sized token table (50257 rows) and a
 position table feed both fusedemb and the plain PyTorch layer it replaces, two nn.Embedding and
-an add; the demo checks that the outputs and the table gradients agree and prints both timings.
+an add; the demo checks that the outputs and the table gradients agree and prints both
+timings, of an inference forward (under torch.no_grad) and of a forward+backward. These are
+wall times of single calls, host time included: at small sizes that decides, and fusedemb's
+Python layers cost more of it than two nn.Embedding calls do. `python -m fusedemb.bench`
+measures the layer properly.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fusedemb.data import END_OF_TEXT, load_gpt2_tokenizer
+from fusedemb.data import END_OF_TEXT, load_gpt2_tokenizer, use_checkout_tiktoken_cache
 from fusedemb.module import FusedEmbedding
 
 DEFAULT_TEXT = (
@@ -36,12 +40,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="sequences per batch (default 8)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--dim", type=int, default=768, help="embedding dim (default 768, GPT-2 small)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to run (default: cuda when available)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per implementation (default 10)")
     args = parser.parse_args(argv)
     for name in ("batch", "seq_len", "dim", "repeats"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     return args
 
 
@@ -73,6 +80,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     text = args.text.read_text(encoding="utf-8") if args.text else DEFAULT_TEXT
+    use_checkout_tiktoken_cache()
     tokenizer = load_gpt2_tokenizer()
     ids = make_batch(tokenizer.encode(text, allowed_special={END_OF_TEXT}), args.batch, args.seq_len).to(device)
 
@@ -98,10 +106,14 @@ def main(argv=None) -> int:
     with torch.no_grad():
         plain_ms = median_ms(plain, args.repeats, device)
         fused_ms = median_ms(lambda: fused(ids), args.repeats, device)
+    tables = (tok_emb.weight, pos_emb.weight)
+    plain_step_ms = median_ms(lambda: torch.autograd.grad(plain(), tables, grad_out), args.repeats, device)
+    fused_step_ms = median_ms(lambda: torch.autograd.grad(fused(ids), tables, grad_out), args.repeats, device)
     print(f"text: {len(text)} characters -> batch of {args.batch} x {args.seq_len} gpt2 token ids on {device}")
     print(f"embeddings: {tuple(actual.shape)} {actual.dtype}; token table {tuple(tok_emb.weight.shape)}")
     print(f"max |fused - nn.Embedding|: output {forward_error:.3g}, table gradients {grad_error:.3g}")
-    print(f"forward, median of {args.repeats}: nn.Embedding x2 + add {plain_ms:.3f} ms, fusedemb {fused_ms:.3f} ms")
+    print(f"median of {args.repeats}, nn.Embedding x2 + add / fusedemb: inference forward (no_grad) "
+          f"{plain_ms:.3f} / {fused_ms:.3f} ms, forward+backward {plain_step_ms:.3f} / {fused_step_ms:.3f} ms")  # fmt: skip
     return 0
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from shared_data import use_shared_tiktoken_cache, verdict_text
 
-from fusedemb.data import END_OF_TEXT, GPTDataset, create_dataloader, load_gpt2_tokenizer
+from fusedemb.data import END_OF_TEXT, GPTDataset, create_dataloader, load_gpt2_tokenizer, split_text
 
 
 class CharTokenizer:
@@ -42,6 +42,15 @@ def test_window_count_covers_every_start_with_a_full_target(num_tokens, max_leng
 def test_nonpositive_sizes_are_rejected(max_length, stride, message):
     with pytest.raises(ValueError, match=message):
         GPTDataset("abcdefghij", CharTokenizer(), max_length, stride)
+
+
+def test_split_text_holds_out_the_end():
+    text = "abcdefghij" * 10
+    train, validation = split_text(text, 0.9)
+    assert (train, validation) == (text[:90], text[90:])
+    for ratio in (0, 1, 1.5):
+        with pytest.raises(ValueError, match="train_ratio must be in"):
+            split_text(text, ratio)
 
 
 def test_text_shorter_than_one_window_is_rejected():

@@ -72,8 +72,22 @@ def test_train_gpt_losses_match_step_by_step(verdict, capsys):
     assert isinstance(model.embedding, fusedemb.FusedEmbedding)
     assert model.out_head.weight is model.embedding.tok_emb.weight  # the tie survives training and .to()
 
+    reference_loss, fused_loss = comparison.validation_losses  # on the held-out last tenth of the text
+    assert abs(reference_loss - fused_loss) <= train_gpt.LOSS_TOLERANCE
+    assert comparison.failures() == []
+
     printed = capsys.readouterr().out
     assert "step time nn.Embedding" in printed and "step time     fusedemb" in printed
+    assert "validation loss: nn.Embedding" in printed and printed.rstrip().endswith("PASS")
+
+
+def test_train_gpt_names_what_failed(capsys):
+    train_gpt = import_example("train_gpt")
+    run = train_gpt.TrainingRun(losses=[10.0, 9.0], step_seconds=[0.1, 0.1])
+    drifted = train_gpt.TrainingRun(losses=[10.0, 9.1], step_seconds=[0.1, 0.1])
+    comparison = train_gpt.Comparison(run, drifted, True, 0.0, None, validation_losses=(8.0, 8.0))
+    assert not comparison.ok
+    assert comparison.failures() == ["training losses differ by 1.0e-01 > 1e-04"]
 
 
 def test_nn_embedding_checkpoint_loads_strictly_into_the_fused_model(gpt_model):
@@ -122,3 +136,13 @@ def test_sequences_longer_than_the_context_are_rejected(gpt_model):
     model = gpt_model.GPTModel(config, fused_embedding=True)
     with pytest.raises(ValueError, match="context length"):
         model(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_demo_checks_and_times_both_passes(capsys):
+    use_shared_tiktoken_cache()
+    from fusedemb import demo
+
+    assert demo.main(["--batch", "2", "--seq-len", "16", "--dim", "8", "--repeats", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "max |fused - nn.Embedding|: output 0" in printed
+    assert "inference forward (no_grad)" in printed and "forward+backward" in printed
