@@ -6,6 +6,7 @@ be switched on before triton compiles anything, i.e. before fusedemb is imported
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -16,6 +17,7 @@ if not torch.cuda.is_available():
 
 import fusedemb
 from fusedemb.accuracy import scatter_add_error
+from fusedemb.reference import default_positions, fused_embedding_reference
 
 TABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 ID_DTYPES = (torch.int32, torch.int64)
@@ -35,6 +37,8 @@ def _backend_configs():
 
 
 BACKEND_CONFIGS = _backend_configs()
+TRITON_CONFIGS = [config for config in BACKEND_CONFIGS if config[0] == "triton"]
+requires_triton = pytest.mark.skipif(not TRITON_CONFIGS, reason="Triton backend unavailable")
 
 
 def config_id(config) -> str:
@@ -91,3 +95,50 @@ def assert_grad_close(actual, grad_out, index, dtype, skip_row=None) -> None:
     scale = max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
     worst = (actual.double() - expected).abs().max().item() if expected.numel() else 0.0
     assert worst / scale <= GRAD_TOLERANCE[dtype], f"gradient error {worst:.3e} (scale {scale:.3e}) for {dtype}"
+
+
+@contextlib.contextmanager
+def num_threads(threads: int):
+    """torch's CPU thread count set for the block, and put back after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def make_tables(num_embeddings, context_length, dim, dtype, device):
+    tok = torch.randn(num_embeddings, dim, dtype=dtype, device=device, requires_grad=True)
+    pos = torch.randn(context_length, dim, dtype=dtype, device=device, requires_grad=True)
+    return tok, pos
+
+
+def check_against_reference(
+    config, ids, tok, pos, *, position_ids=None, position_offset=0, padding_idx=None, grad_out=None
+):
+    backend, _, deterministic = config
+    out = fusedemb.fused_embedding(
+        ids,
+        tok,
+        pos,
+        position_ids=position_ids,
+        position_offset=position_offset,
+        padding_idx=padding_idx,
+        backend=backend,
+        deterministic=deterministic,
+    )
+    with torch.no_grad():
+        expected = fused_embedding_reference(ids, tok, pos, position_ids, position_offset, padding_idx)
+    assert out.shape == (*ids.shape, tok.shape[1])
+    assert out.dtype == tok.dtype
+    assert_output_equal(out, expected, config[1], config[0])
+
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    grad_tok, grad_pos = torch.autograd.grad(out, (tok, pos), grad_out)
+    skip_row = None if padding_idx is None else padding_idx % tok.shape[0]
+    positions = default_positions(ids, position_offset) if position_ids is None else position_ids
+    assert_grad_close(grad_tok, grad_out, ids, tok.dtype, skip_row)
+    assert_grad_close(grad_pos, grad_out, positions, pos.dtype)
+    return out, grad_tok, grad_pos

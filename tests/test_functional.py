@@ -14,10 +14,14 @@ from conftest import (
     BACKEND_CONFIGS,
     ID_DTYPES,
     TABLE_DTYPES,
+    TRITON_CONFIGS,
     assert_grad_close,
-    assert_output_equal,
+    check_against_reference,
     config_id,
     interpreted,
+    make_tables,
+    num_threads,
+    requires_triton,
     zipf_ids,
 )
 from hypothesis import HealthCheck, given, settings
@@ -26,42 +30,6 @@ from hypothesis import strategies as st
 import fusedemb
 from fusedemb.ops import FusedEmbeddingFunction
 from fusedemb.reference import default_positions, fused_embedding_reference
-
-
-def make_tables(num_embeddings, context_length, dim, dtype, device):
-    tok = torch.randn(num_embeddings, dim, dtype=dtype, device=device, requires_grad=True)
-    pos = torch.randn(context_length, dim, dtype=dtype, device=device, requires_grad=True)
-    return tok, pos
-
-
-def check_against_reference(
-    config, ids, tok, pos, *, position_ids=None, position_offset=0, padding_idx=None, grad_out=None
-):
-    backend, _, deterministic = config
-    out = fusedemb.fused_embedding(
-        ids,
-        tok,
-        pos,
-        position_ids=position_ids,
-        position_offset=position_offset,
-        padding_idx=padding_idx,
-        backend=backend,
-        deterministic=deterministic,
-    )
-    with torch.no_grad():
-        expected = fused_embedding_reference(ids, tok, pos, position_ids, position_offset, padding_idx)
-    assert out.shape == (*ids.shape, tok.shape[1])
-    assert out.dtype == tok.dtype
-    assert_output_equal(out, expected, config[1], config[0])
-
-    if grad_out is None:
-        grad_out = torch.randn_like(out)
-    grad_tok, grad_pos = torch.autograd.grad(out, (tok, pos), grad_out)
-    skip_row = None if padding_idx is None else padding_idx % tok.shape[0]
-    positions = default_positions(ids, position_offset) if position_ids is None else position_ids
-    assert_grad_close(grad_tok, grad_out, ids, tok.dtype, skip_row)
-    assert_grad_close(grad_pos, grad_out, positions, pos.dtype)
-    return out, grad_tok, grad_pos
 
 
 @pytest.mark.parametrize("dtype", TABLE_DTYPES, ids=str)
@@ -235,7 +203,7 @@ def test_skewed_ids(backend_config, distribution, dtype):
     check_against_reference(backend_config, ids, tok, pos, padding_idx=None if distribution in ("same", "zipf") else 5)
 
 
-@pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if c[0] == "triton"], ids=config_id)
+@pytest.mark.parametrize("config", TRITON_CONFIGS, ids=config_id)
 def test_hot_row_over_thousands_of_tokens(config):
     """One id over 4800 tokens (two more ids between): in the sorted backward the hot row
     crosses 300 tiles, whose partial sums take several steps of the combining loop (64 a step)."""
@@ -253,12 +221,13 @@ def test_hot_row_over_thousands_of_tokens(config):
     [(0, 2048, 0), (16, 2048, 7), (5, 1100, 20), (1000, 3200, 3), (3, 1021, 9)],
     ids=["from-block-edge", "from-tile-edge", "no-whole-block", "three-blocks", "ends-at-block-edge"],
 )
-@pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if c[0] == "triton"], ids=config_id)
-def test_hot_row_across_block_edges(config, before, hot, after):
+@pytest.mark.parametrize("config", TRITON_CONFIGS, ids=config_id)
+def test_hot_row_across_block_edges(config, before, hot, after, poisoned_allocations):
     """A hot row of `hot` tokens with `before` tokens of smaller ids and `after` of larger ones:
     in the sorted backward it begins at sorted position `before` and its tiles' partials are
     added in blocks of 64 tiles (1024 positions) where it covers whole blocks. The cases put
-    its start on a block edge, on a tile edge and inside a tile, and its end on a block edge."""
+    its start on a block edge, on a tile edge and inside a tile, and its end on a block edge;
+    every scratch buffer starts as garbage (poisoned_allocations, below)."""
     _, device, _ = config
     torch.manual_seed(10)
     ids = torch.cat([torch.randint(0, 3, (before,)), torch.full((hot,), 3), torch.randint(4, 7, (after,))])
@@ -300,7 +269,7 @@ def poisoned_allocations(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", TABLE_DTYPES, ids=str)
-@pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if c[0] == "triton"], ids=config_id)
+@pytest.mark.parametrize("config", TRITON_CONFIGS, ids=config_id)
 def test_no_kernel_relies_on_what_fresh_memory_holds(config, dtype, poisoned_allocations):
     """Most table rows untouched (V >> N), a padding row and a hot row: every row no token adds
     into must come back exactly zero, with every scratch buffer starting as garbage."""
@@ -311,6 +280,22 @@ def test_no_kernel_relies_on_what_fresh_memory_holds(config, dtype, poisoned_all
     ids[1, 3:] = 7
     ids[0, :2] = 5
     check_against_reference(config, ids, tok, pos, position_offset=4, padding_idx=5)
+
+
+@pytest.mark.parametrize("config", TRITON_CONFIGS, ids=config_id)
+def test_no_kernel_relies_on_what_fresh_memory_holds_at_scale(config, poisoned_allocations):
+    """The same with paths small inputs do not take: 1200 tokens (five counting-sort chunks), a
+    hot row over 65 tiles, 40 sequences of 30 (the position sums split over groups of the
+    batch), and explicit position_ids (a second deterministic scatter). The block sums of
+    longer hot rows: test_hot_row_across_block_edges, under the same poison."""
+    _, device, _ = config
+    torch.manual_seed(15)
+    tok, pos = make_tables(300, 32, 19, torch.float32, device)
+    ids = torch.randint(0, 300, (40, 30), device=device)
+    ids[5:] = 0
+    check_against_reference(config, ids, tok, pos, position_offset=2, padding_idx=3)
+    position_ids = torch.randint(0, 32, (40, 30), device=device)
+    check_against_reference(config, ids, tok, pos, position_ids=position_ids, padding_idx=0)
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0)], ids=["no-sequences", "no-positions"])
@@ -432,15 +417,9 @@ def test_deterministic_mode_is_bitwise_reproducible(config, dtype, with_position
     grad_out = torch.randn(batch, seq_len, dim, device=device, dtype=dtype)
 
     def grads(threads):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            out = fusedemb.fused_embedding(
-                ids, tok, pos, position_ids=position_ids, backend=backend, deterministic=True
-            )
+        with num_threads(threads):
+            out = fusedemb.fused_embedding(ids, tok, pos, position_ids=position_ids, backend=backend, deterministic=True)
             return torch.autograd.grad(out, (tok, pos), grad_out)
-        finally:
-            torch.set_num_threads(previous)
 
     first = grads(2)
     for call in range(1, calls):
@@ -459,12 +438,8 @@ def test_cpp_backward_splits_skewed_work_over_threads_without_changing_a_bit():
     grad_out = torch.randn(8, 512, 300)
 
     def grads(threads):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with num_threads(threads):
             return torch.ops.fusedemb.cpu_backward(grad_out, ids, None, 0, 5000, 512, 7)
-        finally:
-            torch.set_num_threads(previous)
 
     first = grads(1)
     assert_grad_close(first[0], grad_out, ids, torch.float32, skip_row=7)
@@ -491,13 +466,10 @@ def sorted_scatter_calls(monkeypatch):
     return calls
 
 
-triton_only = pytest.mark.skipif(
-    not any(c[0] == "triton" for c in BACKEND_CONFIGS), reason="Triton backend unavailable"
-)
 any_device = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@triton_only
+@requires_triton
 def test_deterministic_default_follows_torch_setting(sorted_scatter_calls):
     calls = sorted_scatter_calls
     tok, pos = make_tables(8, 4, 3, torch.float32, any_device)
@@ -515,7 +487,7 @@ def test_deterministic_default_follows_torch_setting(sorted_scatter_calls):
         torch.use_deterministic_algorithms(previous)
 
 
-@triton_only
+@requires_triton
 def test_explicit_positions_are_scattered_by_the_sort_in_both_modes(sorted_scatter_calls):
     """The position gradient has no atomics in either mode: with position_ids it is the sorted
     scatter (table size 4 here), after the token table's in the deterministic mode (size 8)."""
@@ -528,7 +500,7 @@ def test_explicit_positions_are_scattered_by_the_sort_in_both_modes(sorted_scatt
         assert sorted_scatter_calls == calls
 
 
-@triton_only
+@requires_triton
 @pytest.mark.parametrize("dtype", TABLE_DTYPES, ids=str)
 def test_fast_mode_sorts_many_16_bit_gradient_rows(sorted_scatter_calls, monkeypatch, dtype):
     """Above both thresholds (lowered here) the fast mode's 16-bit token gradient is the sorted
@@ -554,7 +526,7 @@ def test_fast_mode_sorts_many_16_bit_gradient_rows(sorted_scatter_calls, monkeyp
     assert sorted_scatter_calls == ([9] if sorts else [])
 
 
-@triton_only
+@requires_triton
 def test_fast_mode_sort_thresholds():
     """16-bit tables sort in the fast mode from 16384 tokens and 2^24 gradient elements on."""
     from fusedemb.kernels.backward import fast_mode_sorts

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BACKEND_CONFIGS, config_id, interpreted
+from conftest import BACKEND_CONFIGS, TRITON_CONFIGS, config_id, interpreted
 from torch import nn
 
 import fusedemb
@@ -103,10 +103,7 @@ def test_backward_operator_skips_tables_that_need_no_gradient(backend_config, po
         torch.library.opcheck(fused_embedding_backward_op, args, needs)
 
 
-triton_configs = [c for c in BACKEND_CONFIGS if c[0] == "triton"]
-
-
-@pytest.mark.parametrize("config", triton_configs, ids=config_id)
+@pytest.mark.parametrize("config", TRITON_CONFIGS, ids=config_id)
 def test_operators_called_directly_refuse_layouts_the_kernels_cannot_read(config):
     """torch.ops.fusedemb.* skip fusedemb.validation; the Triton launchers check what their
     kernels assume (as the C++ kernels do) instead of reading the wrong or out-of-bounds memory."""
@@ -148,7 +145,7 @@ def test_operators_called_directly_refuse_layouts_the_kernels_cannot_read(config
             fused_embedding_backward_op(*args, backend, deterministic)
 
 
-@pytest.mark.parametrize("config", triton_configs, ids=config_id)
+@pytest.mark.parametrize("config", TRITON_CONFIGS, ids=config_id)
 def test_triton_launchers_refuse_tensors_on_two_devices(config):
     """A kernel dereferences every pointer on the device it runs on: the launchers refuse a mix
     instead of reading another device's memory. (On a CPU-only machine "meta" stands in for

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKEND_CONFIGS, assert_grad_close
-from test_functional import check_against_reference, make_tables
+from conftest import assert_grad_close, check_against_reference, make_tables, requires_triton
 
-pytestmark = pytest.mark.skipif(not any(c[0] == "triton" for c in BACKEND_CONFIGS), reason="Triton unavailable")
+pytestmark = requires_triton
 device = "cuda" if torch.cuda.is_available() else "cpu"
 
 
