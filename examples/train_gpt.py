@@ -114,8 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps <= 0:
         parser.error(f"--steps must be positive, got {args.steps}")
-    if not 0 <= args.val_ratio < 1:
-        parser.error(f"--val-ratio must be in [0, 1), got {args.val_ratio}")
+    if not (args.val_ratio == 0 or 0 < 1 - args.val_ratio < 1):
+        parser.error(f"--val-ratio must be 0 or in (0, 1), got {args.val_ratio}")
     return args
 
 

@@ -235,8 +235,8 @@ def _backward_of_backward(ctx, grad_of_grad_tok, grad_of_grad_pos):
     ids, position_ids = ctx.saved_tensors
     tok = _as_table(grad_of_grad_tok, ctx.num_embeddings, ctx.row)
     pos = _as_table(grad_of_grad_pos, ctx.context_length, ctx.row)
-    if ctx.padding_idx >= 0:  # grad_tok's padding row does not depend on grad_out
-        tok = tok.index_fill(0, ids.new_tensor([ctx.padding_idx]), 0)
+    if ctx.padding_idx >= 0 and tok.stride(0) != 0:  # grad_tok's padding row does not depend on grad_out
+        tok = tok.index_fill(0, torch.tensor([ctx.padding_idx], device=tok.device), 0)
     grad_grad_out = fused_embedding_op(
         ids, tok, pos, position_ids, ctx.position_offset, ctx.padding_idx, ctx.backend, ctx.deterministic
     )

@@ -27,6 +27,7 @@ a capture cannot synchronise), with the same consequence; the C++ CPU kernels al
 
 from __future__ import annotations
 
+import numbers
 import operator
 import os
 from typing import NamedTuple
@@ -167,11 +168,12 @@ def _check_index_tensor(name: str, index: torch.Tensor, device: torch.device) ->
 
 
 def as_int(value, name: str) -> int | torch.SymInt:
-    """An int argument: ints (symbolic ones under torch.compile) as they are, numpy integers and
-    other objects with __index__ as ints; bools, floats and tensors refused."""
+    """An int argument: ints (symbolic ones under torch.compile) as they are, other integers
+    (numpy's) as ints; bools, floats, arrays and tensors refused. (Under torch.compile pass
+    Python ints: Dynamo traces a numpy integer as an array, which is refused.)"""
     if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
         return value
-    if not isinstance(value, (bool, torch.Tensor)) and hasattr(type(value), "__index__"):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return operator.index(value)
     raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
@@ -226,7 +228,7 @@ def prepare_inputs(
         common = torch.promote_types(ids.dtype, position_ids.dtype)
         common = common if common in SUPPORTED_ID_DTYPES else torch.int64
         ids, position_ids = ids.to(common), position_ids.to(common).contiguous()
-        position_offset = 0  # unused with explicit positions: one value, one compiled graph, no overflow
+        position_offset = 0  # unused with explicit positions: the operators always get 0 (and never an overflow)
     else:
         check_positions_fit(ids.shape[-1], position_offset, context_length)
     # The kernels need unit stride along dim only; row strides are passed through.
