@@ -112,8 +112,8 @@ def fused_embedding(
 def _nothing_to_differentiate(inputs: EmbeddingInputs) -> bool:
     """Whether autograd would record nothing: no table trains, or grad mode is off; and neither
     forward-mode AD nor a torch.func transform is active (their tangents live on tensors that
-    need not require grad, and FusedEmbeddingFunction refuses them with an error rather than
-    dropping them)."""
+    need not require grad: FusedEmbeddingFunction carries forward-mode tangents through its
+    jvp, and refuses torch.func transforms with an error rather than dropping them)."""
     if torch.is_grad_enabled() and (inputs.tok_weight.requires_grad or inputs.pos_weight.requires_grad):
         return False
     return forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active()

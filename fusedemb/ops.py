@@ -37,6 +37,7 @@ import contextlib
 
 import torch
 import torch._library.triton
+import torch.autograd.forward_ad as forward_ad
 from torch.library import custom_op, triton_op
 
 from fusedemb.cpp_extension import backward_fake, forward_fake  # importing also registers the C++ operators
@@ -267,13 +268,27 @@ def eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, ba
 
 
 class FusedEmbeddingFunction(torch.autograd.Function):
-    """Eager-mode twin of fused_embedding_op: same arguments, kernels and saved context."""
+    """Eager-mode twin of fused_embedding_op: same arguments, kernels and saved context; and
+    forward-mode AD (torch.autograd.forward_ad), which the operator lacks."""
 
     @staticmethod
     def forward(ctx, ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic):
         inputs = (ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic)
         _setup_context(ctx, inputs, None)
+        if forward_ad._current_level >= 0:  # forward-mode AD is on: jvp will need these
+            ctx.save_for_forward(ids, position_ids)
+            ctx.row = {"size": (1, tok_weight.shape[1]), "dtype": tok_weight.dtype, "device": tok_weight.device}
         return eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
+
+    @staticmethod
+    def jvp(ctx, ids_tangent, tok_tangent, pos_tangent, *_):
+        """The forward is linear in the tables, so the output's tangent is the forward on the
+        tables' tangents (a table without one counts as zero); the padding row, returned as
+        stored, passes its tangent on too, as in nn.Embedding."""
+        ids, position_ids = ctx.saved_tensors
+        tok = _as_table(tok_tangent, ctx.num_embeddings, ctx.row)
+        pos = _as_table(pos_tangent, ctx.context_length, ctx.row)
+        return eager_forward(ids, tok, pos, position_ids, ctx.position_offset, ctx.backend)
 
     @staticmethod
     def backward(ctx, grad_out):

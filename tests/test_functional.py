@@ -108,20 +108,32 @@ def test_nothing_to_differentiate_builds_no_graph(backend_config, monkeypatch):
         assert not out.requires_grad and out.grad_fn is None
 
 
-def test_forward_mode_ad_is_refused_not_dropped(backend_config):
-    """Tangents live on tensors that need not require grad: the no-graph path must not take
-    them and drop them silently; the custom autograd.Function has no jvp, and says so."""
+@pytest.mark.parametrize("dual", ["tok", "pos", "both"])
+def test_forward_mode_ad_matches_nn_embedding(backend_config, dual):
+    """Tangents live on tensors that need not require grad, so the no-graph path must not take
+    them (and drop them); the output's tangent is the reference's, padding row included, with
+    a table without a tangent counted as zero. torch.func's jvp is refused, not mistaken."""
     backend, device, deterministic = backend_config
+    torch.manual_seed(16)
     tok, pos = (table.detach() for table in make_tables(11, 9, 7, torch.float32, device))
+    tangents = {"tok": torch.randn_like(tok), "pos": torch.randn_like(pos)}
     ids = torch.randint(0, 11, (2, 5), device=device)
+    ids[0, 0] = 4
 
-    def embed(tok):
-        return fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
+    def tangent_of(embed):
+        with forward_ad.dual_level():
+            tables = [
+                forward_ad.make_dual(table, tangents[name]) if dual in (name, "both") else table
+                for name, table in (("tok", tok), ("pos", pos))
+            ]
+            return forward_ad.unpack_dual(embed(ids, *tables, position_offset=3, padding_idx=4)).tangent
 
-    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
-        embed(forward_ad.make_dual(tok, torch.ones_like(tok)))
+    def fused(*args, **kwargs):
+        return fusedemb.fused_embedding(*args, backend=backend, deterministic=deterministic, **kwargs)
+
+    torch.testing.assert_close(tangent_of(fused), tangent_of(fused_embedding_reference), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="functorch transforms"):
-        torch.func.jvp(embed, (tok,), (torch.ones_like(tok),))
+        torch.func.jvp(lambda tok: fused(ids, tok, pos), (tok,), (tangents["tok"],))
 
 
 @pytest.mark.parametrize("shape", [(17,), (3, 8), (2, 3, 5)], ids=["1d", "2d", "3d"])
