@@ -254,6 +254,42 @@ def test_cpp_backend_rejects_cuda_or_missing_extension(tables):
         fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long, device="cuda"), tok.cuda(), pos.cuda(), backend="cpp")
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_a_backend_that_cannot_run_here_says_why(tables, backend, monkeypatch):
+    """As on a machine without the C++ build, or with Triton but no GPU and no interpreter."""
+    monkeypatch.setattr(functional, "CPP_EXTENSION_AVAILABLE", False)
+    monkeypatch.setattr(functional, "INTERPRETED", False)
+    tok, pos = tables
+    reason = {"cpp": "need the extension built", "triton": "Triton runs on CUDA tensors"}[backend]
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' cannot run on cpu tensors here: .*{reason}"):
+        fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), tok, pos, backend=backend)
+    assert functional.available_backends("cpu") == ["reference"]
+
+
+@pytest.mark.parametrize(
+    "argument, value, message",
+    [("ids", [[1, 2]], "ids must be a torch.Tensor, got list"),
+     ("tok_weight", None, "tok_weight must be a torch.Tensor, got NoneType"),
+     ("pos_weight", 3.0, "pos_weight must be a torch.Tensor, got float"),
+     ("position_ids", [[0, 1]], "position_ids must be a torch.Tensor, got list")],
+    ids=["ids", "tok_weight", "pos_weight", "position_ids"],
+)  # fmt: skip
+def test_arguments_that_are_not_tensors(tables, argument, value, message):
+    tok, pos = tables
+    arguments = {"ids": torch.zeros(1, 2, dtype=torch.long), "tok_weight": tok, "pos_weight": pos}
+    arguments[argument] = value
+    with pytest.raises(TypeError, match=message):
+        fusedemb.fused_embedding(**arguments)
+
+
+def test_position_ids_on_another_device_meta(tables):
+    tok, pos = tables
+    with pytest.raises(ValueError, match="position_ids is on meta but the tables on cpu"):
+        fusedemb.fused_embedding(
+            torch.zeros(1, 2, dtype=torch.long), tok, pos, position_ids=torch.zeros(1, 2, dtype=torch.long, device="meta")
+        )
+
+
 @pytest.fixture
 def bounds_check_off():
     previous = fusedemb.bounds_check_enabled()
