@@ -1,6 +1,6 @@
 """Where a fused forward+backward spends its time, kernel by kernel, on a CUDA device.
 
-    python benchmarks/profile_backward.py [--preset gpt2-124M] [--batch 8] [--dtype float32]
+    python benchmarks/profile_backward.py [--preset gpt2-124M] [--batch 8] [--dtype float32] [--ids same]
 
 For each token-gradient mode it prints torch.profiler's table of GPU kernels (time on the device)
 next to the wall time per call, so that time the GPU spends waiting for the host (launches from
@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 import fusedemb
 from fusedemb.bench.cli import add_device_argument, check_device
 from fusedemb.bench.configs import DTYPES, PRESETS
+from fusedemb.bench.ids import parse_distribution
 
 REPEATS = 20
 
@@ -31,6 +32,8 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="gpt2-124M", choices=list(PRESETS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--ids", type=parse_distribution, default=parse_distribution("uniform"), metavar="SPEC",
+                        help="id distribution: uniform, zipf:S, same, text:FILE (as in python -m fusedemb.bench)")  # fmt: skip
     add_device_argument(parser, "; cpu only tries the script")
     args = parser.parse_args(argv)
     check_device(parser, args.device)
@@ -39,7 +42,7 @@ def main(argv=None) -> None:
     fusedemb.set_bounds_check(False)
     tok = torch.randn(config.vocab, config.dim, device=device, dtype=dtype, requires_grad=True)
     pos = torch.randn(config.seq, config.dim, device=device, dtype=dtype, requires_grad=True)
-    ids = torch.randint(0, config.vocab, (args.batch, config.seq), device=device)
+    ids = args.ids.sample(args.batch, config.seq, config.vocab, torch.Generator().manual_seed(0)).to(device)
     grad_out = torch.randn(args.batch, config.seq, config.dim, device=device, dtype=dtype)
     # The C++ CPU backward has one mode only; on CPU both rows show it.
     for deterministic in (False, True):
@@ -60,7 +63,7 @@ def main(argv=None) -> None:
             synchronize()
         wall_us = (time.perf_counter() - start) / REPEATS * 1e6
         mode = "deterministic" if deterministic else "fast"
-        print(f"\n== {args.preset} B{args.batch} {args.dtype}, {mode} mode: {wall_us:.0f} us wall per step "
+        print(f"\n== {args.preset} B{args.batch} {args.dtype} {args.ids.label} ids, {mode} mode: {wall_us:.0f} us wall per step "
               f"(profiled) ==")
         sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by=sort_by, row_limit=15))

@@ -37,10 +37,10 @@ def test_profile_backward_reports_both_modes(capsys, monkeypatch):
     what the profiler records and in holding the GPU busy for the host profile."""
     # The script switches the id range check off for the process: restored after the test.
     monkeypatch.setattr(fusedemb.validation, "_bounds_check", fusedemb.bounds_check_enabled())
-    load_script("profile_backward").main(["--device", "cpu", "--preset", "gpt2-124M", "--batch", "1"])
+    load_script("profile_backward").main(["--device", "cpu", "--preset", "gpt2-124M", "--batch", "1", "--ids", "same"])
     out = capsys.readouterr().out
     for mode in ("fast", "deterministic"):
-        assert f"== gpt2-124M B1 float32, {mode} mode:" in out
+        assert f"== gpt2-124M B1 float32 same ids, {mode} mode:" in out
     assert out.count("host time per step") == 2
     assert out.count("fusedemb::cpu_backward") >= 2  # the kernels show in both modes' tables
 
