@@ -6,6 +6,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from fusedemb.cpp_extension import CPP_EXTENSION_AVAILABLE
+from fusedemb.func_transforms import TransformableFusedEmbedding
 from fusedemb.ops import INTERPRETED, TRITON_AVAILABLE, FusedEmbeddingFunction, eager_forward, fused_embedding_op
 from fusedemb.reference import fused_embedding_reference
 from fusedemb.validation import EmbeddingInputs, prepare_inputs
@@ -110,13 +111,12 @@ def fused_embedding(
 
 
 def _nothing_to_differentiate(inputs: EmbeddingInputs) -> bool:
-    """Whether autograd would record nothing: no table trains, or grad mode is off; and neither
-    forward-mode AD nor a torch.func transform is active (their tangents live on tensors that
-    need not require grad: FusedEmbeddingFunction carries forward-mode tangents through its
-    jvp, and refuses torch.func transforms with an error rather than dropping them)."""
+    """Whether autograd would record nothing: no table trains, or grad mode is off; and
+    forward-mode AD is off (its tangents live on tensors that need not require grad;
+    FusedEmbeddingFunction carries them through its jvp)."""
     if torch.is_grad_enabled() and (inputs.tok_weight.requires_grad or inputs.pos_weight.requires_grad):
         return False
-    return forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active()
+    return forward_ad._current_level < 0
 
 
 def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | None) -> torch.Tensor:
@@ -131,6 +131,8 @@ def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | No
         )
     if torch.compiler.is_compiling():
         apply = fused_embedding_op  # torch.compile traces the registered operator
+    elif torch._C._are_functorch_transforms_active():
+        apply = TransformableFusedEmbedding.apply  # torch.func's form: slower to apply, so only here
     elif _nothing_to_differentiate(inputs):
         # The kernels alone, without autograd's bookkeeping: host time that dominates a small
         # call, such as decoding one token.

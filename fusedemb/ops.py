@@ -206,12 +206,17 @@ def _backward(ctx, grad_out):
 fused_embedding_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _setup_backward_context(ctx, inputs, keyword_only_inputs, output):
-    grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend, deterministic = inputs
+def save_backward_context(ctx, inputs) -> None:
+    """What the backward's own derivative needs, from the backward operator's positional inputs."""
+    grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend, deterministic = inputs[:9]
     ctx.save_for_backward(ids, position_ids)
     ctx.position_offset, ctx.padding_idx, ctx.backend, ctx.deterministic = position_offset, padding_idx, backend, deterministic
     ctx.num_embeddings, ctx.context_length = num_embeddings, context_length
     ctx.row = {"size": (1, grad_out.shape[-1]), "dtype": grad_out.dtype, "device": grad_out.device}
+
+
+def _setup_backward_context(ctx, inputs, keyword_only_inputs, output):
+    save_backward_context(ctx, inputs)
 
 
 def _as_table(grad: torch.Tensor | None, num_rows: int, row: dict) -> torch.Tensor:
@@ -223,8 +228,8 @@ def _as_table(grad: torch.Tensor | None, num_rows: int, row: dict) -> torch.Tens
     return grad if unit_stride_along_dim(grad) else grad.contiguous()
 
 
-def _backward_of_backward(ctx, grad_of_grad_tok, grad_of_grad_pos):
-    """Double backward (create_graph=True: Hessian-vector products, gradient penalties).
+def gather_table_gradients(ctx, grad_of_grad_tok, grad_of_grad_pos, forward) -> torch.Tensor:
+    """The backward's vector-Jacobian product, by `forward` (an apply of the forward).
 
     The backward is linear in grad_out, grad_tok[v] = sum of grad_out[n] over the tokens with
     ids[n] == v (none for padding_idx) and grad_pos[p] likewise over pos(n) == p, so its
@@ -238,10 +243,12 @@ def _backward_of_backward(ctx, grad_of_grad_tok, grad_of_grad_pos):
     pos = _as_table(grad_of_grad_pos, ctx.context_length, ctx.row)
     if ctx.padding_idx >= 0 and tok.stride(0) != 0:  # grad_tok's padding row does not depend on grad_out
         tok = tok.index_fill(0, torch.tensor([ctx.padding_idx], device=tok.device), 0)
-    grad_grad_out = fused_embedding_op(
-        ids, tok, pos, position_ids, ctx.position_offset, ctx.padding_idx, ctx.backend, ctx.deterministic
-    )
-    return (grad_grad_out,) + (None,) * 8
+    return forward(ids, tok, pos, position_ids, ctx.position_offset, ctx.padding_idx, ctx.backend, ctx.deterministic)
+
+
+def _backward_of_backward(ctx, grad_of_grad_tok, grad_of_grad_pos):
+    """Double backward (create_graph=True: Hessian-vector products, gradient penalties)."""
+    return (gather_table_gradients(ctx, grad_of_grad_tok, grad_of_grad_pos, fused_embedding_op),) + (None,) * 8
 
 
 fused_embedding_backward_op.register_autograd(_backward_of_backward, setup_context=_setup_backward_context)
@@ -267,6 +274,22 @@ def eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, ba
         return forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
 
 
+def save_for_tangents(ctx, ids, tok_weight, position_ids) -> None:
+    ctx.save_for_forward(ids, position_ids)
+    ctx.row = {"size": (1, tok_weight.shape[1]), "dtype": tok_weight.dtype, "device": tok_weight.device}
+
+
+def forward_on_tangents(ctx, tok_tangent, pos_tangent, forward) -> torch.Tensor:
+    """Forward-mode AD, by `forward` (an apply of the forward, so that it is differentiable in
+    turn): the forward is linear in the tables, so the output's tangent is the forward on the
+    tables' tangents (a table without one counts as zero); the padding row, returned as stored,
+    passes its tangent on too, as in nn.Embedding."""
+    ids, position_ids = ctx.saved_tensors
+    tok = _as_table(tok_tangent, ctx.num_embeddings, ctx.row)
+    pos = _as_table(pos_tangent, ctx.context_length, ctx.row)
+    return forward(ids, tok, pos, position_ids, ctx.position_offset, ctx.padding_idx, ctx.backend, ctx.deterministic)
+
+
 class FusedEmbeddingFunction(torch.autograd.Function):
     """Eager-mode twin of fused_embedding_op: same arguments, kernels and saved context; and
     forward-mode AD (torch.autograd.forward_ad), which the operator lacks."""
@@ -276,19 +299,12 @@ class FusedEmbeddingFunction(torch.autograd.Function):
         inputs = (ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic)
         _setup_context(ctx, inputs, None)
         if forward_ad._current_level >= 0:  # forward-mode AD is on: jvp will need these
-            ctx.save_for_forward(ids, position_ids)
-            ctx.row = {"size": (1, tok_weight.shape[1]), "dtype": tok_weight.dtype, "device": tok_weight.device}
+            save_for_tangents(ctx, ids, tok_weight, position_ids)
         return eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
 
     @staticmethod
     def jvp(ctx, ids_tangent, tok_tangent, pos_tangent, *_):
-        """The forward is linear in the tables, so the output's tangent is the forward on the
-        tables' tangents (a table without one counts as zero); the padding row, returned as
-        stored, passes its tangent on too, as in nn.Embedding."""
-        ids, position_ids = ctx.saved_tensors
-        tok = _as_table(tok_tangent, ctx.num_embeddings, ctx.row)
-        pos = _as_table(pos_tangent, ctx.context_length, ctx.row)
-        return eager_forward(ids, tok, pos, position_ids, ctx.position_offset, ctx.backend)
+        return forward_on_tangents(ctx, tok_tangent, pos_tangent, FusedEmbeddingFunction.apply)
 
     @staticmethod
     def backward(ctx, grad_out):

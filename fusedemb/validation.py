@@ -114,7 +114,17 @@ class EmbeddingInputs(NamedTuple):
         checks = [("ids", self.ids, self.tok_weight.shape[0], "the token table")]
         if self.position_ids is not None:
             checks.append(("position_ids", self.position_ids, self.pos_weight.shape[0], "the position table"))
+        if torch._C._are_functorch_transforms_active():
+            checks = [(name, _values_of(index), *table) for name, index, *table in checks]
         return RangeCheck(checks)
+
+
+def _values_of(index: torch.Tensor) -> torch.Tensor:
+    """The tensor under torch.func's wrappers (a vmapped one with its batch dim): the range check
+    reads values, which a wrapper does not expose."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(index):
+        index = torch._C._functorch.get_unwrapped(index)
+    return index
 
 
 def unit_stride_along_dim(table: torch.Tensor) -> bool:
