@@ -26,10 +26,9 @@ from __future__ import annotations
 import torch
 
 from fusedemb.ops import (
-    _launch_directly,
     _setup_context,
     _table_gradients,
-    backward_kernels,
+    eager_backward,
     eager_forward,
     forward_on_tangents,
     gather_table_gradients,
@@ -72,7 +71,7 @@ class TransformableFusedEmbedding(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _table_gradients(ctx, grad_out, _apply_backward)
+        return _table_gradients(ctx, grad_out, apply_backward)
 
     @staticmethod
     def jvp(ctx, ids_tangent, tok_tangent, pos_tangent, *_):
@@ -100,11 +99,10 @@ class TransformableFusedEmbeddingBackward(torch.autograd.Function):
     @staticmethod
     def forward(grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend,
                 deterministic, tok_needs_grad, pos_needs_grad):  # fmt: skip
-        with _launch_directly(backend):  # as FusedEmbeddingFunction.backward launches
-            return backward_kernels(
-                grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend,
-                deterministic, tok_needs_grad=tok_needs_grad, pos_needs_grad=pos_needs_grad,
-            )  # fmt: skip
+        return eager_backward(
+            grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend,
+            deterministic, tok_needs_grad=tok_needs_grad, pos_needs_grad=pos_needs_grad,
+        )  # fmt: skip
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -131,7 +129,8 @@ class TransformableFusedEmbeddingBackward(torch.autograd.Function):
         return _loop(TransformableFusedEmbeddingBackward.apply, info, in_dims, args)
 
 
-def _apply_backward(*args, tok_needs_grad: bool, pos_needs_grad: bool):
+def apply_backward(*args, tok_needs_grad: bool, pos_needs_grad: bool):
     """TransformableFusedEmbeddingBackward.apply in the calling convention of _table_gradients
-    (apply takes no keyword arguments)."""
+    (apply takes no keyword arguments); also FusedEmbeddingFunction's backward under
+    forward-mode AD, for its jvp."""
     return TransformableFusedEmbeddingBackward.apply(*args, tok_needs_grad, pos_needs_grad)

@@ -266,12 +266,38 @@ def _launch_directly(backend: str):
     return _direct_launches(False)
 
 
+def _through_dispatcher(*tensors: torch.Tensor | None) -> bool:
+    """Whether kernels must go through the registered operators rather than be launched
+    directly: a dispatch mode is tracing (make_fx, as torch.func.linearize uses), which sees
+    only what goes through the dispatcher; or a tensor is one of autograd's batched gradients
+    (is_grads_batched, vectorized jacobians), which only the dispatcher's fallback loops over."""
+    if torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    return any(t is not None and torch._C._functorch.is_legacy_batchedtensor(t) for t in tensors)
+
+
 def eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, backend):
     """The forward kernels of an eager call, launched directly. Called alone when there is
     nothing to differentiate (inference, decoding): no autograd node is built, as eager
     PyTorch builds none for nn.Embedding under torch.no_grad()."""
+    if _through_dispatcher(ids, tok_weight, pos_weight):
+        return fused_embedding_op(ids, tok_weight, pos_weight, position_ids, position_offset, -1, backend, False)
     with _launch_directly(backend):
         return forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
+
+
+def eager_backward(
+    grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend, deterministic,
+    *, tok_needs_grad=True, pos_needs_grad=True,
+):  # fmt: skip
+    """The backward kernels of an eager call, launched directly (see eager_forward)."""
+    args = (grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend,
+            deterministic)  # fmt: skip
+    needs = {"tok_needs_grad": tok_needs_grad, "pos_needs_grad": pos_needs_grad}
+    if _through_dispatcher(grad_out):
+        return fused_embedding_backward_op(*args, **needs)
+    with _launch_directly(backend):
+        return backward_kernels(*args, **needs)
 
 
 def save_for_tangents(ctx, ids, tok_weight, position_ids) -> None:
@@ -308,8 +334,13 @@ class FusedEmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if forward_ad._current_level >= 0:
+            # Forward-over-reverse (a dual table's tangent carried through its gradient): the
+            # backward needs a jvp, which torch.func's form of it has.
+            from fusedemb.func_transforms import apply_backward  # (func_transforms imports this module)
+
+            return _table_gradients(ctx, grad_out, apply_backward)
         if torch.is_grad_enabled():
             # create_graph=True: the registered operator's autograd records the double backward
             return _table_gradients(ctx, grad_out, fused_embedding_backward_op)
-        with _launch_directly(ctx.backend):
-            return _table_gradients(ctx, grad_out, backward_kernels)
+        return _table_gradients(ctx, grad_out, eager_backward)

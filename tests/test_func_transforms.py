@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 from conftest import make_tables
 
 import fusedemb
@@ -94,3 +95,58 @@ def test_bad_ids_are_caught_under_vmap(case):
     batched_ids[2, 1, 4] = VOCAB
     with pytest.raises(IndexError, match=f"ids contains {VOCAB}"):
         torch.func.vmap(lambda ids: fused(ids, tok, pos))(batched_ids)
+
+
+def test_vmap_along_other_dims(case):
+    fused, reference, ids, tok, pos = case
+    batched_ids = torch.randint(0, VOCAB, (ids.shape[0], 3, ids.shape[1]), device=ids.device)  # batch along dim 1
+    toks = torch.randn(tok.shape[0], 2, tok.shape[1], device=tok.device)  # tables batched along dim 1
+    assert_same(torch.func.vmap(lambda ids: fused(ids, tok, pos), in_dims=1)(batched_ids),
+                torch.func.vmap(lambda ids: reference(ids, tok, pos), in_dims=1)(batched_ids))  # fmt: skip
+    assert_same(torch.func.vmap(lambda t: fused(ids, t, pos), in_dims=1)(toks),
+                torch.func.vmap(lambda t: reference(ids, t, pos), in_dims=1)(toks))  # fmt: skip
+
+
+def test_linearize(case):
+    """linearize traces the jvp with make_fx, which sees only what goes through the dispatcher:
+    the kernels must not be launched behind its back."""
+    fused, reference, ids, tok, pos = case
+    tangent = torch.randn_like(tok)
+    _, fused_jvp = torch.func.linearize(lambda tok: fused(ids, tok, pos), tok)
+    _, reference_jvp = torch.func.linearize(lambda tok: reference(ids, tok, pos), tok)
+    assert_same(fused_jvp(tangent), reference_jvp(tangent))
+
+
+def test_forward_over_reverse_in_eager_autograd(case):
+    """A dual table's tangent carried through autograd.grad (a Hessian-vector product without
+    torch.func), with and without create_graph: never dropped."""
+    fused, reference, ids, tok, pos = case
+    direction = torch.randn_like(tok)
+
+    def tangent_of_gradient(embed, create_graph):
+        table = tok.clone().requires_grad_()
+        with forward_ad.dual_level():
+            loss = (embed(ids, forward_ad.make_dual(table, direction), pos).sin()).sum()
+            (gradient,) = torch.autograd.grad(loss, table, create_graph=create_graph)
+            return forward_ad.unpack_dual(gradient).tangent
+
+    for create_graph in (False, True):
+        assert_same(tangent_of_gradient(fused, create_graph), tangent_of_gradient(reference, create_graph))
+
+
+def test_autograd_batched_gradients_and_vectorized_jacobians(case):
+    """autograd's own batching (is_grads_batched, vectorize=True) hands the kernels batched
+    tensors only the dispatcher can loop over."""
+    fused, reference, ids, tok, pos = case
+    tok, pos = tok.clone().requires_grad_(), pos.clone().requires_grad_()
+    out, expected = fused(ids, tok, pos), reference(ids, tok, pos)
+    vectors = torch.randn(4, *out.shape, device=out.device)
+    assert_same(torch.autograd.grad(out, (tok, pos), vectors, is_grads_batched=True),
+                torch.autograd.grad(expected, (tok, pos), vectors, is_grads_batched=True))  # fmt: skip
+    def jacobian(embed, strategy):
+        return torch.autograd.functional.jacobian(
+            lambda tok: embed(ids, tok, pos.detach()), tok.detach(), vectorize=True, strategy=strategy
+        )
+
+    for strategy in ("reverse-mode", "forward-mode"):
+        assert_same(jacobian(fused, strategy), jacobian(reference, strategy))
