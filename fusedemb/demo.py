@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fusedemb.bench.cli import add_device_argument, check_device
 from fusedemb.data import END_OF_TEXT, load_gpt2_tokenizer, use_checkout_tiktoken_cache
 from fusedemb.module import FusedEmbedding
 
@@ -40,15 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="sequences per batch (default 8)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--dim", type=int, default=768, help="embedding dim (default 768, GPT-2 small)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where to run (default: cuda when available)")  # fmt: skip
+    add_device_argument(parser)
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per implementation (default 10)")
     args = parser.parse_args(argv)
     for name in ("batch", "seq_len", "dim", "repeats"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device")
+    check_device(parser, args.device)
     return args
 
 

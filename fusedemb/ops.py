@@ -168,15 +168,21 @@ def fused_embedding_backward_op(
     return backward_kernels(*args, backend, deterministic, **needs)
 
 
+def _save_indices_and_settings(
+    ctx, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend, deterministic
+):  # fmt: skip
+    """What every derivative of either operator needs: the index tensors and the scalars."""
+    ctx.save_for_backward(ids, position_ids)
+    ctx.position_offset, ctx.padding_idx, ctx.backend, ctx.deterministic = position_offset, padding_idx, backend, deterministic
+    ctx.num_embeddings, ctx.context_length = num_embeddings, context_length
+
+
 def _setup_context(ctx, inputs, output):
     ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic = inputs
-    ctx.save_for_backward(ids, position_ids)
-    ctx.position_offset = position_offset
-    ctx.num_embeddings = tok_weight.shape[0]
-    ctx.context_length = pos_weight.shape[0]
-    ctx.padding_idx = padding_idx
-    ctx.backend = backend
-    ctx.deterministic = deterministic
+    _save_indices_and_settings(
+        ctx, ids, position_ids, position_offset, tok_weight.shape[0], pos_weight.shape[0], padding_idx, backend,
+        deterministic,
+    )  # fmt: skip
 
 
 def _table_gradients(ctx, grad_out, backward):
@@ -208,10 +214,8 @@ fused_embedding_op.register_autograd(_backward, setup_context=_setup_context)
 
 def save_backward_context(ctx, inputs) -> None:
     """What the backward's own derivative needs, from the backward operator's positional inputs."""
-    grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend, deterministic = inputs[:9]
-    ctx.save_for_backward(ids, position_ids)
-    ctx.position_offset, ctx.padding_idx, ctx.backend, ctx.deterministic = position_offset, padding_idx, backend, deterministic
-    ctx.num_embeddings, ctx.context_length = num_embeddings, context_length
+    grad_out, *indices_and_settings = inputs[:9]
+    _save_indices_and_settings(ctx, *indices_and_settings)
     ctx.row = {"size": (1, grad_out.shape[-1]), "dtype": grad_out.dtype, "device": grad_out.device}
 
 
@@ -266,21 +270,24 @@ def _launch_directly(backend: str):
     return _direct_launches(False)
 
 
-def _through_dispatcher(*tensors: torch.Tensor | None) -> bool:
-    """Whether kernels must go through the registered operators rather than be launched
-    directly: a dispatch mode is tracing (make_fx, as torch.func.linearize uses), which sees
-    only what goes through the dispatcher; or a tensor is one of autograd's batched gradients
-    (is_grads_batched, vectorized jacobians), which only the dispatcher's fallback loops over."""
-    if torch._C._len_torch_dispatch_stack() > 0:
-        return True
-    return any(t is not None and torch._C._functorch.is_legacy_batchedtensor(t) for t in tensors)
+# Kernels go through the registered operators instead of being launched directly where only the
+# dispatcher can handle them: while a dispatch mode traces (make_fx, as torch.func.linearize
+# uses, sees only what goes through the dispatcher), and for autograd's batched tensors
+# (is_grads_batched gradients, the tangents of vectorized forward-mode jacobians), which only
+# the dispatcher's fallback loops over. Those reach the backward and jvp only: the checks sit there.
+def _tracing() -> bool:
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
+def _batched(tensor: torch.Tensor | None) -> bool:
+    return tensor is not None and torch._C._functorch.is_legacy_batchedtensor(tensor)
 
 
 def eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, backend):
     """The forward kernels of an eager call, launched directly. Called alone when there is
     nothing to differentiate (inference, decoding): no autograd node is built, as eager
     PyTorch builds none for nn.Embedding under torch.no_grad()."""
-    if _through_dispatcher(ids, tok_weight, pos_weight):
+    if _tracing():
         return fused_embedding_op(ids, tok_weight, pos_weight, position_ids, position_offset, -1, backend, False)
     with _launch_directly(backend):
         return forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
@@ -294,7 +301,7 @@ def eager_backward(
     args = (grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend,
             deterministic)  # fmt: skip
     needs = {"tok_needs_grad": tok_needs_grad, "pos_needs_grad": pos_needs_grad}
-    if _through_dispatcher(grad_out):
+    if _tracing() or _batched(grad_out):
         return fused_embedding_backward_op(*args, **needs)
     with _launch_directly(backend):
         return backward_kernels(*args, **needs)
@@ -330,7 +337,8 @@ class FusedEmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, ids_tangent, tok_tangent, pos_tangent, *_):
-        return forward_on_tangents(ctx, tok_tangent, pos_tangent, FusedEmbeddingFunction.apply)
+        forward = fused_embedding_op if _batched(tok_tangent) or _batched(pos_tangent) else FusedEmbeddingFunction.apply
+        return forward_on_tangents(ctx, tok_tangent, pos_tangent, forward)
 
     @staticmethod
     def backward(ctx, grad_out):
