@@ -16,15 +16,22 @@ Both directions are linear, so every derivative is one of the two kernels again:
     d g        = F(g_tok, g_pos)              reverse mode of B: F on the incoming gradients
     d (B(g))   = B(d g)                       forward mode of B: B on the tangent
 
-Under vmap the kernels see one batch entry at a time unless the tables are shared: a batch of
-ids (or positions) against one pair of tables is one call with the batch folded into the ids'
-leading dims; anything else (a batch of tables, per-sample gradients) is a loop over the batch.
+Under vmap each direction is still one call of its kernels, for the whole batch. A batch of ids
+(or positions) against one pair of tables folds the batch into the ids' leading dims. A batch of
+tables [B, V, D] is one table B*V rows high, entry b's rows starting at b*V, so entry b's ids
+read it at ids + b*V (positions likewise at + b*P). A batch of output gradients (per-sample
+gradients, jacrev) scatters into such a stacked gradient table, which is [B, V, D] once
+reshaped; the padding row of every entry is zeroed there, since the kernels know one padding
+row only. For the same reason a batch of token tables with a padding_idx, whose gradient the
+forward's own backward computes, runs one entry at a time, as do sizes whose stacked rows or
+tokens would pass the kernels' int32 limit.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fusedemb.kernels.preconditions import INT32_LIMIT
 from fusedemb.ops import (
     _setup_context,
     _table_gradients,
@@ -35,6 +42,7 @@ from fusedemb.ops import (
     save_backward_context,
     save_for_tangents,
 )
+from fusedemb.reference import default_positions
 
 
 def _entry(value, dim: int | None, index: int):
@@ -47,6 +55,38 @@ def _stacked(outputs: list) -> tuple[torch.Tensor, ...] | torch.Tensor:
     if isinstance(outputs[0], tuple):
         return tuple(torch.stack(parts) for parts in zip(*outputs))
     return torch.stack(outputs)
+
+
+def _batch_first(index: torch.Tensor, dim: int | None, batch_size: int) -> torch.Tensor:
+    """index with the vmap batch as its leading dim (a shared index repeated, as a view)."""
+    return index.movedim(dim, 0) if dim is not None else index.expand(batch_size, *index.shape)
+
+
+def _positions(ids: torch.Tensor, position_ids: torch.Tensor | None, position_offset: int) -> torch.Tensor:
+    """Every token's position, in ids' dtype; ids and position_ids lead with the batch."""
+    return position_ids if position_ids is not None else default_positions(ids, position_offset).to(ids.dtype)
+
+
+def _stacked_rows(index: torch.Tensor, rows: int) -> torch.Tensor:
+    """index [B, ...] of tables [B, rows, D] as an index into the table [B * rows, D]: + b * rows."""
+    starts = torch.arange(index.shape[0], device=index.device, dtype=index.dtype) * rows
+    return index + starts.view(-1, *(1,) * (index.dim() - 1))
+
+
+def _rows(table: torch.Tensor, dim: int | None) -> int:
+    """The row count of a table or of each table of a batch (batch along `dim`)."""
+    return table.shape[0] if dim is None else table.movedim(dim, 0).shape[1]
+
+
+def _stacked_table(table: torch.Tensor, dim: int) -> torch.Tensor:
+    """A batch of tables (batch along `dim`) as one table [B * rows, D]: a view when it can be."""
+    table = table.movedim(dim, 0)
+    return table.reshape(-1, table.shape[-1])
+
+
+def _within_int32(num_tokens: int, *stacked_rows: int) -> bool:
+    """Whether a whole batch's tokens and stacked table rows stay within the kernels' int32."""
+    return max((num_tokens, *stacked_rows)) < INT32_LIMIT
 
 
 def _loop(apply, info, in_dims, args):
@@ -78,18 +118,28 @@ class TransformableFusedEmbedding(torch.autograd.Function):
         return forward_on_tangents(ctx, tok_tangent, pos_tangent, TransformableFusedEmbedding.apply)
 
     @staticmethod
-    def vmap(info, in_dims, ids, tok_weight, pos_weight, position_ids, *rest):
+    def vmap(info, in_dims, ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, *settings):
         ids_dim, tok_dim, pos_dim, position_ids_dim = in_dims[:4]
-        if tok_dim is not None or pos_dim is not None:
-            return _loop(TransformableFusedEmbedding.apply, info, in_dims, (ids, tok_weight, pos_weight, position_ids, *rest))
-
-        def batch_first(index, dim):  # positions depend on the last dim only: the batch can lead
-            return index.movedim(dim, 0) if dim is not None else index.expand(info.batch_size, *index.shape)
-
-        ids = batch_first(ids, ids_dim).contiguous()
+        batch_size, num_embeddings, context_length = info.batch_size, _rows(tok_weight, tok_dim), _rows(pos_weight, pos_dim)
+        batch_ids = _batch_first(ids, ids_dim, batch_size)
+        stacked_rows = [batch_size * rows for rows, dim in ((num_embeddings, tok_dim), (context_length, pos_dim)) if dim is not None]
+        if (tok_dim is not None and padding_idx >= 0) or not _within_int32(batch_ids.numel(), *stacked_rows):
+            args = (ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, *settings)
+            return _loop(TransformableFusedEmbedding.apply, info, in_dims, args)
+        ids = batch_ids
         if position_ids is not None:
-            position_ids = batch_first(position_ids, position_ids_dim).contiguous()
-        return TransformableFusedEmbedding.apply(ids, tok_weight, pos_weight, position_ids, *rest), 0
+            position_ids = _batch_first(position_ids, position_ids_dim, batch_size)
+        if tok_dim is not None:
+            ids, tok_weight = _stacked_rows(ids, num_embeddings), _stacked_table(tok_weight, tok_dim)
+        if pos_dim is not None:
+            positions = _positions(ids, position_ids, position_offset)
+            position_ids, pos_weight = _stacked_rows(positions, context_length), _stacked_table(pos_weight, pos_dim)
+            position_offset = 0
+        if position_ids is not None:
+            position_ids = position_ids.contiguous()
+        out = TransformableFusedEmbedding.apply(ids.contiguous(), tok_weight, pos_weight, position_ids, position_offset,
+                                                padding_idx, *settings)  # fmt: skip
+        return out, 0
 
 
 class TransformableFusedEmbeddingBackward(torch.autograd.Function):
@@ -125,8 +175,27 @@ class TransformableFusedEmbeddingBackward(torch.autograd.Function):
         )  # fmt: skip
 
     @staticmethod
-    def vmap(info, in_dims, *args):
-        return _loop(TransformableFusedEmbeddingBackward.apply, info, in_dims, args)
+    def vmap(info, in_dims, grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx,
+             *settings):  # fmt: skip
+        """Each batch entry's gradients, scattered into tables stacked B high (module docstring)."""
+        batch_size = info.batch_size
+        batch_ids = _batch_first(ids, in_dims[1], batch_size)
+        if not _within_int32(batch_ids.numel(), batch_size * num_embeddings, batch_size * context_length):
+            args = (grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, *settings)
+            return _loop(TransformableFusedEmbeddingBackward.apply, info, in_dims, args)
+        grad_out, ids = _batch_first(grad_out, in_dims[0], batch_size).contiguous(), batch_ids
+        if position_ids is not None:
+            position_ids = _batch_first(position_ids, in_dims[2], batch_size)
+        positions = _positions(ids, position_ids, position_offset)
+        grad_tok, grad_pos = TransformableFusedEmbeddingBackward.apply(
+            grad_out, _stacked_rows(ids, num_embeddings).contiguous(), _stacked_rows(positions, context_length).contiguous(),
+            0, batch_size * num_embeddings, batch_size * context_length, -1, *settings,
+        )  # fmt: skip
+        dim = grad_out.shape[-1]
+        grad_tok, grad_pos = grad_tok.view(batch_size, -1, dim), grad_pos.view(batch_size, -1, dim)
+        if padding_idx >= 0 and grad_tok.shape[1] > 0:  # (a frozen table's gradient is [0, D] per entry)
+            grad_tok = grad_tok.index_fill(1, torch.tensor([padding_idx], device=grad_tok.device), 0)
+        return (grad_tok, grad_pos), (0, 0)
 
 
 def apply_backward(*args, tok_needs_grad: bool, pos_needs_grad: bool):

@@ -8,6 +8,7 @@ import torch.autograd.forward_ad as forward_ad
 from conftest import make_tables
 
 import fusedemb
+from fusedemb.func_transforms import _loop
 from fusedemb.reference import fused_embedding_reference
 
 VOCAB, CONTEXT, DIM = 10, 7, 5
@@ -22,13 +23,13 @@ def case(backend_config):
     ids = torch.randint(0, VOCAB, (2, 5), device=device)
     ids[0, :2] = 3  # the padding row, twice
 
-    def fused(ids, tok, pos, **kwargs):
+    def fused(ids, tok, pos, padding_idx=3, **kwargs):
         return fusedemb.fused_embedding(
-            ids, tok, pos, padding_idx=3, backend=backend, deterministic=deterministic, **kwargs
+            ids, tok, pos, padding_idx=padding_idx, backend=backend, deterministic=deterministic, **kwargs
         )
 
-    def reference(ids, tok, pos, **kwargs):
-        return fused_embedding_reference(ids, tok, pos, padding_idx=3, **kwargs)
+    def reference(ids, tok, pos, padding_idx=3, **kwargs):
+        return fused_embedding_reference(ids, tok, pos, padding_idx=padding_idx, **kwargs)
 
     return fused, reference, ids, tok, pos
 
@@ -60,8 +61,8 @@ def test_jvp_jacfwd_and_jacrev(case):
         assert_same(jacobian(lambda pos: fused(ids, tok, pos))(pos), jacobian(lambda pos: reference(ids, tok, pos))(pos))
 
 
-def test_vmap_over_ids_positions_and_tables(case):
-    """Shared tables: one call with the batch folded into the ids; a batch of tables: a loop."""
+def test_vmap_over_ids_and_positions(case):
+    """Shared tables: one call with the batch folded into the ids."""
     fused, reference, ids, tok, pos = case
     batched_ids = torch.randint(0, VOCAB, (3, *ids.shape), device=ids.device)
     positions = torch.randint(0, CONTEXT, (3, *ids.shape), device=ids.device)
@@ -70,22 +71,53 @@ def test_vmap_over_ids_positions_and_tables(case):
     in_dims = (None, 0)  # shared ids, a batch of position_ids
     assert_same(torch.func.vmap(lambda ids, p: fused(ids, tok, pos, position_ids=p), in_dims)(ids, positions),
                 torch.func.vmap(lambda ids, p: reference(ids, tok, pos, position_ids=p), in_dims)(ids, positions))  # fmt: skip
-    toks, poss = torch.randn(3, *tok.shape, device=tok.device), torch.randn(3, *pos.shape, device=pos.device)
-    assert_same(torch.func.vmap(lambda t, p: fused(ids, t, p))(toks, poss),
-                torch.func.vmap(lambda t, p: reference(ids, t, p))(toks, poss))  # fmt: skip
 
 
-def test_per_sample_gradients(case):
-    """vmap of grad, as differential privacy takes them: one gradient of each table per sequence."""
+@pytest.mark.parametrize("padding_idx", [3, None])
+@pytest.mark.parametrize("argnums", [(0, 1), 1], ids=["both-tables", "frozen-token-table"])
+def test_per_sample_gradients(case, padding_idx, argnums):
+    """vmap of grad, as differential privacy takes them: one gradient of each table per sequence,
+    scattered by one backward call into tables stacked a batch high."""
     fused, reference, ids, tok, pos = case
+    positions = torch.randint(0, CONTEXT, ids.shape, device=ids.device)
 
-    def per_sample(embed):
-        return torch.func.vmap(torch.func.grad(lambda tok, pos, ids: loss(embed, ids[None])(tok, pos), (0, 1)),
-                               in_dims=(None, None, 0))(tok, pos, ids)  # fmt: skip
+    def per_sample(embed, *positions, **kwargs):
+        def sequence_loss(tok, pos, ids, *positions):
+            position_kwargs = {"position_ids": positions[0][None]} if positions else kwargs
+            return loss(embed, ids[None], padding_idx=padding_idx, **position_kwargs)(tok, pos)
+
+        in_dims = (None, None, 0) + (0,) * len(positions)
+        return torch.func.vmap(torch.func.grad(sequence_loss, argnums), in_dims)(tok, pos, ids, *positions)
 
     grads = per_sample(fused)
-    assert grads[0].shape == (ids.shape[0], VOCAB, DIM)
     assert_same(grads, per_sample(reference))
+    assert_same(per_sample(fused, positions), per_sample(reference, positions))
+    assert_same(per_sample(fused, position_offset=2), per_sample(reference, position_offset=2))
+    assert (grads[0] if argnums == (0, 1) else grads).shape[:2] == (ids.shape[0], VOCAB if argnums == (0, 1) else CONTEXT)
+
+
+def ensemble_transforms(embed, ids, tables, in_dims, **kwargs):
+    """A batch of models' outputs, their summed loss's gradients (grad of vmap) and each model's
+    gradients (vmap of grad)."""
+    model_loss = loss(embed, ids, **kwargs)
+    outputs = torch.func.vmap(lambda tok, pos: embed(ids, tok, pos, **kwargs), in_dims)(*tables)
+    summed = torch.func.grad(lambda tok, pos: torch.func.vmap(model_loss, in_dims)(tok, pos).sum(), (0, 1))(*tables)
+    return outputs, summed, torch.func.vmap(torch.func.grad(model_loss, (0, 1)), in_dims)(*tables)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 3])  # a batch of token tables with a padding row runs a loop
+def test_vmap_over_tables_and_its_gradients(case, padding_idx):
+    """Ensembles (torch.func.stack_module_state): a batch of tables, each direction one call on
+    tables stacked a batch high. Token tables batched along dim 0, position tables along dim 1,
+    and either alone."""
+    fused, reference, ids, tok, pos = case
+    toks = torch.randn(3, *tok.shape, device=tok.device)
+    poss = torch.randn(pos.shape[0], 3, pos.shape[1], device=pos.device)
+    positions = torch.randint(0, CONTEXT, ids.shape, device=ids.device)
+    for in_dims, tables in (((0, 1), (toks, poss)), ((0, None), (toks, pos)), ((None, 1), (tok, poss))):
+        for kwargs in ({"position_offset": 2}, {"position_ids": positions}):
+            assert_same(ensemble_transforms(fused, ids, tables, in_dims, padding_idx=padding_idx, **kwargs),
+                        ensemble_transforms(reference, ids, tables, in_dims, padding_idx=padding_idx, **kwargs))  # fmt: skip
 
 
 def test_bad_ids_are_caught_under_vmap(case):
@@ -150,3 +182,16 @@ def test_autograd_batched_gradients_and_vectorized_jacobians(case):
 
     for strategy in ("reverse-mode", "forward-mode"):
         assert_same(jacobian(fused, strategy), jacobian(reference, strategy))
+
+
+def test_vmap_beyond_the_int32_limit_runs_one_entry_at_a_time(case, monkeypatch):
+    """Stacked tables or tokens past the kernels' int32 limit: a loop over the batch, tested with
+    the limit lowered below a batch of stacked token tables (but above the tokens)."""
+    fused, reference, ids, tok, pos = case
+    monkeypatch.setattr(fusedemb.func_transforms, "INT32_LIMIT", 2 * VOCAB)
+    loops = []
+    monkeypatch.setattr(fusedemb.func_transforms, "_loop", lambda *args: loops.append(1) or _loop(*args))
+    toks = torch.randn(3, *tok.shape, device=tok.device)
+    assert_same(ensemble_transforms(fused, ids, (toks, pos), (0, None), padding_idx=None),
+                ensemble_transforms(reference, ids, (toks, pos), (0, None), padding_idx=None))  # fmt: skip
+    assert loops
