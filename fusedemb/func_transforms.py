@@ -22,9 +22,9 @@ tables [B, V, D] is one table B*V rows high, entry b's rows starting at b*V, so 
 read it at ids + b*V (positions likewise at + b*P). A batch of output gradients (per-sample
 gradients, jacrev) scatters into such a stacked gradient table, which is [B, V, D] once
 reshaped; the padding row of every entry is zeroed there, since the kernels know one padding
-row only. For the same reason a batch of token tables with a padding_idx, whose gradient the
-forward's own backward computes, runs one entry at a time, as do sizes whose stacked rows or
-tokens would pass the kernels' int32 limit.
+row only. For the same reason a batch of token tables with a padding_idx runs one entry at a
+time where the stacked call's own backward would compute their gradient (grad of vmap), as do
+sizes whose stacked rows or tokens would pass the kernels' int32 limit.
 """
 
 from __future__ import annotations
@@ -89,6 +89,13 @@ def _within_int32(num_tokens: int, *stacked_rows: int) -> bool:
     return max((num_tokens, *stacked_rows)) < INT32_LIMIT
 
 
+def _padding_rows_differentiated(tok_weight: torch.Tensor, tok_dim: int | None, padding_idx: int) -> bool:
+    """Whether a transform below this vmap (grad of vmap) would take the gradient of stacked
+    token tables with a padding row: the stacked call's own backward would mask one padding row
+    where there are B. (Under vmap of grad, the batched backward's vmap rule masks them all.)"""
+    return tok_dim is not None and padding_idx >= 0 and tok_weight.requires_grad and torch.is_grad_enabled()
+
+
 def _loop(apply, info, in_dims, args):
     """apply on each batch entry in turn, the results stacked along a new dim 0."""
     outputs = [apply(*(_entry(arg, dim, index) for arg, dim in zip(args, in_dims))) for index in range(info.batch_size)]
@@ -123,7 +130,7 @@ class TransformableFusedEmbedding(torch.autograd.Function):
         batch_size, num_embeddings, context_length = info.batch_size, _rows(tok_weight, tok_dim), _rows(pos_weight, pos_dim)
         batch_ids = _batch_first(ids, ids_dim, batch_size)
         stacked_rows = [batch_size * rows for rows, dim in ((num_embeddings, tok_dim), (context_length, pos_dim)) if dim is not None]
-        if (tok_dim is not None and padding_idx >= 0) or not _within_int32(batch_ids.numel(), *stacked_rows):
+        if _padding_rows_differentiated(tok_weight, tok_dim, padding_idx) or not _within_int32(batch_ids.numel(), *stacked_rows):
             args = (ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, *settings)
             return _loop(TransformableFusedEmbedding.apply, info, in_dims, args)
         ids = batch_ids

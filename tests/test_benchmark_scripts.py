@@ -100,3 +100,14 @@ def test_host_overhead_times_every_row(capsys, backend):
     for line in lines[1:]:
         median, spread, unit = line.split()[-3:]
         assert float(median) > 0 and spread.startswith("±") and unit == "us"
+
+
+def test_func_transforms_cost_times_every_transform(capsys):
+    load_script("func_transforms_cost").main(["--device", "cpu", "--quick", "--batch", "2", "--vocab", "9"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("torch.func, cpu, float32, batch 2, V 9")
+    labels = ["ensemble outputs", "ensemble gradients", "per-model gradients", "per-sample gradients", "jacobian (jacrev)"]
+    assert [line[2:38].strip() for line in lines[1:]] == labels + [f"{label}, padding_idx" for label in labels]
+    for line in lines[1:]:
+        fused_ms, _, reference_ms, _, ratio = line[38:].split()
+        assert float(fused_ms) > 0 and float(reference_ms) > 0 and ratio.endswith("x")

@@ -105,7 +105,7 @@ def ensemble_transforms(embed, ids, tables, in_dims, **kwargs):
     return outputs, summed, torch.func.vmap(torch.func.grad(model_loss, (0, 1)), in_dims)(*tables)
 
 
-@pytest.mark.parametrize("padding_idx", [None, 3])  # a batch of token tables with a padding row runs a loop
+@pytest.mark.parametrize("padding_idx", [None, 3])  # with a padding row, grad of vmap over token tables loops
 def test_vmap_over_tables_and_its_gradients(case, padding_idx):
     """Ensembles (torch.func.stack_module_state): a batch of tables, each direction one call on
     tables stacked a batch high. Token tables batched along dim 0, position tables along dim 1,

@@ -63,8 +63,12 @@ def median_and_spread(samples: list[float], unit: str) -> str:
     for the standalone scripts of benchmarks/ that time with perf_counter themselves. The
     quartiles are TimingStats' (inclusive method, as the benchmark's ±): range_check_cost.py's
     first form used the exclusive one, whose ± is wider on few rounds."""
+    return format_median_and_spread(TimingStats.from_samples(samples), unit)
+
+
+def format_median_and_spread(stats: TimingStats, unit: str) -> str:
+    """median_and_spread's format, for stats a Timer measured."""
     scale, digits = {"ms": (1e3, 3), "us": (1e6, 1)}[unit]
-    stats = TimingStats.from_samples(samples)
     return f"{scale * stats.median_s:9.{digits}f} ±{scale * (stats.p75_s - stats.p25_s) / 2:.{digits}f}"
 
 
