@@ -223,11 +223,16 @@ def _setup_backward_context(ctx, inputs, keyword_only_inputs, output):
     save_backward_context(ctx, inputs)
 
 
+def _present(grad: torch.Tensor | None, num_rows: int) -> bool:
+    """Whether an incoming gradient (or tangent) of a table is there: not None, and not the [0, D]
+    placeholder of a frozen table."""
+    return grad is not None and grad.shape[0] == num_rows
+
+
 def _as_table(grad: torch.Tensor | None, num_rows: int, row: dict) -> torch.Tensor:
     """An incoming gradient of a table gradient, in a layout the forward kernels read; a missing
-    one (None, or the [0, D] placeholder of a frozen table) is a zero table that takes no memory:
-    one row of zeros, repeated by a row stride of 0."""
-    if grad is None or grad.shape[0] != num_rows:
+    one is a zero table that takes no memory: one row of zeros, repeated by a row stride of 0."""
+    if not _present(grad, num_rows):
         return torch.zeros(**row).expand(num_rows, -1)
     return grad if unit_stride_along_dim(grad) else grad.contiguous()
 
@@ -245,7 +250,9 @@ def gather_table_gradients(ctx, grad_of_grad_tok, grad_of_grad_pos, forward) -> 
     ids, position_ids = ctx.saved_tensors
     tok = _as_table(grad_of_grad_tok, ctx.num_embeddings, ctx.row)
     pos = _as_table(grad_of_grad_pos, ctx.context_length, ctx.row)
-    if ctx.padding_idx >= 0 and tok.stride(0) != 0:  # grad_tok's padding row does not depend on grad_out
+    # grad_tok's padding row does not depend on grad_out (asked of the gradient, not of tok's
+    # strides: an expanded gradient has row stride 0 too, as the zero table has)
+    if ctx.padding_idx >= 0 and _present(grad_of_grad_tok, ctx.num_embeddings):
         tok = tok.index_fill(0, torch.tensor([ctx.padding_idx], device=tok.device), 0)
     return forward(ids, tok, pos, position_ids, ctx.position_offset, ctx.padding_idx, ctx.backend, ctx.deterministic)
 

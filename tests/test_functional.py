@@ -411,6 +411,26 @@ def test_hessian_vector_product_matches_nn_embedding(backend_config, id_dtype):
         torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-5)
 
 
+def test_gradient_penalty_through_a_column_sum_matches_nn_embedding(backend_config):
+    """A penalty on the token gradient's column sums: its gradient reaches the backward's own
+    derivative expanded along the rows (row stride 0), and the padding row must still count as 0."""
+    backend, device, deterministic = backend_config
+    torch.manual_seed(16)
+    tok, pos = make_tables(7, 5, 4, torch.float32, device)
+    ids = torch.tensor([[2, 2, 5, 0, 2], [6, 2, 1, 1, 3]], device=device)  # padding_idx 2, often
+
+    def penalized(embed):
+        out = embed(ids, tok, pos, padding_idx=2)
+        (grad_tok,) = torch.autograd.grad(out.tanh().sum(), tok, create_graph=True)
+        return torch.autograd.grad(out.sum() + (grad_tok.sum(0) ** 2).sum(), (tok, pos))
+
+    def fused(*args, **kwargs):
+        return fusedemb.fused_embedding(*args, backend=backend, deterministic=deterministic, **kwargs)
+
+    for actual, expected in zip(penalized(fused), penalized(fused_embedding_reference)):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("with_position_ids", [False, True], ids=["offset", "position_ids"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if c[2] and not interpreted(c[1], c[0])], ids=config_id)
