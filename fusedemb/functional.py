@@ -129,8 +129,8 @@ def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | No
             inputs.position_offset,
             inputs.padding_idx if inputs.padding_idx >= 0 else None,
         )
-    if torch.compiler.is_compiling():
-        apply = fused_embedding_op  # torch.compile traces the registered operator
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        apply = fused_embedding_op  # torch.compile and torch.jit.trace record the registered operator
     elif torch._C._are_functorch_transforms_active():
         apply = TransformableFusedEmbedding.apply  # torch.func's form: slower to apply, so only here
     elif _nothing_to_differentiate(inputs):

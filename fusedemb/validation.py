@@ -23,6 +23,7 @@ and its gradient is added into that row. The reference backend (eager's F.embedd
 trips a device-side assert on a bad id) is checked even then. Under torch.compile and while a
 CUDA graph is being captured the value checks are skipped too (they would break the graph, and
 a capture cannot synchronise), with the same consequence; the C++ CPU kernels always check.
+Tensors without values (the meta device, FakeTensorMode's fake tensors) have nothing to check.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import os
 from typing import NamedTuple
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 SUPPORTED_TABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 SUPPORTED_ID_DTYPES = (torch.int32, torch.int64)
@@ -105,9 +107,11 @@ class EmbeddingInputs(NamedTuple):
     def start_range_check(self, even_if_off: bool = False) -> RangeCheck:
         """The value checks of ids and position_ids, started; the caller decides when to wait
         for the answer (see RangeCheck). It checks nothing when switched off (unless
-        even_if_off), under torch.compile or while a CUDA graph is being captured (module
-        docstring)."""
+        even_if_off), under torch.compile, while a CUDA graph is being captured and for
+        tensors without values (module docstring)."""
         if not (_bounds_check or even_if_off) or torch.compiler.is_compiling():
+            return RangeCheck([])
+        if self.ids.is_meta or isinstance(self.ids, FakeTensor):
             return RangeCheck([])
         if self.ids.is_cuda and torch.cuda.is_current_stream_capturing():
             return RangeCheck([])

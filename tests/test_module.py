@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import TABLE_DTYPES
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusedemb
 
@@ -92,6 +93,45 @@ def test_device_and_dtype_arguments(dtype):
     fused = fusedemb.FusedEmbedding(11, 4, 6, device="cpu", dtype=dtype)
     assert fused.tok_emb.weight.dtype == dtype and fused.pos_emb.weight.dtype == dtype
     assert fused(torch.randint(0, 11, (2, 6))).dtype == dtype
+
+
+def test_shapes_without_values_on_meta_and_fake_tensors():
+    """A model built on the meta device (or traced with FakeTensorMode) runs for its shapes, as
+    nn.Embedding does: there are no ids to range-check."""
+    fused = fusedemb.FusedEmbedding(11, 4, 6, device="meta")
+    out = fused(torch.zeros(2, 5, dtype=torch.long, device="meta"))
+    assert out.shape == (2, 5, 4) and out.is_meta
+    with FakeTensorMode():
+        fused = fusedemb.FusedEmbedding(11, 4, 6)
+        for backend in fusedemb.available_backends("cpu"):
+            fused.backend = backend
+            assert fused(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 4)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input checks' shape tests
+def test_torch_jit_trace_records_the_operator():
+    """The trace records fusedemb::fused_embedding whether or not grad mode is on (the tracer's
+    own check re-traces without it), and the traced module trains on other shapes."""
+    torch.manual_seed(3)
+    fused = fusedemb.FusedEmbedding(11, 4, 8, padding_idx=1)
+    traced = torch.jit.trace(fused, (torch.randint(0, 11, (2, 5)),))
+    assert "fusedemb::fused_embedding" in str(traced.graph)
+    ids = torch.randint(0, 11, (3, 7))
+    out, expected = traced(ids), fused(ids)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    traced_grads = torch.autograd.grad((out**2).sum(), list(fused.parameters()))
+    for actual, wanted in zip(traced_grads, torch.autograd.grad((expected**2).sum(), list(fused.parameters()))):
+        torch.testing.assert_close(actual, wanted)
+
+
+def test_torch_export_with_a_dynamic_batch():
+    torch.manual_seed(4)
+    fused = fusedemb.FusedEmbedding(11, 4, 8, padding_idx=1)
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(fused, (torch.randint(0, 11, (2, 5)),), dynamic_shapes=({0: batch},))
+    assert "fusedemb.fused_embedding" in str(exported.graph)
+    ids = torch.randint(0, 11, (3, 5))
+    torch.testing.assert_close(exported.module()(ids), fused(ids), rtol=0, atol=0)
 
 
 def test_position_arguments_reach_the_kernel():
