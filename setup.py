@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError as error:  # pip shows this at the end of its build output
+    raise ImportError(
+        "fusedemb's C++ extension is compiled against the torch it will run with: install torch first "
+        "(python -m pip install torch==2.13.0; README.md), then python -m pip install --no-build-isolation -e ."
+    ) from error
 
 ROOT = Path(__file__).parent
 

@@ -53,10 +53,13 @@ def load_gpt2_tokenizer():
     except Exception as error:  # network errors, missing or corrupt cache files: all mean "not available"
         cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
         where = f"TIKTOKEN_CACHE_DIR={cache_dir!r}" if cache_dir else "TIKTOKEN_CACHE_DIR is not set"
+        beside = ""
+        if not cache_dir and CHECKOUT_TIKTOKEN_CACHE.is_dir():
+            beside = f" (this checkout has them in {CHECKOUT_TIKTOKEN_CACHE})"
         raise RuntimeError(
             f"cannot load tiktoken's {GPT2_ENCODING_NAME!r} encoding ({where}): tiktoken downloads it on "
             "first use and caches it in the folder named by TIKTOKEN_CACHE_DIR. With no network, set "
-            "TIKTOKEN_CACHE_DIR to a folder holding the cached gpt2 files "
+            f"TIKTOKEN_CACHE_DIR to a folder holding the cached gpt2 files{beside} "
             f"(original error: {type(error).__name__}: {error})"
         ) from error
 

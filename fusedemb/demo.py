@@ -1,6 +1,6 @@
 """End-to-end demo: tokenize a text, embed a batch with fusedemb, check it, time it.
 
-    python -m fusedemb [--text FILE] [--batch 8] [--seq-len 256] [--dim 768] [--device cpu|cuda]
+    python -m fusedemb (or fusedemb-demo) [--text FILE] [--batch 8] [--seq-len 256] [--dim 768] [--device cpu|cuda]
 
 The text (an embedded paragraph by default) is tokenized with tiktoken's gpt2 encoding and cut
 into a batch of sequences (tiled if it is short). The GPT-2-sized token table (50257 rows) and a
@@ -36,7 +36,7 @@ DEFAULT_TEXT = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fusedemb", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fusedemb-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--text", type=Path, help="a UTF-8 text file to tokenize (default: an embedded paragraph)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per batch (default 8)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")

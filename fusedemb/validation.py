@@ -177,7 +177,7 @@ def _check_index_tensor(name: str, index: torch.Tensor, device: torch.device) ->
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(index).__name__}")
     if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (int32 or int64), got {index.dtype}")
+        raise TypeError(f"{name} must be an integer tensor (int32/int64 kernels; narrower ints are widened), got {index.dtype}")
     check_same_device(("the tables", device), **{name: index})
 
 

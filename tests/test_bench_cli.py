@@ -292,6 +292,16 @@ def test_gate_catches_faults_on_hot_rows_in_bfloat16(wrong, ids):
     assert not result.passed
 
 
+@pytest.mark.parametrize("name", ["eager", "reference"])
+def test_sixteen_bit_cpu_backward_on_one_id_is_a_mismatch_that_says_why(name):
+    """PyTorch's CPU backward of bfloat16 tables adds in bfloat16: 8k gradients of one row drift
+    past the norm bound. The gate reports it, and says it is that backward's precision."""
+    problem = Problem(ModelConfig("gpt2-124M[D=16]", vocab=50257, dim=16, seq=1024), 8, torch.bfloat16, parse_distribution("same"))
+    (implementation,), _ = build_implementations([name], "cpu")
+    result = gate(implementation, make_inputs(problem, "cpu", seed=0))
+    assert not result.passed and "adds 16-bit gradients in 16 bits" in result.detail
+
+
 def test_a_mismatch_is_reported_and_not_timed():
     timed = []
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from shared_data import use_shared_tiktoken_cache, verdict_text
 
+import fusedemb.data
 from fusedemb.data import END_OF_TEXT, GPTDataset, create_dataloader, load_gpt2_tokenizer, split_text
 
 
@@ -58,7 +59,7 @@ def test_text_shorter_than_one_window_is_rejected():
         GPTDataset("abcd", CharTokenizer(), max_length=4, stride=1)  # needs 5 tokens
 
 
-def test_missing_encoding_raises_an_error_naming_tiktoken_cache_dir(monkeypatch):
+def test_missing_encoding_raises_an_error_naming_tiktoken_cache_dir(monkeypatch, tmp_path):
     import tiktoken
 
     def offline_get_encoding(name):
@@ -70,6 +71,10 @@ def test_missing_encoding_raises_an_error_naming_tiktoken_cache_dir(monkeypatch)
         load_gpt2_tokenizer()
     assert "/nonexistent/tiktoken-cache" in str(caught.value)
     assert isinstance(caught.value.__cause__, ConnectionError)
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR")  # unset: the checkout's cache is named, where it has one
+    monkeypatch.setattr(fusedemb.data, "CHECKOUT_TIKTOKEN_CACHE", tmp_path)
+    with pytest.raises(RuntimeError, match=f"is not set.*this checkout has them in {tmp_path}"):
+        load_gpt2_tokenizer()
 
 
 def test_dataloader_on_the_verdict_gives_the_classic_first_batch():

@@ -68,10 +68,20 @@ def check_against_reference(forward: Forward, inputs: Inputs, float32_sums: bool
     return GateResult(passed=not failures, detail="; ".join(failures))
 
 
+SIXTEEN_BIT_SUMS = (
+    " (PyTorch's CPU backward adds 16-bit gradients in 16 bits: a row of thousands of tokens, such as"
+    " --ids same gives, drifts past the norm bound; a property of that backward, not of the bench)"
+)
+
+
 def gate(implementation: Implementation, inputs: Inputs) -> GateResult:
     """check_against_reference with the accumulation bound that fits the implementation: float32
     on CUDA and for fusedemb, the table's precision for PyTorch's CPU backward."""
-    return check_against_reference(implementation.forward, inputs, inputs.ids.is_cuda or implementation.float32_sums)
+    float32_sums = inputs.ids.is_cuda or implementation.float32_sums
+    result = check_against_reference(implementation.forward, inputs, float32_sums)
+    if not result.passed and not float32_sums and inputs.tok_weight.dtype in (torch.bfloat16, torch.float16):
+        return GateResult(passed=False, detail=result.detail + SIXTEEN_BIT_SUMS)
+    return result
 
 
 def _mismatch(name: str, actual: torch.Tensor, expected: torch.Tensor) -> str:

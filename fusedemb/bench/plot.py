@@ -51,7 +51,7 @@ def plot_report(report: Report, path: Path) -> None:
         ax.set_title(pass_name)
         ax.grid(True, which="both", alpha=0.3)
         ax.set_ylim(bottom=0)
-    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize="small")  # clear of the title
     env = report.environment
     figure.suptitle(f"fusedemb on {env['device_name']} ({env['device']}, torch {env['torch']})")
     figure.savefig(path, dpi=120)
