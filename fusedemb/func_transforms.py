@@ -45,12 +45,6 @@ from fusedemb.ops import (
 from fusedemb.reference import default_positions
 
 
-def _entry(value, dim: int | None, index: int):
-    """Batch entry `index` of a vmapped argument (one without a vmap dim is shared), contiguous
-    as the kernels take index tensors and gradients."""
-    return value if dim is None or value is None else value.select(dim, index).contiguous()
-
-
 def _stacked(outputs: list) -> tuple[torch.Tensor, ...] | torch.Tensor:
     if isinstance(outputs[0], tuple):
         return tuple(torch.stack(parts) for parts in zip(*outputs))
@@ -97,8 +91,15 @@ def _padding_rows_differentiated(tok_weight: torch.Tensor, tok_dim: int | None, 
 
 
 def _loop(apply, info, in_dims, args):
-    """apply on each batch entry in turn, the results stacked along a new dim 0."""
-    outputs = [apply(*(_entry(arg, dim, index) for arg, dim in zip(args, in_dims))) for index in range(info.batch_size)]
+    """apply on each batch entry in turn (contiguous, as the kernels take index tensors and
+    gradients; an argument without a vmap dim is shared), the results stacked along a new dim 0.
+    The entries come from one unbind, whose backward stacks their gradients once: a select per
+    entry would add B full-size gradients, mostly zeros, back into the batch."""
+    entries = [None if dim is None or arg is None else arg.unbind(dim) for arg, dim in zip(args, in_dims)]
+    outputs = [
+        apply(*(arg if parts is None else parts[index].contiguous() for arg, parts in zip(args, entries)))
+        for index in range(info.batch_size)
+    ]
     out_dims = (0, 0) if isinstance(outputs[0], tuple) else 0
     return _stacked(outputs), out_dims
 
@@ -201,7 +202,7 @@ class TransformableFusedEmbeddingBackward(torch.autograd.Function):
         dim = grad_out.shape[-1]
         grad_tok, grad_pos = grad_tok.view(batch_size, -1, dim), grad_pos.view(batch_size, -1, dim)
         if padding_idx >= 0 and grad_tok.shape[1] > 0:  # (a frozen table's gradient is [0, D] per entry)
-            grad_tok = grad_tok.index_fill(1, torch.tensor([padding_idx], device=grad_tok.device), 0)
+            grad_tok[:, padding_idx] = 0  # in place: a copy would cost as much as the gradient
         return (grad_tok, grad_pos), (0, 0)
 
 
