@@ -23,13 +23,16 @@ read it at ids + b*V (positions likewise at + b*P). A batch of output gradients 
 gradients, jacrev) scatters into such a stacked gradient table, which is [B, V, D] once
 reshaped; the padding row of every entry is zeroed there, since the kernels know one padding
 row only. For the same reason a batch of token tables with a padding_idx runs one entry at a
-time where the stacked call's own backward would compute their gradient (grad of vmap), as do
-sizes whose stacked rows or tokens would pass the kernels' int32 limit.
+time where something below the vmap may differentiate the stacked call, whose own backward
+would mask one padding row (grad, jvp or vmap of the vmap), as do sizes whose stacked rows or
+tokens would pass the kernels' int32 limit. The range check always runs under transforms
+(fusedemb.functional): in a stacked table an id past its own table is a row of the next entry's.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from fusedemb.kernels.preconditions import INT32_LIMIT
 from fusedemb.ops import (
@@ -84,10 +87,16 @@ def _within_int32(num_tokens: int, *stacked_rows: int) -> bool:
 
 
 def _padding_rows_differentiated(tok_weight: torch.Tensor, tok_dim: int | None, padding_idx: int) -> bool:
-    """Whether a transform below this vmap (grad of vmap) would take the gradient of stacked
-    token tables with a padding row: the stacked call's own backward would mask one padding row
-    where there are B. (Under vmap of grad, the batched backward's vmap rule masks them all.)"""
-    return tok_dim is not None and padding_idx >= 0 and tok_weight.requires_grad and torch.is_grad_enabled()
+    """Whether a call on stacked token tables with a padding row might be differentiated, or
+    have tangents pushed through it, below this vmap: by a transform (grad, jvp or vmap of this
+    vmap) or by autograd or forward AD outside torch.func. Its own backward would mask one
+    padding row where there are B. (Under vmap of grad, nothing is below: the batched
+    backward's vmap rule masks every entry's padding row.)"""
+    if tok_dim is None or padding_idx < 0:
+        return False
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and tok_weight.requires_grad
 
 
 def _loop(apply, info, in_dims, args):

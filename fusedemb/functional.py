@@ -88,13 +88,17 @@ def fused_embedding(
     """
     inputs = prepare_inputs(ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx)
     backend = resolve_backend(backend, inputs.tok_weight.device)
-    if backend == "cpp":
+    # Under torch.func's vmap a batch of tables runs as one stacked table, in which an id past
+    # its own table is a row of the next entry's: neither the C++ kernels' check nor the Triton
+    # kernels' clamp can tell, so under transforms the range check runs even when switched off.
+    transformed = torch._C._are_functorch_transforms_active()
+    if backend == "cpp" and not transformed:
         # The C++ kernels check every index before they read one and raise the range check's
         # IndexError themselves: checking here too would only cost host time.
         return _run_backend(inputs, backend, deterministic)
     # The reference is eager PyTorch, whose embedding trips a device-side assert on a bad id: it
     # is checked even with the checks switched off (it is not the backend to pick for speed).
-    range_check = inputs.start_range_check(even_if_off=backend == "reference")
+    range_check = inputs.start_range_check(even_if_off=backend == "reference" or transformed)
     # The Triton kernels clamp every index into its table, so they may be queued before the range
     # check's answer is back: the GPU starts the forward as soon as the answer has left for the
     # host, instead of idling until the host has woken up and queued the forward. The call still

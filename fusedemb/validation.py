@@ -111,15 +111,17 @@ class EmbeddingInputs(NamedTuple):
         tensors without values (module docstring)."""
         if not (_bounds_check or even_if_off) or torch.compiler.is_compiling():
             return RangeCheck([])
-        if self.ids.is_meta or isinstance(self.ids, FakeTensor):
-            return RangeCheck([])
-        if self.ids.is_cuda and torch.cuda.is_current_stream_capturing():
-            return RangeCheck([])
-        checks = [("ids", self.ids, self.tok_weight.shape[0], "the token table")]
-        if self.position_ids is not None:
-            checks.append(("position_ids", self.position_ids, self.pos_weight.shape[0], "the position table"))
+        ids, position_ids = self.ids, self.position_ids
         if torch._C._are_functorch_transforms_active():
-            checks = [(name, _values_of(index), *table) for name, index, *table in checks]
+            ids = _values_of(ids)
+            position_ids = None if position_ids is None else _values_of(position_ids)
+        if ids.is_meta or isinstance(ids, FakeTensor):
+            return RangeCheck([])
+        if ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            return RangeCheck([])
+        checks = [("ids", ids, self.tok_weight.shape[0], "the token table")]
+        if position_ids is not None:
+            checks.append(("position_ids", position_ids, self.pos_weight.shape[0], "the position table"))
         return RangeCheck(checks)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
 from conftest import make_tables
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusedemb
 from fusedemb.func_transforms import _loop
@@ -120,13 +121,56 @@ def test_vmap_over_tables_and_its_gradients(case, padding_idx):
                         ensemble_transforms(reference, ids, tables, in_dims, padding_idx=padding_idx, **kwargs))  # fmt: skip
 
 
-def test_bad_ids_are_caught_under_vmap(case):
-    """The range check reads the values under vmap's wrapper: every batch entry's."""
+@pytest.mark.parametrize("check_on", [True, False], ids=["check-on", "check-off"])
+def test_bad_ids_are_caught_under_vmap(case, check_on, monkeypatch):
+    """The range check reads the values under vmap's wrapper: every batch entry's. With a batch
+    of tables it runs even when switched off, and for the C++ kernels too: in the stacked table
+    an id past its own table is a row of the next entry's, which no kernel could tell."""
     fused, _, ids, tok, pos = case
+    monkeypatch.setattr(fusedemb.validation, "_bounds_check", check_on)
     batched_ids = torch.randint(0, VOCAB, (3, *ids.shape), device=ids.device)
-    batched_ids[2, 1, 4] = VOCAB
-    with pytest.raises(IndexError, match=f"ids contains {VOCAB}"):
-        torch.func.vmap(lambda ids: fused(ids, tok, pos))(batched_ids)
+    batched_ids[0, 1, 4] = VOCAB
+    toks = torch.randn(3, *tok.shape, device=tok.device)
+    positions = torch.randint(0, CONTEXT, (3, *ids.shape), device=ids.device)
+    positions[1, 0, 0] = -1
+    poss = torch.randn(3, *pos.shape, device=pos.device)
+    if check_on:  # shared tables: the kernels' own check or clamp is per table
+        with pytest.raises(IndexError, match=f"ids contains {VOCAB}, outside \\[0, {VOCAB}\\)"):
+            torch.func.vmap(lambda ids: fused(ids, tok, pos))(batched_ids)
+    with pytest.raises(IndexError, match=f"ids contains {VOCAB}, outside \\[0, {VOCAB}\\)"):
+        torch.func.vmap(lambda ids, tok: fused(ids, tok, pos))(batched_ids, toks)
+    with pytest.raises(IndexError, match=f"position_ids contains -1, outside \\[0, {CONTEXT}\\)"):
+        torch.func.vmap(lambda p, pos: fused(ids, tok, pos, position_ids=p), (0, 0))(positions, poss)
+
+
+def test_padding_rows_of_stacked_tables_under_nested_transforms(case):
+    """Stacked token tables with a padding row, where something below the vmap differentiates
+    the stacked call or pushes tangents through it (a vmap of the vmap under autograd, reverse
+    over forward, the gradient of a tangent): every entry's padding row stays without gradient."""
+    fused, reference, ids, tok, pos = case
+    tables = torch.randn(2, 2, *tok.shape, device=tok.device)
+    directions = torch.randn(2, *tok.shape, device=tok.device)
+
+    def transforms(embed):
+        nested = tables.clone().requires_grad_()
+        torch.func.vmap(torch.func.vmap(lambda t: embed(ids, t, pos)))(nested).tanh().sum().backward()
+        ensemble_loss = lambda t: torch.func.vmap(lambda t: embed(ids, t, pos))(t).tanh().pow(2).sum()  # noqa: E731
+        reverse_over_forward = torch.func.grad(lambda t: torch.func.jvp(ensemble_loss, (t,), (directions,))[1])
+        outputs_tangent = lambda d: torch.func.jvp(lambda t: torch.func.vmap(lambda t: embed(ids, t, pos))(t), (tables[0],), (d,))[1]  # noqa: E731
+        tangent_gradient = torch.func.grad(lambda d: outputs_tangent(d).tanh().sum())(directions)
+        return nested.grad, reverse_over_forward(tables[0]), tangent_gradient
+
+    assert_same(transforms(fused), transforms(reference))
+
+
+def test_vmap_under_fake_tensor_mode(backend_config):
+    """Shapes only (tracing, export): the range check finds fake values under vmap's wrapper too."""
+    backend, device, _ = backend_config
+    with FakeTensorMode():
+        tok, pos = torch.randn(VOCAB, DIM, device=device), torch.randn(CONTEXT, DIM, device=device)
+        batched_ids = torch.zeros(3, 2, 4, dtype=torch.long, device=device)
+        out = torch.func.vmap(lambda ids: fusedemb.fused_embedding(ids, tok, pos, backend=backend))(batched_ids)
+        assert out.shape == (3, 2, 4, DIM)
 
 
 def test_vmap_along_other_dims(case):
