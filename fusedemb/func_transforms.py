@@ -38,9 +38,11 @@ from fusedemb.kernels.preconditions import INT32_LIMIT
 from fusedemb.ops import (
     _setup_context,
     _table_gradients,
+    batched,
     eager_backward,
     eager_forward,
     forward_on_tangents,
+    fused_embedding_op,
     gather_table_gradients,
     save_backward_context,
     save_for_tangents,
@@ -118,6 +120,9 @@ class TransformableFusedEmbedding(torch.autograd.Function):
 
     @staticmethod
     def forward(ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic):
+        if batched(tok_weight) or batched(pos_weight):  # autograd's batched gradients or tangents as tables
+            return fused_embedding_op(ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend,
+                                      deterministic)  # fmt: skip
         return eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
 
     @staticmethod
@@ -193,10 +198,11 @@ class TransformableFusedEmbeddingBackward(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx,
-             *settings):  # fmt: skip
+             backend, deterministic, tok_needs_grad, pos_needs_grad):  # fmt: skip
         """Each batch entry's gradients, scattered into tables stacked B high (module docstring)."""
         batch_size = info.batch_size
         batch_ids = _batch_first(ids, in_dims[1], batch_size)
+        settings = (backend, deterministic, tok_needs_grad, pos_needs_grad)
         if not _within_int32(batch_ids.numel(), batch_size * num_embeddings, batch_size * context_length):
             args = (grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, *settings)
             return _loop(TransformableFusedEmbeddingBackward.apply, info, in_dims, args)
@@ -208,9 +214,10 @@ class TransformableFusedEmbeddingBackward(torch.autograd.Function):
             grad_out, _stacked_rows(ids, num_embeddings).contiguous(), _stacked_rows(positions, context_length).contiguous(),
             0, batch_size * num_embeddings, batch_size * context_length, -1, *settings,
         )  # fmt: skip
-        dim = grad_out.shape[-1]
-        grad_tok, grad_pos = grad_tok.view(batch_size, -1, dim), grad_pos.view(batch_size, -1, dim)
-        if padding_idx >= 0 and grad_tok.shape[1] > 0:  # (a frozen table's gradient is [0, D] per entry)
+        dim = grad_out.shape[-1]  # a table that needs no gradient has a [0, D] one per entry
+        grad_tok = grad_tok.view(batch_size, num_embeddings if tok_needs_grad else 0, dim)
+        grad_pos = grad_pos.view(batch_size, context_length if pos_needs_grad else 0, dim)
+        if padding_idx >= 0 and tok_needs_grad:
             grad_tok[:, padding_idx] = 0  # in place: a copy would cost as much as the gradient
         return (grad_tok, grad_pos), (0, 0)
 

@@ -102,8 +102,9 @@ def fused_embedding(
     # The Triton kernels clamp every index into its table, so they may be queued before the range
     # check's answer is back: the GPU starts the forward as soon as the answer has left for the
     # host, instead of idling until the host has woken up and queued the forward. The call still
-    # waits for everything queued before it. The reference must not see a bad index.
-    if backend == "reference":
+    # waits for everything queued before it. The reference must not see a bad index, nor a
+    # stacked call (its kernels would raise first, about stacked rows, or clamp into a neighbour).
+    if backend == "reference" or transformed:
         range_check.wait()
     out = _run_backend(inputs, backend, deterministic)
     try:

@@ -281,12 +281,14 @@ def _launch_directly(backend: str):
 # dispatcher can handle them: while a dispatch mode traces (make_fx, as torch.func.linearize
 # uses, sees only what goes through the dispatcher), and for autograd's batched tensors
 # (is_grads_batched gradients, the tangents of vectorized forward-mode jacobians), which only
-# the dispatcher's fallback loops over. Those reach the backward and jvp only: the checks sit there.
+# the dispatcher's fallback loops over. Those reach eager calls' backward and jvp, and torch.func's
+# forward (func_transforms) as gradients or tangents turned tables: the checks sit there, off the
+# path of an ordinary forward.
 def _tracing() -> bool:
     return torch._C._len_torch_dispatch_stack() > 0
 
 
-def _batched(tensor: torch.Tensor | None) -> bool:
+def batched(tensor: torch.Tensor | None) -> bool:
     return tensor is not None and torch._C._functorch.is_legacy_batchedtensor(tensor)
 
 
@@ -308,7 +310,7 @@ def eager_backward(
     args = (grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend,
             deterministic)  # fmt: skip
     needs = {"tok_needs_grad": tok_needs_grad, "pos_needs_grad": pos_needs_grad}
-    if _tracing() or _batched(grad_out):
+    if _tracing() or batched(grad_out):
         return fused_embedding_backward_op(*args, **needs)
     with _launch_directly(backend):
         return backward_kernels(*args, **needs)
@@ -344,7 +346,7 @@ class FusedEmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, ids_tangent, tok_tangent, pos_tangent, *_):
-        forward = fused_embedding_op if _batched(tok_tangent) or _batched(pos_tangent) else FusedEmbeddingFunction.apply
+        forward = fused_embedding_op if batched(tok_tangent) or batched(pos_tangent) else FusedEmbeddingFunction.apply
         return forward_on_tangents(ctx, tok_tangent, pos_tangent, forward)
 
     @staticmethod

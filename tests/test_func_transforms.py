@@ -129,10 +129,10 @@ def test_bad_ids_are_caught_under_vmap(case, check_on, monkeypatch):
     fused, _, ids, tok, pos = case
     monkeypatch.setattr(fusedemb.validation, "_bounds_check", check_on)
     batched_ids = torch.randint(0, VOCAB, (3, *ids.shape), device=ids.device)
-    batched_ids[0, 1, 4] = VOCAB
+    batched_ids[2, 1, 4] = VOCAB  # the last entry's: past the stacked table too
     toks = torch.randn(3, *tok.shape, device=tok.device)
     positions = torch.randint(0, CONTEXT, (3, *ids.shape), device=ids.device)
-    positions[1, 0, 0] = -1
+    positions[1, 0, 0] = -1  # the middle entry's: in the stacked table, a row of the first
     poss = torch.randn(3, *pos.shape, device=pos.device)
     if check_on:  # shared tables: the kernels' own check or clamp is per table
         with pytest.raises(IndexError, match=f"ids contains {VOCAB}, outside \\[0, {VOCAB}\\)"):
@@ -226,6 +226,36 @@ def test_autograd_batched_gradients_and_vectorized_jacobians(case):
 
     for strategy in ("reverse-mode", "forward-mode"):
         assert_same(jacobian(fused, strategy), jacobian(reference, strategy))
+
+
+def test_autograd_batching_through_torch_func(case):
+    """autograd's batched tensors reaching torch.func's Functions, as tables: batched gradients
+    of a torch.func gradient, and forward-mode vectorized jacobians of a vmap."""
+    fused, reference, ids, tok, pos = case
+    tables = torch.randn(3, *tok.shape, device=tok.device)
+
+    def batched_second_derivatives(embed):
+        table = tok.clone().requires_grad_()
+        gradient = torch.func.grad(lambda t: (embed(ids, t, pos).tanh() ** 2).sum())(table)
+        vectors = torch.randn(4, *tok.shape, device=tok.device, generator=torch.Generator(tok.device).manual_seed(0))
+        return torch.autograd.grad(gradient, table, vectors, is_grads_batched=True)
+
+    def ensemble_jacobian(embed):
+        ensemble = lambda t: torch.func.vmap(lambda t: embed(ids, t, pos))(t)  # noqa: E731
+        return torch.autograd.functional.jacobian(ensemble, tables, vectorize=True, strategy="forward-mode")
+
+    assert_same(batched_second_derivatives(fused), batched_second_derivatives(reference))
+    assert_same(ensemble_jacobian(fused), ensemble_jacobian(reference))
+
+
+def test_vmap_over_an_empty_batch(case):
+    """Per-sample gradients of no samples: [0, V, D] and [0, P, D] (the reference fails here)."""
+    fused, _, ids, tok, pos = case
+    no_sequences = torch.zeros(0, *ids.shape, dtype=ids.dtype, device=ids.device)
+    grads = torch.func.vmap(torch.func.grad(lambda t, p, ids: fused(ids, t, p).sum(), (0, 1)), (None, None, 0))(
+        tok, pos, no_sequences
+    )
+    assert [tuple(g.shape) for g in grads] == [(0, VOCAB, DIM), (0, CONTEXT, DIM)]
 
 
 def test_vmap_beyond_the_int32_limit_runs_one_entry_at_a_time(case, monkeypatch):
