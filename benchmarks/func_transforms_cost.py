@@ -12,7 +12,7 @@ kernel call per direction):
   per-sample gradients     vmap of grad over the sequences of one model (differential privacy)
   jacobian (jacrev)        of a short sequence's output with respect to the position table
 
-and the same with a padding_idx, where ensemble gradients run one model at a time. Each
+and the same with a padding_idx (every model's padding row gets no gradient). Each
 cell is the median ± half the interquartile range in ms (fusedemb.bench.timing's timer), the
 last column fusedemb's median over the reference's.
 """

@@ -21,18 +21,18 @@ Under vmap each direction is still one call of its kernels, for the whole batch.
 tables [B, V, D] is one table B*V rows high, entry b's rows starting at b*V, so entry b's ids
 read it at ids + b*V (positions likewise at + b*P). A batch of output gradients (per-sample
 gradients, jacrev) scatters into such a stacked gradient table, which is [B, V, D] once
-reshaped; the padding row of every entry is zeroed there, since the kernels know one padding
-row only. For the same reason a batch of token tables with a padding_idx runs one entry at a
-time where something below the vmap may differentiate the stacked call, whose own backward
-would mask one padding row (grad, jvp or vmap of the vmap), as do sizes whose stacked rows or
-tokens would pass the kernels' int32 limit. The range check always runs under transforms
-(fusedemb.functional): in a stacked table an id past its own table is a row of the next entry's.
+reshaped. The kernels know one padding row; a stacked table has one per entry, b*V + padding_idx,
+and both backwards zero them all in place: the batched backward's vmap rule, and the forward's
+own backward, which a transform below the vmap (grad or jvp of vmap, a vmap of the vmap) or
+autograd may take of a stacked call (its rows_per_entry argument says how the table is
+stacked). Only sizes whose stacked rows or tokens would pass the kernels' int32 limit run one
+entry at a time. The range check always runs under transforms (fusedemb.functional): in a
+stacked table an id past its own table is a row of the next entry's.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 
 from fusedemb.kernels.preconditions import INT32_LIMIT
 from fusedemb.ops import (
@@ -88,19 +88,6 @@ def _within_int32(num_tokens: int, *stacked_rows: int) -> bool:
     return max((num_tokens, *stacked_rows)) < INT32_LIMIT
 
 
-def _padding_rows_differentiated(tok_weight: torch.Tensor, tok_dim: int | None, padding_idx: int) -> bool:
-    """Whether a call on stacked token tables with a padding row might be differentiated, or
-    have tangents pushed through it, below this vmap: by a transform (grad, jvp or vmap of this
-    vmap) or by autograd or forward AD outside torch.func. Its own backward would mask one
-    padding row where there are B. (Under vmap of grad, nothing is below: the batched
-    backward's vmap rule masks every entry's padding row.)"""
-    if tok_dim is None or padding_idx < 0:
-        return False
-    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
-        return True
-    return torch.is_grad_enabled() and tok_weight.requires_grad
-
-
 def _loop(apply, info, in_dims, args):
     """apply on each batch entry in turn (contiguous, as the kernels take index tensors and
     gradients; an argument without a vmap dim is shared), the results stacked along a new dim 0.
@@ -116,10 +103,14 @@ def _loop(apply, info, in_dims, args):
 
 
 class TransformableFusedEmbedding(torch.autograd.Function):
-    """fused_embedding's forward for torch.func (arguments as FusedEmbeddingFunction's)."""
+    """fused_embedding's forward for torch.func: FusedEmbeddingFunction's arguments, then
+    rows_per_entry, the rows of each table in the token table (all of them but under vmap,
+    which stacks a batch of tables into one): each entry has a padding row, at padding_idx of
+    its rows, and the backward zeroes them all, where the kernels know the first only."""
 
     @staticmethod
-    def forward(ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic):
+    def forward(ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic,
+                rows_per_entry):  # fmt: skip
         if batched(tok_weight) or batched(pos_weight):  # autograd's batched gradients or tangents as tables
             return fused_embedding_op(ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend,
                                       deterministic)  # fmt: skip
@@ -127,17 +118,27 @@ class TransformableFusedEmbedding(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
+        _setup_context(ctx, inputs[:8], output)
         ids, tok_weight, _, position_ids, *_ = inputs
         save_for_tangents(ctx, ids, tok_weight, position_ids)
+        ctx.rows_per_entry = inputs[8]
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _table_gradients(ctx, grad_out, apply_backward)
+        grads = _table_gradients(ctx, grad_out, apply_backward)
+        grad_tok = grads[1]
+        if grad_tok is not None and ctx.padding_idx >= 0 and ctx.rows_per_entry < ctx.num_embeddings:
+            # In place: a copy would cost as much as the gradient. (Autograd records it, so a
+            # derivative of this gradient sees those rows as constant, as it should.)
+            grad_tok.unflatten(0, (-1, ctx.rows_per_entry))[:, ctx.padding_idx] = 0
+        return (*grads, None)
 
     @staticmethod
     def jvp(ctx, ids_tangent, tok_tangent, pos_tangent, *_):
-        return forward_on_tangents(ctx, tok_tangent, pos_tangent, TransformableFusedEmbedding.apply)
+        def forward(*args):  # on the tangents, whose padding rows pass on as in nn.Embedding
+            return TransformableFusedEmbedding.apply(*args, ctx.rows_per_entry)
+
+        return forward_on_tangents(ctx, tok_tangent, pos_tangent, forward)
 
     @staticmethod
     def vmap(info, in_dims, ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, *settings):
@@ -145,7 +146,7 @@ class TransformableFusedEmbedding(torch.autograd.Function):
         batch_size, num_embeddings, context_length = info.batch_size, _rows(tok_weight, tok_dim), _rows(pos_weight, pos_dim)
         batch_ids = _batch_first(ids, ids_dim, batch_size)
         stacked_rows = [batch_size * rows for rows, dim in ((num_embeddings, tok_dim), (context_length, pos_dim)) if dim is not None]
-        if _padding_rows_differentiated(tok_weight, tok_dim, padding_idx) or not _within_int32(batch_ids.numel(), *stacked_rows):
+        if not _within_int32(batch_ids.numel(), *stacked_rows):
             args = (ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, *settings)
             return _loop(TransformableFusedEmbedding.apply, info, in_dims, args)
         ids = batch_ids
@@ -185,7 +186,7 @@ class TransformableFusedEmbeddingBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_of_grad_tok, grad_of_grad_pos):
-        grad_grad_out = gather_table_gradients(ctx, grad_of_grad_tok, grad_of_grad_pos, TransformableFusedEmbedding.apply)
+        grad_grad_out = gather_table_gradients(ctx, grad_of_grad_tok, grad_of_grad_pos, apply_forward)
         return (grad_grad_out,) + (None,) * 10
 
     @staticmethod
@@ -220,6 +221,12 @@ class TransformableFusedEmbeddingBackward(torch.autograd.Function):
         if padding_idx >= 0 and tok_needs_grad:
             grad_tok[:, padding_idx] = 0  # in place: a copy would cost as much as the gradient
         return (grad_tok, grad_pos), (0, 0)
+
+
+def apply_forward(ids, tok_weight, *args):
+    """TransformableFusedEmbedding.apply on one token table (or one stacked table whose own
+    padding rows are already taken care of): in the calling convention of the other forwards."""
+    return TransformableFusedEmbedding.apply(ids, tok_weight, *args, tok_weight.shape[0])
 
 
 def apply_backward(*args, tok_needs_grad: bool, pos_needs_grad: bool):

@@ -6,7 +6,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from fusedemb.cpp_extension import CPP_EXTENSION_AVAILABLE
-from fusedemb.func_transforms import TransformableFusedEmbedding
+from fusedemb.func_transforms import apply_forward as apply_transformable
 from fusedemb.ops import INTERPRETED, TRITON_AVAILABLE, FusedEmbeddingFunction, eager_forward, fused_embedding_op
 from fusedemb.reference import fused_embedding_reference
 from fusedemb.validation import EmbeddingInputs, prepare_inputs
@@ -137,7 +137,7 @@ def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | No
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         apply = fused_embedding_op  # torch.compile and torch.jit.trace record the registered operator
     elif torch._C._are_functorch_transforms_active():
-        apply = TransformableFusedEmbedding.apply  # torch.func's form: slower to apply, so only here
+        apply = apply_transformable  # torch.func's form: slower to apply, so only here
     elif _nothing_to_differentiate(inputs):
         # The kernels alone, without autograd's bookkeeping: host time that dominates a small
         # call, such as decoding one token.

@@ -106,12 +106,13 @@ def ensemble_transforms(embed, ids, tables, in_dims, **kwargs):
     return outputs, summed, torch.func.vmap(torch.func.grad(model_loss, (0, 1)), in_dims)(*tables)
 
 
-@pytest.mark.parametrize("padding_idx", [None, 3])  # with a padding row, grad of vmap over token tables loops
-def test_vmap_over_tables_and_its_gradients(case, padding_idx):
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_vmap_over_tables_and_its_gradients(case, padding_idx, monkeypatch):
     """Ensembles (torch.func.stack_module_state): a batch of tables, each direction one call on
-    tables stacked a batch high. Token tables batched along dim 0, position tables along dim 1,
-    and either alone."""
+    tables stacked a batch high, never a loop over the batch. Token tables batched along dim 0,
+    position tables along dim 1, and either alone."""
     fused, reference, ids, tok, pos = case
+    monkeypatch.setattr(fusedemb.func_transforms, "_loop", lambda *args: pytest.fail("looped over the batch"))
     toks = torch.randn(3, *tok.shape, device=tok.device)
     poss = torch.randn(pos.shape[0], 3, pos.shape[1], device=pos.device)
     positions = torch.randint(0, CONTEXT, ids.shape, device=ids.device)
