@@ -130,7 +130,8 @@ class TransformableFusedEmbedding(torch.autograd.Function):
         if grad_tok is not None and ctx.padding_idx >= 0 and ctx.rows_per_entry < ctx.num_embeddings:
             # In place: a copy would cost as much as the gradient. (Autograd records it, so a
             # derivative of this gradient sees those rows as constant, as it should.)
-            grad_tok.unflatten(0, (-1, ctx.rows_per_entry))[:, ctx.padding_idx] = 0
+            # (view, not unflatten: autograd's batched tensors have no batching rule for that)
+            grad_tok.view(-1, ctx.rows_per_entry, grad_tok.shape[-1])[:, ctx.padding_idx] = 0
         return (*grads, None)
 
     @staticmethod
@@ -154,6 +155,8 @@ class TransformableFusedEmbedding(torch.autograd.Function):
             position_ids = _batch_first(position_ids, position_ids_dim, batch_size)
         if tok_dim is not None:
             ids, tok_weight = _stacked_rows(ids, num_embeddings), _stacked_table(tok_weight, tok_dim)
+            if batch_size == 0:  # no tables, so no padding row in them
+                padding_idx = -1
         if pos_dim is not None:
             positions = _positions(ids, position_ids, position_offset)
             position_ids, pos_weight = _stacked_rows(positions, context_length), _stacked_table(pos_weight, pos_dim)

@@ -241,12 +241,13 @@ def test_autograd_batching_through_torch_func(case):
         vectors = torch.randn(4, *tok.shape, device=tok.device, generator=torch.Generator(tok.device).manual_seed(0))
         return torch.autograd.grad(gradient, table, vectors, is_grads_batched=True)
 
-    def ensemble_jacobian(embed):
-        ensemble = lambda t: torch.func.vmap(lambda t: embed(ids, t, pos))(t)  # noqa: E731
-        return torch.autograd.functional.jacobian(ensemble, tables, vectorize=True, strategy="forward-mode")
+    def ensemble_jacobians(embed):  # of two tokens, one of them padding: a jacobian row per output element
+        ensemble = lambda t: torch.func.vmap(lambda t: embed(ids[:1, 1:3], t, pos))(t)  # noqa: E731
+        jacobian = torch.autograd.functional.jacobian
+        return tuple(jacobian(ensemble, tables, vectorize=True, strategy=s) for s in ("forward-mode", "reverse-mode"))
 
     assert_same(batched_second_derivatives(fused), batched_second_derivatives(reference))
-    assert_same(ensemble_jacobian(fused), ensemble_jacobian(reference))
+    assert_same(ensemble_jacobians(fused), ensemble_jacobians(reference))
 
 
 def test_vmap_over_an_empty_batch(case):
@@ -257,6 +258,9 @@ def test_vmap_over_an_empty_batch(case):
         tok, pos, no_sequences
     )
     assert [tuple(g.shape) for g in grads] == [(0, VOCAB, DIM), (0, CONTEXT, DIM)]
+    no_tables = torch.zeros(0, *tok.shape, device=tok.device)  # an ensemble of no models, padding_idx 3
+    ensemble_loss = lambda t: torch.func.vmap(lambda t: fused(ids, t, pos))(t).sum()  # noqa: E731
+    assert torch.func.grad(ensemble_loss)(no_tables).shape == (0, VOCAB, DIM)
 
 
 def test_vmap_beyond_the_int32_limit_runs_one_entry_at_a_time(case, monkeypatch):
