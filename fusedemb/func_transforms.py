@@ -128,9 +128,9 @@ class TransformableFusedEmbedding(torch.autograd.Function):
         grads = _table_gradients(ctx, grad_out, apply_backward)
         grad_tok = grads[1]
         if grad_tok is not None and ctx.padding_idx >= 0 and ctx.rows_per_entry < ctx.num_embeddings:
-            # In place: a copy would cost as much as the gradient. (Autograd records it, so a
-            # derivative of this gradient sees those rows as constant, as it should.)
-            # (view, not unflatten: autograd's batched tensors have no batching rule for that)
+            # In place, through a view: a copy would cost as much as the gradient, and unflatten
+            # has no batching rule for autograd's batched tensors. Autograd records the write,
+            # so a derivative of this gradient sees those rows as constant, as it should.
             grad_tok.view(-1, ctx.rows_per_entry, grad_tok.shape[-1])[:, ctx.padding_idx] = 0
         return (*grads, None)
 
