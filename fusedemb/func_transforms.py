@@ -88,6 +88,14 @@ def _within_int32(num_tokens: int, *stacked_rows: int) -> bool:
     return max((num_tokens, *stacked_rows)) < INT32_LIMIT
 
 
+def _zero_padding_rows(grad_tok: torch.Tensor, rows_per_entry: int, padding_idx: int) -> None:
+    """Zero every entry's padding row (b * rows_per_entry + padding_idx) of a stacked token-table
+    gradient, in place through a view: a copy would cost as much as the gradient, and unflatten
+    has no batching rule for autograd's batched tensors. Autograd records the write, so a
+    derivative of this gradient sees those rows as constant, as it should."""
+    grad_tok.view(-1, rows_per_entry, grad_tok.shape[-1])[:, padding_idx] = 0
+
+
 def _loop(apply, info, in_dims, args):
     """apply on each batch entry in turn (contiguous, as the kernels take index tensors and
     gradients; an argument without a vmap dim is shared), the results stacked along a new dim 0.
@@ -128,10 +136,7 @@ class TransformableFusedEmbedding(torch.autograd.Function):
         grads = _table_gradients(ctx, grad_out, apply_backward)
         grad_tok = grads[1]
         if grad_tok is not None and ctx.padding_idx >= 0 and ctx.rows_per_entry < ctx.num_embeddings:
-            # In place, through a view: a copy would cost as much as the gradient, and unflatten
-            # has no batching rule for autograd's batched tensors. Autograd records the write,
-            # so a derivative of this gradient sees those rows as constant, as it should.
-            grad_tok.view(-1, ctx.rows_per_entry, grad_tok.shape[-1])[:, ctx.padding_idx] = 0
+            _zero_padding_rows(grad_tok, ctx.rows_per_entry, ctx.padding_idx)  # the kernels did the first
         return (*grads, None)
 
     @staticmethod
@@ -218,11 +223,11 @@ class TransformableFusedEmbeddingBackward(torch.autograd.Function):
             grad_out, _stacked_rows(ids, num_embeddings).contiguous(), _stacked_rows(positions, context_length).contiguous(),
             0, batch_size * num_embeddings, batch_size * context_length, -1, *settings,
         )  # fmt: skip
+        if padding_idx >= 0 and tok_needs_grad:
+            _zero_padding_rows(grad_tok, num_embeddings, padding_idx)
         dim = grad_out.shape[-1]  # a table that needs no gradient has a [0, D] one per entry
         grad_tok = grad_tok.view(batch_size, num_embeddings if tok_needs_grad else 0, dim)
         grad_pos = grad_pos.view(batch_size, context_length if pos_needs_grad else 0, dim)
-        if padding_idx >= 0 and tok_needs_grad:
-            grad_tok[:, padding_idx] = 0  # in place: a copy would cost as much as the gradient
         return (grad_tok, grad_pos), (0, 0)
 
 
