@@ -160,6 +160,9 @@ def check_tables_have_rows(num_tokens: int, tables: dict[str, int]) -> None:
 def check_positions_fit(seq_len: int, position_offset: int, context_length: int) -> None:
     """Default positions [position_offset, position_offset + seq_len) must be rows of the table."""
     if position_offset < 0 or position_offset + seq_len > context_length:
+        # Under torch.compile with a dynamic sequence length these are symbolic, and Dynamo
+        # cannot format a symbolic int into a string: as ints, the message reaches the user.
+        position_offset, seq_len = int(position_offset), int(seq_len)
         raise IndexError(
             f"positions [{position_offset}, {position_offset + seq_len}) (position_offset {position_offset} + "
             f"sequence length {seq_len}) do not fit the position table of {context_length} rows"
