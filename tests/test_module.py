@@ -61,6 +61,29 @@ def test_forward_and_backward_match_the_pair():
     torch.testing.assert_close(fused.pos_emb.weight.grad, pair.pos_emb.weight.grad)
 
 
+def test_autocast_leaves_the_embedding_in_the_tables_dtype_as_for_the_pair(backend_config):
+    """Mixed-precision training (torch.autocast) casts neither nn.Embedding nor the add, so the
+    pair's output keeps the tables' dtype: so must the drop-in's, with the same values and
+    gradients, while the layer after it still runs in the autocast dtype."""
+    backend, device, deterministic = backend_config
+    torch.manual_seed(0)
+    pair = EmbeddingPair(30, 8, 10).to(device)
+    fused = fusedemb.FusedEmbedding(30, 8, 10, backend=backend, deterministic=deterministic).to(device)
+    fused.load_state_dict(pair.state_dict())
+    head = nn.Linear(8, 3).to(device)
+    ids = torch.randint(0, 30, (4, 10), device=device)
+    results = []
+    for model in (fused, pair):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = model(ids)
+            logits = head(out)
+        grads = torch.autograd.grad(logits.float().square().sum(), [model.tok_emb.weight, model.pos_emb.weight])
+        results.append((out, logits, *grads))
+    assert results[0][0].dtype == torch.float32 and results[0][1].dtype == torch.bfloat16
+    for from_fused, from_pair in zip(*results):
+        torch.testing.assert_close(from_fused, from_pair)
+
+
 def test_from_embeddings_shares_parameters_and_weight_tying():
     def tied_model(embedding_factory):
         torch.manual_seed(5)
