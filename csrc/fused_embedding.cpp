@@ -7,7 +7,8 @@
 // where n runs over the N = ids.numel() tokens in row-major order, T = ids.size(-1), and
 // pos(n) = position_ids[n] when position_ids is given, else n % T + position_offset.
 //
-// fusedemb/validation.py checks inputs with readable messages before they get here, and
+// fusedemb/validation.py checks shapes, dtypes and devices with readable messages before
+// inputs get here (the id values are checked here: check_rows_in_range, below), and
 // fusedemb/cpp_extension.py gives these operators their fake kernels; autograd belongs to the
 // fusedemb::fused_embedding operator that calls them (fusedemb/ops.py). The checks here are
 // the last line of defence, so that a direct call can never read or write out of bounds.

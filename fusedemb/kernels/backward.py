@@ -3,8 +3,8 @@
     grad_tok = zeros(V, D).index_add_(0, ids, grad_out)    (row padding_idx stays zero)
     grad_pos = zeros(P, D).index_add_(0, pos, grad_out)
 
-Bytes moved: read grad_out (N * D * elt), write the dense token gradient (V * D * elt, zeros
-included) and the position gradient (P * D * elt).
+Bytes moved: read the ids (N * id_size) and grad_out (N * D * elt), write the dense token
+gradient (V * D * elt, zeros included) and the position gradient (P * D * elt).
 
 The token gradient has two modes:
 - fast: `sweep_batch_kernel` adds each gradient row into a float32 table (float64 for float64
@@ -74,6 +74,9 @@ def add_tile_to_table(acc_ptr, grad, table_rows, present, cols, col_mask, dim, n
             pending_row = lowest
     else:
         add_mask = (present & (table_rows != skip_row))[:, None] & col_mask[None, :]
+        # Relaxed: the adds only accumulate, and nothing reads the accumulator before the kernel
+        # ends, so they need no ordering; the default, acq_rel, would order each one against the
+        # program's other loads and stores.
         tl.atomic_add(acc_ptr + table_rows[:, None] * dim + cols[None, :], grad, mask=add_mask, sem="relaxed")
     return pending, pending_row
 
@@ -81,7 +84,7 @@ def add_tile_to_table(acc_ptr, grad, table_rows, present, cols, col_mask, dim, n
 @triton.jit
 def flush_pending(acc_ptr, pending, pending_row, cols, col_mask, dim, skip_row):
     if (pending_row >= 0) & (pending_row != skip_row):
-        tl.atomic_add(acc_ptr + pending_row * dim + cols, pending, mask=col_mask, sem="relaxed")
+        tl.atomic_add(acc_ptr + pending_row * dim + cols, pending, mask=col_mask, sem="relaxed")  # see add_tile_to_table
 
 
 @triton.jit
@@ -130,12 +133,12 @@ def sweep_batch_kernel(
       [position_offset, position_offset + T). With G = 1 and S = P this is the position gradient.
     Bytes: the gradient is read once for both (N * D * elt), the sums written once (G * S * D).
     """
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    sum_rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
     group = tl.program_id(2)
     col_mask = cols < dim
-    t = rows - position_offset
-    in_sequence = (t >= 0) & (t < seq_len) & (rows < num_sums)
+    t = sum_rows - position_offset
+    in_sequence = (t >= 0) & (t < seq_len) & (sum_rows < num_sums)
     acc_type = acc_ptr.dtype.element_ty
     sums = to_accumulator(tl.zeros([BLOCK_ROWS, BLOCK_DIM], dtype=tl.float32), ACC_FP64)
     # See add_tile_to_table: the row summed in registers, and its sum so far.
@@ -170,8 +173,8 @@ def sweep_batch_kernel(
     if ADD_TO_TABLE:
         flush_pending(acc_ptr, pending, pending_row, cols, col_mask, dim, skip_row)
     if SUM_OVER_BATCH:
-        offsets = (group * num_sums + rows).to(tl.int64)[:, None] * dim + cols[None, :]
-        store_mask = (rows < num_sums)[:, None] & col_mask[None, :]
+        offsets = (group * num_sums + sum_rows).to(tl.int64)[:, None] * dim + cols[None, :]
+        store_mask = (sum_rows < num_sums)[:, None] & col_mask[None, :]
         tl.store(sums_ptr + offsets, sums.to(sums_ptr.dtype.element_ty), mask=store_mask)
 
 
@@ -225,8 +228,8 @@ SWEEP_PROGRAMS = 512
 
 
 def sweep_warps(add_to_table: bool, grad_dtype: torch.dtype) -> int:
-    """Warps per sweep_batch_kernel program. A [4, 256] tile over 8 warps is one 16-byte vector
-    per thread. Adding float32 gradients into the table, 4 warps (two vectors per thread, 80
+    """Warps per sweep_batch_kernel program. A [4, 256] float32 tile over 8 warps is one 16-byte
+    vector per thread (8 bytes of a 16-bit tile). Adding float32 gradients into the table, 4 warps (two vectors per thread, 80
     registers on sm_90: 6 programs per SM, 4 with 8 warps) were faster on an H200, backward alone,
     with the one-entry-ahead load: at gpt2-124M B32, 169 -> 141 us with Zipf(1.1) ids, 176 -> 87 us
     with one id everywhere, 124 -> 122 us with uniform ids; large-vocab B16 Zipf 1226 -> 1095 us.

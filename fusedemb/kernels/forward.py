@@ -2,8 +2,9 @@
 
 Bytes moved (the performance model): N ids, N gathered token rows, the position rows (T distinct
 ones, reused across the batch and so mostly served from L2) and N output rows:
-about 2 * N * D * element_size. Eager PyTorch moves about 4 * N * D: the token gather writes an
-(N, D) intermediate that the add reads back (the position intermediate is only (T, D)).
+about 2 * N * D * element_size. Eager PyTorch moves about 4 * N * D * element_size: the token
+gather writes an (N, D) intermediate that the add reads back (the position intermediate is only
+(T, D)).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def triton_forward(
             fused_embedding_forward_kernel,
             grid,
             ids,
-            ids if position_ids is None else position_ids,
+            ids if position_ids is None else position_ids,  # ids: a pointer never read (HAS_POSITION_IDS)
             tok_weight,
             pos_weight,
             out,

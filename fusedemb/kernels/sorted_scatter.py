@@ -35,9 +35,17 @@ counting sort's per-chunk counts would grow too large, torch.sort does that inst
    fixed shape), never by scheduling: hence deterministic.
 
 Bytes: the gradient is read once (N * D * elt); the table is written whole by the memset and
-its touched rows again (V * D * elt plus at most N * D * elt). Writing only the untouched rows
-with a kernel of our own instead moved fewer bytes but took longer on an H200 (at gpt2-124M B8
-float32, 108 us against 95 us for the whole backward; at large-vocab B8, 941 us against 760 us).
+its touched rows again (V * D * elt plus at most N * D * elt). Two more buffers of the sort and
+the sums add to that:
+- the counting sort's counts and ends, V * ceil(N / CHUNK) int32 cells each: counts is zeroed
+  and written, the prefix sum reads it and writes ends (at gpt2-124M B32, about 3 x 26 MB next
+  to the 154 MB float32 table and the 101 MB gradient). This part runs on the side stream, in
+  the shadow of the memset;
+- the float64 head and tail partials of the tiles, up to 2 * ceil(N / TILE) * D * 8 bytes
+  written and read again, where runs cross tile edges (hot rows).
+Writing only the untouched rows with a kernel of our own instead of the memset moved fewer
+bytes but took longer on an H200 (at gpt2-124M B8 float32, 108 us against 95 us for the whole
+backward; at large-vocab B8, 941 us against 760 us).
 """
 
 from __future__ import annotations
@@ -66,8 +74,15 @@ CHUNK = 256
 # it; where the two cross inside the whole backward is not measured. Every size of the benchmark
 # sweep stays below it (large-vocab B8 has 8.2M cells), so its figures are of the counting sort.
 COUNTING_SORT_MAX_CELLS = 1 << 24
-RANK_BLOCK = 64  # tokens compared at once in chunk_rank_kernel: a 64 x 64 comparison tile
-SCATTER_BLOCK = 1024  # tokens per program in scatter_sorted_kernel
+# Tokens ranked per program of chunk_rank_kernel, and compared at once: a 64 x 64 tile of
+# comparisons (4096 pairs, 32 per thread of the default 4 warps). The kernel walks its chunk in
+# steps of RANK_BLOCK, so RANK_BLOCK must divide CHUNK or a chunk's last tokens go unranked.
+# Set with the first version of these kernels, not tuned on its own (nor SCATTER_BLOCK and
+# COMBINE_BLOCK_DIM).
+RANK_BLOCK = 64
+assert CHUNK % RANK_BLOCK == 0
+# Tokens per program of scatter_sorted_kernel, which moves a few 4-byte indices per token.
+SCATTER_BLOCK = 1024
 # Sorted positions per program in segment_sums_kernel, gathered at once: 16 bytes of each of
 # them per thread. Measured on an H200 at gpt2-124M B8 and B32: in float32 16 was as fast as
 # or faster than 8 and 32, in bfloat16 faster than 4 and 8.
@@ -82,12 +97,17 @@ COMBINE_TILES = 8
 # against one program adding all 2048 heads in turn: 275 -> 173 us float32, 236 -> 140 us
 # bfloat16; with uniform or Zipf ids within +-2% (+4% at B8 Zipf: the extra launch).
 PARTIALS_BLOCK = 64
-COMBINE_BLOCK_DIM = 64  # columns per program there: a hot row is combined by D / 64 programs
+# Columns per program of the block sums and the combine (float64 partials): a hot row is
+# combined by D / 64 programs, 12 at gpt2-124M's D of 768.
+COMBINE_BLOCK_DIM = 64
 
 
 def segment_warps(block_dim: int, element_size: int) -> int:
     """Warps for segment_sums_kernel: just enough to cover a row slice with 16 bytes per thread,
-    so that the warps split the columns and never the tile's rows."""
+    so that the warps split the columns and never the tile's rows. (A row slice narrower than
+    one warp's 32 x 16 bytes, D < 128 in float32 or < 256 in 16 bits, leaves the lanes of the
+    single warp to split the tile's rows: the scan's comment in segment_sums_kernel says what
+    that does to the order of the additions.)"""
     return max(1, block_dim * element_size // (16 * 32))
 
 

@@ -13,7 +13,8 @@ T 1024): B 8 float32 120.8 -> 108.1 us, bfloat16 82.7 -> 73.2 us; B 32 1-2% less
 
 What keeps it correct:
 - The side stream waits for the current stream (the fork) after the sort's buffers are
-  allocated, right before the sort's first launch (counting_sort_by_row): in deterministic mode
+  allocated, right before the sort's first launch (counting_sort_by_row): under
+  torch.use_deterministic_algorithms(True), whose fill_uninitialized_memory is on by default,
   torch.empty queues a fill of new memory on the current stream, which must not land on the
   sort's results. The current stream waits for the side stream (the join, at the end of the
   block) before it runs anything after the block, so it reads those results once written.
