@@ -73,7 +73,9 @@ def fused_embedding(
         ids: integer tensor (int32/int64 kernels; other integer dtypes are widened) of shape (..., T).
         tok_weight: token table (V, D); pos_weight: position table (P, D); same dtype and device,
             float32, float64, bfloat16 or float16.
-        position_ids: explicit positions of ids' shape (left-padded or packed batches).
+        position_ids: explicit positions (left-padded or packed batches), of ids' shape or
+            broadcastable to it (one row of T positions for the whole batch, as Hugging Face
+            models pass them).
         position_offset: first position when position_ids is None (decoding with a KV cache).
         padding_idx: as nn.Embedding: that row is returned as stored and gets no gradient;
             negative values count from the end.

@@ -1,7 +1,7 @@
 """The plain-PyTorch definition of the fused embedding: the ground truth for tests and benchmarks.
 
     out[..., t, :] = tok_weight[ids[..., t], :] + pos_weight[pos[..., t], :]
-    pos[..., t]    = position_ids[..., t]   if position_ids is given
+    pos[..., t]    = position_ids[..., t]   if position_ids is given (broadcast to ids' shape)
                    = t + position_offset     otherwise
 
 This is exactly what a GPT model computes with two ``nn.Embedding`` modules and an add, so it
@@ -59,5 +59,5 @@ def fused_embedding_backward_reference(
     grad_tok = rows.new_zeros(num_embeddings, dim).index_add_(0, ids.reshape(-1), rows)
     if padding_idx is not None:
         grad_tok[padding_idx] = 0
-    grad_pos = rows.new_zeros(context_length, dim).index_add_(0, position_ids.reshape(-1), rows)
+    grad_pos = rows.new_zeros(context_length, dim).index_add_(0, position_ids.expand(ids.shape).reshape(-1), rows)
     return grad_tok.to(grad_out.dtype), grad_pos.to(grad_out.dtype)

@@ -213,6 +213,26 @@ def _check_table(name: str, table: torch.Tensor) -> None:
     check_embedding_rows(name, table)
 
 
+def _widened(index: torch.Tensor) -> torch.Tensor:
+    """An index tensor in a dtype the kernels take: int32 and int64 as they are, other integer
+    dtypes (int8 to uint64) as int64."""
+    return index if index.dtype in SUPPORTED_ID_DTYPES else index.long()
+
+
+def _broadcast_position_ids(position_ids: torch.Tensor, ids_shape: torch.Size) -> torch.Tensor:
+    """position_ids broadcast to ids' shape, as the pair's add broadcasts pos_emb(position_ids):
+    Hugging Face models pass one row, (1, T), for the whole batch. The expanded view is made
+    contiguous later, since the kernels read one position per token."""
+    if position_ids.shape == ids_shape:
+        return position_ids
+    try:
+        return position_ids.expand(ids_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"position_ids of shape {tuple(position_ids.shape)} do not broadcast to the shape of ids {tuple(ids_shape)}"
+        ) from None
+
+
 def prepare_inputs(
     ids: torch.Tensor,
     tok_weight: torch.Tensor,
@@ -237,15 +257,13 @@ def prepare_inputs(
 
     num_embeddings, context_length = tok_weight.shape[0], pos_weight.shape[0]
     check_tables_have_rows(ids.numel(), {"tok_weight": num_embeddings, "pos_weight": context_length})
-    ids = ids if ids.dtype in SUPPORTED_ID_DTYPES else ids.long()
+    ids = _widened(ids)
     if position_ids is not None:
         _check_index_tensor("position_ids", position_ids, tok_weight.device)
-        if position_ids.shape != ids.shape:
-            raise ValueError(f"position_ids must have the shape of ids {tuple(ids.shape)}, got {tuple(position_ids.shape)}")
+        position_ids = _widened(_broadcast_position_ids(position_ids, ids.shape))
         # The kernels take both index tensors in one dtype: widen, never narrow (narrowing would
         # wrap an out-of-range position into range).
         common = torch.promote_types(ids.dtype, position_ids.dtype)
-        common = common if common in SUPPORTED_ID_DTYPES else torch.int64
         ids, position_ids = ids.to(common), position_ids.to(common).contiguous()
         position_offset = 0  # unused with explicit positions: the operators always get 0 (and never an overflow)
     else:

@@ -138,7 +138,7 @@ def check_against_reference(
         grad_out = torch.randn_like(out)
     grad_tok, grad_pos = torch.autograd.grad(out, (tok, pos), grad_out)
     skip_row = None if padding_idx is None else padding_idx % tok.shape[0]
-    positions = default_positions(ids, position_offset) if position_ids is None else position_ids
+    positions = default_positions(ids, position_offset) if position_ids is None else position_ids.expand(ids.shape)
     assert_grad_close(grad_tok, grad_out, ids, tok.dtype, skip_row)
     assert_grad_close(grad_pos, grad_out, positions, pos.dtype)
     return out, grad_tok, grad_pos

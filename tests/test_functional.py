@@ -171,6 +171,19 @@ def test_packed_random_position_ids(backend_config, id_dtype, position_dtype, dt
     check_against_reference(backend_config, ids, tok, pos, position_ids=position_ids)
 
 
+@pytest.mark.parametrize("shape", ["1 T", "T"])
+def test_position_ids_broadcast_over_the_batch(backend_config, shape):
+    """One row of positions for the whole batch, (1, T) as Hugging Face models pass them, or
+    (T,): broadcast as the pair's add broadcasts pos_emb(position_ids)."""
+    _, device, _ = backend_config
+    torch.manual_seed(5)
+    tok, pos = make_tables(25, 40, 9, torch.float32, device)
+    ids = torch.randint(0, 25, (3, 2, 11), device=device)
+    position_ids = torch.randperm(40, device=device)[:11]  # repeats nothing, skips rows
+    position_ids = position_ids[None] if shape == "1 T" else position_ids
+    check_against_reference(backend_config, ids, tok, pos, position_ids=position_ids)
+
+
 def test_position_offset_for_kv_cache_decoding(backend_config):
     _, device, _ = backend_config
     torch.manual_seed(5)

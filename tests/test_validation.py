@@ -118,11 +118,18 @@ def test_float_position_ids(tables):
         fusedemb.fused_embedding(torch.zeros(2, 3, dtype=torch.long), tok, pos, position_ids=torch.zeros(2, 3))
 
 
-def test_small_integer_ids_are_widened(tables):
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.uint16, torch.uint32, torch.uint64], ids=str)
+def test_other_integer_ids_and_positions_are_widened(tables, dtype):
+    """Every integer dtype works for ids and for position_ids, whatever the other's dtype
+    (PyTorch cannot promote uint16-uint64 with another dtype: they are widened first)."""
     tok, pos = tables
-    ids = torch.tensor([[1, 9, 0]], dtype=torch.uint8)
-    expected = fusedemb.fused_embedding_reference(ids.long(), tok, pos)
-    torch.testing.assert_close(fusedemb.fused_embedding(ids, tok, pos), expected, rtol=0, atol=0)
+    ids = torch.tensor([[1, 9, 0]])
+    position_ids = torch.tensor([[7, 0, 2]])
+    expected = fusedemb.fused_embedding_reference(ids, tok, pos, position_ids)
+    for id_dtype, position_dtype in ((dtype, torch.int32), (torch.int32, dtype), (dtype, dtype)):
+        out = fusedemb.fused_embedding(ids.to(id_dtype), tok, pos, position_ids=position_ids.to(position_dtype))
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(fusedemb.fused_embedding(ids.to(dtype), tok, pos), fusedemb.fused_embedding_reference(ids, tok, pos))
 
 
 def test_table_widths_differ():
@@ -153,10 +160,12 @@ def test_zero_dim_ids(tables):
         fusedemb.fused_embedding(torch.tensor(3), tok, pos)
 
 
-def test_position_ids_shape_mismatch(tables):
+@pytest.mark.parametrize("shape", [(2, 2), (3, 3), (2, 2, 3)], ids=str)
+def test_position_ids_that_do_not_broadcast_to_ids(tables, shape):
     tok, pos = tables
-    with pytest.raises(ValueError, match=r"position_ids must have the shape of ids \(2, 3\), got \(2, 2\)"):
-        fusedemb.fused_embedding(torch.zeros(2, 3, dtype=torch.long), tok, pos, position_ids=torch.zeros(2, 2, dtype=torch.long))
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"position_ids of shape \({shape[0]}, .* do not broadcast to the shape of ids \(2, 3\)"):
+        fusedemb.fused_embedding(torch.zeros(2, 3, dtype=torch.long), tok, pos, position_ids=position_ids)
 
 
 @pytest.mark.parametrize("padding_idx", [10, -11])
