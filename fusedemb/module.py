@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -41,19 +43,20 @@ class FusedEmbedding(nn.Module):
         self._attach(tok_emb, pos_emb, backend, deterministic)
 
     def _attach(self, tok_emb: nn.Embedding, pos_emb: nn.Embedding, backend: str | None, deterministic: bool | None):
-        if tok_emb.embedding_dim != pos_emb.embedding_dim:
-            raise ValueError(
-                f"tok_emb and pos_emb must have the same embedding_dim, got {tok_emb.embedding_dim} and {pos_emb.embedding_dim}"
-            )
-        for name, module in (("tok_emb", tok_emb), ("pos_emb", pos_emb)):
-            if module.max_norm is not None or module.sparse or module.scale_grad_by_freq:
-                raise ValueError(f"{name}: max_norm, sparse and scale_grad_by_freq are not supported by FusedEmbedding")
-        if pos_emb.padding_idx is not None:
-            raise ValueError("pos_emb must not have a padding_idx: every position row is learned")
+        _check_submodules(tok_emb, pos_emb)
         self.tok_emb = tok_emb
         self.pos_emb = pos_emb
         self.backend = backend
         self.deterministic = deterministic
+
+    def __setattr__(self, name: str, value) -> None:
+        # Replacing a table module (PEFT's LoRA injection does) is checked as construction is.
+        if name in ("tok_emb", "pos_emb") and name in self._modules:
+            tok_emb, pos_emb = (value, self.pos_emb) if name == "tok_emb" else (self.tok_emb, value)
+            if not isinstance(value, nn.Module):
+                raise TypeError(f"{name} must be an nn.Embedding, got {type(value).__name__}")
+            _check_submodules(tok_emb, pos_emb)
+        super().__setattr__(name, value)
 
     @classmethod
     def from_embeddings(
@@ -84,13 +87,19 @@ class FusedEmbedding(nn.Module):
     def forward(
         self, ids: torch.Tensor, position_ids: torch.Tensor | None = None, position_offset: int = 0
     ) -> torch.Tensor:
+        tok_emb, pos_emb = self.tok_emb, self.pos_emb
+        # Hooks can be added at any time (FSDP's fully_shard of a submodule, activation
+        # statistics, PEFT's input hooks), so they are looked for on every call; this costs a few
+        # dict lookups, where running all of _check_submodules would cost microseconds.
+        if _hooks(tok_emb) or _hooks(pos_emb):
+            _check_submodules(tok_emb, pos_emb)
         return fused_embedding(
             ids,
-            self.tok_emb.weight,
-            self.pos_emb.weight,
+            tok_emb.weight,
+            pos_emb.weight,
             position_ids=position_ids,
             position_offset=position_offset,
-            padding_idx=self.padding_idx,
+            padding_idx=tok_emb.padding_idx,
             backend=self.backend,
             deterministic=self.deterministic,
         )
@@ -104,3 +113,34 @@ class FusedEmbedding(nn.Module):
         if self.deterministic is not None:
             text += f", deterministic={self.deterministic}"
         return text
+
+
+def _hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _check_submodules(tok_emb: nn.Module, pos_emb: nn.Module) -> None:
+    """Refuse what FusedEmbedding cannot honour, and warn of what it skips: it reads the two
+    modules' weights and never calls them, so a module with a forward of its own (an
+    nn.Embedding subclass, a LoRA wrapper), options of F.embedding's that the kernels lack, or
+    hooks on either module would otherwise be ignored without a word."""
+    for name, module in (("tok_emb", tok_emb), ("pos_emb", pos_emb)):
+        if type(module).forward is not nn.Embedding.forward:
+            raise TypeError(
+                f"{name} is a {type(module).__name__} with a forward of its own, which FusedEmbedding would never "
+                "call (it reads the weight only): use an nn.Embedding"
+            )
+        if module.max_norm is not None or module.sparse or module.scale_grad_by_freq:
+            raise ValueError(f"{name}: max_norm, sparse and scale_grad_by_freq are not supported by FusedEmbedding")
+        if _hooks(module):
+            warnings.warn(
+                f"hooks on FusedEmbedding.{name} do not run: FusedEmbedding reads its weight and never calls it; "
+                "register them on the FusedEmbedding",
+                stacklevel=2,
+            )
+    if pos_emb.padding_idx is not None:
+        raise ValueError("pos_emb must not have a padding_idx: every position row is learned")
+    if tok_emb.embedding_dim != pos_emb.embedding_dim:
+        raise ValueError(
+            f"tok_emb and pos_emb must have the same embedding_dim, got {tok_emb.embedding_dim} and {pos_emb.embedding_dim}"
+        )

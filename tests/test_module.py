@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import TABLE_DTYPES
@@ -109,6 +111,54 @@ def test_from_embeddings_rejects_mismatched_or_unsupported_modules():
         fusedemb.FusedEmbedding.from_embeddings(nn.Embedding(20, 6, sparse=True), nn.Embedding(5, 6))
     with pytest.raises(ValueError, match="pos_emb must not have a padding_idx"):
         fusedemb.FusedEmbedding.from_embeddings(nn.Embedding(20, 6), nn.Embedding(5, 6, padding_idx=0))
+    with pytest.raises(TypeError, match="tok_emb is a ScaledEmbedding with a forward of its own"):
+        fusedemb.FusedEmbedding.from_embeddings(ScaledEmbedding(20, 6), nn.Embedding(5, 6))
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An nn.Embedding whose forward FusedEmbedding, which reads the weight only, cannot run."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 10
+
+
+def test_replacing_a_table_module_is_checked_as_construction_is():
+    """PEFT and vocabulary resizing replace tok_emb; what the constructor refuses is refused
+    then too, and the module is left as it was."""
+    fused = fusedemb.FusedEmbedding(20, 6, 5)
+    tok_emb = fused.tok_emb
+    for replacement, error, message in (
+        (ScaledEmbedding(20, 6), TypeError, "forward of its own"),
+        (nn.Embedding(20, 6, max_norm=1.0), ValueError, "max_norm"),
+        (nn.Embedding(20, 7), ValueError, "same embedding_dim, got 7 and 6"),
+        (None, TypeError, "tok_emb must be an nn.Embedding, got NoneType"),
+    ):
+        with pytest.raises(error, match=message):
+            fused.tok_emb = replacement
+        assert fused.tok_emb is tok_emb
+    fused.tok_emb = nn.Embedding(30, 6)  # a larger vocabulary
+    assert fused(torch.tensor([[29, 0]])).shape == (1, 2, 6)
+    with pytest.raises(ValueError, match="pos_emb must not have a padding_idx"):
+        fused.pos_emb = nn.Embedding(5, 6, padding_idx=0)
+
+
+@pytest.mark.parametrize("hook", ["forward", "forward_pre", "full_backward"])
+def test_hooks_on_a_table_module_are_reported_not_silently_skipped(hook):
+    """FusedEmbedding never calls its submodules, so their hooks cannot run: it says so on
+    every call that would skip them (hooks on FusedEmbedding itself run as usual)."""
+    fused = fusedemb.FusedEmbedding(20, 6, 5)
+    ids = torch.tensor([[1, 2]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused(ids)  # no hooks yet: no warning
+    handle = getattr(fused.pos_emb, f"register_{hook}_hook")(lambda *args: None)
+    with pytest.warns(UserWarning, match="hooks on FusedEmbedding.pos_emb do not run"):
+        fused(ids)
+    handle.remove()
+    calls = []
+    fused.register_forward_hook(lambda *args: calls.append(1))
+    fused(ids)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("dtype", TABLE_DTYPES, ids=str)
