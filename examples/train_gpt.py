@@ -283,8 +283,9 @@ def main(argv: list[str] | None = None) -> Comparison:
     train_text, held_out = split_text(text, 1 - args.val_ratio) if args.val_ratio > 0 else (text, "")
     try:
         batches = training_batches(train_text, config, args.batch_size, args.steps, args.seed)
-    except ValueError as error:  # a batch larger than the text has windows
-        raise SystemExit(f"train_gpt.py: {error}; use a smaller --batch-size or a longer text") from None
+    except ValueError as error:  # the text has fewer windows than a batch, or not one
+        remedy = "a longer text or a smaller --config" if "too short" in str(error) else "a smaller --batch-size or a longer text"
+        raise SystemExit(f"train_gpt.py: {error}; use {remedy}") from None
     held_out_batches = validation_batches(held_out, config, args.batch_size) if held_out else []
 
     reference_model = build_model(config, fused_embedding=False, seed=args.seed)

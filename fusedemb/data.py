@@ -112,11 +112,14 @@ def create_dataloader(
     num_workers: int = 0,
     *,
     generator: torch.Generator | None = None,
+    **loader_options,
 ) -> DataLoader:
     """Batches of (input, target) windows of ``text`` tokenized with tiktoken's gpt2 encoding.
 
     Each batch is a pair of int64 tensors of shape (batch_size, max_length). ``generator`` seeds
     the shuffle, so two loaders built with equally seeded generators yield the same batches.
+    Other keyword arguments (``pin_memory``, ``persistent_workers``, ``prefetch_factor``...) go
+    to the DataLoader as they are.
     """
     dataset = GPTDataset(text, load_gpt2_tokenizer(), max_length, stride)
     if drop_last and len(dataset) < batch_size:
@@ -131,4 +134,5 @@ def create_dataloader(
         drop_last=drop_last,
         num_workers=num_workers,
         generator=generator,
+        **loader_options,
     )

@@ -110,3 +110,11 @@ def test_dataloader_refuses_a_text_with_fewer_windows_than_one_batch():
     use_shared_tiktoken_cache()
     with pytest.raises(ValueError, match="fewer than batch_size"):
         create_dataloader("Hello, world. This is a short text.", batch_size=4, max_length=4, stride=4)
+
+
+def test_dataloader_passes_other_options_to_the_dataloader():
+    use_shared_tiktoken_cache()
+    loader = create_dataloader(verdict_text(), batch_size=2, max_length=8, stride=8, num_workers=1, persistent_workers=True, prefetch_factor=3)
+    assert loader.persistent_workers and loader.prefetch_factor == 3
+    first = next(iter(loader))
+    assert first[0].shape == (2, 8)

@@ -90,6 +90,17 @@ def test_train_gpt_names_what_failed(capsys):
     assert comparison.failures() == ["training losses differ by 1.0e-01 > 1e-04"]
 
 
+def test_train_gpt_says_what_to_change_when_the_text_is_too_short(tmp_path, verdict):
+    """Too few windows for one batch is the batch size's business; too few tokens for one
+    window is not."""
+    train_gpt = import_example("train_gpt")
+    text = tmp_path / "text.txt"
+    for length, remedy in ((3000, "smaller --batch-size"), (100, "smaller --config")):
+        text.write_text(verdict.read_text(encoding="utf-8")[:length], encoding="utf-8")
+        with pytest.raises(SystemExit, match=remedy):
+            train_gpt.main(["--text", str(text), "--batch-size", "64", "--steps", "1", "--val-ratio", "0"])
+
+
 def test_nn_embedding_checkpoint_loads_strictly_into_the_fused_model(gpt_model):
     config = small_config(gpt_model)
     torch.manual_seed(0)
