@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fusedemb
-from fusedemb.bench.cli import add_device_argument, check_device
+from fusedemb.bench.cli import add_device_argument, check_device, positive_int
 from fusedemb.bench.configs import DTYPES, PRESETS
 from fusedemb.bench.ids import parse_distribution
 
@@ -30,7 +30,7 @@ REPEATS = 20
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="gpt2-124M", choices=list(PRESETS))
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--ids", type=parse_distribution, default=parse_distribution("uniform"), metavar="SPEC",
                         help="id distribution: uniform, zipf:S, same, text:FILE (as in python -m fusedemb.bench)")  # fmt: skip

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import fusedemb
-from fusedemb.bench.cli import add_device_argument, check_device, positive_int
+from fusedemb.bench.cli import add_device_argument, check_device, int_at_least, positive_int
 from fusedemb.bench.timing import median_and_spread
 
 EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")
@@ -101,10 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_device_argument(parser, "; cpu only tries the script")
     parser.add_argument("--config", nargs="+", choices=sorted(CONFIGS), default=["tiny", "gpt2-124M"])
-    parser.add_argument("--batch", type=int, nargs="+", default=[4], help="sequences per step")
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[4], help="sequences per step")
     parser.add_argument("--rounds", type=positive_int, default=8, help="timed rounds (each times all three once)")
     parser.add_argument("--queued", type=positive_int, default=5, help="steps queued back to back per round")
-    parser.add_argument("--round-trips", type=int, default=200, help="forwards timed for the round trip, 0: none")
+    parser.add_argument("--round-trips", type=int_at_least(0), default=200, help="forwards timed for the round trip, 0: none")
     parser.add_argument("--round-trip-config", choices=sorted(CONFIGS), default="gpt2-124M")
     args = parser.parse_args(argv)
     check_device(parser, args.device)

@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from fusedemb.bench.cli import add_device_argument, check_device
+from fusedemb.bench.cli import add_device_argument, check_device, positive_int
 from fusedemb.bench.timing import make_timer
 from fusedemb.kernels import INTERPRETED
 from fusedemb.kernels.common import cdiv
@@ -30,8 +30,8 @@ TOKENS = (8192, 16384, 32768, 65536, 131072, 262144)
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_device_argument(parser, "; cpu only tries the script, in Triton's interpreter (TRITON_INTERPRET=1)")
-    parser.add_argument("--vocab", type=int, nargs="+", default=VOCABS, help="table rows V")
-    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="ids N")
+    parser.add_argument("--vocab", type=positive_int, nargs="+", default=VOCABS, help="table rows V")
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=TOKENS, help="ids N")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke tests)")
     args = parser.parse_args(argv)
     check_device(parser, args.device)

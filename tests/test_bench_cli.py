@@ -20,7 +20,8 @@ from fusedemb.bench.ids import Same, Text, Uniform, Zipf, parse_distribution
 from fusedemb.bench.implementations import Implementation, build_implementations, eager_embedding
 from fusedemb.bench.memory import peak_extra_bytes
 from fusedemb.bench.passes import make_inputs, make_pass
-from fusedemb.bench.runner import Runner
+from fusedemb.bench.report import Report, format_table
+from fusedemb.bench.runner import Result, Runner
 from fusedemb.bench.timing import CacheFlush, CpuTimer, TimingStats, last_level_cache_bytes
 
 TINY = ModelConfig("tiny", vocab=97, dim=16, seq=8)
@@ -108,6 +109,15 @@ def test_output_paths_are_checked_before_the_sweep(flag, tmp_path, capsys):
         cli.parse_args([*TINY_ARGS, flag, str(tmp_path / "missing" / "out")])
     assert exit_info.value.code == 2
     assert f"{flag} {tmp_path / 'missing' / 'out'}: the folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args([*TINY_ARGS, flag, str(tmp_path)])
+    assert f"{flag} {tmp_path}: a folder, not a file" in capsys.readouterr().err
+
+
+def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_sweep(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args([*TINY_ARGS, "--plot", str(tmp_path / "plot.xyz")])
+    assert "the file name must end in one of .png, .svg" in capsys.readouterr().err
 
 
 def test_sweep_keeps_each_shape_together():
@@ -298,8 +308,18 @@ def test_sixteen_bit_cpu_backward_on_one_id_is_a_mismatch_that_says_why(name):
     past the norm bound. The gate reports it, and says it is that backward's precision."""
     problem = Problem(ModelConfig("gpt2-124M[D=16]", vocab=50257, dim=16, seq=1024), 8, torch.bfloat16, parse_distribution("same"))
     (implementation,), _ = build_implementations([name], "cpu")
-    result = gate(implementation, make_inputs(problem, "cpu", seed=0))
+    inputs = make_inputs(problem, "cpu", seed=0)
+    result = gate(implementation, inputs)
     assert not result.passed and "adds 16-bit gradients in 16 bits" in result.detail
+    # Its forward is exact: a run that times the forward only checks the output only.
+    assert gate(implementation, inputs, gradients=False).passed
+
+
+def test_a_forward_only_run_does_not_check_gradients():
+    results = quick_runner(["forward"]).run_problem(tiny_problem(), [Implementation("wrong-backward", doubles_token_gradient)])
+    assert [result.status for result in results] == ["ok"]
+    results = quick_runner(["forward", "backward"]).run_problem(tiny_problem(), [Implementation("wrong-backward", doubles_token_gradient)])
+    assert [result.status for result in results] == ["mismatch", "mismatch"]
 
 
 def test_a_mismatch_is_reported_and_not_timed():
@@ -414,6 +434,25 @@ def test_timing_stats_quantiles():
     stats = TimingStats.from_samples([5.0, 1.0, 3.0, 2.0, 4.0])
     assert (stats.p25_s, stats.median_s, stats.p75_s, stats.reps) == (2.0, 3.0, 4.0, 5)
     assert stats.spread == pytest.approx(1 / 3)
+
+
+def test_calls_timed_without_the_gpu_hold_or_outrunning_it_are_marked():
+    """A CUDA call that waits for the GPU is timed without the hold (its device time includes
+    the GPU's idling), and a held one may outrun its hold: the table marks either median, and
+    the JSON says so."""
+    results = []
+    # no hold (a syncing CUDA call), held (CUDA), held but outrun twice, CPU
+    for held, outruns in ((False, 0), (True, 0), (True, 2), (None, None)):
+        timing = TimingStats(1e-4, 9e-5, 1.1e-4, 5, 2e-4, held, outruns)
+        results.append(Result(tiny_problem(), "fusedemb", "forward", "ok", bytes=1000, timing=timing, gbps=0.01,
+                              copy_fraction=0.1, peak_extra_bytes=0))  # fmt: skip
+    environment = {"device": "cuda", "device_name": "GPU", "torch_threads": 1, "torch": "x", "triton": "y", "fusedemb": "z"}
+    table = format_table(Report(environment, {}, 1e12, {}, results))
+    medians = [line.split("|")[7].strip() for line in table.splitlines() if line.startswith("| tiny")]
+    assert medians == ["100.0 us*", "100.0 us", "100.0 us!", "100.0 us"]
+    assert "*: a GPU call that waits for the GPU" in table and "!: the host outran the hold" in table
+    assert [result.to_dict()["held"] for result in results] == [False, True, True, None]
+    assert [result.to_dict()["hold_outruns"] for result in results] == [0, 0, 2, None]
 
 
 def test_peak_extra_memory_sees_a_temporary_on_cpu():

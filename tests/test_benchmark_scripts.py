@@ -111,3 +111,20 @@ def test_func_transforms_cost_times_every_transform(capsys):
     for line in lines[1:]:
         fused_ms, _, reference_ms, _, ratio = line[38:].split()
         assert float(fused_ms) > 0 and float(reference_ms) > 0 and ratio.endswith("x")
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("range_check_cost", ["--round-trips", "-1"], "--round-trips: must be at least 0, got -1"),
+        ("range_check_cost", ["--batch", "0"], "--batch: must be at least 1, got 0"),
+        ("profile_backward", ["--batch", "0"], "--batch: must be at least 1, got 0"),
+        ("sort_crossover", ["--vocab", "0"], "--vocab: must be at least 1, got 0"),
+        ("sort_crossover", ["--tokens", "-8"], "--tokens: must be at least 1, got -8"),
+    ],
+)
+def test_scripts_refuse_counts_out_of_range(script, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).main(["--device", "cpu", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from fusedemb.bench.bytes_model import PASSES
 from fusedemb.bench.configs import DEFAULT_PRESET, DTYPES, PRESETS, resolve_configs, sweep
 from fusedemb.bench.environment import describe_environment
 from fusedemb.bench.ids import parse_distribution
+from fusedemb.bench.plot import PLOT_SUFFIXES, plot_report
 from fusedemb.bench.report import Report, format_table, write_json
 from fusedemb.bench.runner import Runner
 from fusedemb.bench.timing import copy_bandwidth, make_timer
@@ -46,12 +48,20 @@ QUICK_COPY_BUFFER_MIB = {"cuda": 256, "cpu": 64}
 INTERRUPTED_STATUS = 130  # 128 + SIGINT, the shell's status for a command stopped by Ctrl-C
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its message for a non-integer
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 def add_device_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
@@ -115,6 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # checked now, not after a sweep that may have taken an hour of GPU time
         if path is not None and not path.parent.is_dir():
             parser.error(f"{flag} {path}: the folder {path.parent} does not exist")
+        if path is not None and path.is_dir():
+            parser.error(f"{flag} {path}: a folder, not a file")
+    if args.plot is not None and args.plot.suffix.lower() not in PLOT_SUFFIXES:
+        parser.error(f"--plot {args.plot}: the file name must end in one of {', '.join(PLOT_SUFFIXES)}")
     args.batch = args.batch or DEFAULT_BATCHES[args.device]
     args.impl = args.impl or implementations.default_names(args.device)
     return args
@@ -183,8 +197,6 @@ def main(argv: list[str] | None = None) -> int:
         write_json(report, args.json)
         print(f"\nwrote {args.json}")
     if args.plot:
-        from fusedemb.bench.plot import plot_report
-
         plot_report(report, args.plot)
         print(f"wrote {args.plot}")
     if not complete:

@@ -39,18 +39,23 @@ class GateResult:
     detail: str  # what failed and by how much; empty when passed
 
 
-def check_against_reference(forward: Forward, inputs: Inputs, float32_sums: bool = True) -> GateResult:
+def check_against_reference(
+    forward: Forward, inputs: Inputs, float32_sums: bool = True, gradients: bool = True
+) -> GateResult:
     """Run ``forward`` and its backward once on ``inputs`` and compare all three results.
-    float32_sums: whether the implementation's gradients must meet float32 accumulation's bound."""
+    float32_sums: whether the implementation's gradients must meet float32 accumulation's bound;
+    gradients: whether to check them at all (not when only the forward is timed)."""
     tables = (inputs.tok_weight, inputs.pos_weight)
     out = forward(inputs.ids, *tables)
-    grad_tok, grad_pos = torch.autograd.grad(out, tables, inputs.grad_out)
-
     with torch.no_grad():
         expected_out = fused_embedding_reference(inputs.ids, *tables)
     failures = []
     if (problem := _mismatch("output", out, expected_out)) or (problem := _output_error(out, expected_out)):
         failures.append(problem)
+    if not gradients:
+        return GateResult(passed=not failures, detail="; ".join(failures))
+
+    grad_tok, grad_pos = torch.autograd.grad(out, tables, inputs.grad_out)
     expected_grads = fused_embedding_backward_reference(
         inputs.grad_out, inputs.ids, num_embeddings=tables[0].shape[0], context_length=tables[1].shape[0]
     )
@@ -74,11 +79,12 @@ SIXTEEN_BIT_SUMS = (
 )
 
 
-def gate(implementation: Implementation, inputs: Inputs) -> GateResult:
+def gate(implementation: Implementation, inputs: Inputs, gradients: bool = True) -> GateResult:
     """check_against_reference with the accumulation bound that fits the implementation: float32
-    on CUDA and for fusedemb, the table's precision for PyTorch's CPU backward."""
+    on CUDA and for fusedemb, the table's precision for PyTorch's CPU backward. ``gradients``:
+    whether a timed pass runs the backward (a forward-only run checks the output only)."""
     float32_sums = inputs.ids.is_cuda or implementation.float32_sums
-    result = check_against_reference(implementation.forward, inputs, float32_sums)
+    result = check_against_reference(implementation.forward, inputs, float32_sums, gradients)
     if not result.passed and not float32_sums and inputs.tok_weight.dtype in (torch.bfloat16, torch.float16):
         return GateResult(passed=False, detail=result.detail + SIXTEEN_BIT_SUMS)
     return result

@@ -13,6 +13,9 @@ from pathlib import Path
 from fusedemb.bench.report import Report
 
 LINE_STYLES = ("-", "--", ":", "-.")
+# Formats matplotlib writes with its default backends (savefig picks one by the suffix), listed
+# here so that the CLI can refuse another before a sweep, without importing matplotlib.
+PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
 
 
 def plot_report(report: Report, path: Path) -> None:

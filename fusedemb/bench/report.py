@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusedemb.bench.runner import BASELINES, Result
+from fusedemb.bench.timing import TimingStats
 
 SCHEMA_VERSION = 1
 
@@ -41,7 +42,10 @@ LEGEND = (
     "±: half the interquartile range, relative; host: the host's time to queue (GPU) or run (CPU) "
     "one call; GB/s: the bytes model (fusedemb.bench.bytes_model) over the median; % copy: that "
     "over the copy bandwidth above; vs X: X's median over this one's (above 1: faster than X); "
-    "peak extra: the most memory the pass held at once beyond its inputs."
+    "peak extra: the most memory the pass held at once beyond its inputs; *: a GPU call that "
+    "waits for the GPU (the id range check), timed without the hold, so its median includes the "
+    "GPU's idling after the wait and compares with others' device times as unlike quantities; "
+    "!: the host outran the hold on some calls (the GPU may have idled inside the timed region)."
 )
 
 
@@ -81,14 +85,21 @@ def _row(result: Result) -> list[str]:
         return [*identity, result.status.upper()] + ["-"] * (len(COLUMNS) - len(identity) - 1)
     return [
         *identity,
-        _format_seconds(result.timing.median_s),
-        f"{100 * result.timing.spread:.0f}%",
+        _format_seconds(result.timing.median_s) + _hold_mark(result.timing),
+        f"{100 * result.timing.spread:.1f}%",
         _format_seconds(result.timing.host_median_s),
         f"{result.gbps:.1f}",
         f"{100 * result.copy_fraction:.0f}%",
         *(f"{result.speedup[b]:.2f}x" if b in result.speedup else "-" for b in BASELINES),
         f"{result.peak_extra_bytes / 2**20:.1f} MiB",
     ]
+
+
+def _hold_mark(timing: TimingStats) -> str:
+    """'*' for a GPU call timed without the hold, '!' for one that outran it (LEGEND)."""
+    if timing.held is False:
+        return "*"
+    return "!" if timing.hold_outruns else ""
 
 
 def _format_seconds(seconds: float) -> str:

@@ -100,7 +100,7 @@ class Runner:
 
     def _run_implementation(self, problem: Problem, implementation: Implementation, inputs: Inputs) -> list[Result]:
         try:
-            result = gate(implementation, inputs)
+            result = gate(implementation, inputs, gradients=self.passes != ["forward"])
         except Exception as error:
             return self._untimed(problem, implementation, "error", describe_error(error))
         if not result.passed:

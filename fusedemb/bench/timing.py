@@ -21,7 +21,10 @@ On a GPU two more things would otherwise distort the figures:
   too and reported beside it (`host_median_s`): where it exceeds the device time, an eager step
   of that size is bound by the host, whatever the kernels do. A call that synchronises with the
   GPU is timed without the hold: its device time then includes the GPU idling while the host
-  works after the sync, which is what such a call costs.
+  works after the sync, which is what such a call costs. Its host work before the sync
+  overlaps the (untimed) cache flush, as in training it overlaps the work the step before
+  queued, and is not counted; in a loop of nothing but this call it would be GPU idle time
+  too. Such results say so (TimingStats.held is False), and the table marks them.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ class TimingStats:
     p75_s: float
     reps: int
     host_median_s: float  # the host's time to run (CPU) or queue (GPU) one call
+    # On a GPU, whether the timed calls ran behind the hold (see above): False for a call that
+    # waits for the GPU, whose device time then includes the GPU's idling. None on a CPU.
+    held: bool | None = None
+    # On a GPU, how many held calls outran their hold: the GPU had finished it before the host
+    # had queued the whole call, so it may have idled inside the timed region. None on a CPU.
+    hold_outruns: int | None = None
 
     @property
     def spread(self) -> float:
@@ -50,12 +59,18 @@ class TimingStats:
         return (self.p75_s - self.p25_s) / (2 * self.median_s)
 
     @classmethod
-    def from_samples(cls, samples: list[float], host_samples: list[float] | None = None) -> TimingStats:
+    def from_samples(
+        cls,
+        samples: list[float],
+        host_samples: list[float] | None = None,
+        held: bool | None = None,
+        hold_outruns: int | None = None,
+    ) -> TimingStats:
         host_median = statistics.median(host_samples if host_samples else samples)
         if len(samples) == 1:
-            return cls(samples[0], samples[0], samples[0], 1, host_median)
+            return cls(samples[0], samples[0], samples[0], 1, host_median, held, hold_outruns)
         p25, median, p75 = statistics.quantiles(samples, n=4, method="inclusive")
-        return cls(median, p25, p75, len(samples), host_median)
+        return cls(median, p25, p75, len(samples), host_median, held, hold_outruns)
 
 
 def median_and_spread(samples: list[float], unit: str) -> str:
@@ -78,6 +93,10 @@ class Timer:
     # Host time each repeat spends outside the timed region (a CPU cache flush), counted against
     # the time budget: otherwise a call of microseconds would get max_reps flushes.
     untimed_s_per_call = 0.0
+    # Whether the last time_calls ran its calls behind a GPU hold, and how many of them outran
+    # it (None: no hold applies).
+    last_calls_held: bool | None = None
+    last_hold_outruns: int | None = None
 
     def __init__(self, budget_s: float, min_reps: int, max_reps: int, warmup_reps: int) -> None:
         self.budget_s = budget_s
@@ -91,7 +110,8 @@ class Timer:
         estimate = statistics.median(self.time_calls(run, setup, self.warmup_reps)[0])
         per_call_s = estimate + self.untimed_s_per_call
         reps = min(self.max_reps, max(self.min_reps, math.ceil(self.budget_s / max(per_call_s, 1e-9))))
-        return TimingStats.from_samples(*self.time_calls(run, setup, reps))
+        samples, host_samples = self.time_calls(run, setup, reps)
+        return TimingStats.from_samples(samples, host_samples, self.last_calls_held, self.last_hold_outruns)
 
     def time_calls(
         self, run: Callable[..., object], setup: Callable[[], tuple], reps: int
@@ -213,6 +233,8 @@ class CudaTimer(Timer):
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         host = []
+        self.last_calls_held = self._hold_s > 0
+        self.last_hold_outruns = 0
         torch.cuda.synchronize()
         for start, end in zip(starts, ends):
             arguments = setup()  # queued before the start event, so it is not timed either
@@ -222,6 +244,9 @@ class CudaTimer(Timer):
             host_start = time.perf_counter()
             run(*arguments)
             host.append(time.perf_counter() - host_start)
+            # The start event follows the hold: if the GPU has already passed it, the hold ran
+            # out while the host was still queuing the call.
+            self.last_hold_outruns += self.last_calls_held and start.query()
             end.record()
             # Wait for the call before the next one: with many calls in flight the launch queue
             # fills up and the host's time would include waiting for room in it.
