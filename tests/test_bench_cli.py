@@ -455,6 +455,22 @@ def test_calls_timed_without_the_gpu_hold_or_outrunning_it_are_marked():
     assert [result.to_dict()["hold_outruns"] for result in results] == [0, 0, 2, None]
 
 
+def test_a_backward_slower_than_forward_plus_backward_is_flagged():
+    """Impossible for the work, so the machine drifted: the table says so under it."""
+
+    def result(impl, pass_name, median):
+        timing = TimingStats(median, 0.95 * median, 1.05 * median, 5, median)
+        return Result(tiny_problem(), impl, pass_name, "ok", bytes=1000, timing=timing, gbps=1.0, copy_fraction=0.1,
+                      peak_extra_bytes=0)  # fmt: skip
+
+    environment = {"device": "cpu", "device_name": "CPU", "torch_threads": 1, "torch": "x", "triton": "y", "fusedemb": "z"}
+    results = [result("eager", "backward", 0.14), result("eager", "forward+backward", 0.03),
+               result("fusedemb", "backward", 0.02), result("fusedemb", "forward+backward", 0.03)]  # fmt: skip
+    table = format_table(Report(environment, {}, 1e10, {}, results))
+    assert "suspect (a backward alone slower than forward+backward" in table
+    assert "eager on " in table.split("suspect")[1] and "fusedemb on " not in table.split("suspect")[1]
+
+
 def test_peak_extra_memory_sees_a_temporary_on_cpu():
     mib = 2**20
     assert peak_extra_bytes(lambda: torch.ones(4 * mib // 4).sum(), "cpu") >= 4 * mib
@@ -495,6 +511,8 @@ def test_tiny_cpu_run_writes_the_table_json_and_plot(tmp_path, capsys):
     assert "copy bandwidth:" in table and "| custom | float32 | same" in table
     assert "fusedemb-fast: the Triton kernels need a CUDA device" in table
     assert "median: time per call" in table  # the legend
+    assert re.search(r"load average \d+\.\d\d on \d+ CPUs at the start; transparent huge pages", table)
+    assert "GB/s after it" in table and "--quick: few repeats" in table
 
     report = json.loads(json_path.read_text())
     assert report["schema_version"] == 1
@@ -503,7 +521,8 @@ def test_tiny_cpu_run_writes_the_table_json_and_plot(tmp_path, capsys):
     assert environment["torch_threads"] >= 1 and environment["device_name"]
     commit = environment["fusedemb_commit"]  # None for an installed copy, else the checkout's HEAD
     assert commit is None or re.fullmatch(r"[0-9a-f]{7,}(\+modified)?", commit), commit
-    assert report["copy_bandwidth_gbps"] > 0
+    assert report["copy_bandwidth_gbps"] > 0 and report["copy_bandwidth_end_gbps"] > 0
+    assert set(environment["env"]) == {"THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS"} and "load_average" in environment
     assert report["settings"]["configs"] == [{"name": "custom", "vocab": 97, "dim": 16, "seq": 8}]
     assert "fusedemb-fast" in report["skipped"]
     timed = {"fusedemb", "eager"} - set(report["skipped"])  # fusedemb needs the C++ extension built

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import signal
 import sys
 from collections.abc import Callable
@@ -153,9 +154,14 @@ def main(argv: list[str] | None = None) -> int:
 
     problems = sweep(args.configs, args.batch, [DTYPES[name] for name in args.dtype], args.ids)
     available, skipped = implementations.build_implementations(args.impl, args.device)
+    environment = describe_environment(args.device)  # before the sweep: its load average
+    if args.device == "cpu" and (environment["load_average"] or 0) > 0.5 * (environment["cpu_count"] or 1):
+        print(f"warning: load average {environment['load_average']:.2f} on {environment['cpu_count']} CPUs: other "
+              "work is running, and CPU timings will be noisy", file=sys.stderr)  # fmt: skip
     timer = make_timer(args.device, quick=args.quick)
     buffer_mib = (QUICK_COPY_BUFFER_MIB if args.quick else COPY_BUFFER_MIB)[args.device]
-    runner = Runner(args.device, timer, copy_bandwidth(timer, args.device, buffer_mib * 2**20), args.passes, args.seed)
+    measure_copy = functools.partial(copy_bandwidth, timer, args.device, buffer_mib * 2**20)
+    runner = Runner(args.device, timer, measure_copy(), args.passes, args.seed)
 
     results = []
     # A long sweep cut short (Ctrl-C, or SIGTERM from `timeout`) still reports what it finished,
@@ -172,9 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         complete = False
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
+    # Again at the end: the distance between the two says how far the machine drifted during
+    # the sweep (a VM's bandwidth can), which every % copy figure inherits.
+    copy_bandwidth_end = measure_copy() if complete else None
 
     report = Report(
-        environment=describe_environment(args.device),
+        environment=environment,
         settings={
             "configs": [dataclasses.asdict(config) for config in args.configs],
             "batches": args.batch,
@@ -189,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             "complete": complete,
         },
         copy_bandwidth=runner.copy_bandwidth,
+        copy_bandwidth_end=copy_bandwidth_end,
         skipped=skipped,
         results=results,
     )

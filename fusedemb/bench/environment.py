@@ -55,6 +55,26 @@ def source_commit() -> str | None:
         return None
 
 
+def load_average() -> float | None:
+    """The system's 1-minute load average (runnable processes), None where the OS has none: a
+    load near the CPU count means other work competes with the benchmark's threads."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _transparent_huge_pages() -> str | None:
+    """The kernel's transparent-huge-page mode (always, madvise or never; Linux only): with
+    THP_MEM_ALLOC_ENABLE it decides what large CPU tensors' page faults cost (README)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    chosen = text[text.find("[") + 1 : text.find("]")] if "[" in text else text.strip()
+    return chosen or None
+
+
 def describe_environment(device: str) -> dict[str, object]:
     return {
         "device": device,
@@ -68,5 +88,9 @@ def describe_environment(device: str) -> dict[str, object]:
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "load_average": load_average(),
+        "transparent_hugepage": _transparent_huge_pages(),
+        # Settings that change CPU results: the allocator's huge pages, OpenMP's threads.
+        "env": {name: os.environ.get(name) for name in ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS")},
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

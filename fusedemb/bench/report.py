@@ -16,9 +16,10 @@ SCHEMA_VERSION = 1
 class Report:
     environment: dict[str, object]
     settings: dict[str, object]
-    copy_bandwidth: float  # bytes/s
+    copy_bandwidth: float  # bytes/s, measured before the sweep: the % copy column's
     skipped: dict[str, str]  # implementation -> why it could not run
     results: list[Result]
+    copy_bandwidth_end: float | None = None  # bytes/s, measured after it (None: interrupted)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -26,6 +27,7 @@ class Report:
             "environment": self.environment,
             "settings": self.settings,
             "copy_bandwidth_gbps": self.copy_bandwidth / 1e9,
+            "copy_bandwidth_end_gbps": None if self.copy_bandwidth_end is None else self.copy_bandwidth_end / 1e9,
             "skipped": self.skipped,
             "results": [result.to_dict() for result in self.results],
         }
@@ -55,7 +57,10 @@ def format_table(report: Report) -> str:
     lines = [
         f"device: {env['device']} ({env['device_name']}), {env['torch_threads']} torch threads; "
         f"torch {env['torch']}, triton {env['triton']}, fusedemb {env.get('fusedemb_commit') or env['fusedemb']}",
-        f"copy bandwidth: {report.copy_bandwidth / 1e9:.1f} GB/s (dst.copy_(src), bytes read + written)",
+        f"copy bandwidth: {report.copy_bandwidth / 1e9:.1f} GB/s before the sweep (% copy's)"
+        + ("" if report.copy_bandwidth_end is None else f", {report.copy_bandwidth_end / 1e9:.1f} GB/s after it")
+        + " (dst.copy_(src), bytes read + written)",
+        _load_line(env),
         f"fusedemb id range check: {'on' if report.settings.get('bounds_check', True) else 'off'}"
         + (" (the C++ kernels check the ids themselves either way)" if env["device"] == "cpu" else ""),
         "",
@@ -70,11 +75,40 @@ def format_table(report: Report) -> str:
     }  # a dict keeps order and drops the repeats across passes
     if notes:
         lines += ["", "not timed:", *(f"  {note}" for note in notes)]
+    if suspect := _backward_slower_than_both(report.results):
+        lines += ["", "suspect (a backward alone slower than forward+backward: drift or noise; rerun):",
+                  *(f"  {line}" for line in suspect)]  # fmt: skip
+    if report.settings.get("quick"):
+        lines += ["", "--quick: few repeats and a small copy buffer: a smoke test, not a measurement"]
     if report.skipped:
         lines += ["", "skipped:", *(f"  {name}: {reason}" for name, reason in report.skipped.items())]
     if not report.settings.get("complete", True):
         lines += ["", "interrupted: the rows above are what finished before it"]
     return "\n".join(lines)
+
+
+def _backward_slower_than_both(results: list[Result]) -> list[str]:
+    """Rows whose backward alone took longer than forward+backward of the same implementation
+    and problem, beyond both spreads: impossible for the work, so the machine moved under them."""
+    timed = {(r.problem.label, r.impl, r.pass_name): r.timing for r in results if r.status == "ok"}
+    suspect = []
+    for (label, impl, pass_name), alone in timed.items():
+        both = timed.get((label, impl, "forward+backward"))
+        if pass_name == "backward" and both is not None and alone.p25_s > both.p75_s:
+            suspect.append(f"{impl} on {label}: backward {_format_seconds(alone.median_s)}, "
+                           f"forward+backward {_format_seconds(both.median_s)}")  # fmt: skip
+    return suspect
+
+
+def _load_line(env: dict[str, object]) -> str:
+    """The CPU's state at the start: what else ran, and the page settings that change CPU results."""
+    load = env.get("load_average")
+    line = f"load average {load:.2f} on {env.get('cpu_count')} CPUs at the start" if load is not None else "load average unknown"
+    if env["device"] == "cpu":
+        settings = env.get("env") or {}
+        line += (f"; transparent huge pages {env.get('transparent_hugepage') or 'unknown'}, "
+                 f"THP_MEM_ALLOC_ENABLE={settings.get('THP_MEM_ALLOC_ENABLE') or 'unset'}")  # fmt: skip
+    return line
 
 
 def _row(result: Result) -> list[str]:
