@@ -25,7 +25,13 @@ step() { [[ $steps == *" $1 "* ]]; }
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR=$data/tiktoken
 tables=$out/tables.txt
-bench() { timeout -k 10 "$1" python3 -m fusedemb.bench --device cuda --pass forward forward+backward "${@:2}" 2>&1 | tee -a "$tables" | tail -3; }
+# A bench's exit status is lost in the pipe unless kept: 1 means a mismatch or an implementation
+# that could not run, 124 a run cut short by its timeout (it still wrote what it finished).
+bench() {
+  timeout -k 10 "$1" python3 -m fusedemb.bench --device cuda --pass forward forward+backward "${@:2}" 2>&1 | tee -a "$tables" | tail -3
+  local status=${PIPESTATUS[0]}
+  [ "$status" = 0 ] || echo "bench exit $status: ${*:2}" | tee -a "$tables"
+}
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton, fusedemb; print('torch', torch.__version__, 'triton', triton.__version__, fusedemb.available_backends('cuda'))"
