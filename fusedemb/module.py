@@ -9,6 +9,9 @@ from torch import nn
 
 from fusedemb.functional import fused_embedding
 
+# The two submodules that hold the tables, by attribute name.
+TABLE_MODULES = ("tok_emb", "pos_emb")
+
 
 class FusedEmbedding(nn.Module):
     """The pair ``tok_emb = nn.Embedding(V, D)``, ``pos_emb = nn.Embedding(P, D)`` and their sum.
@@ -43,20 +46,30 @@ class FusedEmbedding(nn.Module):
         self._attach(tok_emb, pos_emb, backend, deterministic)
 
     def _attach(self, tok_emb: nn.Embedding, pos_emb: nn.Embedding, backend: str | None, deterministic: bool | None):
-        _check_submodules(tok_emb, pos_emb)
-        self.tok_emb = tok_emb
+        self.tok_emb = tok_emb  # checked by __setattr__, as any later assignment is
         self.pos_emb = pos_emb
         self.backend = backend
         self.deterministic = deterministic
 
+    # Every way of setting a table module, at construction or later (PEFT's LoRA injection,
+    # a larger vocabulary, del then assign, register_module), is checked alike.
     def __setattr__(self, name: str, value) -> None:
-        # Replacing a table module (PEFT's LoRA injection does) is checked as construction is.
-        if name in ("tok_emb", "pos_emb") and name in self._modules:
-            tok_emb, pos_emb = (value, self.pos_emb) if name == "tok_emb" else (self.tok_emb, value)
-            if not isinstance(value, nn.Module):
-                raise TypeError(f"{name} must be an nn.Embedding, got {type(value).__name__}")
-            _check_submodules(tok_emb, pos_emb)
+        if name in TABLE_MODULES:
+            self._check_table_module(name, value)
         super().__setattr__(name, value)
+
+    def add_module(self, name: str, module: nn.Module | None) -> None:
+        if name in TABLE_MODULES:
+            self._check_table_module(name, module)
+        super().add_module(name, module)
+
+    def _check_table_module(self, name: str, module) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{name} must be an nn.Embedding, got {type(module).__name__}")
+        _check_table_module(name, module)
+        tables = {**{other: self._modules.get(other) for other in TABLE_MODULES}, name: module}
+        if all(table is not None for table in tables.values()):
+            _check_same_width(tables["tok_emb"], tables["pos_emb"])
 
     @classmethod
     def from_embeddings(
@@ -89,10 +102,12 @@ class FusedEmbedding(nn.Module):
     ) -> torch.Tensor:
         tok_emb, pos_emb = self.tok_emb, self.pos_emb
         # Hooks can be added at any time (FSDP's fully_shard of a submodule, activation
-        # statistics, PEFT's input hooks), so they are looked for on every call; this costs a few
-        # dict lookups, where running all of _check_submodules would cost microseconds.
-        if _hooks(tok_emb) or _hooks(pos_emb):
-            _check_submodules(tok_emb, pos_emb)
+        # statistics, PEFT's input hooks), so they are looked for on every call, at the cost of a
+        # few dict lookups. Not while Dynamo traces: it cannot trace warnings.warn, and it does
+        # not guard on hooks anyway, so a compiled call cannot tell.
+        if (_hooks(tok_emb) or _hooks(pos_emb)) and not torch.compiler.is_compiling():
+            _warn_of_hooks("tok_emb", tok_emb)
+            _warn_of_hooks("pos_emb", pos_emb)
         return fused_embedding(
             ids,
             tok_emb.weight,
@@ -115,31 +130,39 @@ class FusedEmbedding(nn.Module):
         return text
 
 
+
 def _hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
 
 
-def _check_submodules(tok_emb: nn.Module, pos_emb: nn.Module) -> None:
-    """Refuse what FusedEmbedding cannot honour, and warn of what it skips: it reads the two
-    modules' weights and never calls them, so a module with a forward of its own (an
-    nn.Embedding subclass, a LoRA wrapper), options of F.embedding's that the kernels lack, or
-    hooks on either module would otherwise be ignored without a word."""
-    for name, module in (("tok_emb", tok_emb), ("pos_emb", pos_emb)):
-        if type(module).forward is not nn.Embedding.forward:
-            raise TypeError(
-                f"{name} is a {type(module).__name__} with a forward of its own, which FusedEmbedding would never "
-                "call (it reads the weight only): use an nn.Embedding"
-            )
-        if module.max_norm is not None or module.sparse or module.scale_grad_by_freq:
-            raise ValueError(f"{name}: max_norm, sparse and scale_grad_by_freq are not supported by FusedEmbedding")
-        if _hooks(module):
-            warnings.warn(
-                f"hooks on FusedEmbedding.{name} do not run: FusedEmbedding reads its weight and never calls it; "
-                "register them on the FusedEmbedding",
-                stacklevel=2,
-            )
-    if pos_emb.padding_idx is not None:
+def _warn_of_hooks(name: str, module: nn.Module) -> None:
+    if _hooks(module):
+        warnings.warn(
+            f"hooks on FusedEmbedding.{name} do not run: FusedEmbedding reads its weight and never calls it; "
+            "register them on the FusedEmbedding",
+            stacklevel=3,
+        )
+
+
+def _check_table_module(name: str, module: nn.Module) -> None:
+    """Refuse what FusedEmbedding cannot honour, and warn of what it skips: it reads the module's
+    weight and never calls it, so a module with a forward of its own (an nn.Embedding subclass,
+    a LoRA wrapper), options of F.embedding's that the kernels lack, or hooks would otherwise be
+    ignored without a word. (Options changed in place later, such as tok_emb.max_norm = 1.0,
+    are not seen.)"""
+    if type(module).forward is not nn.Embedding.forward:
+        raise TypeError(
+            f"{name} is a {type(module).__name__} with a forward of its own, which FusedEmbedding would never "
+            "call (it reads the weight only): use an nn.Embedding"
+        )
+    if module.max_norm is not None or module.sparse or module.scale_grad_by_freq:
+        raise ValueError(f"{name}: max_norm, sparse and scale_grad_by_freq are not supported by FusedEmbedding")
+    if name == "pos_emb" and module.padding_idx is not None:
         raise ValueError("pos_emb must not have a padding_idx: every position row is learned")
+    _warn_of_hooks(name, module)
+
+
+def _check_same_width(tok_emb: nn.Module, pos_emb: nn.Module) -> None:
     if tok_emb.embedding_dim != pos_emb.embedding_dim:
         raise ValueError(
             f"tok_emb and pos_emb must have the same embedding_dim, got {tok_emb.embedding_dim} and {pos_emb.embedding_dim}"

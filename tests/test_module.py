@@ -124,7 +124,7 @@ class ScaledEmbedding(nn.Embedding):
 
 def test_replacing_a_table_module_is_checked_as_construction_is():
     """PEFT and vocabulary resizing replace tok_emb; what the constructor refuses is refused
-    then too, and the module is left as it was."""
+    then too, by every way of setting it, and the module is left as it was."""
     fused = fusedemb.FusedEmbedding(20, 6, 5)
     tok_emb = fused.tok_emb
     for replacement, error, message in (
@@ -135,30 +135,49 @@ def test_replacing_a_table_module_is_checked_as_construction_is():
     ):
         with pytest.raises(error, match=message):
             fused.tok_emb = replacement
+        with pytest.raises(error, match=message):
+            fused.register_module("tok_emb", replacement)
         assert fused.tok_emb is tok_emb
+    del fused.tok_emb
+    with pytest.raises(TypeError, match="forward of its own"):
+        fused.tok_emb = ScaledEmbedding(20, 6)
     fused.tok_emb = nn.Embedding(30, 6)  # a larger vocabulary
     assert fused(torch.tensor([[29, 0]])).shape == (1, 2, 6)
     with pytest.raises(ValueError, match="pos_emb must not have a padding_idx"):
         fused.pos_emb = nn.Embedding(5, 6, padding_idx=0)
 
 
-@pytest.mark.parametrize("hook", ["forward", "forward_pre", "full_backward"])
-def test_hooks_on_a_table_module_are_reported_not_silently_skipped(hook):
-    """FusedEmbedding never calls its submodules, so their hooks cannot run: it says so on
-    every call that would skip them (hooks on FusedEmbedding itself run as usual)."""
+@pytest.mark.parametrize("table", ["tok_emb", "pos_emb"])
+@pytest.mark.parametrize("hook", ["forward", "forward_pre", "full_backward", "full_backward_pre"])
+def test_hooks_on_a_table_module_are_reported_not_silently_skipped(table, hook):
+    """FusedEmbedding never calls its submodules, so their hooks cannot run: every call that
+    would skip them warns (hooks on FusedEmbedding itself run as usual)."""
     fused = fusedemb.FusedEmbedding(20, 6, 5)
     ids = torch.tensor([[1, 2]])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fused(ids)  # no hooks yet: no warning
-    handle = getattr(fused.pos_emb, f"register_{hook}_hook")(lambda *args: None)
-    with pytest.warns(UserWarning, match="hooks on FusedEmbedding.pos_emb do not run"):
-        fused(ids)
+    handle = getattr(getattr(fused, table), f"register_{hook}_hook")(lambda *args: None)
+    for _ in range(2):
+        with pytest.warns(UserWarning, match=f"hooks on FusedEmbedding.{table} do not run"):
+            fused(ids)
     handle.remove()
     calls = []
     fused.register_forward_hook(lambda *args: calls.append(1))
-    fused(ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused(ids)
     assert calls == [1]
+
+
+def test_a_module_with_hooked_tables_still_compiles_whole():
+    """Dynamo cannot trace the hooks' warning: compiled calls skip it, and fullgraph holds."""
+    fused = fusedemb.FusedEmbedding(20, 6, 5)
+    fused.pos_emb.register_forward_hook(lambda *args: None)
+    ids = torch.tensor([[1, 2]])
+    with pytest.warns(UserWarning):
+        expected = fused(ids)
+    torch.testing.assert_close(torch.compile(fused, fullgraph=True)(ids), expected)
 
 
 @pytest.mark.parametrize("dtype", TABLE_DTYPES, ids=str)
