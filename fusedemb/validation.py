@@ -213,24 +213,29 @@ def _check_table(name: str, table: torch.Tensor) -> None:
     check_embedding_rows(name, table)
 
 
-def _widened(index: torch.Tensor) -> torch.Tensor:
-    """An index tensor in a dtype the kernels take: int32 and int64 as they are, other integer
-    dtypes (int8 to uint64) as int64."""
-    return index if index.dtype in SUPPORTED_ID_DTYPES else index.long()
+# Integer dtypes whose every value fits in int32, so that int32 kernels take them as they are.
+_FITS_INT32 = (torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32)
+
+
+def _index_dtype(*indices: torch.Tensor) -> torch.dtype:
+    """The one dtype the kernels take the index tensors in: int32 if every value of each fits,
+    else int64. Widen, never narrow (narrowing would wrap an out-of-range id into range); and
+    PyTorch cannot promote uint16-uint64 with other dtypes, so no promote_types."""
+    return torch.int32 if all(index.dtype in _FITS_INT32 for index in indices) else torch.int64
 
 
 def _broadcast_position_ids(position_ids: torch.Tensor, ids_shape: torch.Size) -> torch.Tensor:
     """position_ids broadcast to ids' shape, as the pair's add broadcasts pos_emb(position_ids):
     Hugging Face models pass one row, (1, T), for the whole batch. The expanded view is made
-    contiguous later, since the kernels read one position per token."""
-    if position_ids.shape == ids_shape:
-        return position_ids
-    try:
-        return position_ids.expand(ids_shape)
-    except RuntimeError:
-        raise ValueError(
-            f"position_ids of shape {tuple(position_ids.shape)} do not broadcast to the shape of ids {tuple(ids_shape)}"
-        ) from None
+    contiguous later, since the kernels read one position per token. (The shapes are compared
+    here rather than by expand's own error, which torch.compile would replace with its own.)"""
+    shape = position_ids.shape
+    fits = len(shape) <= len(ids_shape) and all(
+        size == 1 or size == ids_size for size, ids_size in zip(reversed(shape), reversed(ids_shape))
+    )
+    if not fits:
+        raise ValueError(f"position_ids of shape {tuple(shape)} do not broadcast to the shape of ids {tuple(ids_shape)}")
+    return position_ids if shape == ids_shape else position_ids.expand(ids_shape)
 
 
 def prepare_inputs(
@@ -257,16 +262,14 @@ def prepare_inputs(
 
     num_embeddings, context_length = tok_weight.shape[0], pos_weight.shape[0]
     check_tables_have_rows(ids.numel(), {"tok_weight": num_embeddings, "pos_weight": context_length})
-    ids = _widened(ids)
     if position_ids is not None:
         _check_index_tensor("position_ids", position_ids, tok_weight.device)
-        position_ids = _widened(_broadcast_position_ids(position_ids, ids.shape))
-        # The kernels take both index tensors in one dtype: widen, never narrow (narrowing would
-        # wrap an out-of-range position into range).
-        common = torch.promote_types(ids.dtype, position_ids.dtype)
-        ids, position_ids = ids.to(common), position_ids.to(common).contiguous()
+        position_ids = _broadcast_position_ids(position_ids, ids.shape)
+        index_dtype = _index_dtype(ids, position_ids)
+        ids, position_ids = ids.to(index_dtype), position_ids.to(index_dtype).contiguous()
         position_offset = 0  # unused with explicit positions: the operators always get 0 (and never an overflow)
     else:
+        ids = ids.to(_index_dtype(ids))
         check_positions_fit(ids.shape[-1], position_offset, context_length)
     # The kernels need unit stride along dim only; row strides are passed through.
     tok_weight = tok_weight if unit_stride_along_dim(tok_weight) else tok_weight.contiguous()

@@ -118,6 +118,30 @@ def test_float_position_ids(tables):
         fusedemb.fused_embedding(torch.zeros(2, 3, dtype=torch.long), tok, pos, position_ids=torch.zeros(2, 3))
 
 
+def test_position_ids_that_do_not_broadcast_are_named_under_torch_compile_too(tables):
+    """The shapes are compared before expand, whose own error torch.compile would replace."""
+    tok, pos = tables
+    compiled = torch.compile(lambda ids, position_ids: fusedemb.fused_embedding(ids, tok, pos, position_ids=position_ids))
+    with pytest.raises(ValueError, match=r"position_ids of shape \(2, 2\) do not broadcast"):
+        compiled(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "id_dtype, position_dtype, kernel_dtype",
+    [(torch.int32, None, torch.int32), (torch.int16, None, torch.int32), (torch.uint32, None, torch.int64),
+     (torch.int32, torch.int8, torch.int32), (torch.uint16, torch.int32, torch.int32),
+     (torch.int32, torch.int64, torch.int64), (torch.int64, torch.uint8, torch.int64)],
+    ids=str,
+)  # fmt: skip
+def test_index_dtype_is_int32_where_every_value_fits_else_int64(tables, id_dtype, position_dtype, kernel_dtype):
+    tok, pos = tables
+    ids = torch.zeros(2, 3, dtype=id_dtype)
+    position_ids = None if position_dtype is None else torch.zeros(2, 3, dtype=position_dtype)
+    inputs = validation.prepare_inputs(ids, tok, pos, position_ids, 0, None)
+    assert inputs.ids.dtype == kernel_dtype
+    assert position_ids is None or inputs.position_ids.dtype == kernel_dtype
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.uint16, torch.uint32, torch.uint64], ids=str)
 def test_other_integer_ids_and_positions_are_widened(tables, dtype):
     """Every integer dtype works for ids and for position_ids, whatever the other's dtype
