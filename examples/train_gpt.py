@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> Comparison:
     try:
         batches = training_batches(train_text, config, args.batch_size, args.steps, args.seed)
     except ValueError as error:  # the text has fewer windows than a batch, or not one
-        remedy = "a longer text or a smaller --config" if "too short" in str(error) else "a smaller --batch-size or a longer text"
+        remedy = "a longer text" if "too short" in str(error) else "a smaller --batch-size or a longer text"
         raise SystemExit(f"train_gpt.py: {error}; use {remedy}") from None
     held_out_batches = validation_batches(held_out, config, args.batch_size) if held_out else []
 

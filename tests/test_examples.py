@@ -95,7 +95,7 @@ def test_train_gpt_says_what_to_change_when_the_text_is_too_short(tmp_path, verd
     window is not."""
     train_gpt = import_example("train_gpt")
     text = tmp_path / "text.txt"
-    for length, remedy in ((3000, "smaller --batch-size"), (100, "smaller --config")):
+    for length, remedy in ((3000, "use a smaller --batch-size"), (100, "use a longer text$")):
         text.write_text(verdict.read_text(encoding="utf-8")[:length], encoding="utf-8")
         with pytest.raises(SystemExit, match=remedy):
             train_gpt.main(["--text", str(text), "--batch-size", "64", "--steps", "1", "--val-ratio", "0"])

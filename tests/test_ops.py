@@ -266,20 +266,25 @@ def test_torch_compile_fullgraph_matches_eager(config):
     "config", [c for c in BACKEND_CONFIGS if not interpreted(c[1], c[0]) and c[2]], ids=config_id
 )
 def test_torch_compile_dynamic_sequence_length(config):
-    """One graph for every sequence length (dynamic=True, as generation with a growing context
-    compiles), the same as eager for each, up to the whole position table. One token too many
-    stops tracing: Dynamo reports its own Unsupported, whose text carries fusedemb's message."""
+    """One graph for every sequence length from 2 up to the whole position table (dynamic=True,
+    as generation with a growing context compiles; Dynamo specializes a length of 1 on its own),
+    the same as eager for each. One token too many stops tracing: Dynamo reports its own
+    Unsupported, whose text carries fusedemb's message."""
+    from torch._dynamo.utils import counters
+
     backend, device, _ = config
     torch.manual_seed(0)
     model = TinyGPTInput(backend).to(device)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
-    for seq_len in (1, 7, 12):
+    counters.clear()
+    for seq_len in (2, 7, 12, 1):
         ids = torch.randint(0, 50, (3, seq_len), device=device)
         torch.testing.assert_close(compiled(ids), model(ids))
         eager_grads = torch.autograd.grad(model(ids), list(model.parameters()))
         compiled_grads = torch.autograd.grad(compiled(ids), list(model.parameters()))
         for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
             torch.testing.assert_close(compiled_grad, eager_grad)
+    assert counters["stats"]["unique_graphs"] == 2  # lengths 2-12, and length 1
     with pytest.raises(Exception, match=r"positions \[0, 13\) .* do not fit the position table of 12 rows"):
         compiled(torch.randint(0, 50, (3, 13), device=device))
 

@@ -33,7 +33,7 @@ from fusedemb.bench.bytes_model import PASSES
 from fusedemb.bench.configs import DEFAULT_PRESET, DTYPES, PRESETS, resolve_configs, sweep
 from fusedemb.bench.environment import describe_environment
 from fusedemb.bench.ids import parse_distribution
-from fusedemb.bench.plot import PLOT_SUFFIXES, plot_report
+from fusedemb.bench.plot import plot_report, plot_suffixes
 from fusedemb.bench.report import Report, format_table, write_json
 from fusedemb.bench.runner import Runner
 from fusedemb.bench.timing import copy_bandwidth, make_timer
@@ -128,8 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{flag} {path}: the folder {path.parent} does not exist")
         if path is not None and path.is_dir():
             parser.error(f"{flag} {path}: a folder, not a file")
-    if args.plot is not None and args.plot.suffix.lower() not in PLOT_SUFFIXES:
-        parser.error(f"--plot {args.plot}: the file name must end in one of {', '.join(PLOT_SUFFIXES)}")
+    if args.plot is not None and args.plot.suffix.lower() not in (suffixes := plot_suffixes()):
+        parser.error(f"--plot {args.plot}: the file name must end in one of {', '.join(suffixes)}")
     args.batch = args.batch or DEFAULT_BATCHES[args.device]
     args.impl = args.impl or implementations.default_names(args.device)
     return args

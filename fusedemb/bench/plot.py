@@ -13,9 +13,14 @@ from pathlib import Path
 from fusedemb.bench.report import Report
 
 LINE_STYLES = ("-", "--", ":", "-.")
-# Formats matplotlib writes with its default backends (savefig picks one by the suffix), listed
-# here so that the CLI can refuse another before a sweep, without importing matplotlib.
-PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
+
+
+def plot_suffixes() -> tuple[str, ...]:
+    """The file suffixes savefig can write here (it picks a format by the suffix), for the CLI to
+    refuse another before a sweep rather than after it."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return tuple(f".{suffix}" for suffix in FigureCanvasBase.get_supported_filetypes())
 
 
 def plot_report(report: Report, path: Path) -> None:

@@ -45,8 +45,9 @@ LEGEND = (
     "one call; GB/s: the bytes model (fusedemb.bench.bytes_model) over the median; % copy: that "
     "over the copy bandwidth above; vs X: X's median over this one's (above 1: faster than X); "
     "peak extra: the most memory the pass held at once beyond its inputs; *: a GPU call that "
-    "waits for the GPU (the id range check), timed without the hold, so its median includes the "
-    "GPU's idling after the wait and compares with others' device times as unlike quantities; "
+    "waits for the GPU (the id range check) or takes the host over 5 ms, timed without the hold, "
+    "so its median includes the GPU's idling and compares with others' device times as unlike "
+    "quantities; "
     "!: the host outran the hold on some calls (the GPU may have idled inside the timed region)."
 )
 

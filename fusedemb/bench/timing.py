@@ -23,8 +23,11 @@ On a GPU two more things would otherwise distort the figures:
   GPU is timed without the hold: its device time then includes the GPU idling while the host
   works after the sync, which is what such a call costs. Its host work before the sync
   overlaps the (untimed) cache flush, as in training it overlaps the work the step before
-  queued, and is not counted; in a loop of nothing but this call it would be GPU idle time
-  too. Such results say so (TimingStats.held is False), and the table marks them.
+  queued, and is not counted as far as the flush lasts (beyond that the GPU idles inside the
+  timed region); in a loop of nothing but this call it would all be GPU idle time. A call is
+  taken for one that syncs when its host time reaches the first hold (FIRST_HOLD_S), so a call
+  whose host time alone is longer is timed so too. Such results say so (TimingStats.held is
+  False), and the table marks them.
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ CHUNK = 256
 COUNTING_SORT_MAX_CELLS = 1 << 24
 # Tokens ranked per program of chunk_rank_kernel, and compared at once: a 64 x 64 tile of
 # comparisons (4096 pairs, 32 per thread of the default 4 warps). The kernel walks its chunk in
-# steps of RANK_BLOCK, so RANK_BLOCK must divide CHUNK or a chunk's last tokens go unranked.
+# steps of RANK_BLOCK, so RANK_BLOCK must divide CHUNK: otherwise a chunk's last tokens are
+# never compared with, and the ranks and counts come out wrong.
 # Set with the first version of these kernels, not tuned on its own (nor SCATTER_BLOCK and
 # COMBINE_BLOCK_DIM).
 RANK_BLOCK = 64
