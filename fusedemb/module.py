@@ -130,7 +130,6 @@ class FusedEmbedding(nn.Module):
         return text
 
 
-
 def _hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
 

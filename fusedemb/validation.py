@@ -269,7 +269,8 @@ def prepare_inputs(
         ids, position_ids = ids.to(index_dtype), position_ids.to(index_dtype).contiguous()
         position_offset = 0  # unused with explicit positions: the operators always get 0 (and never an overflow)
     else:
-        ids = ids.to(_index_dtype(ids))
+        if ids.dtype not in SUPPORTED_ID_DTYPES:  # (a dtype test costs less host time than .to)
+            ids = ids.to(_index_dtype(ids))
         check_positions_fit(ids.shape[-1], position_offset, context_length)
     # The kernels need unit stride along dim only; row strides are passed through.
     tok_weight = tok_weight if unit_stride_along_dim(tok_weight) else tok_weight.contiguous()

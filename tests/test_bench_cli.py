@@ -114,11 +114,19 @@ def test_output_paths_are_checked_before_the_sweep(flag, tmp_path, capsys):
     assert f"{flag} {tmp_path}: a folder, not a file" in capsys.readouterr().err
 
 
-def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_sweep(tmp_path, capsys):
+def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_sweep(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cli.parse_args([*TINY_ARGS, "--plot", str(tmp_path / "plot.xyz")])
     error = capsys.readouterr().err
     assert "the file name must end in one of" in error and ".png" in error and ".svg" in error
+
+    def no_matplotlib():
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(cli, "plot_suffixes", no_matplotlib)
+    with pytest.raises(SystemExit):
+        cli.parse_args([*TINY_ARGS, "--plot", str(tmp_path / "plot.png")])
+    assert "--plot needs matplotlib" in capsys.readouterr().err
 
 
 def test_sweep_keeps_each_shape_together():

@@ -128,8 +128,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{flag} {path}: the folder {path.parent} does not exist")
         if path is not None and path.is_dir():
             parser.error(f"{flag} {path}: a folder, not a file")
-    if args.plot is not None and args.plot.suffix.lower() not in (suffixes := plot_suffixes()):
-        parser.error(f"--plot {args.plot}: the file name must end in one of {', '.join(suffixes)}")
+    if args.plot is not None:
+        try:
+            suffixes = plot_suffixes()
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install matplotlib (or this package's [bench] extra)")
+        if args.plot.suffix.lower() not in suffixes:
+            parser.error(f"--plot {args.plot}: the file name must end in one of {', '.join(suffixes)}")
     args.batch = args.batch or DEFAULT_BATCHES[args.device]
     args.impl = args.impl or implementations.default_names(args.device)
     return args

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusedemb.bench.runner import BASELINES, Result
-from fusedemb.bench.timing import TimingStats
+from fusedemb.bench.timing import CudaTimer, TimingStats
 
 SCHEMA_VERSION = 1
 
@@ -45,7 +45,7 @@ LEGEND = (
     "one call; GB/s: the bytes model (fusedemb.bench.bytes_model) over the median; % copy: that "
     "over the copy bandwidth above; vs X: X's median over this one's (above 1: faster than X); "
     "peak extra: the most memory the pass held at once beyond its inputs; *: a GPU call that "
-    "waits for the GPU (the id range check) or takes the host over 5 ms, timed without the hold, "
+    f"waits for the GPU (the id range check) or takes the host over {CudaTimer.FIRST_HOLD_S * 1e3:g} ms, timed without the hold, "
     "so its median includes the GPU's idling and compares with others' device times as unlike "
     "quantities; "
     "!: the host outran the hold on some calls (the GPU may have idled inside the timed region)."
