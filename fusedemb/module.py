@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -131,16 +134,39 @@ class FusedEmbedding(nn.Module):
 
 
 def _hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+    """Whether calling the module would run more than nn.Embedding's forward: hooks, or a forward
+    set on the instance (accelerate's hooks replace it so)."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in module.__dict__
+    )
 
 
 def _warn_of_hooks(name: str, module: nn.Module) -> None:
     if _hooks(module):
         warnings.warn(
-            f"hooks on FusedEmbedding.{name} do not run: FusedEmbedding reads its weight and never calls it; "
-            "register them on the FusedEmbedding",
-            stacklevel=3,
+            f"hooks on FusedEmbedding.{name} (or a forward set on it) do not run: FusedEmbedding reads its weight and "
+            "never calls it; register them on the FusedEmbedding",
+            stacklevel=_user_stacklevel(),
         )
+
+
+# fusedemb's files (a folder, with its separator) and nn.Module's __call__ machinery (a file).
+_MODULE_MACHINERY = (str(Path(__file__).parent) + os.sep, nn.Module.__call__.__code__.co_filename)
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel, from the function that calls this one, of the first frame
+    outside fusedemb and nn.Module's call machinery: the warning then names the user's line, and
+    Python's default filter shows it once per such line, not once for everyone. (Python 3.12's
+    skip_file_prefixes does this; 3.11 is supported.)"""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_MODULE_MACHINERY):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_table_module(name: str, module: nn.Module) -> None:

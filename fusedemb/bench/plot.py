@@ -17,10 +17,11 @@ LINE_STYLES = ("-", "--", ":", "-.")
 
 def plot_suffixes() -> tuple[str, ...]:
     """The file suffixes savefig can write here (it picks a format by the suffix), for the CLI to
-    refuse another before a sweep rather than after it."""
+    refuse another before a sweep rather than after it. Not pgf: it needs a TeX installation,
+    and would fail after the sweep where none is."""
     from matplotlib.backend_bases import FigureCanvasBase
 
-    return tuple(f".{suffix}" for suffix in FigureCanvasBase.get_supported_filetypes())
+    return tuple(f".{suffix}" for suffix in FigureCanvasBase.get_supported_filetypes() if suffix != "pgf")
 
 
 def plot_report(report: Report, path: Path) -> None:
