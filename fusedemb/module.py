@@ -58,15 +58,16 @@ class FusedEmbedding(nn.Module):
     # a larger vocabulary, del then assign, register_module), is checked alike.
     def __setattr__(self, name: str, value) -> None:
         if name in TABLE_MODULES:
-            self._check_table_module(name, value)
+            self._check_table_setting(name, value)
         super().__setattr__(name, value)
 
     def add_module(self, name: str, module: nn.Module | None) -> None:
         if name in TABLE_MODULES:
-            self._check_table_module(name, module)
+            self._check_table_setting(name, module)
         super().add_module(name, module)
 
-    def _check_table_module(self, name: str, module) -> None:
+    def _check_table_setting(self, name: str, module) -> None:
+        """The module about to be set as table `name`, alone and beside the other table."""
         if not isinstance(module, nn.Module):
             raise TypeError(f"{name} must be an nn.Embedding, got {type(module).__name__}")
         _check_table_module(name, module)

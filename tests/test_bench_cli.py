@@ -445,6 +445,16 @@ def test_timing_stats_quantiles():
     assert stats.spread == pytest.approx(1 / 3)
 
 
+def timed_result(impl: str, pass_name: str, timing: TimingStats) -> Result:
+    """A timed row on the tiny problem, for tests of the report alone."""
+    return Result(tiny_problem(), impl, pass_name, "ok", bytes=1000, timing=timing, gbps=1.0, copy_fraction=0.1,
+                  peak_extra_bytes=0)  # fmt: skip
+
+
+def made_up_environment(device: str) -> dict[str, object]:
+    return {"device": device, "device_name": "made up", "torch_threads": 1, "torch": "x", "triton": "y", "fusedemb": "z"}
+
+
 def test_calls_timed_without_the_gpu_hold_or_outrunning_it_are_marked():
     """A CUDA call that waits for the GPU is timed without the hold (its device time includes
     the GPU's idling), and a held one may outrun its hold: the table marks either median, and
@@ -452,11 +462,8 @@ def test_calls_timed_without_the_gpu_hold_or_outrunning_it_are_marked():
     results = []
     # no hold (a syncing CUDA call), held (CUDA), held but outrun twice, CPU
     for held, outruns in ((False, 0), (True, 0), (True, 2), (None, None)):
-        timing = TimingStats(1e-4, 9e-5, 1.1e-4, 5, 2e-4, held, outruns)
-        results.append(Result(tiny_problem(), "fusedemb", "forward", "ok", bytes=1000, timing=timing, gbps=0.01,
-                              copy_fraction=0.1, peak_extra_bytes=0))  # fmt: skip
-    environment = {"device": "cuda", "device_name": "GPU", "torch_threads": 1, "torch": "x", "triton": "y", "fusedemb": "z"}
-    table = format_table(Report(environment, {}, 1e12, {}, results))
+        results.append(timed_result("fusedemb", "forward", TimingStats(1e-4, 9e-5, 1.1e-4, 5, 2e-4, held, outruns)))
+    table = format_table(Report(made_up_environment("cuda"), {}, 1e12, {}, results))
     medians = [line.split("|")[7].strip() for line in table.splitlines() if line.startswith("| tiny")]
     assert medians == ["100.0 us*", "100.0 us", "100.0 us!", "100.0 us"]
     assert "*: a GPU call that waits for the GPU" in table and "!: the host outran the hold" in table
@@ -468,14 +475,11 @@ def test_a_backward_slower_than_forward_plus_backward_is_flagged():
     """Impossible for the work, so the machine drifted: the table says so under it."""
 
     def result(impl, pass_name, median):
-        timing = TimingStats(median, 0.95 * median, 1.05 * median, 5, median)
-        return Result(tiny_problem(), impl, pass_name, "ok", bytes=1000, timing=timing, gbps=1.0, copy_fraction=0.1,
-                      peak_extra_bytes=0)  # fmt: skip
+        return timed_result(impl, pass_name, TimingStats(median, 0.95 * median, 1.05 * median, 5, median))
 
-    environment = {"device": "cpu", "device_name": "CPU", "torch_threads": 1, "torch": "x", "triton": "y", "fusedemb": "z"}
     results = [result("eager", "backward", 0.14), result("eager", "forward+backward", 0.03),
                result("fusedemb", "backward", 0.02), result("fusedemb", "forward+backward", 0.03)]  # fmt: skip
-    table = format_table(Report(environment, {}, 1e10, {}, results))
+    table = format_table(Report(made_up_environment("cpu"), {}, 1e10, {}, results))
     assert "suspect (a backward alone slower than forward+backward" in table
     assert "eager on " in table.split("suspect")[1] and "fusedemb on " not in table.split("suspect")[1]
 

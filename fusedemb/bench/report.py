@@ -76,7 +76,7 @@ def format_table(report: Report) -> str:
     }  # a dict keeps order and drops the repeats across passes
     if notes:
         lines += ["", "not timed:", *(f"  {note}" for note in notes)]
-    if suspect := _backward_slower_than_both(report.results):
+    if suspect := _backward_slower_than_forward_and_backward(report.results):
         lines += ["", "suspect (a backward alone slower than forward+backward: drift or noise; rerun):",
                   *(f"  {line}" for line in suspect)]  # fmt: skip
     if report.settings.get("quick"):
@@ -88,7 +88,7 @@ def format_table(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _backward_slower_than_both(results: list[Result]) -> list[str]:
+def _backward_slower_than_forward_and_backward(results: list[Result]) -> list[str]:
     """Rows whose backward alone took longer than forward+backward of the same implementation
     and problem, beyond both spreads: impossible for the work, so the machine moved under them."""
     timed = {(r.problem.label, r.impl, r.pass_name): r.timing for r in results if r.status == "ok"}

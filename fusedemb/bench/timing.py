@@ -96,10 +96,6 @@ class Timer:
     # Host time each repeat spends outside the timed region (a CPU cache flush), counted against
     # the time budget: otherwise a call of microseconds would get max_reps flushes.
     untimed_s_per_call = 0.0
-    # Whether the last time_calls ran its calls behind a GPU hold, and how many of them outran
-    # it (None: no hold applies).
-    last_calls_held: bool | None = None
-    last_hold_outruns: int | None = None
 
     def __init__(self, budget_s: float, min_reps: int, max_reps: int, warmup_reps: int) -> None:
         self.budget_s = budget_s
@@ -113,14 +109,14 @@ class Timer:
         estimate = statistics.median(self.time_calls(run, setup, self.warmup_reps)[0])
         per_call_s = estimate + self.untimed_s_per_call
         reps = min(self.max_reps, max(self.min_reps, math.ceil(self.budget_s / max(per_call_s, 1e-9))))
-        samples, host_samples = self.time_calls(run, setup, reps)
-        return TimingStats.from_samples(samples, host_samples, self.last_calls_held, self.last_hold_outruns)
+        return TimingStats.from_samples(*self.time_calls(run, setup, reps))
 
     def time_calls(
         self, run: Callable[..., object], setup: Callable[[], tuple], reps: int
-    ) -> tuple[list[float], list[float]]:
-        """Seconds taken by each of ``reps`` calls ``run(*setup())``, setup excluded, and the
-        host's seconds for each."""
+    ) -> tuple[list[float], list[float], bool | None, int | None]:
+        """Seconds taken by each of ``reps`` calls ``run(*setup())``, setup excluded, the host's
+        seconds for each, and (on a GPU; None elsewhere) whether the calls ran behind the hold and
+        how many outran it: TimingStats.from_samples' arguments."""
         raise NotImplementedError
 
 
@@ -147,7 +143,7 @@ class CpuTimer(Timer):
             start = time.perf_counter()
             run(*arguments)
             samples.append(time.perf_counter() - start)
-        return samples, samples
+        return samples, samples, None, None
 
 
 def last_level_cache_bytes(cpus: Path = Path("/sys/devices/system/cpu")) -> int:
@@ -236,8 +232,7 @@ class CudaTimer(Timer):
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         host = []
-        self.last_calls_held = self._hold_s > 0
-        self.last_hold_outruns = 0
+        held, outruns = self._hold_s > 0, 0
         torch.cuda.synchronize()
         for start, end in zip(starts, ends):
             arguments = setup()  # queued before the start event, so it is not timed either
@@ -249,7 +244,7 @@ class CudaTimer(Timer):
             host.append(time.perf_counter() - host_start)
             # The start event follows the hold: if the GPU has already passed it, the hold ran
             # out while the host was still queuing the call.
-            self.last_hold_outruns += self.last_calls_held and start.query()
+            outruns += held and start.query()
             end.record()
             # Wait for the call before the next one: with many calls in flight the launch queue
             # fills up and the host's time would include waiting for room in it.
@@ -261,7 +256,7 @@ class CudaTimer(Timer):
             self._hold_s = 0.0
         else:
             self._hold_s = self.HOLD_FACTOR * statistics.median(host) + self.HOLD_MARGIN_S
-        return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)], host
+        return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)], host, held, outruns
 
 
 def make_timer(device: str, quick: bool = False) -> Timer:
