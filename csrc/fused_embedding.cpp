@@ -57,11 +57,21 @@ void check_rows_in_range(const index_t* rows, int64_t count, int64_t num_rows, c
   }
 }
 
+// The error types are Python's, as fusedemb.validation raises them: TypeError for a dtype,
+// ValueError for a shape or layout, IndexError for an index value.
+void check_float_dtype(const at::Tensor& rows, const char* name) {
+  const auto dtype = rows.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, name,
+                   " has dtype ", dtype, "; supported: float32, float64, bfloat16, float16");
+}
+
 void check_table(const at::Tensor& table, const char* name) {
-  TORCH_CHECK(table.dim() == 2, name, " must be 2-D (rows, dim), got shape ", table.sizes());
-  TORCH_CHECK(table.size(1) > 0, name, " must have at least one column");
+  TORCH_CHECK_VALUE(table.dim() == 2, name, " must be 2-D (rows, dim), got shape ", table.sizes());
+  check_float_dtype(table, name);
+  TORCH_CHECK_VALUE(table.size(1) > 0, name, " must have an embedding dim of at least 1, got 0");
   // A dim of size 1 has no stride to respect (PyTorch leaves it arbitrary, and .contiguous() keeps it).
-  TORCH_CHECK(table.size(1) == 1 || table.stride(1) == 1, name, " must have unit stride along dim; call .contiguous()");
+  TORCH_CHECK_VALUE(table.size(1) == 1 || table.stride(1) == 1, name,
+                    " must have unit stride along dim; call .contiguous()");
 }
 
 // Either every explicit position is a row of the position table, or the default positions
@@ -79,17 +89,17 @@ void check_positions(const index_t* position_ids, int64_t num_tokens, int64_t se
 }
 
 void check_ids(const at::Tensor& ids, const c10::optional<at::Tensor>& position_ids) {
-  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
-              "ids must be int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK(ids.dim() >= 1, "ids must have shape (..., T) with at least one dimension, got a 0-d tensor");
-  TORCH_CHECK(ids.is_contiguous(), "ids must be contiguous");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+                   "ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.dim() >= 1, "ids must have shape (..., T) with at least one dimension, got a 0-d tensor");
+  TORCH_CHECK_VALUE(ids.is_contiguous(), "ids must be contiguous");
   if (position_ids.has_value()) {
-    TORCH_CHECK(position_ids->scalar_type() == ids.scalar_type(),
-                "position_ids must have the dtype of ids (", ids.scalar_type(), "), got ",
-                position_ids->scalar_type());
-    TORCH_CHECK(position_ids->sizes() == ids.sizes(), "position_ids must have the shape of ids ",
-                ids.sizes(), ", got ", position_ids->sizes());
-    TORCH_CHECK(position_ids->is_contiguous(), "position_ids must be contiguous");
+    TORCH_CHECK_TYPE(position_ids->scalar_type() == ids.scalar_type(),
+                     "position_ids must have the dtype of ids (", ids.scalar_type(), "), got ",
+                     position_ids->scalar_type());
+    TORCH_CHECK_VALUE(position_ids->sizes() == ids.sizes(), "position_ids must have the shape of ids ",
+                      ids.sizes(), ", got ", position_ids->sizes());
+    TORCH_CHECK_VALUE(position_ids->is_contiguous(), "position_ids must be contiguous");
   }
 }
 
@@ -98,10 +108,11 @@ at::Tensor forward_cpu(const at::Tensor& ids, const at::Tensor& tok_weight, cons
   check_ids(ids, position_ids);
   check_table(tok_weight, "tok_weight");
   check_table(pos_weight, "pos_weight");
-  TORCH_CHECK(tok_weight.size(1) == pos_weight.size(1), "tok_weight and pos_weight must have the same dim, got ",
-              tok_weight.size(1), " and ", pos_weight.size(1));
-  TORCH_CHECK(tok_weight.scalar_type() == pos_weight.scalar_type(),
-              "tok_weight and pos_weight must have the same dtype");
+  TORCH_CHECK_VALUE(tok_weight.size(1) == pos_weight.size(1),
+                    "tok_weight and pos_weight must have the same embedding dim, got ", tok_weight.size(1), " and ",
+                    pos_weight.size(1));
+  TORCH_CHECK_TYPE(tok_weight.scalar_type() == pos_weight.scalar_type(), "tok_weight (", tok_weight.scalar_type(),
+                   ") and pos_weight (", pos_weight.scalar_type(), ") must have the same dtype");
 
   const int64_t dim = tok_weight.size(1);
   const int64_t num_tokens = ids.numel();
@@ -246,19 +257,20 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, cons
                                                 int64_t context_length, int64_t padding_idx, bool tok_needs_grad,
                                                 bool pos_needs_grad) {
   check_ids(ids, position_ids);
-  TORCH_CHECK(grad_out.is_contiguous(), "grad_out must be contiguous");
-  TORCH_CHECK(grad_out.dim() == ids.dim() + 1 && grad_out.sizes().slice(0, ids.dim()) == ids.sizes() &&
-                  grad_out.size(-1) > 0,
-              "grad_out must have shape ids.shape + (dim,) with dim >= 1, got ", grad_out.sizes(), " for ids of shape ",
-              ids.sizes());
+  check_float_dtype(grad_out, "grad_out");
+  TORCH_CHECK_VALUE(grad_out.is_contiguous(), "grad_out must be contiguous");
+  TORCH_CHECK_VALUE(grad_out.dim() == ids.dim() + 1 && grad_out.sizes().slice(0, ids.dim()) == ids.sizes(),
+                    "grad_out must have shape ids.shape + (dim,), got ", grad_out.sizes(), " for ids of shape ",
+                    ids.sizes());
+  TORCH_CHECK_VALUE(grad_out.size(-1) > 0, "grad_out must have an embedding dim of at least 1, got 0");
   const int64_t dim = grad_out.size(-1);
   const int64_t num_tokens = ids.numel();
   const int64_t seq_len = ids.size(-1);
-  TORCH_CHECK(num_embeddings >= 0 && context_length >= 0, "the tables cannot have a negative number of rows, got ",
-              num_embeddings, " and ", context_length);
+  TORCH_CHECK_VALUE(num_embeddings >= 0 && context_length >= 0,
+                    "the tables cannot have a negative number of rows, got ", num_embeddings, " and ", context_length);
   // No row index -1 exists, so skip_row == -1 skips nothing.
-  TORCH_CHECK(padding_idx >= -1 && padding_idx < num_embeddings, "padding_idx must be -1 (none) or in [0, ",
-              num_embeddings, "), got ", padding_idx);
+  TORCH_CHECK_VALUE(padding_idx >= -1 && padding_idx < num_embeddings, "padding_idx must be -1 (none) or in [0, ",
+                    num_embeddings, "), got ", padding_idx);
   at::Tensor grad_tok = empty_on_huge_pages({tok_needs_grad ? num_embeddings : 0, dim}, grad_out.options());
   at::Tensor grad_pos = empty_on_huge_pages({pos_needs_grad ? context_length : 0, dim}, grad_out.options());
 

@@ -11,6 +11,8 @@ import warnings
 
 import torch
 
+from fusedemb.validation import check_same_device
+
 try:
     importlib.import_module("fusedemb._C")  # loading the library registers torch.ops.fusedemb.cpu_*
     CPP_EXTENSION_AVAILABLE = True
@@ -23,8 +25,11 @@ except ImportError as error:  # pragma: no cover - exercised only on machines wi
         stacklevel=2,
     )
 
-def forward_fake(ids, tok_weight, *_):
+# The dispatcher runs a fake kernel whenever one argument is a meta tensor, so each checks the
+# devices first: a meta ids beside CPU tables would otherwise return an uninitialised CPU tensor.
+def forward_fake(ids, tok_weight, pos_weight, position_ids, *_):
     """Output of a forward kernel: ids.shape + (D,), in the tables' dtype."""
+    check_same_device(("tok_weight", tok_weight.device), ids=ids, pos_weight=pos_weight, position_ids=position_ids)
     return tok_weight.new_empty((*ids.shape, tok_weight.shape[1]))
 
 
@@ -33,6 +38,7 @@ def backward_fake(
     pos_needs_grad=True,
 ):  # fmt: skip
     """Outputs of a backward kernel: the two table gradients ([0, D] for a table that needs none)."""
+    check_same_device(("grad_out", grad_out.device), ids=ids, position_ids=position_ids)
     dim = grad_out.shape[-1]
     return (
         grad_out.new_empty((num_embeddings if tok_needs_grad else 0, dim)),

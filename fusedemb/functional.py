@@ -34,17 +34,27 @@ def available_backends(device: torch.device | str) -> list[str]:
     return backends
 
 
+def check_options(backend: str | None, deterministic: bool | None) -> None:
+    """The choices fused_embedding and FusedEmbedding take, checked where they are given."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be None, True or False, got {deterministic!r}")
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """None picks Triton on CUDA and the C++ kernels on CPU; an explicit choice is checked."""
+    """None picks Triton on CUDA and the C++ kernels on CPU; an explicit choice (one of BACKENDS:
+    check_options) is checked against the device. Meta tensors, which have shapes and no values
+    (a model built for deferred initialisation), run the reference whatever the choice."""
+    if device.type == "meta":
+        return "reference"
     if backend is None:
         if device.type == "cuda" and TRITON_AVAILABLE:
             return "triton"
         return "cpp" if device.type == "cpu" and CPP_EXTENSION_AVAILABLE else "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
     if backend not in available_backends(device):
         reasons = {
-            "triton": "Triton runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before import",
+            "triton": "Triton runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before fusedemb is imported",
             "cpp": "the C++ kernels run on CPU tensors and need the extension built (pip install --no-build-isolation -e .)",
         }
         raise RuntimeError(f"backend {backend!r} cannot run on {device} tensors here: {reasons[backend]}")
@@ -88,6 +98,7 @@ def fused_embedding(
     Returns:
         a tensor of shape (..., T, D) and the tables' dtype.
     """
+    check_options(backend, deterministic)
     inputs = prepare_inputs(ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx)
     backend = resolve_backend(backend, inputs.tok_weight.device)
     # Under torch.func's vmap a batch of tables runs as one stacked table, in which an id past
@@ -161,5 +172,5 @@ def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | No
         inputs.position_offset,
         inputs.padding_idx,
         backend,
-        bool(deterministic),
+        deterministic,
     )

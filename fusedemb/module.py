@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fusedemb.functional import fused_embedding
+from fusedemb.functional import check_options, fused_embedding
 
 # The two submodules that hold the tables, by attribute name.
 TABLE_MODULES = ("tok_emb", "pos_emb")
@@ -49,6 +49,7 @@ class FusedEmbedding(nn.Module):
         self._attach(tok_emb, pos_emb, backend, deterministic)
 
     def _attach(self, tok_emb: nn.Embedding, pos_emb: nn.Embedding, backend: str | None, deterministic: bool | None):
+        check_options(backend, deterministic)  # at construction, not at the first forward
         self.tok_emb = tok_emb  # checked by __setattr__, as any later assignment is
         self.pos_emb = pos_emb
         self.backend = backend

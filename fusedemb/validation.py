@@ -158,8 +158,9 @@ def check_tables_have_rows(num_tokens: int, tables: dict[str, int]) -> None:
 
 
 def check_positions_fit(seq_len: int, position_offset: int, context_length: int) -> None:
-    """Default positions [position_offset, position_offset + seq_len) must be rows of the table."""
-    if position_offset < 0 or position_offset + seq_len > context_length:
+    """Default positions [position_offset, position_offset + seq_len) must be rows of the table
+    (none when seq_len is 0, as the pair's pos_emb(arange(offset, offset + 0)) reads none)."""
+    if seq_len > 0 and (position_offset < 0 or position_offset + seq_len > context_length):
         # Under torch.compile with a dynamic sequence length these are symbolic, and Dynamo
         # cannot format a symbolic int into a string: as ints, the message reaches the user.
         position_offset, seq_len = int(position_offset), int(seq_len)
@@ -179,11 +180,23 @@ def check_same_device(anchor: tuple[str, torch.device], **tensors: torch.Tensor 
 
 
 def _check_index_tensor(name: str, index: torch.Tensor, device: torch.device) -> None:
-    if not isinstance(index, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(index).__name__}")
-    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+    _check_dense_tensor(name, index)
+    if index.dtype not in _INTEGER_DTYPES:
         raise TypeError(f"{name} must be an integer tensor (int32/int64 kernels; narrower ints are widened), got {index.dtype}")
     check_same_device(("the tables", device), **{name: index})
+
+
+# Integer dtypes with arithmetic (not bool, the quantized ones, nor the sub-byte and bits dtypes).
+_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64)
+
+
+def _check_dense_tensor(name: str, tensor: torch.Tensor) -> None:
+    """A tensor with strides: the kernels address elements by them (not sparse, mkldnn, nested)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided or tensor.is_nested:
+        kind = "a nested tensor" if tensor.is_nested else f"layout {tensor.layout}"
+        raise ValueError(f"{name} must be a dense (strided) tensor, got {kind}")
 
 
 def as_int(value, name: str) -> int | torch.SymInt:
@@ -205,12 +218,26 @@ def check_embedding_rows(name: str, rows: torch.Tensor) -> None:
         raise ValueError(f"{name} must have an embedding dim of at least 1, got 0")
 
 
-def _check_table(name: str, table: torch.Tensor) -> None:
-    if not isinstance(table, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(table).__name__}")
-    if table.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(table.shape)}")
-    check_embedding_rows(name, table)
+def check_tables(tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> None:
+    """Two tables whose rows the kernels can add: each 2-D of a supported float dtype with an
+    embedding dim of at least 1, both of one dtype and one dim."""
+    for name, table in (("tok_weight", tok_weight), ("pos_weight", pos_weight)):
+        _check_dense_tensor(name, table)
+        if table.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(table.shape)}")
+        check_embedding_rows(name, table)
+    if tok_weight.dtype != pos_weight.dtype:
+        raise TypeError(f"tok_weight ({tok_weight.dtype}) and pos_weight ({pos_weight.dtype}) must have the same dtype")
+    if tok_weight.shape[1] != pos_weight.shape[1]:
+        raise ValueError(
+            f"tok_weight and pos_weight must have the same embedding dim, got {tok_weight.shape[1]} and {pos_weight.shape[1]}"
+        )
+
+
+def check_sequence_dim(name: str, index: torch.Tensor) -> None:
+    """The last dim of an index tensor is the sequence's: a 0-d tensor has none."""
+    if index.dim() == 0:
+        raise ValueError(f"{name} must have shape (..., T) with at least one dimension, got a 0-d tensor")
 
 
 # Integer dtypes whose every value fits in int32, so that int32 kernels take them as they are.
@@ -246,18 +273,10 @@ def prepare_inputs(
     position_offset: int,
     padding_idx: int | None,
 ) -> EmbeddingInputs:
-    _check_table("tok_weight", tok_weight)
-    _check_table("pos_weight", pos_weight)
-    if tok_weight.dtype != pos_weight.dtype:
-        raise TypeError(f"tok_weight ({tok_weight.dtype}) and pos_weight ({pos_weight.dtype}) must have the same dtype")
-    if tok_weight.shape[1] != pos_weight.shape[1]:
-        raise ValueError(
-            f"tok_weight and pos_weight must have the same embedding dim, got {tok_weight.shape[1]} and {pos_weight.shape[1]}"
-        )
+    check_tables(tok_weight, pos_weight)
     check_same_device(("tok_weight", tok_weight.device), pos_weight=pos_weight)
     _check_index_tensor("ids", ids, tok_weight.device)
-    if ids.dim() == 0:
-        raise ValueError("ids must have shape (..., T) with at least one dimension, got a 0-d tensor")
+    check_sequence_dim("ids", ids)
     position_offset = as_int(position_offset, "position_offset")
 
     num_embeddings, context_length = tok_weight.shape[0], pos_weight.shape[0]

@@ -206,9 +206,10 @@ def test_device_and_dtype_arguments(dtype):
 def test_shapes_without_values_on_meta_and_fake_tensors():
     """A model built on the meta device (or traced with FakeTensorMode) runs for its shapes, as
     nn.Embedding does: there are no ids to range-check."""
-    fused = fusedemb.FusedEmbedding(11, 4, 6, device="meta")
-    out = fused(torch.zeros(2, 5, dtype=torch.long, device="meta"))
-    assert out.shape == (2, 5, 4) and out.is_meta
+    for backend in (None, "triton", "cpp", "reference"):  # whatever backend the model will run on
+        fused = fusedemb.FusedEmbedding(11, 4, 6, device="meta", backend=backend)
+        out = fused(torch.zeros(2, 5, dtype=torch.long, device="meta"))
+        assert out.shape == (2, 5, 4) and out.is_meta
     with FakeTensorMode():
         fused = fusedemb.FusedEmbedding(11, 4, 6)
         for backend in fusedemb.available_backends("cpu"):

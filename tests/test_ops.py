@@ -103,45 +103,49 @@ def test_backward_operator_skips_tables_that_need_no_gradient(backend_config, po
         torch.library.opcheck(fused_embedding_backward_op, args, needs)
 
 
-@pytest.mark.parametrize("config", TRITON_CONFIGS, ids=config_id)
-def test_operators_called_directly_refuse_layouts_the_kernels_cannot_read(config):
-    """torch.ops.fusedemb.* skip fusedemb.validation; the Triton launchers check what their
-    kernels assume (as the C++ kernels do) instead of reading the wrong or out-of-bounds memory."""
-    backend, device, deterministic = config
+def test_operators_called_directly_refuse_what_the_kernels_cannot_read(backend_config):
+    """torch.ops.fusedemb.* skip fusedemb.validation; the Triton launchers and the C++ kernels
+    check what the kernels assume instead of reading the wrong or out-of-bounds memory, and raise
+    the Python error type fusedemb.validation would: TypeError for a dtype, ValueError for a
+    shape or layout, IndexError for an index."""
+    backend, device, deterministic = backend_config
     ids, tok, pos, _ = sample_inputs(device)
     tok, pos = tok.detach(), pos.detach()
     wide_ids = torch.randint(0, 13, (2, 10), device=device)
     cases = [
-        ((wide_ids[:, ::2], tok, pos, None, 0), "ids must be contiguous"),
-        ((ids, tok, pos, torch.arange(5, device=device).expand(2, 5), 0), "position_ids must be contiguous"),
-        ((ids, tok[:, :1].expand(13, 6), pos, None, 0), "unit stride along dim"),
-        ((ids, tok, pos[:, :4], None, 0), "same dim"),
-        ((ids.float(), tok, pos, None, 0), "int32 or int64"),
-        ((ids[0, 0], tok, pos, None, 0), "ids must have shape .* got a 0-d tensor"),
-        ((ids, tok.int(), pos.int(), None, 0), "tok_weight has dtype torch.int32"),
-        ((ids, tok[:, :0], pos[:, :0], None, 0), "embedding dim of at least 1"),
+        ((wide_ids[:, ::2], tok, pos, None, 0), ValueError, "ids must be contiguous"),
+        ((ids, tok, pos, torch.arange(5, device=device).expand(2, 5), 0), ValueError, "position_ids must be contiguous"),
+        ((ids, tok[:, :1].expand(13, 6), pos, None, 0), ValueError, "tok_weight must have unit stride along dim"),
+        ((ids, tok, pos[:, :4], None, 0), ValueError, "must have the same embedding dim, got 6 and 4"),
+        ((ids, tok, pos.double(), None, 0), TypeError, "must have the same dtype"),
+        ((ids.float(), tok, pos, None, 0), TypeError, "ids must be int32 or int64"),
+        ((ids[0, 0], tok, pos, None, 0), ValueError, "ids must have shape .* got a 0-d tensor"),
+        ((ids, tok.int(), pos.int(), None, 0), TypeError, "tok_weight has dtype"),
+        ((ids, tok[:, :0], pos[:, :0], None, 0), ValueError, "tok_weight must have an embedding dim of at least 1"),
+        ((ids, tok, pos, None, 5), IndexError, r"positions \[5, .* do not fit the position table of 9 rows"),
+        # the Triton kernels clamp ids (clamping needs a row to clamp to); the C++ kernels check them
+        ((ids, tok[:0], pos, None, 0), IndexError, "tok_weight has no rows" if backend == "triton" else "ids contains"),
     ]
-    cases += [
-        ((ids, tok[:0], pos, None, 0), "tok_weight has no rows"),  # clamping needs a row to clamp to
-        ((ids, tok, pos, None, 5), r"positions \[5, 10\) .* do not fit the position table of 9 rows"),
-    ]
-    for args, message in cases:
-        with pytest.raises((ValueError, TypeError, IndexError), match=message):
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
             fused_embedding_op(*args, -1, backend, deterministic)
-    grad_out = torch.randn(2, 6, 5, device=device).transpose(1, 2)
+    strided_grad_out = torch.randn(2, 6, 5, device=device).transpose(1, 2)
+    grad_out = strided_grad_out.contiguous()
     backward_cases = [
-        ((grad_out, ids, None, 0, 13, 9, -1), "grad_out must be contiguous"),
-        ((grad_out.contiguous(), ids, None, 0, 2**31, 9, -1), "int32"),
-        ((grad_out.contiguous(), ids, None, 0, 0, 9, -1), "the token table has no rows"),
+        ((strided_grad_out, ids, None, 0, 13, 9, -1), ValueError, "grad_out must be contiguous"),
+        ((grad_out[:1], ids, None, 0, 13, 9, -1), ValueError, "grad_out must .*shape"),
         # a fast-mode sweep walks the position table's rows only: tokens past it would lose their gradient
-        ((grad_out.contiguous(), ids, None, 6, 13, 9, -1), "do not fit the position table"),
-        ((grad_out.contiguous(), ids, None, 0, 13, 9, 13), "padding_idx"),
-        ((grad_out.contiguous(), ids, None, 0, -3, 9, -1), "the token table cannot have -3 rows"),
-        ((grad_out.contiguous().int(), ids, None, 0, 13, 9, -1), "grad_out has dtype torch.int32"),
-        ((grad_out[..., :0].contiguous(), ids, None, 0, 13, 9, -1), "embedding dim of at least 1"),
-    ]
-    for args, message in backward_cases:
-        with pytest.raises((ValueError, TypeError, IndexError), match=message):
+        ((grad_out, ids, None, 6, 13, 9, -1), IndexError, "do not fit the position table"),
+        ((grad_out, ids, None, 0, 13, 9, 13), ValueError, "padding_idx must be -1 .* got 13"),
+        ((grad_out, ids, None, 0, -3, 9, -1), ValueError, "cannot have"),
+        ((grad_out.int(), ids, None, 0, 13, 9, -1), TypeError, "grad_out has dtype"),
+        ((grad_out[..., :0], ids, None, 0, 13, 9, -1), ValueError, "grad_out must have an embedding dim of at least 1"),
+        ((grad_out, ids, None, 0, 0, 9, -1), IndexError, "the token table has no rows" if backend == "triton" else "ids contains"),
+    ]  # fmt: skip
+    if backend == "triton":  # (the C++ kernels index with int64)
+        backward_cases.append(((grad_out, ids, None, 0, 2**31, 9, -1), ValueError, "int32"))
+    for args, error, message in backward_cases:
+        with pytest.raises(error, match=message):
             fused_embedding_backward_op(*args, backend, deterministic)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import assert_grad_close, assert_output_equal
@@ -105,11 +107,74 @@ def test_sequence_too_long_for_position_table(tables, backend):
         fusedemb.fused_embedding(torch.zeros(2, 3, dtype=torch.long), tok, pos, position_offset=-1, backend=backend)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bool, torch.complex64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_sequence_reads_no_position(tables, backend):
+    """T = 0 reads no position, as the pair's pos_emb(arange(offset, offset)) reads none, so any
+    offset is fine; with T > 0 and no sequences the positions are still checked, as the pair's
+    arange(offset, offset + T) is."""
+    tok, pos = tables
+    for offset in (-1, 8, 2**40):
+        out = fusedemb.fused_embedding(torch.zeros(2, 0, dtype=torch.long), tok, pos, position_offset=offset, backend=backend)
+        assert out.shape == (2, 0, 4)
+    with pytest.raises(IndexError, match=r"positions \[6, 9\)"):
+        fusedemb.fused_embedding(torch.zeros(0, 3, dtype=torch.long), tok, pos, position_offset=6, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bool, torch.complex64, torch.uint1, torch.int4])
 def test_non_integer_ids(tables, dtype):
     tok, pos = tables
     with pytest.raises(TypeError, match=rf"ids must be an integer tensor .* got {dtype}"):
-        fusedemb.fused_embedding(torch.zeros(2, 3, dtype=dtype), tok, pos)
+        fusedemb.fused_embedding(torch.empty(2, 3, dtype=dtype), tok, pos)
+
+
+def test_quantized_ids(tables):
+    tok, pos = tables
+    ids = torch.quantize_per_tensor(torch.zeros(2, 3), 1.0, 0, torch.quint8)
+    with pytest.raises(TypeError, match=r"ids must be an integer tensor .* got torch.quint8"):
+        fusedemb.fused_embedding(ids, tok, pos)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_tensors_without_strides(tables):
+    """Sparse, mkldnn and nested tensors are refused by name, not by an error from deep inside."""
+    tok, pos = tables
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    cases = [
+        ((ids, tok.to_sparse(), pos), "tok_weight must be a dense .* got layout torch.sparse_coo"),
+        ((ids, tok, pos.to_sparse_csr()), "pos_weight must be a dense .* got layout torch.sparse_csr"),
+        ((ids.to_sparse(), tok, pos), "ids must be a dense .* got layout torch.sparse_coo"),
+        ((torch.nested.nested_tensor([ids[0], ids[1, :2]], layout=torch.jagged), tok, pos),
+         "ids must be a dense .* got a nested tensor"),
+    ]
+    if torch.backends.mkldnn.is_available():
+        cases.append(((ids, tok.to_mkldnn(), pos.to_mkldnn()), "tok_weight must be a dense .* got layout torch._mkldnn"))
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fusedemb.fused_embedding(*args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_views_are_read_as_their_values(backend):
+    """A negative view (the imaginary part of a conjugate, torch._neg_view) holds its values'
+    negatives and a bit saying so: tables, ids and the output gradient read as their values, as
+    nn.Embedding reads them, though the Triton kernels read raw memory."""
+    torch.manual_seed(4)
+    tok_values, pos_values = torch.randn(10, 3), torch.randn(8, 3)
+    ids_values = torch.tensor([[3, 9, 0, 3]])
+    grad_values = torch.randn(1, 4, 3)
+    tok = torch._neg_view(-tok_values).requires_grad_()
+    pos = torch._neg_view(-pos_values).requires_grad_()
+    ids = torch._neg_view(-ids_values)
+    out = fusedemb.fused_embedding(ids, tok, pos, backend=backend)
+    expected = fusedemb.fused_embedding(ids_values, tok_values, pos_values, backend="reference")
+    assert_output_equal(out, expected, "cpu", backend)
+    grad_tok, grad_pos = torch.autograd.grad(out, (tok, pos), torch._neg_view(-grad_values))
+    assert_grad_close(grad_tok, grad_values, ids_values, torch.float32)
+    assert_grad_close(grad_pos, grad_values, torch.arange(4), torch.float32)
+    width_one = torch.complex(torch.randn(10, 1), torch.randn(10, 1)).conj().imag  # a public way to one
+    assert width_one.is_neg()
+    out = fusedemb.fused_embedding(ids_values, width_one, pos_values[:, :1], backend=backend)
+    assert_output_equal(out, width_one.resolve_neg()[ids_values] + pos_values[:4, :1], "cpu", backend)
 
 
 def test_float_position_ids(tables):
@@ -199,10 +264,19 @@ def test_padding_idx_out_of_range(tables, padding_idx):
         fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), tok, pos, padding_idx=padding_idx)
 
 
-def test_unknown_backend(tables):
+def test_unknown_backend_or_mode(tables):
     tok, pos = tables
+    ids = torch.zeros(1, 2, dtype=torch.long)
     with pytest.raises(ValueError, match="backend must be None or one of"):
-        fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), tok, pos, backend="cuda")
+        fusedemb.fused_embedding(ids, tok, pos, backend="cuda")
+    for deterministic in ("no", 1, []):
+        with pytest.raises(TypeError, match=re.escape(f"deterministic must be None, True or False, got {deterministic!r}")):
+            fusedemb.fused_embedding(ids, tok, pos, deterministic=deterministic)
+    # the module refuses them when made, not at its first forward
+    with pytest.raises(ValueError, match="backend must be None or one of"):
+        fusedemb.FusedEmbedding(10, 4, 8, backend="bogus")
+    with pytest.raises(TypeError, match="deterministic must be None, True or False"):
+        fusedemb.FusedEmbedding.from_embeddings(torch.nn.Embedding(10, 4), torch.nn.Embedding(8, 4), deterministic="no")
 
 
 @pytest.mark.parametrize("backend", ["reference", "bogus"])
@@ -245,7 +319,7 @@ def test_position_offset_is_unused_with_position_ids(tables):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_single_column_tables_of_any_stride(tables, backend):
+def test_single_column_tables_of_any_stride(backend):
     """A dim of size 1 has no stride to respect: PyTorch leaves it arbitrary (here 6, from a
     transpose) and .contiguous() keeps it, so it must be accepted as it is."""
     torch.manual_seed(3)
@@ -264,7 +338,7 @@ def test_reference_is_checked_even_with_checks_off(tables, bounds_check_off):
         fusedemb.fused_embedding(torch.tensor([[1, 10]]), tok, pos, backend="reference")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_ids_on_another_device(tables):
     tok, pos = tables
     with pytest.raises(ValueError, match="ids is on cuda:0 but the tables on cpu"):
@@ -279,10 +353,9 @@ def test_ids_on_another_device_meta():
         fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), torch.randn(10, 4), torch.randn(8, 4, device="meta"))
 
 
-def test_cpp_backend_rejects_cuda_or_missing_extension(tables):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpp_backend_rejects_cuda_tensors(tables):
     tok, pos = tables
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA tensors")
     with pytest.raises(RuntimeError, match="backend 'cpp' cannot run on cuda"):
         fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long, device="cuda"), tok.cuda(), pos.cuda(), backend="cpp")
 
@@ -342,13 +415,26 @@ def test_cpp_kernels_check_bounds_themselves(tables, bounds_check_off):
 
 
 @pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
-def test_cpp_operators_reject_inconsistent_direct_calls():
-    """Called directly, without the Python checks, the C++ operators still cannot go out of bounds."""
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_operators_refuse_a_meta_tensor_among_others(tables, backend):
+    """A meta argument sends the dispatcher to the fake kernels, which check the devices rather
+    than return an uninitialised tensor of the tables' device."""
+    if backend not in BACKENDS:
+        pytest.skip(f"no {backend} backend here")
+    tok, pos = tables
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="ids is on meta but tok_weight on cpu"):
+        torch.ops.fusedemb.fused_embedding(ids.to("meta"), tok, pos, None, 0, -1, backend, False)
+    with pytest.raises(ValueError, match="position_ids is on meta but tok_weight on cpu"):
+        torch.ops.fusedemb.fused_embedding(ids, tok, pos, ids.to("meta"), 0, -1, backend, False)
+    with pytest.raises(ValueError, match="ids is on meta but grad_out on cpu"):
+        torch.ops.fusedemb.fused_embedding_backward(torch.randn(1, 3, 4), ids.to("meta"), None, 0, 10, 8, -1, backend, False)
+
+
+def test_cpp_position_check_cannot_overflow():
+    """Called directly, without the Python checks (tests/test_ops.py has the others), the C++
+    operators check that offset + T fits the position table without computing offset + T."""
     ids = torch.zeros(1, 5, dtype=torch.long)
-    with pytest.raises(RuntimeError, match=r"grad_out must have shape ids.shape \+ \(dim,\)"):
-        torch.ops.fusedemb.cpu_backward(torch.zeros(1, 1, 4), ids, None, 0, 10, 8, -1)
-    with pytest.raises(RuntimeError, match="must have at least one column"):
-        torch.ops.fusedemb.cpu_forward(ids, torch.zeros(10, 0), torch.zeros(8, 0), None, 0)
     with pytest.raises(IndexError, match="do not fit the position table of 8 rows"):
         torch.ops.fusedemb.cpu_forward(ids, torch.zeros(10, 3), torch.zeros(8, 3), None, 2**62)
 

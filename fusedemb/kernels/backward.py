@@ -36,6 +36,7 @@ from fusedemb.kernels.common import (
     column_block,
     launch,
     on_device_of,
+    resolve_negation,
     rows_per_tile,
     to_accumulator,
 )
@@ -382,6 +383,7 @@ def triton_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_tok [V, D], grad_pos [P, D]); a table that needs no gradient (frozen) gets an empty
     [0, D] tensor instead, and none of the work."""
+    grad_out, ids, position_ids = resolve_negation(grad_out, ids, position_ids)
     check_backward_inputs(grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx)
     dim = grad_out.shape[-1]
     grad_rows = grad_out.reshape(-1, dim)

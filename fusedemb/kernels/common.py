@@ -53,6 +53,15 @@ def to_accumulator(x, ACC_FP64: tl.constexpr):
         return x.to(tl.float32)
 
 
+def resolve_negation(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors with PyTorch's lazy negation applied (None stays None). A negative view
+    (torch._neg_view, or the imaginary part of a conjugated complex tensor) holds the negatives
+    of its values, with a bit saying so; PyTorch's kernels honour the bit, which the dispatcher
+    resolves before a custom operator's kernel runs, but a Triton kernel called directly reads
+    the memory as it is. resolve_neg returns a tensor without the bit as it is."""
+    return tuple(None if tensor is None else tensor.resolve_neg() for tensor in tensors)
+
+
 def on_device_of(tensor: torch.Tensor):
     """A context in which `tensor`'s GPU is the current device. Triton launches a kernel on the
     current device and its current stream, whatever device the pointers it is given live on: a

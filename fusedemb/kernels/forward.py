@@ -20,6 +20,7 @@ from fusedemb.kernels.common import (
     column_block,
     launch,
     on_device_of,
+    resolve_negation,
     rows_per_tile,
     to_accumulator,
 )
@@ -77,6 +78,7 @@ def triton_forward(
     position_ids: torch.Tensor | None,
     position_offset: int,
 ) -> torch.Tensor:
+    ids, tok_weight, pos_weight, position_ids = resolve_negation(ids, tok_weight, pos_weight, position_ids)
     check_forward_inputs(ids, tok_weight, pos_weight, position_ids, position_offset)
     dim = tok_weight.shape[1]
     out = tok_weight.new_empty((*ids.shape, dim))

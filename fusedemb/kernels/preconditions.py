@@ -26,6 +26,8 @@ from fusedemb.validation import (
     check_embedding_rows,
     check_positions_fit,
     check_same_device,
+    check_sequence_dim,
+    check_tables,
     check_tables_have_rows,
     unit_stride_along_dim,
 )
@@ -36,8 +38,7 @@ INT32_LIMIT = 2**31 - 2**16  # above any block of tokens or rows a kernel works 
 def check_index(name: str, index: torch.Tensor) -> None:
     if index.dtype not in SUPPORTED_ID_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {index.dtype}")
-    if index.dim() == 0:
-        raise ValueError(f"{name} must have shape (..., T) with at least one dimension, got a 0-d tensor")
+    check_sequence_dim(name, index)
     if not index.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
     if index.numel() >= INT32_LIMIT:
@@ -69,14 +70,10 @@ def check_position_ids(position_ids, ids) -> None:
 def check_forward_inputs(ids, tok_weight, pos_weight, position_ids, position_offset) -> None:
     check_same_device(("tok_weight", tok_weight.device), ids=ids, pos_weight=pos_weight, position_ids=position_ids)
     check_index("ids", ids)
+    check_tables(tok_weight, pos_weight)
     for name, table in (("tok_weight", tok_weight), ("pos_weight", pos_weight)):
-        if table.dim() != 2 or not unit_stride_along_dim(table):
-            raise ValueError(f"{name} must be 2-D with unit stride along dim, got shape {tuple(table.shape)} "
-                             f"and strides {table.stride()}")  # fmt: skip
-        check_embedding_rows(name, table)
-    if tok_weight.shape[1] != pos_weight.shape[1] or tok_weight.dtype != pos_weight.dtype:
-        raise ValueError(f"tok_weight {tuple(tok_weight.shape)} {tok_weight.dtype} and pos_weight "
-                         f"{tuple(pos_weight.shape)} {pos_weight.dtype} must have the same dim and dtype")  # fmt: skip
+        if not unit_stride_along_dim(table):
+            raise ValueError(f"{name} must have unit stride along dim, got strides {table.stride()}")
     check_position_ids(position_ids, ids)
     check_rows(ids, position_ids, position_offset, ("tok_weight", tok_weight.shape[0]), ("pos_weight", pos_weight.shape[0]))
 
