@@ -64,6 +64,17 @@ def load_gpt2_tokenizer():
         ) from error
 
 
+def tile_to_batch(token_ids: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """[batch, seq_len] ids: row b is the window [b * seq_len, (b + 1) * seq_len) of the stream
+    token_ids repeated end to end, so a batch larger than the text sees it several times, as an
+    epoch loop would."""
+    if token_ids.numel() == 0:
+        raise ValueError("the text produced no tokens")
+    needed = batch * seq_len
+    repeats = -(-needed // token_ids.numel())  # ceil(needed / len)
+    return token_ids.flatten().repeat(repeats)[:needed].view(batch, seq_len)
+
+
 def split_text(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
     """(training text, validation text): the first train_ratio of the characters, then the rest,
     as chapter 5 of "LLMs from scratch" splits its text. The held-out part comes after the

@@ -1,6 +1,7 @@
 """End-to-end demo: tokenize a text, embed a batch with fusedemb, check it, time it.
 
-    python -m fusedemb (or fusedemb-demo) [--text FILE] [--batch 8] [--seq-len 256] [--dim 768] [--device cpu|cuda]
+    python -m fusedemb (or fusedemb-demo) [--text FILE] [--batch 8] [--seq-len 256] [--dim 768]
+        [--device cpu|cuda] [--repeats 10]
 
 The text (an embedded paragraph by default) is tokenized with tiktoken's gpt2 encoding and cut
 into a batch of sequences (tiled if it is short). The GPT-2-sized token table (50257 rows) and a
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from fusedemb.bench.cli import add_device_argument, check_device
-from fusedemb.data import END_OF_TEXT, load_gpt2_tokenizer, use_checkout_tiktoken_cache
+from fusedemb.data import END_OF_TEXT, load_gpt2_tokenizer, tile_to_batch, use_checkout_tiktoken_cache
 from fusedemb.module import FusedEmbedding
 
 DEFAULT_TEXT = (
@@ -51,15 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def make_batch(token_ids: list[int], batch: int, seq_len: int) -> torch.Tensor:
-    """The first batch * seq_len ids of the text, tiled when the text is shorter."""
-    if not token_ids:
-        raise ValueError("the text produced no tokens")
-    needed = batch * seq_len
-    repeats = -(-needed // len(token_ids))
-    return torch.tensor((token_ids * repeats)[:needed]).reshape(batch, seq_len)
-
-
 def median_ms(fn, repeats: int, device: torch.device) -> float:
     """Median wall time of fn() in milliseconds, after one warm-up, synchronising on CUDA."""
     fn()
@@ -81,7 +73,8 @@ def main(argv=None) -> int:
     text = args.text.read_text(encoding="utf-8") if args.text else DEFAULT_TEXT
     use_checkout_tiktoken_cache()
     tokenizer = load_gpt2_tokenizer()
-    ids = make_batch(tokenizer.encode(text, allowed_special={END_OF_TEXT}), args.batch, args.seq_len).to(device)
+    token_ids = torch.tensor(tokenizer.encode(text, allowed_special={END_OF_TEXT}), dtype=torch.int64)
+    ids = tile_to_batch(token_ids, args.batch, args.seq_len).to(device)
 
     torch.manual_seed(0)
     tok_emb = nn.Embedding(tokenizer.n_vocab, args.dim, device=device)

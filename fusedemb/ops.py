@@ -216,11 +216,16 @@ def save_backward_context(ctx, inputs) -> None:
     """What the backward's own derivative needs, from the backward operator's positional inputs."""
     grad_out, *indices_and_settings = inputs[:9]
     _save_indices_and_settings(ctx, *indices_and_settings)
-    ctx.row = {"size": (1, grad_out.shape[-1]), "dtype": grad_out.dtype, "device": grad_out.device}
+    ctx.row = _row_like(grad_out)
 
 
 def _setup_backward_context(ctx, inputs, keyword_only_inputs, output):
     save_backward_context(ctx, inputs)
+
+
+def _row_like(rows: torch.Tensor) -> dict:
+    """torch.zeros arguments of one row like the last dim of rows: _as_table's zero table."""
+    return {"size": (1, rows.shape[-1]), "dtype": rows.dtype, "device": rows.device}
 
 
 def _present(grad: torch.Tensor | None, num_rows: int) -> bool:
@@ -247,12 +252,20 @@ def gather_table_gradients(ctx, grad_of_grad_tok, grad_of_grad_pos, forward) -> 
         d/d grad_out[n] = g_tok[ids[n]] + g_pos[pos(n)]    (g_tok's padding_idx row counted as 0)
 
     which is the forward itself, with g_tok and g_pos as the tables. It is differentiable in turn."""
+    # grad_tok's padding row does not depend on grad_out
+    return _forward_on_tables(ctx, grad_of_grad_tok, grad_of_grad_pos, forward, zero_padding_row=True)
+
+
+def _forward_on_tables(ctx, tok_rows, pos_rows, forward, *, zero_padding_row: bool) -> torch.Tensor:
+    """forward (an apply of the forward) on the saved indices, with incoming derivatives of the
+    tables as the tables (a missing one as a zero table), tok_rows' padding_idx row zeroed if
+    asked."""
     ids, position_ids = ctx.saved_tensors
-    tok = _as_table(grad_of_grad_tok, ctx.num_embeddings, ctx.row)
-    pos = _as_table(grad_of_grad_pos, ctx.context_length, ctx.row)
-    # grad_tok's padding row does not depend on grad_out (asked of the gradient, not of tok's
-    # strides: an expanded gradient has row stride 0 too, as the zero table has)
-    if ctx.padding_idx >= 0 and _present(grad_of_grad_tok, ctx.num_embeddings):
+    tok = _as_table(tok_rows, ctx.num_embeddings, ctx.row)
+    pos = _as_table(pos_rows, ctx.context_length, ctx.row)
+    # (asked of the incoming rows, not of tok's strides: an expanded one has row stride 0 too, as
+    # the zero table has)
+    if zero_padding_row and ctx.padding_idx >= 0 and _present(tok_rows, ctx.num_embeddings):
         tok = tok.index_fill(0, torch.tensor([ctx.padding_idx], device=tok.device), 0)
     return forward(ids, tok, pos, position_ids, ctx.position_offset, ctx.padding_idx, ctx.backend, ctx.deterministic)
 
@@ -265,9 +278,10 @@ def _backward_of_backward(ctx, grad_of_grad_tok, grad_of_grad_pos):
 fused_embedding_backward_op.register_autograd(_backward_of_backward, setup_context=_setup_backward_context)
 
 
-# Outside tracing, wrap_triton'd kernels would still go through a higher-order op (80 us of host
-# time per launch on an H100 machine); eager calls launch them directly, as a triton_op's own
-# eager path does. The C++ backend launches no Triton kernel and skips the context's cost.
+# Outside tracing, wrap_triton'd kernels would still go through a higher-order op (99.8 us of
+# host time per launch against 19.3 launched directly, on an H100 machine: README, "Host time
+# per call"); eager calls launch them directly, as a triton_op's own eager path does. The C++
+# backend launches no Triton kernel and skips the context's cost.
 _direct_launches = getattr(torch._library.triton, "set_wrap_triton_enabled", None)
 
 
@@ -318,7 +332,7 @@ def eager_backward(
 
 def save_for_tangents(ctx, ids, tok_weight, position_ids) -> None:
     ctx.save_for_forward(ids, position_ids)
-    ctx.row = {"size": (1, tok_weight.shape[1]), "dtype": tok_weight.dtype, "device": tok_weight.device}
+    ctx.row = _row_like(tok_weight)
 
 
 def forward_on_tangents(ctx, tok_tangent, pos_tangent, forward) -> torch.Tensor:
@@ -326,10 +340,7 @@ def forward_on_tangents(ctx, tok_tangent, pos_tangent, forward) -> torch.Tensor:
     turn): the forward is linear in the tables, so the output's tangent is the forward on the
     tables' tangents (a table without one counts as zero); the padding row, returned as stored,
     passes its tangent on too, as in nn.Embedding."""
-    ids, position_ids = ctx.saved_tensors
-    tok = _as_table(tok_tangent, ctx.num_embeddings, ctx.row)
-    pos = _as_table(pos_tangent, ctx.context_length, ctx.row)
-    return forward(ids, tok, pos, position_ids, ctx.position_offset, ctx.padding_idx, ctx.backend, ctx.deterministic)
+    return _forward_on_tables(ctx, tok_tangent, pos_tangent, forward, zero_padding_row=False)
 
 
 class FusedEmbeddingFunction(torch.autograd.Function):

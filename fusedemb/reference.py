@@ -54,10 +54,19 @@ def fused_embedding_backward_reference(
     """
     if position_ids is None:
         position_ids = default_positions(ids, position_offset)
-    dim = grad_out.shape[-1]
-    rows = grad_out.reshape(-1, dim).to(torch.promote_types(grad_out.dtype, torch.float32))
-    grad_tok = rows.new_zeros(num_embeddings, dim).index_add_(0, ids.reshape(-1), rows)
-    if padding_idx is not None:
-        grad_tok[padding_idx] = 0
-    grad_pos = rows.new_zeros(context_length, dim).index_add_(0, position_ids.expand(ids.shape).reshape(-1), rows)
+    rows = grad_out.to(torch.promote_types(grad_out.dtype, torch.float32))
+    grad_tok = scatter_add_rows(rows, ids, num_embeddings, skip_row=padding_idx)
+    grad_pos = scatter_add_rows(rows, position_ids.expand(ids.shape), context_length)
     return grad_tok.to(grad_out.dtype), grad_pos.to(grad_out.dtype)
+
+
+def scatter_add_rows(
+    grad_out: torch.Tensor, index: torch.Tensor, num_rows: int, skip_row: int | None = None
+) -> torch.Tensor:
+    """The gradient of one table looked up at index: zeros(num_rows, D).index_add_(0, index,
+    grad_out rows), summed in grad_out's dtype, with row skip_row (a padding_idx) left zero."""
+    dim = grad_out.shape[-1]
+    grad = grad_out.new_zeros(num_rows, dim).index_add_(0, index.reshape(-1), grad_out.reshape(-1, dim))
+    if skip_row is not None:
+        grad[skip_row] = 0
+    return grad

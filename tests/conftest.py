@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 import fusedemb
 from fusedemb.accuracy import scatter_add_error
-from fusedemb.reference import default_positions, fused_embedding_reference
+from fusedemb.reference import default_positions, fused_embedding_reference, scatter_add_rows
 
 TABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 ID_DTYPES = (torch.int32, torch.int64)
@@ -87,11 +87,7 @@ def assert_grad_close(actual, grad_out, index, dtype, skip_row=None) -> None:
     assert actual.dtype == dtype, f"gradient has dtype {actual.dtype}, expected {dtype}"
     error = scatter_add_error(actual, grad_out, index, skip_row)
     assert error <= 1, f"{dtype} gradient off by {error:.3g} times the error bound of float32 accumulation"
-    dim = actual.shape[1]
-    expected = torch.zeros(actual.shape, dtype=torch.float64, device=actual.device)
-    expected.index_add_(0, index.reshape(-1), grad_out.reshape(-1, dim).double())
-    if skip_row is not None:
-        expected[skip_row] = 0
+    expected = scatter_add_rows(grad_out.double(), index, actual.shape[0], skip_row)  # the reference, in float64
     scale = max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
     worst = (actual.double() - expected).abs().max().item() if expected.numel() else 0.0
     assert worst / scale <= GRAD_TOLERANCE[dtype], f"gradient error {worst:.3e} (scale {scale:.3e}) for {dtype}"

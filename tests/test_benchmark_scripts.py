@@ -32,12 +32,13 @@ def test_sort_crossover_times_both_sorts(capsys):
         assert counting_us > 0 and sort_us > 0 and ratio == pytest.approx(counting_us / sort_us, rel=0.05, abs=0.01)
 
 
-def test_profile_backward_reports_both_modes(capsys, monkeypatch):
+def test_profile_backward_reports_both_modes(capsys):
     """On CPU both rows profile the C++ backward (it has one mode); the GPU run differs only in
-    what the profiler records and in holding the GPU busy for the host profile."""
-    # The script switches the id range check off for the process: restored after the test.
-    monkeypatch.setattr(fusedemb.validation, "_bounds_check", fusedemb.bounds_check_enabled())
+    what the profiler records and in holding the GPU busy for the host profile. The script
+    switches the id range check off while it runs, and back on after."""
+    assert fusedemb.bounds_check_enabled()
     load_script("profile_backward").main(["--device", "cpu", "--preset", "gpt2-124M", "--batch", "1", "--ids", "same"])
+    assert fusedemb.bounds_check_enabled()
     out = capsys.readouterr().out
     for mode in ("fast", "deterministic"):
         assert f"== gpt2-124M B1 float32 same ids, {mode} mode:" in out

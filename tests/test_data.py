@@ -7,7 +7,7 @@ import torch
 from shared_data import use_shared_tiktoken_cache, verdict_text
 
 import fusedemb.data
-from fusedemb.data import END_OF_TEXT, GPTDataset, create_dataloader, load_gpt2_tokenizer, split_text
+from fusedemb.data import END_OF_TEXT, GPTDataset, create_dataloader, load_gpt2_tokenizer, split_text, tile_to_batch
 
 
 class CharTokenizer:
@@ -43,6 +43,16 @@ def test_window_count_covers_every_start_with_a_full_target(num_tokens, max_leng
 def test_nonpositive_sizes_are_rejected(max_length, stride, message):
     with pytest.raises(ValueError, match=message):
         GPTDataset("abcdefghij", CharTokenizer(), max_length, stride)
+
+
+@pytest.mark.parametrize("length", [1, 7, 12, 30])
+def test_tile_to_batch_repeats_the_stream_end_to_end(length):
+    stream = torch.randint(0, 50257, (length,))
+    batch = tile_to_batch(stream, 3, 4)
+    assert batch.shape == (3, 4)
+    assert batch.flatten().tolist() == [stream[n % length].item() for n in range(12)]
+    with pytest.raises(ValueError, match="no tokens"):
+        tile_to_batch(stream[:0], 3, 4)
 
 
 def test_split_text_holds_out_the_end():

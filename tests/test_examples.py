@@ -81,7 +81,7 @@ def test_train_gpt_losses_match_step_by_step(verdict, capsys):
     assert "validation loss: nn.Embedding" in printed and printed.rstrip().endswith("PASS")
 
 
-def test_train_gpt_names_what_failed(capsys):
+def test_train_gpt_names_what_failed():
     train_gpt = import_example("train_gpt")
     run = train_gpt.TrainingRun(losses=[10.0, 9.0], step_seconds=[0.1, 0.1])
     drifted = train_gpt.TrainingRun(losses=[10.0, 9.1], step_seconds=[0.1, 0.1])

@@ -122,6 +122,52 @@ def test_vmap_over_tables_and_its_gradients(case, padding_idx, monkeypatch):
                         ensemble_transforms(reference, ids, tables, in_dims, padding_idx=padding_idx, **kwargs))  # fmt: skip
 
 
+# Loose enough for the loss's own 16-bit arithmetic (tanh, square, its gradient) and tight
+# enough for a row read or added at the wrong place, which is off by O(1).
+STACKED_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+@pytest.mark.parametrize("vocab, seq_len, dim", [(1, 4, 3), (6, 1, 5), (6, 3, 1)], ids=["V1", "T1", "D1"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_stacked_tables_in_other_dtypes_and_odd_sizes(backend_config, dtype, vocab, seq_len, dim):
+    """The stacked path (a batch of tables as one table B x V rows high, entry b's ids offset by
+    b x V, each entry's padding row zeroed) in every other dtype and at V = 1, T = 1 and D = 1,
+    against the reference's ensemble on the same tables in float64."""
+    backend, device, deterministic = backend_config
+    torch.manual_seed(21)
+
+    def fused(ids, tok, pos, **kwargs):
+        return fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic, **kwargs)
+
+    toks = torch.randn(3, vocab, dim, device=device, dtype=dtype)
+    poss = torch.randn(3, seq_len + 2, dim, device=device, dtype=dtype)
+    ids = torch.randint(0, vocab, (2, seq_len), device=device)
+    for kwargs in ({"position_offset": 1, "padding_idx": vocab - 1}, {"position_ids": torch.randint(0, seq_len + 2, ids.shape, device=device)}):
+        actual = ensemble_transforms(fused, ids, (toks, poss), (0, 0), **kwargs)
+        expected = ensemble_transforms(fused_embedding_reference, ids, (toks.double(), poss.double()), (0, 0), **kwargs)
+        for actual_part, expected_part in zip(torch.utils._pytree.tree_leaves(actual), torch.utils._pytree.tree_leaves(expected)):
+            assert actual_part.dtype == dtype
+            tolerance = STACKED_TOLERANCE[dtype]
+            torch.testing.assert_close(actual_part.double(), expected_part, rtol=tolerance, atol=tolerance)
+
+
+def test_gradcheck_through_vmap_of_stacked_tables(backend_config):
+    """float64 gradcheck and gradgradcheck of an ensemble's outputs, through the stacked path
+    (without a padding_idx, whose row is read but gets no gradient: no gradcheck can pass it)."""
+    backend, device, deterministic = backend_config
+    torch.manual_seed(22)
+    toks = torch.randn(2, 4, 2, device=device, dtype=torch.float64, requires_grad=True)
+    poss = torch.randn(2, 3, 2, device=device, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[1, 3, 1]], device=device)
+
+    def ensemble(toks, poss):
+        return torch.func.vmap(lambda tok, pos: fusedemb.fused_embedding(
+            ids, tok, pos, backend=backend, deterministic=deterministic))(toks, poss)  # fmt: skip
+
+    assert torch.autograd.gradcheck(ensemble, (toks, poss))
+    assert torch.autograd.gradgradcheck(ensemble, (toks, poss))
+
+
 @pytest.mark.parametrize("check_on", [True, False], ids=["check-on", "check-off"])
 def test_bad_ids_are_caught_under_vmap(case, check_on, monkeypatch):
     """The range check reads the values under vmap's wrapper: every batch entry's. With a batch

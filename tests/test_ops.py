@@ -81,8 +81,7 @@ def test_a_frozen_table_gets_no_gradient_and_no_work(backend_config, monkeypatch
         expected = torch.zeros_like(pos)
         expected[:5] = 2  # positions 0..4, two sequences each
         torch.testing.assert_close(pos.grad, expected, rtol=0, atol=0)
-    if not interpreted(device, backend):  # (the interpreter goes through its own operator)
-        assert calls == [{"tok_needs_grad": frozen != "tok", "pos_needs_grad": frozen != "pos"}]
+    assert calls == [{"tok_needs_grad": frozen != "tok", "pos_needs_grad": frozen != "pos"}]
 
 
 @pytest.mark.parametrize("position_ids", [False, True], ids=["offset", "position_ids"])
@@ -232,9 +231,9 @@ def test_kernels_run_on_the_gpu_of_their_tensors_not_the_current_one(determinist
 class TinyGPTInput(nn.Module):
     """The first layer of a GPT and something after it, for compiling as one graph."""
 
-    def __init__(self, backend):
+    def __init__(self, backend, deterministic):
         super().__init__()
-        self.embedding = fusedemb.FusedEmbedding(50, 16, 12, backend=backend)
+        self.embedding = fusedemb.FusedEmbedding(50, 16, 12, backend=backend, deterministic=deterministic)
         self.norm = nn.LayerNorm(16)
 
     def forward(self, ids, position_offset=0):
@@ -242,14 +241,14 @@ class TinyGPTInput(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "config", [c for c in BACKEND_CONFIGS if not interpreted(c[1], c[0]) and c[2]], ids=config_id
+    "config", [c for c in BACKEND_CONFIGS if not interpreted(c[1], c[0])], ids=config_id
 )
 def test_torch_compile_fullgraph_matches_eager(config):
     """No graph break (fullgraph=True) and the same loss and gradients as eager. Triton kernels
     run through the interpreter cannot be compiled by Inductor, so on CPU this covers the C++ path."""
-    backend, device, _ = config
+    backend, device, deterministic = config
     torch.manual_seed(0)
-    model = TinyGPTInput(backend).to(device)
+    model = TinyGPTInput(backend, deterministic).to(device)
     compiled = torch.compile(model, fullgraph=True)
     # The last step freezes the token table, as fine-tuning might: it recompiles, and its graph
     # asks the backward for the position gradient only.
@@ -267,7 +266,7 @@ def test_torch_compile_fullgraph_matches_eager(config):
 
 
 @pytest.mark.parametrize(
-    "config", [c for c in BACKEND_CONFIGS if not interpreted(c[1], c[0]) and c[2]], ids=config_id
+    "config", [c for c in BACKEND_CONFIGS if not interpreted(c[1], c[0])], ids=config_id
 )
 def test_torch_compile_dynamic_sequence_length(config):
     """One graph for every sequence length from 2 up to the whole position table (dynamic=True,
@@ -276,9 +275,9 @@ def test_torch_compile_dynamic_sequence_length(config):
     Unsupported, whose text carries fusedemb's message."""
     from torch._dynamo.utils import counters
 
-    backend, device, _ = config
+    backend, device, deterministic = config
     torch.manual_seed(0)
-    model = TinyGPTInput(backend).to(device)
+    model = TinyGPTInput(backend, deterministic).to(device)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
     counters.clear()
     for seq_len in (2, 7, 12, 1):

@@ -31,11 +31,12 @@ from fusedemb.kernels import backward, common, forward, sorted_scatter
 DIM = 768
 BLOCK_DIM = common.column_block(DIM)
 TOKENS_PER_TILE = common.rows_per_tile(BLOCK_DIM)
-SWEEP_ROWS = max(1, TOKENS_PER_TILE // 4)  # as backward.sweep_batch launches it
+SWEEP_ROWS = backward.sweep_block_rows(BLOCK_DIM)
 # Integer arguments that are multiples of 16 at GPT-2 sizes, which a real launch specializes on.
 DIVISIBLE = {"dim", "tok_row_stride", "pos_row_stride", "num_tokens", "seq_len", "num_sums", "num_tiles"}
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
 TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+SIXTEEN_BIT_TABLES = ("bf16", "fp16")  # the only tables the touched-rows kernels run for
 
 
 def kernel_specs(table: str):
@@ -68,12 +69,6 @@ def kernel_specs(table: str):
          {"ADD_TO_TABLE": False, "SUM_OVER_BATCH": True, "ACC_FP64": acc64, "BLOCK_ROWS": SWEEP_ROWS,
           "BLOCK_DIM": BLOCK_DIM},
          {"num_warps": backward.sweep_warps(False, TORCH_DTYPE[table])}),
-        ("zero_touched_rows", backward.zero_touched_rows_kernel,
-         {"index_ptr": ids, "acc_ptr": "*fp32", "touched_ptr": "*i8"},
-         {"BLOCK_TOKENS": TOKENS_PER_TILE, "BLOCK_DIM": BLOCK_DIM}),
-        ("round_touched_rows", backward.round_touched_rows_kernel,
-         {"acc_ptr": "*fp32", "touched_ptr": "*i8", "table_ptr": f"*{table}"},
-         {"BLOCK_ROWS": TOKENS_PER_TILE, "BLOCK_DIM": BLOCK_DIM}),
         ("chunk_rank", sorted_scatter.chunk_rank_kernel,
          {"index_ptr": ids, "rank_ptr": "*i32", "counts_ptr": "*i32"},
          {"CHUNK": sorted_scatter.CHUNK, "BLOCK": sorted_scatter.RANK_BLOCK}),
@@ -95,7 +90,15 @@ def kernel_specs(table: str):
           "tail_ptr": "*fp64", "block_sums_ptr": "*fp64", "table_ptr": f"*{table}"},
          {"ACC_FP64": acc64, "TILE": sorted_scatter.TILE, "TILES_PER_PROGRAM": sorted_scatter.COMBINE_TILES,
           "PARTIALS_BLOCK": sorted_scatter.PARTIALS_BLOCK, "BLOCK_DIM": sorted_scatter.COMBINE_BLOCK_DIM}),
-    ]  # fmt: skip
+    ] + ([] if table not in SIXTEEN_BIT_TABLES else [
+        # the fast mode's float32 accumulator of a 16-bit table's touched rows
+        ("zero_touched_rows", backward.zero_touched_rows_kernel,
+         {"index_ptr": ids, "acc_ptr": "*fp32", "touched_ptr": "*i8"},
+         {"BLOCK_TOKENS": TOKENS_PER_TILE, "BLOCK_DIM": BLOCK_DIM}),
+        ("round_touched_rows", backward.round_touched_rows_kernel,
+         {"acc_ptr": "*fp32", "touched_ptr": "*i8", "table_ptr": f"*{table}"},
+         {"BLOCK_ROWS": TOKENS_PER_TILE, "BLOCK_DIM": BLOCK_DIM}),
+    ])  # fmt: skip
 
 
 def compile_kernel(kernel, pointers: dict, constexprs: dict, target: GPUTarget, options: dict | None = None):

@@ -14,6 +14,7 @@
     plot.py            the GB/s figure (matplotlib, imported only when a plot is asked for)
     cli.py             argument parsing and main()
 
-The package imports nothing heavy at import time: tiktoken only when text ids are asked for,
-matplotlib only when a plot is, and fusedemb's own kernels only when they are benchmarked.
+Importing it imports fusedemb (its package, the kernels included) and torch, nothing more: tiktoken
+only when text ids are asked for, matplotlib only when a plot is, and tqdm (the bench extra's
+progress bar) only when a sweep runs: the demo imports the CLI's argument helpers without it.
 """

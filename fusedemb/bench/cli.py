@@ -37,6 +37,7 @@ from fusedemb.bench.plot import plot_report, plot_suffixes
 from fusedemb.bench.report import Report, format_table, write_json
 from fusedemb.bench.runner import Runner
 from fusedemb.bench.timing import copy_bandwidth, make_timer
+from fusedemb.validation import bounds_check_enabled, set_bounds_check
 
 # Defaults sized so that a bare run takes about a minute: on a GPU three batch sizes from 4k to
 # 64k tokens at gpt2-124M; on a CPU two small ones (the CPU is 100x slower, and compiling for
@@ -151,11 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from fusedemb.validation import bounds_check_enabled, set_bounds_check
-
     if args.no_bounds_check:
         set_bounds_check(False)
-    from tqdm.auto import tqdm  # here, so that parsing arguments needs only torch
+    from tqdm.auto import tqdm  # here: it comes with the bench extra, and the demo imports this module without it
 
     problems = sweep(args.configs, args.batch, [DTYPES[name] for name in args.dtype], args.ids)
     available, skipped = implementations.build_implementations(args.impl, args.device)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from fusedemb.data import END_OF_TEXT, load_gpt2_tokenizer, tile_to_batch, use_checkout_tiktoken_cache
+
 
 class IdDistribution:
     """Draws a (batch, seq) int64 CPU tensor of ids in [0, vocab)."""
@@ -76,11 +78,7 @@ class Text(IdDistribution):
         return f"text:{self.path.name}"
 
     def sample(self, batch, seq, vocab, generator):
-        stream = _gpt2_tokens(self.path.resolve())
-        # Row b is the window [b*seq, (b+1)*seq) of the stream repeated end to end, so a batch
-        # larger than the text sees the text several times, as an epoch loop would.
-        repeats = -(-batch * seq // stream.numel())
-        ids = stream.repeat(repeats)[: batch * seq].view(batch, seq)
+        ids = tile_to_batch(_gpt2_tokens(self.path.resolve()), batch, seq)
         # A vocabulary smaller than gpt2's (a custom --vocab) folds the ids; the skew survives.
         return ids % vocab
 
@@ -109,8 +107,6 @@ def parse_distribution(spec: str) -> IdDistribution:
 @functools.cache
 def _gpt2_tokens(path: Path) -> torch.Tensor:
     """The file's gpt2 token ids, tokenized once per run."""
-    from fusedemb.data import END_OF_TEXT, load_gpt2_tokenizer, use_checkout_tiktoken_cache
-
     use_checkout_tiktoken_cache()  # the machines this project runs on have no network
     tokens = load_gpt2_tokenizer().encode(path.read_text(encoding="utf-8"), allowed_special={END_OF_TEXT})
     if not tokens:

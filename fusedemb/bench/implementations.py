@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fusedemb import fused_embedding
+
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 NAMES = ("fusedemb", "fusedemb-fast", "fusedemb-deterministic", "eager", "compile", "reference")
@@ -113,10 +115,6 @@ def _fusedemb_forward(name: str, device: str) -> tuple[Forward | None, str | Non
         backend = "triton" if device == "cuda" else "cpp"
     if backend == "triton" and device != "cuda":
         return None, "the Triton kernels need a CUDA device"
-    try:
-        from fusedemb import fused_embedding
-    except ImportError as error:
-        return None, f"fusedemb.fused_embedding is not importable ({error})"
     forward = functools.partial(fused_embedding, backend=backend, deterministic=deterministic)
     try:
         _probe(forward, device)

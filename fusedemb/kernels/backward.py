@@ -260,9 +260,7 @@ def sweep_batch(
         return grad_rows.new_zeros((context_length, dim), dtype=table_dtype) if sum_positions else None
     batch = num_tokens // seq_len
     block_dim = column_block(dim)
-    # Each program walks a group of the batch, so tiles are kept small (a quarter of the usual)
-    # for enough programs: T * D / 1024 of them.
-    block_rows = max(1, rows_per_tile(block_dim) // 4)
+    block_rows = sweep_block_rows(block_dim)
     programs = cdiv(seq_len, block_rows) * cdiv(dim, block_dim)
     groups = min(batch, max_groups or cdiv(SWEEP_PROGRAMS, programs))
     batches_per_group = cdiv(batch, groups)
@@ -296,6 +294,12 @@ def sweep_batch(
         sums.view(groups * seq_len, dim), seq_len, position_offset=position_offset, context_length=context_length,
         table_dtype=table_dtype, max_groups=1,
     )  # fmt: skip
+
+
+def sweep_block_rows(block_dim: int) -> int:
+    """Rows of a sweep's tile. Each program walks a group of the batch, so tiles are kept small (a
+    quarter of the usual) for enough programs: T * D / 1024 of them."""
+    return max(1, rows_per_tile(block_dim) // 4)
 
 
 def atomic_scatter_add(
