@@ -1,7 +1,6 @@
 """Train the same GPT-2 twice on one text: first layer as nn.Embedding and as fusedemb; compare.
 
-    TIKTOKEN_CACHE_DIR=../shared/data/tiktoken \
-        python examples/train_gpt.py --text ../shared/data/the-verdict.txt --config tiny --steps 20
+    python examples/train_gpt.py --text ../shared/data/the-verdict.txt --config tiny --steps 20
 
 Both models are built from the same seed and trained side by side, step for step, each with its
 own random stream seeded alike, so they start from the same weights, see the same batches and

@@ -9,7 +9,7 @@ On a side stream of normal priority the sort gained nothing (measured in an earl
 H200): its blocks queued behind the memset's. At the highest priority the block scheduler
 hands it SMs as soon as any block finishes, and it runs in the shadow of the bandwidth-bound
 work. Measured on an H100, deterministic backward alone at gpt2-124M (V 50257, D 768,
-T 1024): B 8 float32 120.8 -> 108.1 us, bfloat16 82.7 -> 73.2 us; B 32 1-2% less.
+T 1024): B 8 float32 120.8 -> 108.1 us, bfloat16 82.7 -> 73.2 us; B 32 0.6-2% less.
 
 What keeps it correct:
 - The side stream waits for the current stream (the fork) after the sort's buffers are
