@@ -141,8 +141,17 @@ def test_operators_called_directly_refuse_what_the_kernels_cannot_read(backend_c
         ((grad_out[..., :0], ids, None, 0, 13, 9, -1), ValueError, "grad_out must have an embedding dim of at least 1"),
         ((grad_out, ids, None, 0, 0, 9, -1), IndexError, "the token table has no rows" if backend == "triton" else "ids contains"),
     ]  # fmt: skip
-    if backend == "triton":  # (the C++ kernels index with int64)
+    if backend == "triton":  # (the C++ kernels index with int64, and have no grid)
+        from fusedemb.kernels.preconditions import MAX_DIM
+
         backward_cases.append(((grad_out, ids, None, 0, 2**31, 9, -1), ValueError, "int32"))
+        wide = MAX_DIM + 1  # 65536 column blocks: one past CUDA's grid limit along y
+        one_id = torch.zeros(1, 1, dtype=torch.long, device=device)
+        with pytest.raises(ValueError, match=f"tok_weight has an embedding dim of {wide}; .* at most {MAX_DIM}"):
+            fused_embedding_op(one_id, torch.zeros(1, wide, device=device), torch.zeros(1, wide, device=device), None, 0,
+                               -1, backend, deterministic)  # fmt: skip
+        backward_cases.append(((torch.zeros(1, 1, wide, device=device), one_id, None, 0, 1, 1, -1), ValueError,
+                               f"grad_out has an embedding dim of {wide}"))  # fmt: skip
     for args, error, message in backward_cases:
         with pytest.raises(error, match=message):
             fused_embedding_backward_op(*args, backend, deterministic)

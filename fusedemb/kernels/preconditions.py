@@ -12,7 +12,8 @@ kernels flatten the ids and the gradient as contiguous [N] and [N, D] arrays, st
 row with unit stride, and hold token indices and sorted table rows in int32: N and the row counts
 must stay below INT32_LIMIT, 2^31 less a margin for the index arithmetic that runs up to a block
 past the last token or row (a tile's end, a chunk's end; masked off, but it must not wrap
-around into range). Offsets into the tables are 64-bit. Ids are clamped into their table, so
+around into range). Offsets into the tables are 64-bit. The grids put their column blocks in
+their y dimension, which CUDA caps at 65535 blocks: D is bounded by MAX_DIM. Ids are clamped into their table, so
 a table must have a row to clamp to, and default positions [offset, offset + T) must lie in the
 position table (the fast backward walks its rows only: a token past it would lose its gradient).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from fusedemb.kernels.sorted_scatter import COMBINE_BLOCK_DIM
 from fusedemb.validation import (
     SUPPORTED_ID_DTYPES,
     check_embedding_rows,
@@ -33,6 +35,13 @@ from fusedemb.validation import (
 )
 
 INT32_LIMIT = 2**31 - 2**16  # above any block of tokens or rows a kernel works on
+MAX_DIM = 65535 * COMBINE_BLOCK_DIM  # 65535 of the narrowest column blocks (the sorted path's combine)
+
+
+def check_dim(name: str, rows: torch.Tensor) -> None:
+    if rows.shape[-1] > MAX_DIM:
+        raise ValueError(f"{name} has an embedding dim of {rows.shape[-1]}; the Triton kernels take at most {MAX_DIM} "
+                         f"(CUDA grids have at most 65535 blocks along y, {COMBINE_BLOCK_DIM} columns each)")  # fmt: skip
 
 
 def check_index(name: str, index: torch.Tensor) -> None:
@@ -71,6 +80,7 @@ def check_forward_inputs(ids, tok_weight, pos_weight, position_ids, position_off
     check_same_device(("tok_weight", tok_weight.device), ids=ids, pos_weight=pos_weight, position_ids=position_ids)
     check_index("ids", ids)
     check_tables(tok_weight, pos_weight)
+    check_dim("tok_weight", tok_weight)
     for name, table in (("tok_weight", tok_weight), ("pos_weight", pos_weight)):
         if not unit_stride_along_dim(table):
             raise ValueError(f"{name} must have unit stride along dim, got strides {table.stride()}")
@@ -87,6 +97,7 @@ def check_backward_inputs(
         raise ValueError(f"grad_out must be contiguous with shape ids.shape + (dim,) = {tuple(ids.shape)} + (dim,), "
                          f"got {tuple(grad_out.shape)}")  # fmt: skip
     check_embedding_rows("grad_out", grad_out)
+    check_dim("grad_out", grad_out)
     check_position_ids(position_ids, ids)
     check_rows(
         ids, position_ids, position_offset, ("the token table", num_embeddings), ("the position table", context_length)
