@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.autograd.forward_ad as forward_ad
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from fusedemb.cpp_extension import CPP_EXTENSION_AVAILABLE
 from fusedemb.func_transforms import apply_forward as apply_transformable
@@ -53,6 +54,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             return "triton"
         return "cpp" if device.type == "cpu" and CPP_EXTENSION_AVAILABLE else "reference"
     if backend not in available_backends(device):
+        check_options(backend, None)  # an unknown name is a ValueError, not a backend missing here
         reasons = {
             "triton": "Triton runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before fusedemb is imported",
             "cpp": "the C++ kernels run on CPU tensors and need the extension built (pip install --no-build-isolation -e .)",
@@ -98,6 +100,14 @@ def fused_embedding(
     Returns:
         a tensor of shape (..., T, D) and the tables' dtype.
     """
+    if has_torch_function_variadic(ids, tok_weight, pos_weight, position_ids):
+        # A tensor subclass or proxy that overrides torch functions (torch.fx.symbolic_trace's
+        # Proxy records this call as one node) gets it, as it gets F.embedding.
+        return handle_torch_function(
+            fused_embedding, (ids, tok_weight, pos_weight, position_ids), ids, tok_weight, pos_weight,
+            position_ids=position_ids, position_offset=position_offset, padding_idx=padding_idx, backend=backend,
+            deterministic=deterministic,
+        )  # fmt: skip
     check_options(backend, deterministic)
     inputs = prepare_inputs(ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx)
     backend = resolve_backend(backend, inputs.tok_weight.device)

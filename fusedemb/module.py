@@ -124,6 +124,13 @@ class FusedEmbedding(nn.Module):
             deterministic=self.deterministic,
         )
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script asks this first: refuse by name instead of failing on a Python type."""
+        raise RuntimeError(
+            "FusedEmbedding cannot be scripted with torch.jit.script (its forward is Python that calls custom "
+            "operators); use torch.jit.trace, torch.export or torch.compile"
+        )
+
     def extra_repr(self) -> str:
         text = f"{self.num_embeddings}, {self.embedding_dim}, context_length={self.context_length}"
         if self.padding_idx is not None:

@@ -41,7 +41,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch.library import custom_op, triton_op
 
 from fusedemb.cpp_extension import backward_fake, forward_fake  # importing also registers the C++ operators
-from fusedemb.validation import unit_stride_along_dim
+from fusedemb.validation import check_dense_tensor, kernel_layouts, unit_stride_along_dim
 
 try:
     import triton  # noqa: F401 - a dependency, but its wheels are for Linux only
@@ -137,6 +137,13 @@ def fused_embedding_op(
     padding_idx (-1 for none) and deterministic only shape the backward; they are arguments so
     that autograd's saved context has them.
     """
+    # fused_embedding passes these layouts already; an exported or traced graph records this
+    # operator and may later get others (a decode step's ids[:, -1:] is strided), as
+    # aten.embedding takes any. (Dense ones: a sparse tensor has no layout to convert.)
+    for name, tensor in (("ids", ids), ("tok_weight", tok_weight), ("pos_weight", pos_weight), ("position_ids", position_ids)):
+        if tensor is not None:
+            check_dense_tensor(name, tensor)
+    ids, tok_weight, pos_weight, position_ids = kernel_layouts(ids, tok_weight, pos_weight, position_ids)
     if backend == "triton" and INTERPRETED:
         return interpreted_forward(ids, tok_weight, pos_weight, position_ids, position_offset)
     return forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
@@ -161,6 +168,9 @@ def fused_embedding_backward_op(
 
     A table whose gradient is not needed (tok_needs_grad / pos_needs_grad False: a frozen table)
     gets an empty [0, D] tensor, and costs nothing: no V x D buffer, no sort."""
+    # (as in the forward: the saved ids are the forward's inputs, in whatever layout they came)
+    grad_out, ids = grad_out.contiguous(), ids.contiguous()
+    position_ids = None if position_ids is None else position_ids.contiguous()
     args = (grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx)
     needs = {"tok_needs_grad": tok_needs_grad, "pos_needs_grad": pos_needs_grad}
     if backend == "triton" and INTERPRETED:

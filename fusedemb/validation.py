@@ -140,6 +140,18 @@ def unit_stride_along_dim(table: torch.Tensor) -> bool:
     return table.shape[1] == 1 or table.stride(1) == 1
 
 
+def kernel_layouts(ids, tok_weight, pos_weight, position_ids):
+    """The inputs in layouts the kernels read, each as it is when it has one already: contiguous
+    index tensors (the expanded view of broadcast position_ids included: one position per
+    token), tables with unit stride along dim (row strides are passed through)."""
+    return (
+        ids.contiguous(),
+        tok_weight if unit_stride_along_dim(tok_weight) else tok_weight.contiguous(),
+        pos_weight if unit_stride_along_dim(pos_weight) else pos_weight.contiguous(),
+        None if position_ids is None else position_ids.contiguous(),
+    )
+
+
 def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int:
     """nn.Embedding's rule: negative values count from the end; -1 is returned for none."""
     if padding_idx is None:
@@ -180,21 +192,25 @@ def check_same_device(anchor: tuple[str, torch.device], **tensors: torch.Tensor 
 
 
 def _check_index_tensor(name: str, index: torch.Tensor, device: torch.device) -> None:
-    _check_dense_tensor(name, index)
+    check_dense_tensor(name, index)
     if index.dtype not in _INTEGER_DTYPES:
         raise TypeError(f"{name} must be an integer tensor (int32/int64 kernels; narrower ints are widened), got {index.dtype}")
     check_same_device(("the tables", device), **{name: index})
 
 
-# Integer dtypes with arithmetic (not bool, the quantized ones, nor the sub-byte and bits dtypes).
-_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64)
+# Integer dtypes with arithmetic (not bool, the quantized ones, nor the sub-byte and bits dtypes);
+# the usual ones first, as `in` compares in order.
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32, torch.uint64)
 
 
-def _check_dense_tensor(name: str, tensor: torch.Tensor) -> None:
+_STRIDED = torch.strided  # (a module global is read faster than torch's attribute)
+
+
+def check_dense_tensor(name: str, tensor: torch.Tensor) -> None:
     """A tensor with strides: the kernels address elements by them (not sparse, mkldnn, nested)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.layout != torch.strided or tensor.is_nested:
+    if tensor.layout is not _STRIDED or tensor.is_nested:
         kind = "a nested tensor" if tensor.is_nested else f"layout {tensor.layout}"
         raise ValueError(f"{name} must be a dense (strided) tensor, got {kind}")
 
@@ -222,7 +238,7 @@ def check_tables(tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> None:
     """Two tables whose rows the kernels can add: each 2-D of a supported float dtype with an
     embedding dim of at least 1, both of one dtype and one dim."""
     for name, table in (("tok_weight", tok_weight), ("pos_weight", pos_weight)):
-        _check_dense_tensor(name, table)
+        check_dense_tensor(name, table)
         if table.dim() != 2:
             raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(table.shape)}")
         check_embedding_rows(name, table)
@@ -232,6 +248,25 @@ def check_tables(tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> None:
         raise ValueError(
             f"tok_weight and pos_weight must have the same embedding dim, got {tok_weight.shape[1]} and {pos_weight.shape[1]}"
         )
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _check_not_dtensors(**tables: torch.Tensor) -> None:
+    """The kernels take whole tables. A DTensor table (tensor parallelism, or fully_shard on
+    FusedEmbedding's tok_emb or pos_emb, whose unsharding hooks never run because FusedEmbedding
+    reads their weights without calling them) would otherwise fail deep in the dispatcher."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    for name, table in tables.items():
+        if isinstance(table, DTensor):
+            raise TypeError(
+                f"{name} is a DTensor (placements {table.placements}); fusedemb's kernels take whole tables: shard "
+                "the FusedEmbedding as a whole (fully_shard on it or on a parent module), not its tok_emb or pos_emb"
+            )
 
 
 def check_sequence_dim(name: str, index: torch.Tensor) -> None:
@@ -274,6 +309,8 @@ def prepare_inputs(
     padding_idx: int | None,
 ) -> EmbeddingInputs:
     check_tables(tok_weight, pos_weight)
+    if type(tok_weight) not in _PLAIN_TENSORS or type(pos_weight) not in _PLAIN_TENSORS:  # (the cheap test first)
+        _check_not_dtensors(tok_weight=tok_weight, pos_weight=pos_weight)
     check_same_device(("tok_weight", tok_weight.device), pos_weight=pos_weight)
     _check_index_tensor("ids", ids, tok_weight.device)
     check_sequence_dim("ids", ids)
@@ -285,17 +322,17 @@ def prepare_inputs(
         _check_index_tensor("position_ids", position_ids, tok_weight.device)
         position_ids = _broadcast_position_ids(position_ids, ids.shape)
         index_dtype = _index_dtype(ids, position_ids)
-        ids, position_ids = ids.to(index_dtype), position_ids.to(index_dtype).contiguous()
+        ids, position_ids = ids.to(index_dtype), position_ids.to(index_dtype)
         position_offset = 0  # unused with explicit positions: the operators always get 0 (and never an overflow)
     else:
         if ids.dtype not in SUPPORTED_ID_DTYPES:  # (a dtype test costs less host time than .to)
             ids = ids.to(_index_dtype(ids))
         check_positions_fit(ids.shape[-1], position_offset, context_length)
-    # The kernels need unit stride along dim only; row strides are passed through.
-    tok_weight = tok_weight if unit_stride_along_dim(tok_weight) else tok_weight.contiguous()
-    pos_weight = pos_weight if unit_stride_along_dim(pos_weight) else pos_weight.contiguous()
+        if ids.shape[-1] == 0:
+            position_offset = 0  # no position is read, so any offset fits, even one the operators' int64 cannot hold
+    ids, tok_weight, pos_weight, position_ids = kernel_layouts(ids, tok_weight, pos_weight, position_ids)
     return EmbeddingInputs(
-        ids=ids.contiguous(),
+        ids=ids,
         tok_weight=tok_weight,
         pos_weight=pos_weight,
         position_ids=position_ids,

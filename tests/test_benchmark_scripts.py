@@ -32,11 +32,11 @@ def test_sort_crossover_times_both_sorts(capsys):
         assert counting_us > 0 and sort_us > 0 and ratio == pytest.approx(counting_us / sort_us, rel=0.05, abs=0.01)
 
 
-def test_profile_backward_reports_both_modes(capsys):
+def test_profile_backward_reports_both_modes(capsys, monkeypatch):
     """On CPU both rows profile the C++ backward (it has one mode); the GPU run differs only in
     what the profiler records and in holding the GPU busy for the host profile. The script
     switches the id range check off while it runs, and back on after."""
-    assert fusedemb.bounds_check_enabled()
+    monkeypatch.setattr(fusedemb.validation, "_bounds_check", True)  # (FUSEDEMB_BOUNDS_CHECK=0 may be set)
     load_script("profile_backward").main(["--device", "cpu", "--preset", "gpt2-124M", "--batch", "1", "--ids", "same"])
     assert fusedemb.bounds_check_enabled()
     out = capsys.readouterr().out

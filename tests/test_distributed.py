@@ -2,6 +2,7 @@
 
 The job (tests/distributed_worker.py) runs as two CPU processes wired together with the
 environment variables torchrun would set; each saves its gradients and this test compares them.
+Sharded (DTensor) tables, which the kernels cannot take, are refused by name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+
+import fusedemb
 
 WORLD_SIZE = 2
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -77,3 +80,20 @@ def test_distributed_gradients_equal_single_process(rank_gradients, wrapper):
         assert_same_gradients(results[wrapper], results["single"])
     # After the wrapper's reduction every rank holds the same gradient.
     assert_same_gradients(rank_gradients[1][wrapper], rank_gradients[0][wrapper])
+
+
+def test_sharded_tables_are_refused_by_name():
+    """Tensor parallelism (or fully_shard) on tok_emb makes its weight a DTensor, which the
+    kernels cannot take; the error says to shard the FusedEmbedding as a whole."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # this process alone
+    try:
+        embedding = fusedemb.FusedEmbedding(11, 4, 8)
+        parallelize_module(embedding, init_device_mesh("cpu", (1,)), {"tok_emb": RowwiseParallel()})
+        with pytest.raises(TypeError, match=r"tok_weight is a DTensor .* shard the FusedEmbedding as a whole"):
+            with pytest.warns(UserWarning, match="hooks on FusedEmbedding.tok_emb"):  # the plan's own hooks
+                embedding(torch.randint(0, 11, (2, 5)))
+    finally:
+        dist.destroy_process_group()

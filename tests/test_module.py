@@ -217,6 +217,30 @@ def test_shapes_without_values_on_meta_and_fake_tensors():
             assert fused(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 4)
 
 
+def test_fx_symbolic_trace_records_one_call():
+    """torch.fx.symbolic_trace (FX graph-mode quantization, pipeline splitters) records
+    fused_embedding as one call_function node, as it records F.embedding, through the module and
+    through the functional form; the traced graph computes and trains as the model does."""
+    torch.manual_seed(6)
+    model = nn.Sequential(fusedemb.FusedEmbedding(11, 4, 8, padding_idx=2), nn.Linear(4, 3))
+    traced = torch.fx.symbolic_trace(model)
+    calls = [node.target for node in traced.graph.nodes if node.op == "call_function"]
+    assert calls == [fusedemb.fused_embedding]
+    ids = torch.randint(0, 11, (2, 5))
+    torch.testing.assert_close(traced(ids), model(ids), rtol=0, atol=0)
+    traced_grads = torch.autograd.grad(traced(ids).square().sum(), list(model.parameters()))
+    for traced_grad, grad in zip(traced_grads, torch.autograd.grad(model(ids).square().sum(), list(model.parameters()))):
+        torch.testing.assert_close(traced_grad, grad, rtol=0, atol=0)
+    tok, pos = model[0].tok_emb.weight, model[0].pos_emb.weight
+    traced_function = torch.fx.symbolic_trace(lambda ids, tok, pos: fusedemb.fused_embedding(ids, tok, pos, position_offset=3))
+    torch.testing.assert_close(traced_function(ids, tok, pos), fusedemb.fused_embedding(ids, tok, pos, position_offset=3))
+
+
+def test_torch_jit_script_is_refused_by_name():
+    with pytest.raises(RuntimeError, match=r"cannot be scripted with torch.jit.script .* use torch.jit.trace"):
+        torch.jit.script(fusedemb.FusedEmbedding(11, 4, 8))
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input checks' shape tests
 def test_torch_jit_trace_records_the_operator():
     """The trace records fusedemb::fused_embedding whether or not grad mode is on (the tracer's
@@ -241,6 +265,8 @@ def test_torch_export_with_a_dynamic_batch():
     assert "fusedemb.fused_embedding" in str(exported.graph)
     ids = torch.randint(0, 11, (3, 5))
     torch.testing.assert_close(exported.module()(ids), fused(ids), rtol=0, atol=0)
+    strided = torch.randint(0, 11, (3, 10))[:, ::2]  # the graph has the operator, which takes any layout
+    torch.testing.assert_close(exported.module()(strided), fused(strided), rtol=0, atol=0)
 
 
 def test_position_arguments_reach_the_kernel():

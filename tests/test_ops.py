@@ -14,7 +14,7 @@ from torch import nn
 
 import fusedemb
 from fusedemb.ops import TRITON_AVAILABLE as TRITON_LAUNCHERS
-from fusedemb.ops import fused_embedding_backward_op, fused_embedding_op
+from fusedemb.ops import backward_kernels, forward_kernels, fused_embedding_backward_op, fused_embedding_op
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,19 +102,49 @@ def test_backward_operator_skips_tables_that_need_no_gradient(backend_config, po
         torch.library.opcheck(fused_embedding_backward_op, args, needs)
 
 
+def test_operators_take_inputs_of_any_layout(backend_config):
+    """An exported or traced graph records the operators with its example's layouts and may get
+    others later (a decode step's ids[:, -1:] is strided): the operators give the kernels the
+    layouts they read, as aten.embedding takes any."""
+    backend, device, deterministic = backend_config
+    ids, tok, pos, positions = sample_inputs(device, position_ids=True)
+    tok, pos = tok.detach(), pos.detach()
+    strided_ids = torch.stack([ids, ids], dim=-1)[..., 0]  # strides (10, 2)
+    assert not strided_ids.is_contiguous() and torch.equal(strided_ids, ids)
+    strided_positions = positions.t().contiguous().t()
+    transposed_tok = tok.t().contiguous().t()  # column stride 13
+    grad_out = torch.randn(2, 5, 6, device=device)
+    expected = fused_embedding_op(ids, tok, pos, positions, 0, 3, backend, deterministic)
+    out = fused_embedding_op(strided_ids, transposed_tok, pos, strided_positions, 0, 3, backend, deterministic)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    expected = fused_embedding_backward_op(grad_out, ids, positions, 0, 13, 9, 3, backend, deterministic)
+    strided_grad_out = grad_out.transpose(1, 2).contiguous().transpose(1, 2)
+    grads = fused_embedding_backward_op(strided_grad_out, strided_ids, strided_positions, 0, 13, 9, 3, backend, deterministic)
+    for grad, expected_grad in zip(grads, expected):
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+
+
 def test_operators_called_directly_refuse_what_the_kernels_cannot_read(backend_config):
     """torch.ops.fusedemb.* skip fusedemb.validation; the Triton launchers and the C++ kernels
     check what the kernels assume instead of reading the wrong or out-of-bounds memory, and raise
     the Python error type fusedemb.validation would: TypeError for a dtype, ValueError for a
-    shape or layout, IndexError for an index."""
+    shape or layout, IndexError for an index. (Layouts are checked below the operators, which
+    make them.)"""
     backend, device, deterministic = backend_config
     ids, tok, pos, _ = sample_inputs(device)
     tok, pos = tok.detach(), pos.detach()
     wide_ids = torch.randint(0, 13, (2, 10), device=device)
+    layout_cases = [
+        ((wide_ids[:, ::2], tok, pos, None, 0), "ids must be contiguous"),
+        ((ids, tok, pos, torch.arange(5, device=device).expand(2, 5), 0), "position_ids must be contiguous"),
+        ((ids, tok[:, :1].expand(13, 6), pos, None, 0), "tok_weight must have unit stride along dim"),
+    ]
+    for args, message in layout_cases:
+        with pytest.raises(ValueError, match=message):
+            forward_kernels(*args, backend)
+    with pytest.raises(ValueError, match="grad_out must be contiguous"):
+        backward_kernels(torch.randn(2, 6, 5, device=device).transpose(1, 2), ids, None, 0, 13, 9, -1, backend, deterministic)
     cases = [
-        ((wide_ids[:, ::2], tok, pos, None, 0), ValueError, "ids must be contiguous"),
-        ((ids, tok, pos, torch.arange(5, device=device).expand(2, 5), 0), ValueError, "position_ids must be contiguous"),
-        ((ids, tok[:, :1].expand(13, 6), pos, None, 0), ValueError, "tok_weight must have unit stride along dim"),
         ((ids, tok, pos[:, :4], None, 0), ValueError, "must have the same embedding dim, got 6 and 4"),
         ((ids, tok, pos.double(), None, 0), TypeError, "must have the same dtype"),
         ((ids.float(), tok, pos, None, 0), TypeError, "ids must be int32 or int64"),
@@ -128,10 +158,8 @@ def test_operators_called_directly_refuse_what_the_kernels_cannot_read(backend_c
     for args, error, message in cases:
         with pytest.raises(error, match=message):
             fused_embedding_op(*args, -1, backend, deterministic)
-    strided_grad_out = torch.randn(2, 6, 5, device=device).transpose(1, 2)
-    grad_out = strided_grad_out.contiguous()
+    grad_out = torch.randn(2, 5, 6, device=device)
     backward_cases = [
-        ((strided_grad_out, ids, None, 0, 13, 9, -1), ValueError, "grad_out must be contiguous"),
         ((grad_out[:1], ids, None, 0, 13, 9, -1), ValueError, "grad_out must .*shape"),
         # a fast-mode sweep walks the position table's rows only: tokens past it would lose their gradient
         ((grad_out, ids, None, 6, 13, 9, -1), IndexError, "do not fit the position table"),
@@ -143,6 +171,9 @@ def test_operators_called_directly_refuse_what_the_kernels_cannot_read(backend_c
     ]  # fmt: skip
     if backend == "triton":  # (the C++ kernels index with int64, and have no grid)
         from fusedemb.kernels.preconditions import MAX_DIM
+
+        with pytest.raises(ValueError, match=r"ids must be a dense .* got layout torch.sparse_coo"):
+            fused_embedding_op(ids.to_sparse(), tok, pos, None, 0, -1, backend, deterministic)
 
         backward_cases.append(((grad_out, ids, None, 0, 2**31, 9, -1), ValueError, "int32"))
         wide = MAX_DIM + 1  # 65536 column blocks: one past CUDA's grid limit along y

@@ -58,8 +58,12 @@ def resolve_negation(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None
     (torch._neg_view, or the imaginary part of a conjugated complex tensor) holds the negatives
     of its values, with a bit saying so; PyTorch's kernels honour the bit, which the dispatcher
     resolves before a custom operator's kernel runs, but a Triton kernel called directly reads
-    the memory as it is. resolve_neg returns a tensor without the bit as it is."""
-    return tuple(None if tensor is None else tensor.resolve_neg() for tensor in tensors)
+    the memory as it is. (is_neg first: resolve_neg goes through the dispatcher, a few times
+    the host time, even for a tensor without the bit.)"""
+    for tensor in tensors:
+        if tensor is not None and tensor.is_neg():
+            return tuple(None if tensor is None else tensor.resolve_neg() for tensor in tensors)
+    return tensors
 
 
 def on_device_of(tensor: torch.Tensor):

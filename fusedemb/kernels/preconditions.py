@@ -25,6 +25,7 @@ import torch
 from fusedemb.kernels.sorted_scatter import COMBINE_BLOCK_DIM
 from fusedemb.validation import (
     SUPPORTED_ID_DTYPES,
+    check_dense_tensor,
     check_embedding_rows,
     check_positions_fit,
     check_same_device,
@@ -45,6 +46,7 @@ def check_dim(name: str, rows: torch.Tensor) -> None:
 
 
 def check_index(name: str, index: torch.Tensor) -> None:
+    check_dense_tensor(name, index)
     if index.dtype not in SUPPORTED_ID_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {index.dtype}")
     check_sequence_dim(name, index)
