@@ -121,6 +121,12 @@ def backward_kernels(
     )
 
 
+def _check_dense(**tensors: torch.Tensor | None) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None:
+            check_dense_tensor(name, tensor)
+
+
 @triton_op("fusedemb::fused_embedding", mutates_args=())
 def fused_embedding_op(
     ids: torch.Tensor,
@@ -140,9 +146,7 @@ def fused_embedding_op(
     # fused_embedding passes these layouts already; an exported or traced graph records this
     # operator and may later get others (a decode step's ids[:, -1:] is strided), as
     # aten.embedding takes any. (Dense ones: a sparse tensor has no layout to convert.)
-    for name, tensor in (("ids", ids), ("tok_weight", tok_weight), ("pos_weight", pos_weight), ("position_ids", position_ids)):
-        if tensor is not None:
-            check_dense_tensor(name, tensor)
+    _check_dense(ids=ids, tok_weight=tok_weight, pos_weight=pos_weight, position_ids=position_ids)
     ids, tok_weight, pos_weight, position_ids = kernel_layouts(ids, tok_weight, pos_weight, position_ids)
     if backend == "triton" and INTERPRETED:
         return interpreted_forward(ids, tok_weight, pos_weight, position_ids, position_offset)
@@ -169,6 +173,7 @@ def fused_embedding_backward_op(
     A table whose gradient is not needed (tok_needs_grad / pos_needs_grad False: a frozen table)
     gets an empty [0, D] tensor, and costs nothing: no V x D buffer, no sort."""
     # (as in the forward: the saved ids are the forward's inputs, in whatever layout they came)
+    _check_dense(grad_out=grad_out, ids=ids, position_ids=position_ids)
     grad_out, ids = grad_out.contiguous(), ids.contiguous()
     position_ids = None if position_ids is None else position_ids.contiguous()
     args = (grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx)

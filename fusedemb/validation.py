@@ -143,13 +143,21 @@ def unit_stride_along_dim(table: torch.Tensor) -> bool:
 def kernel_layouts(ids, tok_weight, pos_weight, position_ids):
     """The inputs in layouts the kernels read, each as it is when it has one already: contiguous
     index tensors (the expanded view of broadcast position_ids included: one position per
-    token), tables with unit stride along dim (row strides are passed through)."""
+    token), tables with unit stride along dim (row strides are passed through). A table that is
+    not 2-D is left for the kernels' checks to name."""
     return (
         ids.contiguous(),
-        tok_weight if unit_stride_along_dim(tok_weight) else tok_weight.contiguous(),
-        pos_weight if unit_stride_along_dim(pos_weight) else pos_weight.contiguous(),
+        _unit_stride_along_dim(tok_weight),
+        _unit_stride_along_dim(pos_weight),
         None if position_ids is None else position_ids.contiguous(),
     )
+
+
+def _unit_stride_along_dim(table: torch.Tensor) -> torch.Tensor:
+    # (is_contiguous first: it is a flag, where stride(1) costs about a microsecond)
+    if table.is_contiguous() or table.dim() != 2 or unit_stride_along_dim(table):
+        return table
+    return table.contiguous()
 
 
 def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int:
@@ -250,7 +258,7 @@ def check_tables(tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> None:
         )
 
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter  # (module globals: Dynamo guards them without a lambda)
 
 
 def _check_not_dtensors(**tables: torch.Tensor) -> None:
@@ -309,7 +317,7 @@ def prepare_inputs(
     padding_idx: int | None,
 ) -> EmbeddingInputs:
     check_tables(tok_weight, pos_weight)
-    if type(tok_weight) not in _PLAIN_TENSORS or type(pos_weight) not in _PLAIN_TENSORS:  # (the cheap test first)
+    if not (type(tok_weight) in (_TENSOR, _PARAMETER) and type(pos_weight) in (_TENSOR, _PARAMETER)):  # (cheap first)
         _check_not_dtensors(tok_weight=tok_weight, pos_weight=pos_weight)
     check_same_device(("tok_weight", tok_weight.device), pos_weight=pos_weight)
     _check_index_tensor("ids", ids, tok_weight.device)
@@ -327,8 +335,9 @@ def prepare_inputs(
     else:
         if ids.dtype not in SUPPORTED_ID_DTYPES:  # (a dtype test costs less host time than .to)
             ids = ids.to(_index_dtype(ids))
-        check_positions_fit(ids.shape[-1], position_offset, context_length)
-        if ids.shape[-1] == 0:
+        seq_len = ids.shape[-1]
+        check_positions_fit(seq_len, position_offset, context_length)
+        if not seq_len:
             position_offset = 0  # no position is read, so any offset fits, even one the operators' int64 cannot hold
     ids, tok_weight, pos_weight, position_ids = kernel_layouts(ids, tok_weight, pos_weight, position_ids)
     return EmbeddingInputs(

@@ -146,6 +146,8 @@ def test_operators_called_directly_refuse_what_the_kernels_cannot_read(backend_c
         backward_kernels(torch.randn(2, 6, 5, device=device).transpose(1, 2), ids, None, 0, 13, 9, -1, backend, deterministic)
     cases = [
         ((ids, tok, pos[:, :4], None, 0), ValueError, "must have the same embedding dim, got 6 and 4"),
+        ((ids, tok[:, 0], pos, None, 0), ValueError, r"tok_weight must be 2-D \(rows, dim\)"),
+        ((ids.to_sparse(), tok, pos, None, 0), ValueError, r"ids must be a dense .* got layout torch.sparse_coo"),
         ((ids, tok, pos.double(), None, 0), TypeError, "must have the same dtype"),
         ((ids.float(), tok, pos, None, 0), TypeError, "ids must be int32 or int64"),
         ((ids[0, 0], tok, pos, None, 0), ValueError, "ids must have shape .* got a 0-d tensor"),
@@ -161,6 +163,7 @@ def test_operators_called_directly_refuse_what_the_kernels_cannot_read(backend_c
     grad_out = torch.randn(2, 5, 6, device=device)
     backward_cases = [
         ((grad_out[:1], ids, None, 0, 13, 9, -1), ValueError, "grad_out must .*shape"),
+        ((grad_out, ids.to_sparse(), None, 0, 13, 9, -1), ValueError, r"ids must be a dense .* got layout torch.sparse_coo"),
         # a fast-mode sweep walks the position table's rows only: tokens past it would lose their gradient
         ((grad_out, ids, None, 6, 13, 9, -1), IndexError, "do not fit the position table"),
         ((grad_out, ids, None, 0, 13, 9, 13), ValueError, "padding_idx must be -1 .* got 13"),
@@ -171,9 +174,6 @@ def test_operators_called_directly_refuse_what_the_kernels_cannot_read(backend_c
     ]  # fmt: skip
     if backend == "triton":  # (the C++ kernels index with int64, and have no grid)
         from fusedemb.kernels.preconditions import MAX_DIM
-
-        with pytest.raises(ValueError, match=r"ids must be a dense .* got layout torch.sparse_coo"):
-            fused_embedding_op(ids.to_sparse(), tok, pos, None, 0, -1, backend, deterministic)
 
         backward_cases.append(((grad_out, ids, None, 0, 2**31, 9, -1), ValueError, "int32"))
         wide = MAX_DIM + 1  # 65536 column blocks: one past CUDA's grid limit along y
