@@ -147,13 +147,13 @@ def kernel_layouts(ids, tok_weight, pos_weight, position_ids):
     not 2-D is left for the kernels' checks to name."""
     return (
         ids.contiguous(),
-        _unit_stride_along_dim(tok_weight),
-        _unit_stride_along_dim(pos_weight),
+        _with_unit_stride_along_dim(tok_weight),
+        _with_unit_stride_along_dim(pos_weight),
         None if position_ids is None else position_ids.contiguous(),
     )
 
 
-def _unit_stride_along_dim(table: torch.Tensor) -> torch.Tensor:
+def _with_unit_stride_along_dim(table: torch.Tensor) -> torch.Tensor:
     # (is_contiguous first: it is a flag, where stride(1) costs about a microsecond)
     if table.is_contiguous() or table.dim() != 2 or unit_stride_along_dim(table):
         return table
