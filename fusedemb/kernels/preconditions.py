@@ -4,7 +4,9 @@ fusedemb.validation normalises what users pass in; these checks guard the regist
 (torch.ops.fusedemb.*), which anyone can call directly, as the C++ kernels' TORCH_CHECKs do.
 They read devices, shapes, strides and dtypes only, never values (out-of-range values are
 clamped inside the kernels), so they cost no device work and are fine on torch.compile's fake
-tensors.
+tensors. That the tensors are dense (not sparse, nested) is checked before any call gets here,
+by fusedemb.validation or by the operators' bodies; only the tables' check, shared with
+validation (check_tables), repeats it.
 
 All tensors of a call must be on one device (a kernel dereferences every pointer on the device
 it runs on; the launchers make that device current, fusedemb.kernels.common.on_device_of). The
@@ -25,7 +27,6 @@ import torch
 from fusedemb.kernels.sorted_scatter import COMBINE_BLOCK_DIM
 from fusedemb.validation import (
     SUPPORTED_ID_DTYPES,
-    check_dense_tensor,
     check_embedding_rows,
     check_positions_fit,
     check_same_device,
@@ -46,7 +47,6 @@ def check_dim(name: str, rows: torch.Tensor) -> None:
 
 
 def check_index(name: str, index: torch.Tensor) -> None:
-    check_dense_tensor(name, index)
     if index.dtype not in SUPPORTED_ID_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got {index.dtype}")
     check_sequence_dim(name, index)
