@@ -31,6 +31,9 @@ else:
 extension = CppExtension(
     name="fusedemb._C",
     sources=sorted(str(path.relative_to(ROOT)) for path in (ROOT / "csrc").glob("*.cpp")),
+    # The headers the sources include: listed, they are shipped in the sdist (setuptools packs
+    # an extension's sources and depends, nothing else of csrc/) and a change to them rebuilds it.
+    depends=sorted(str(path.relative_to(ROOT)) for path in (ROOT / "csrc").glob("*.h")),
     extra_compile_args={"cxx": compile_args},
     extra_link_args=link_args,
 )
