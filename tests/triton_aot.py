@@ -7,8 +7,9 @@ whether loads are 16 bytes wide. tests/test_triton_compile.py runs this file as 
 process without TRITON_INTERPRET, and checks its JSON report.
 
 Each kernel is compiled with the argument types and tile sizes its launcher uses at GPT-2 sizes
-(D = 768, 8192 tokens of 1024), with pointers and the integers that are multiples of 16 marked
-as such, as Triton specializes them at a real launch.
+(D = 768, 8192 tokens of 1024), for both targets, and for Hopper also at the narrow widths
+whose tiles differ most (NARROW_DIMS), with pointers and the integers that are multiples of 16
+marked as such, as Triton specializes them at a real launch.
 """
 
 from __future__ import annotations
@@ -29,45 +30,52 @@ from triton.compiler import ASTSource
 from fusedemb.kernels import backward, common, forward, sorted_scatter
 
 DIM = 768
-BLOCK_DIM = common.column_block(DIM)
-TOKENS_PER_TILE = common.rows_per_tile(BLOCK_DIM)
-SWEEP_ROWS = backward.sweep_block_rows(BLOCK_DIM)
-# Integer arguments that are multiples of 16 at GPT-2 sizes, which a real launch specializes on.
-DIVISIBLE = {"dim", "tok_row_stride", "pos_row_stride", "num_tokens", "seq_len", "num_sums", "num_tiles"}
+# Widths whose launches tile differently from GPT-2's 256-column blocks: D = 1 puts 4096 tokens
+# in a forward program and gives the segment sums a single warp; D = 100 a masked 128-column
+# block of 32 tokens. Compiled for sm_90 only, where the spill check applies.
+NARROW_DIMS = (1, 100)
+# Integer arguments that are multiples of 16 at GPT-2 sizes, which a real launch specializes on;
+# the width and the row strides only where D is one.
+DIVISIBLE_COUNTS = {"num_tokens", "seq_len", "num_sums", "num_tiles"}
+DIVISIBLE_WIDTHS = {"dim", "tok_row_stride", "pos_row_stride"}
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
 TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 SIXTEEN_BIT_TABLES = ("bf16", "fp16")  # the only tables the touched-rows kernels run for
 
 
-def kernel_specs(table: str):
-    """(name, kernel, pointer types, constexprs[, launch options]) for tables of dtype `table`."""
+def kernel_specs(table: str, dim: int):
+    """(name, kernel, pointer types, constexprs[, launch options]) for tables of dtype `table`
+    and width `dim`, with the tiles the launchers choose for that width."""
+    block_dim = common.column_block(dim)
+    tokens_per_tile = common.rows_per_tile(block_dim)
+    sweep_rows = backward.sweep_block_rows(block_dim)
     ids = "*i64"
     acc64 = table == "fp64"  # float64 tables accumulate in float64
     return [
         ("forward", forward.fused_embedding_forward_kernel,
          {"ids_ptr": ids, "position_ids_ptr": ids, "tok_ptr": f"*{table}", "pos_ptr": f"*{table}", "out_ptr": f"*{table}"},
-         {"HAS_POSITION_IDS": False, "ACC_FP64": acc64, "BLOCK_TOKENS": TOKENS_PER_TILE, "BLOCK_DIM": BLOCK_DIM}),
+         {"HAS_POSITION_IDS": False, "ACC_FP64": acc64, "BLOCK_TOKENS": tokens_per_tile, "BLOCK_DIM": block_dim}),
         # int32 ids and explicit positions (left-padded or packed batches)
         ("forward_position_ids", forward.fused_embedding_forward_kernel,
          {"ids_ptr": "*i32", "position_ids_ptr": "*i32", "tok_ptr": f"*{table}", "pos_ptr": f"*{table}",
           "out_ptr": f"*{table}"},
-         {"HAS_POSITION_IDS": True, "ACC_FP64": acc64, "BLOCK_TOKENS": TOKENS_PER_TILE, "BLOCK_DIM": BLOCK_DIM}),
+         {"HAS_POSITION_IDS": True, "ACC_FP64": acc64, "BLOCK_TOKENS": tokens_per_tile, "BLOCK_DIM": block_dim}),
         ("sweep_batch", backward.sweep_batch_kernel,
          {"grad_ptr": f"*{table}", "index_ptr": ids, "acc_ptr": "*fp64" if acc64 else "*fp32", "sums_ptr": f"*{table}"},
-         {"ADD_TO_TABLE": True, "SUM_OVER_BATCH": True, "ACC_FP64": acc64, "BLOCK_ROWS": SWEEP_ROWS,
-          "BLOCK_DIM": BLOCK_DIM},
+         {"ADD_TO_TABLE": True, "SUM_OVER_BATCH": True, "ACC_FP64": acc64, "BLOCK_ROWS": sweep_rows,
+          "BLOCK_DIM": block_dim},
          {"num_warps": backward.sweep_warps(True, TORCH_DTYPE[table])}),
         # the fast mode's token gradient alone (explicit positions are scattered apart), int32 ids
         ("scatter_only", backward.sweep_batch_kernel,
          {"grad_ptr": f"*{table}", "index_ptr": "*i32", "acc_ptr": "*fp64" if acc64 else "*fp32",
           "sums_ptr": f"*{table}"},
-         {"ADD_TO_TABLE": True, "SUM_OVER_BATCH": False, "ACC_FP64": acc64, "BLOCK_ROWS": SWEEP_ROWS,
-          "BLOCK_DIM": BLOCK_DIM},
+         {"ADD_TO_TABLE": True, "SUM_OVER_BATCH": False, "ACC_FP64": acc64, "BLOCK_ROWS": sweep_rows,
+          "BLOCK_DIM": block_dim},
          {"num_warps": backward.sweep_warps(True, TORCH_DTYPE[table])}),
         ("position_sums", backward.sweep_batch_kernel,
          {"grad_ptr": f"*{table}", "index_ptr": f"*{table}", "acc_ptr": f"*{table}", "sums_ptr": f"*{table}"},
-         {"ADD_TO_TABLE": False, "SUM_OVER_BATCH": True, "ACC_FP64": acc64, "BLOCK_ROWS": SWEEP_ROWS,
-          "BLOCK_DIM": BLOCK_DIM},
+         {"ADD_TO_TABLE": False, "SUM_OVER_BATCH": True, "ACC_FP64": acc64, "BLOCK_ROWS": sweep_rows,
+          "BLOCK_DIM": block_dim},
          {"num_warps": backward.sweep_warps(False, TORCH_DTYPE[table])}),
         ("chunk_rank", sorted_scatter.chunk_rank_kernel,
          {"index_ptr": ids, "rank_ptr": "*i32", "counts_ptr": "*i32"},
@@ -79,8 +87,8 @@ def kernel_specs(table: str):
         ("segment_sums", sorted_scatter.segment_sums_kernel,
          {"grad_ptr": f"*{table}", "sorted_tokens_ptr": "*i32", "sorted_rows_ptr": "*i32", "table_ptr": f"*{table}",
           "head_ptr": "*fp64", "tail_ptr": "*fp64"},
-         {"ACC_FP64": acc64, "TILE": sorted_scatter.TILE, "BLOCK_DIM": BLOCK_DIM},
-         {"num_warps": sorted_scatter.segment_warps(BLOCK_DIM, TORCH_DTYPE[table].itemsize)}),
+         {"ACC_FP64": acc64, "TILE": sorted_scatter.TILE, "BLOCK_DIM": block_dim},
+         {"num_warps": sorted_scatter.segment_warps(block_dim, TORCH_DTYPE[table].itemsize)}),
         ("sum_head_blocks", sorted_scatter.sum_head_blocks_kernel,
          {"sorted_rows_ptr": "*i32", "head_ptr": "*fp64", "block_sums_ptr": "*fp64"},
          {"TILE": sorted_scatter.TILE, "PARTIALS_BLOCK": sorted_scatter.PARTIALS_BLOCK,
@@ -94,17 +102,18 @@ def kernel_specs(table: str):
         # the fast mode's float32 accumulator of a 16-bit table's touched rows
         ("zero_touched_rows", backward.zero_touched_rows_kernel,
          {"index_ptr": ids, "acc_ptr": "*fp32", "touched_ptr": "*i8"},
-         {"BLOCK_TOKENS": TOKENS_PER_TILE, "BLOCK_DIM": BLOCK_DIM}),
+         {"BLOCK_TOKENS": tokens_per_tile, "BLOCK_DIM": block_dim}),
         ("round_touched_rows", backward.round_touched_rows_kernel,
          {"acc_ptr": "*fp32", "touched_ptr": "*i8", "table_ptr": f"*{table}"},
-         {"BLOCK_ROWS": TOKENS_PER_TILE, "BLOCK_DIM": BLOCK_DIM}),
+         {"BLOCK_ROWS": tokens_per_tile, "BLOCK_DIM": block_dim}),
     ])  # fmt: skip
 
 
-def compile_kernel(kernel, pointers: dict, constexprs: dict, target: GPUTarget, options: dict | None = None):
+def compile_kernel(kernel, pointers: dict, constexprs: dict, dim: int, target: GPUTarget, options: dict | None = None):
     params = kernel.params
     signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "i32") for p in params}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p.name in pointers or p.name in DIVISIBLE}
+    divisible = set(pointers) | DIVISIBLE_COUNTS | (DIVISIBLE_WIDTHS if dim % 16 == 0 else set())
+    aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p.name in divisible}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
     return triton.compile(source, target=target, options=options)
 
@@ -126,14 +135,16 @@ def resource_usage(ptx: str) -> dict:
 
 
 def report() -> dict:
+    """{"kernel/table/arch/D<dim>": registers, spill bytes and memory instructions}."""
     results = {}
-    for table in TORCH_DTYPE:
-        for name, kernel, pointers, constexprs, *options in kernel_specs(table):
-            for arch, target in TARGETS.items():
-                compiled = compile_kernel(kernel, pointers, constexprs, target, *options)
-                ptx = compiled.asm["ptx"]
-                memory_ops = Counter(re.findall(r"\b((?:ld|st)\.global[.\w]*|red\.[.\w]*|atom\.[.\w]*)", ptx))
-                results[f"{name}/{table}/{arch}"] = {**resource_usage(ptx), "memory_ops": dict(memory_ops)}
+    for dim, targets in [(DIM, TARGETS)] + [(dim, {"sm_90": TARGETS["sm_90"]}) for dim in NARROW_DIMS]:
+        for table in TORCH_DTYPE:
+            for name, kernel, pointers, constexprs, *options in kernel_specs(table, dim):
+                for arch, target in targets.items():
+                    compiled = compile_kernel(kernel, pointers, constexprs, dim, target, *options)
+                    ptx = compiled.asm["ptx"]
+                    memory_ops = Counter(re.findall(r"\b((?:ld|st)\.global[.\w]*|red\.[.\w]*|atom\.[.\w]*)", ptx))
+                    results[f"{name}/{table}/{arch}/D{dim}"] = {**resource_usage(ptx), "memory_ops": dict(memory_ops)}
     return results
 
 
