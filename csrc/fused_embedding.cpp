@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include "huge_page_tensor.h"
+#include "row_ops.h"
 
 #include <algorithm>
 #include <vector>
@@ -130,7 +131,6 @@ at::Tensor forward_cpu(const at::Tensor& ids, const at::Tensor& tok_weight, cons
     check_rows_in_range(id_ptr, num_tokens, tok_weight.size(0), "ids", "the token table");
     check_positions(pos_id_ptr, num_tokens, seq_len, position_offset, pos_weight.size(0));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tok_weight.scalar_type(), "fusedemb_forward_cpu", [&] {
-      using opmath_t = at::opmath_type<scalar_t>;
       const scalar_t* tok = tok_weight.const_data_ptr<scalar_t>();
       const scalar_t* pos = pos_weight.const_data_ptr<scalar_t>();
       scalar_t* dst = out.mutable_data_ptr<scalar_t>();
@@ -141,11 +141,8 @@ at::Tensor forward_cpu(const at::Tensor& ids, const at::Tensor& tok_weight, cons
         for (int64_t n = begin; n < end; ++n) {
           const scalar_t* tok_row = tok + static_cast<int64_t>(id_ptr[n]) * tok_stride;
           const scalar_t* pos_row = pos + position_of(pos_id_ptr, n, seq_len, position_offset) * pos_stride;
-          scalar_t* out_row = dst + n * dim;
           // One rounding per element, as in eager PyTorch's add of the two gathered rows.
-          for (int64_t d = 0; d < dim; ++d) {
-            out_row[d] = static_cast<scalar_t>(static_cast<opmath_t>(tok_row[d]) + static_cast<opmath_t>(pos_row[d]));
-          }
+          add_rows(tok_row, pos_row, dst + n * dim, dim);
         }
       });
     });
@@ -237,14 +234,9 @@ void sum_rows_by_group(const scalar_t* grad_rows, int64_t dim, const RowGroups& 
       }
       std::fill(acc.begin(), acc.begin() + width, opmath_t(0));
       for (int64_t k = first; k < last; ++k) {
-        const scalar_t* src = grad_rows + groups.order[k] * dim + col0;
-        for (int64_t d = 0; d < width; ++d) {
-          acc[d] += static_cast<opmath_t>(src[d]);
-        }
+        accumulate_row(acc.data(), grad_rows + groups.order[k] * dim + col0, width);
       }
-      for (int64_t d = 0; d < width; ++d) {
-        dst[d] = static_cast<scalar_t>(acc[d]);
-      }
+      round_row(acc.data(), dst, width);
     }
   });
 }
