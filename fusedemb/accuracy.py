@@ -48,8 +48,8 @@ def scatter_add_error(
     actual: [R, D], the computed zeros(R, D).index_add_(0, index, grad_rows) in the table dtype
     (row skip_row left at zero; None or negative: no such row); grad_rows: [N, D] in any float
     dtype; index: [N] integers. accumulate_in: the precision the sums may be computed in, float32
-    (float64 for float64 tables) by default; PyTorch's CPU index_add_ adds 16-bit rows in their
-    own dtype, for example. Memory: float64 buffers of the touched rows only (at most N x D).
+    (float64 for float64 tables) by default; PyTorch's CPU embedding backward adds 16-bit rows in
+    their own dtype, for example. Memory: float64 buffers of the touched rows only (at most N x D).
     """
     num_rows, dim = actual.shape
     grad_rows = grad_rows.reshape(-1, dim).to(device=actual.device, dtype=torch.float64)

@@ -204,6 +204,11 @@ def test_negative_padding_idx_counts_from_the_end(backend_config):
     (grad_negative,) = torch.autograd.grad(out_negative, tok, torch.ones_like(out))
     assert grad_negative[9].abs().sum() == 0
     assert grad_negative[1].abs().sum() > 0
+    # -V, the lowest nn.Embedding accepts, is row 0
+    out_lowest = fusedemb.fused_embedding(ids, tok, pos, padding_idx=-10, backend=backend, deterministic=deterministic)
+    (grad_lowest,) = torch.autograd.grad(out_lowest, tok, torch.ones_like(out))
+    assert grad_lowest[0].abs().sum() == 0
+    assert grad_lowest[9].abs().sum() > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -472,6 +477,30 @@ def test_deterministic_mode_is_bitwise_reproducible(config, dtype, with_position
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+@pytest.mark.parametrize("config", [c for c in TRITON_CONFIGS if c[2]], ids=config_id)
+def test_deterministic_mode_adds_each_row_in_token_order(config):
+    """The order the sorted scatter promises at GPT widths (D >= 128 in float32, where each
+    thread holds whole columns of a tile): a row whose tokens fit in one tile of the sorted order
+    is the float32 sum of its gradient rows, left to right in token order, bit for bit. Every
+    row here has exactly TILE tokens, so row r fills tile r. An atomic scatter adds in the order
+    its programs run, which is not token order, in Triton's interpreter too: this is the check
+    that runs in CI that the deterministic mode does not add atomically."""
+    from fusedemb.kernels.sorted_scatter import TILE
+
+    _, device, _ = config
+    num_rows, dim = 8, 128
+    torch.manual_seed(17)
+    ids = torch.arange(num_rows).repeat_interleave(TILE)[torch.randperm(num_rows * TILE)].view(4, -1).to(device)
+    tok, pos = make_tables(num_rows, ids.shape[1], dim, torch.float32, device)
+    grad_out = torch.randn(*ids.shape, dim, device=device)
+    out = fusedemb.fused_embedding(ids, tok, pos, backend="triton", deterministic=True)
+    (grad_tok,) = torch.autograd.grad(out, tok, grad_out)
+    expected = torch.zeros_like(grad_tok)
+    for row, grad_row in zip(ids.flatten().tolist(), grad_out.view(-1, dim)):  # one rounding per addition
+        expected[row] += grad_row
+    assert torch.equal(grad_tok, expected)
+
+
 @pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
 def test_cpp_backward_splits_skewed_work_over_threads_without_changing_a_bit():
     """Large enough for several threads' worth of work (the C++ backward splits its tasks by
@@ -615,6 +644,26 @@ def test_table_with_more_than_2_31_elements(config):
     torch.testing.assert_close(grad_tok[ids[0]], grad_out[0], rtol=0, atol=0)
     assert grad_tok[num_embeddings - 3].abs().sum() == 0
     del grad_tok, tok
+
+
+@pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if not interpreted(c[1], c[0])], ids=config_id)
+def test_batch_with_more_than_2_31_output_elements(config):
+    """64-bit offsets into the output and its gradient: N * D = 2^31 + 4M elements (4 GiB in
+    float16 each). The last sequence, which lies past element 2^31, is checked; its gradient
+    rows are the only nonzero ones, so both table gradients are exactly those rows' sums."""
+    backend, device, deterministic = config
+    batch, seq_len, dim = 513, 2048, 2048
+    torch.manual_seed(19)
+    tok, pos = make_tables(5, seq_len, dim, torch.float16, device)
+    ids = torch.randint(0, 5, (batch, seq_len), device=device)
+    out = fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
+    torch.testing.assert_close(out[-1], tok.detach()[ids[-1]] + pos.detach(), rtol=0, atol=0)
+    grad_out = torch.zeros(batch, seq_len, dim, dtype=torch.float16, device=device)
+    grad_out[-1] = torch.randn(seq_len, dim, dtype=torch.float16, device=device)
+    grad_tok, grad_pos = torch.autograd.grad(out, (tok, pos), grad_out)
+    del out
+    torch.testing.assert_close(grad_pos, grad_out[-1], rtol=0, atol=0)
+    assert_grad_close(grad_tok, grad_out[-1], ids[-1], torch.float16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

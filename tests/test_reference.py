@@ -1,5 +1,6 @@
 """The reference definition itself against nn.Embedding modules and autograd."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -29,3 +30,22 @@ def test_reference_backward_matches_autograd():
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e)
     assert actual[0][4].abs().sum() == 0
+
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_reference_backward_adds_16_bit_gradients_in_float32(device):
+    """As the kernels do: a hot row of about 3500 bfloat16 gradients summed in float32, then
+    rounded once. Summed in bfloat16, each addition to a sum near 3500 would round away
+    everything below 8: far off. (On CUDA, where index_add_ of bfloat16 rows adds in bfloat16,
+    this needs the reference's cast to float32; on CPU PyTorch 2.13's index_add_ accumulates
+    16-bit rows in float32 by itself, and only the rounding is checked.)"""
+    from fusedemb.accuracy import scatter_add_error
+
+    torch.manual_seed(2)
+    ids = torch.zeros(4, 1024, dtype=torch.int64)
+    ids[:, ::7] = torch.randint(1, 6, (4, 147))  # a few cooler rows beside the hot row 0
+    grad_out = (torch.rand(4, 1024, 3) + 0.5).to(device, torch.bfloat16)
+    grad_tok, grad_pos = fused_embedding_backward_reference(grad_out, ids.to(device), 6, 1024)
+    assert grad_tok.dtype == grad_pos.dtype == torch.bfloat16
+    assert scatter_add_error(grad_tok, grad_out, ids, accumulate_in=torch.float32) <= 1
