@@ -1,31 +1,45 @@
 // The element loops of the CPU kernels: add two rows, add a row into a float accumulator, round
 // an accumulator into a row. Every element is widened to opmath (float32 for 16-bit tables),
-// added there and rounded once, as eager PyTorch does.
+// added there and rounded once (to nearest, ties to even), as eager PyTorch does.
 //
-// float16 has a version of its own. This extension is built for any x86-64 CPU, so c10::Half's
-// scalar conversions are bit manipulations the compiler does not vectorise: on this project's
-// 2-core AMD EPYC VM the float16 forward at gpt2-124M B 8 took 58 ms, four times eager's 15 ms
-// (whose kernels ATen compiles per CPU capability). The float16 rows use the F16C conversion
-// instructions (8 elements per instruction) where the CPU has them, checked at run time.
+// float16 rows take most of their elements through F16C, 8 per instruction, where the CPU has
+// it (checked at run time, row_ops.cpp). This extension is built for any x86-64 CPU, where
+// c10::Half's scalar conversions are bit manipulations the compiler does not vectorise: on this
+// project's 2-core AMD EPYC VM, at gpt2-124M B 8, the scalar float16 forward took 55 ms, twice
+// eager's 25 ms (whose kernels ATen compiles per CPU capability). bfloat16's conversions are
+// shifts: the same treatment left its forward as it was (16.1-16.5 ms either way).
 #pragma once
 
 #include <ATen/OpMathType.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace fusedemb {
 
-// float16 rows (row_ops.cpp): F16C where the CPU has it (x86-64, GCC or Clang), else scalar.
-void add_rows(const c10::Half* a, const c10::Half* b, c10::Half* out, int64_t n);
-void accumulate_row(float* acc, const c10::Half* src, int64_t n);
-void round_row(const float* acc, c10::Half* dst, int64_t n);
+template <typename scalar_t>
+constexpr bool kVectorised = std::is_same_v<scalar_t, c10::Half>;
+
+// The vectorised part of the loops below, for c10::Half (row_ops.cpp): each does the leading
+// whole groups of 8 elements where the CPU has F16C and returns how many elements it did
+// (none elsewhere); the scalar loop does the rest.
+template <typename scalar_t>
+int64_t add_rows_vectorised(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n);
+template <typename scalar_t>
+int64_t accumulate_row_vectorised(float* acc, const scalar_t* src, int64_t n);
+template <typename scalar_t>
+int64_t round_row_vectorised(const float* acc, scalar_t* dst, int64_t n);
 
 // out[d] = a[d] + b[d], in opmath, rounded once.
 template <typename scalar_t>
 inline void add_rows(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n) {
   using opmath_t = at::opmath_type<scalar_t>;
-  for (int64_t d = 0; d < n; ++d) {
+  int64_t d = 0;
+  if constexpr (kVectorised<scalar_t>) {
+    d = add_rows_vectorised(a, b, out, n);
+  }
+  for (; d < n; ++d) {
     out[d] = static_cast<scalar_t>(static_cast<opmath_t>(a[d]) + static_cast<opmath_t>(b[d]));
   }
 }
@@ -34,7 +48,11 @@ inline void add_rows(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_
 template <typename scalar_t>
 inline void accumulate_row(at::opmath_type<scalar_t>* acc, const scalar_t* src, int64_t n) {
   using opmath_t = at::opmath_type<scalar_t>;
-  for (int64_t d = 0; d < n; ++d) {
+  int64_t d = 0;
+  if constexpr (kVectorised<scalar_t>) {
+    d = accumulate_row_vectorised(acc, src, n);
+  }
+  for (; d < n; ++d) {
     acc[d] += static_cast<opmath_t>(src[d]);
   }
 }
@@ -42,7 +60,11 @@ inline void accumulate_row(at::opmath_type<scalar_t>* acc, const scalar_t* src, 
 // dst[d] = acc[d], rounded to the row's dtype.
 template <typename scalar_t>
 inline void round_row(const at::opmath_type<scalar_t>* acc, scalar_t* dst, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) {
+  int64_t d = 0;
+  if constexpr (kVectorised<scalar_t>) {
+    d = round_row_vectorised(acc, dst, n);
+  }
+  for (; d < n; ++d) {
     dst[d] = static_cast<scalar_t>(acc[d]);
   }
 }
