@@ -31,8 +31,8 @@ else:
 extension = CppExtension(
     name="fusedemb._C",
     sources=sorted(str(path.relative_to(ROOT)) for path in (ROOT / "csrc").glob("*.cpp")),
-    # The headers the sources include: listed, they are shipped in the sdist (setuptools packs
-    # an extension's sources and depends, nothing else of csrc/) and a change to them rebuilds it.
+    # The headers the sources include: a change to them rebuilds the extension. (MANIFEST.in
+    # ships them in the sdist: setuptools 65.5 packs the sources only, 84 depends too.)
     depends=sorted(str(path.relative_to(ROOT)) for path in (ROOT / "csrc").glob("*.h")),
     extra_compile_args={"cxx": compile_args},
     extra_link_args=link_args,
@@ -47,8 +47,12 @@ setup(
     packages=find_packages(include=["fusedemb", "fusedemb.*"]),
     python_requires=">=3.10",
     # Ranges that torch 2.13.0 (the CPU build on our machines) satisfies, so pip installs no other torch.
+    # The floors are the oldest releases tested: torch 2.11 with triton 3.6, on a GPU and (with
+    # numpy 2.3, see README.md) on CPU. Older ones fail the tests: before torch 2.10 the range
+    # check cannot read ids under torch.func's transforms, before triton 3.4 the interpreter
+    # miscomputes or rejects the sort's kernels.
     # Triton ships wheels for Linux only; elsewhere fusedemb runs its C++ kernels and the reference.
-    install_requires=["torch>=2.6", "triton>=3.2; platform_system == 'Linux'", "tiktoken>=0.7", "numpy"],
+    install_requires=["torch>=2.11", "triton>=3.6; platform_system == 'Linux'", "tiktoken>=0.7", "numpy"],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4"],
         "bench": ["matplotlib>=3.7", "tqdm>=4.60"],

@@ -159,12 +159,14 @@ def cases(device: torch.device, backend: str | None) -> list[tuple[str, Callable
     if layers:
         # The fast mode's backward on the calling thread, without autograd's engine (which runs
         # the backward of CUDA tensors on a worker thread per device): its node is its context.
-        node = FusedEmbeddingFunction.apply(*args).grad_fn
-        rows.append(("  FusedEmbeddingFunction.backward", lambda: FusedEmbeddingFunction.backward(node, grad)))
+        # The calls hold the output, not only its node: torch 2.10 and older free a node's saved
+        # tensors when its output dies.
+        output = FusedEmbeddingFunction.apply(*args)
+        rows.append(("  FusedEmbeddingFunction.backward", lambda: FusedEmbeddingFunction.backward(output.grad_fn, grad)))
         if backend == "triton":
             import fusedemb.kernels.backward as triton_backward_module
 
-            launch = recorded_launch(triton_backward_module, lambda: FusedEmbeddingFunction.backward(node, grad))
+            launch = recorded_launch(triton_backward_module, lambda: FusedEmbeddingFunction.backward(output.grad_fn, grad))
             rows.append(("  first kernel launch", launch))
     rows += [
         ("backward: fusedemb, deterministic", kept(fused_mode(True))),
