@@ -67,23 +67,16 @@ FUSEDEMB_SIMD int64_t round_row_simd(const float* acc, c10::Half* dst, int64_t n
 
 }  // namespace
 
-template <typename scalar_t>
-int64_t add_rows_vectorised(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n) {
+int64_t add_rows_vectorised(const c10::Half* a, const c10::Half* b, c10::Half* out, int64_t n) {
   return FUSEDEMB_SIMD_PREFIX(add_rows_simd(a, b, out, n));
 }
 
-template <typename scalar_t>
-int64_t accumulate_row_vectorised(float* acc, const scalar_t* src, int64_t n) {
+int64_t accumulate_row_vectorised(float* acc, const c10::Half* src, int64_t n) {
   return FUSEDEMB_SIMD_PREFIX(accumulate_row_simd(acc, src, n));
 }
 
-template <typename scalar_t>
-int64_t round_row_vectorised(const float* acc, scalar_t* dst, int64_t n) {
+int64_t round_row_vectorised(const float* acc, c10::Half* dst, int64_t n) {
   return FUSEDEMB_SIMD_PREFIX(round_row_simd(acc, dst, n));
 }
-
-template int64_t add_rows_vectorised(const c10::Half*, const c10::Half*, c10::Half*, int64_t);
-template int64_t accumulate_row_vectorised(float*, const c10::Half*, int64_t);
-template int64_t round_row_vectorised(const float*, c10::Half*, int64_t);
 
 }  // namespace fusedemb

@@ -24,12 +24,9 @@ constexpr bool kVectorised = std::is_same_v<scalar_t, c10::Half>;
 // The vectorised part of the loops below, for c10::Half (row_ops.cpp): each does the leading
 // whole groups of 8 elements where the CPU has F16C and returns how many elements it did
 // (none elsewhere); the scalar loop does the rest.
-template <typename scalar_t>
-int64_t add_rows_vectorised(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n);
-template <typename scalar_t>
-int64_t accumulate_row_vectorised(float* acc, const scalar_t* src, int64_t n);
-template <typename scalar_t>
-int64_t round_row_vectorised(const float* acc, scalar_t* dst, int64_t n);
+int64_t add_rows_vectorised(const c10::Half* a, const c10::Half* b, c10::Half* out, int64_t n);
+int64_t accumulate_row_vectorised(float* acc, const c10::Half* src, int64_t n);
+int64_t round_row_vectorised(const float* acc, c10::Half* dst, int64_t n);
 
 // out[d] = a[d] + b[d], in opmath, rounded once.
 template <typename scalar_t>
