@@ -8,9 +8,16 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from fusedemb.cpp_extension import CPP_EXTENSION_AVAILABLE
 from fusedemb.func_transforms import apply_forward as apply_transformable
-from fusedemb.ops import INTERPRETED, TRITON_AVAILABLE, FusedEmbeddingFunction, eager_forward, fused_embedding_op
+from fusedemb.ops import (
+    INTERPRETED,
+    TRITON_AVAILABLE,
+    FusedEmbeddingFunction,
+    eager_forward,
+    fused_embedding_op,
+    range_checked,
+)
 from fusedemb.reference import fused_embedding_reference
-from fusedemb.validation import EmbeddingInputs, prepare_inputs
+from fusedemb.validation import EmbeddingInputs, bounds_check_enabled, prepare_inputs
 
 BACKENDS = ("triton", "cpp", "reference")
 
@@ -121,7 +128,14 @@ def fused_embedding(
         return _run_backend(inputs, backend, deterministic, transformed)
     # The reference is eager PyTorch, whose embedding trips a device-side assert on a bad id: it
     # is checked even with the checks switched off (it is not the backend to pick for speed).
-    range_check = inputs.start_range_check(even_if_off=backend == "reference" or transformed)
+    even_if_off = backend == "reference" or transformed
+    if _recording_a_graph():
+        # A graph checks by an operator whose outputs the kernels read (ops.range_checked), each
+        # time it runs. Dynamo guards the switch's value: switching it recompiles.
+        if bounds_check_enabled() or even_if_off:
+            inputs = _range_checked_in_graph(inputs)
+        return _run_backend(inputs, backend, deterministic, transformed)
+    range_check = inputs.start_range_check(even_if_off)
     # The Triton kernels clamp every index into its table, so they may be queued before the range
     # check's answer is back: the GPU starts the forward as soon as the answer has left for the
     # host, instead of idling until the host has woken up and queued the forward. The call still
@@ -136,6 +150,19 @@ def fused_embedding(
         del out  # not kept alive (with its autograd graph) by the traceback's frame
         raise
     return out
+
+
+def _recording_a_graph() -> bool:
+    """Whether this call is being recorded into a graph (torch.compile, torch.export,
+    torch.jit.trace) rather than run. (torch._C._is_tracing() is torch.jit.is_tracing() in a
+    third of the time.)"""
+    return torch.compiler.is_compiling() or torch._C._is_tracing()
+
+
+def _range_checked_in_graph(inputs: EmbeddingInputs) -> EmbeddingInputs:
+    """inputs with their index tensors replaced by the range-checked copies of ops.range_checked."""
+    checked = range_checked(inputs.ids, inputs.tok_weight.shape[0], inputs.position_ids, inputs.pos_weight.shape[0])
+    return inputs._replace(ids=checked[0], position_ids=None if inputs.position_ids is None else checked[1])
 
 
 def _nothing_to_differentiate(inputs: EmbeddingInputs) -> bool:
@@ -160,7 +187,7 @@ def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | No
             inputs.position_offset,
             inputs.padding_idx if inputs.padding_idx >= 0 else None,
         )
-    if torch.compiler.is_compiling() or torch._C._is_tracing():  # (torch.jit.is_tracing(), in a third of the time)
+    if _recording_a_graph():
         apply = fused_embedding_op  # torch.compile and torch.jit.trace record the registered operator
     elif transformed:
         apply = apply_transformable  # torch.func's form: slower to apply, so only here

@@ -3,9 +3,11 @@
     fusedemb::fused_embedding           forward  -> out [..., D]
     fusedemb::fused_embedding_backward  backward -> (grad_tok [V, D], grad_pos [P, D]), [0, D] for
                                         a table that needs no gradient (tok_needs_grad / pos_needs_grad)
+    fusedemb::range_checked             the id range check of graphs -> copies of ids (and
+                                        position_ids), or IndexError
 
-Each is the other's derivative: the backward's is the forward again (double backward), so
-gradients of gradients (create_graph=True) work to any order.
+The forward and the backward are each other's derivative: the backward's is the forward again
+(double backward), so gradients of gradients (create_graph=True) work to any order.
 
 Both are `triton_op`s: torch.compile traces into their bodies and sees the Triton kernels
 (wrapped with wrap_triton) as well as the C++ operators they call, instead of one opaque call.
@@ -28,7 +30,8 @@ call with nothing to differentiate skips that too and launches the kernels alone
 Through fused_embedding, inputs reach these operators checked and normalised by
 fusedemb.validation. Called directly, they check what their kernels assume (devices, layouts,
 shapes, sizes: fusedemb/kernels/preconditions.py and the C++ TORCH_CHECKs); the id values only
-the C++ operators check (the Triton kernels clamp them).
+the C++ operators check (the Triton kernels clamp them; graphs recorded through fused_embedding
+check them by fusedemb::range_checked).
 """
 
 from __future__ import annotations
@@ -41,7 +44,13 @@ import torch.autograd.forward_ad as forward_ad
 from torch.library import custom_op, triton_op
 
 from fusedemb.cpp_extension import backward_fake, forward_fake  # importing also registers the C++ operators
-from fusedemb.validation import check_dense_tensor, kernel_layouts, unit_stride_along_dim
+from fusedemb.validation import (
+    RangeCheck,
+    check_dense_tensor,
+    index_range_checks,
+    kernel_layouts,
+    unit_stride_along_dim,
+)
 
 try:
     import triton  # noqa: F401 - a dependency, but its wheels are for Linux only
@@ -88,6 +97,30 @@ def interpreted_backward(
 
 
 interpreted_backward.register_fake(backward_fake)
+
+
+@custom_op("fusedemb::range_checked", mutates_args=())
+def range_checked(
+    ids: torch.Tensor, num_embeddings: int, position_ids: torch.Tensor | None, context_length: int
+) -> list[torch.Tensor]:
+    """Copies of ids (and of position_ids, when given), returned once every value is found
+    within its table; IndexError otherwise, with the eager check's message (RangeCheck).
+
+    This is the range check of recorded graphs (torch.compile, torch.export, torch.jit.trace).
+    Eager calls check in Python, which a graph cannot hold: reading tensor values would break
+    Dynamo's graph, and a trace would check its example inputs only. An opaque operator keeps the check in
+    the graph, and its outputs are what the kernels then read, so it runs before them: an
+    operator without outputs would be dropped as dead code. A copy reads and writes 4 or 8 bytes
+    per token, against the forward's 2 x D x elt (3072 at D 768 in 16 bits); the wait for the
+    GPU costs what the eager check's does, less its overlap with the forward. While a CUDA graph
+    is being captured nothing is checked (RangeCheck), and a replay runs no Python at all."""
+    RangeCheck(index_range_checks(ids, num_embeddings, position_ids, context_length)).wait()
+    return [index.clone() for index in (ids, position_ids) if index is not None]
+
+
+@range_checked.register_fake
+def _range_checked_fake(ids, num_embeddings, position_ids, context_length):
+    return [torch.empty_like(index) for index in (ids, position_ids) if index is not None]
 
 
 def check_kernel_backend(backend: str) -> None:

@@ -20,10 +20,15 @@ range checks off for maximum speed; the kernels still never touch memory outside
 (the Triton kernels clamp their loads and the C++ kernels check), but then an out-of-range
 id on CUDA is clamped, silently: its output is the row of the nearest valid id (0 or V - 1),
 and its gradient is added into that row. The reference backend (eager's F.embedding, which
-trips a device-side assert on a bad id) is checked even then. Under torch.compile and while a
-CUDA graph is being captured the value checks are skipped too (they would break the graph, and
-a capture cannot synchronise), with the same consequence; the C++ CPU kernels always check.
-Tensors without values (the meta device, FakeTensorMode's fake tensors) have nothing to check.
+trips a device-side assert on a bad id) is checked even then.
+
+A graph (torch.compile, torch.export, torch.jit.trace) cannot hold this Python-level check,
+which waits for tensor values: it records an operator that checks instead
+(fusedemb.ops.range_checked), so a compiled or exported model raises the same IndexError each
+time it runs, unless the switch was off when the graph was made. While a CUDA graph is being
+captured nothing is checked (a capture cannot synchronise), and a replay runs no Python at all:
+bad ids in a CUDA graph's inputs are clamped. The C++ CPU kernels always check. Tensors without
+values (the meta device, FakeTensorMode's fake tensors) have nothing to check.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ class RangeCheck:
     the stream before that work is even queued."""
 
     def __init__(self, checks: list[tuple[str, torch.Tensor, int, str]]) -> None:
-        self._checks = [check for check in checks if check[1].numel() > 0]
+        self._checks = [check for check in checks if check[1].numel() > 0 and _has_values(check[1])]
         self._ready = None
         if not self._checks:
             return
@@ -107,22 +112,35 @@ class EmbeddingInputs(NamedTuple):
     def start_range_check(self, even_if_off: bool = False) -> RangeCheck:
         """The value checks of ids and position_ids, started; the caller decides when to wait
         for the answer (see RangeCheck). It checks nothing when switched off (unless
-        even_if_off), under torch.compile, while a CUDA graph is being captured and for
-        tensors without values (module docstring)."""
-        if not (_bounds_check or even_if_off) or torch.compiler.is_compiling():
+        even_if_off), while a CUDA graph is being captured and for tensors without values
+        (module docstring). Eager calls only: graphs check by an operator instead
+        (fusedemb.ops.range_checked)."""
+        if not (_bounds_check or even_if_off):
             return RangeCheck([])
         ids, position_ids = self.ids, self.position_ids
         if torch._C._are_functorch_transforms_active():
             ids = _values_of(ids)
             position_ids = None if position_ids is None else _values_of(position_ids)
-        if ids.is_meta or isinstance(ids, FakeTensor):
-            return RangeCheck([])
-        if ids.is_cuda and torch.cuda.is_current_stream_capturing():
-            return RangeCheck([])
-        checks = [("ids", ids, self.tok_weight.shape[0], "the token table")]
-        if position_ids is not None:
-            checks.append(("position_ids", position_ids, self.pos_weight.shape[0], "the position table"))
-        return RangeCheck(checks)
+        return RangeCheck(index_range_checks(ids, self.tok_weight.shape[0], position_ids, self.pos_weight.shape[0]))
+
+
+def index_range_checks(
+    ids: torch.Tensor, num_embeddings: int, position_ids: torch.Tensor | None, context_length: int
+) -> list[tuple[str, torch.Tensor, int, str]]:
+    """What RangeCheck checks of one call: ids against the token table and position_ids, when
+    given, against the position table (default positions are checked by shape alone)."""
+    checks = [("ids", ids, num_embeddings, "the token table")]
+    if position_ids is not None:
+        checks.append(("position_ids", position_ids, context_length, "the position table"))
+    return checks
+
+
+def _has_values(index: torch.Tensor) -> bool:
+    """Whether there are values to check now: not on the meta device or fake (shapes only), and
+    not while a CUDA graph is being captured (a capture cannot wait for the GPU)."""
+    if index.is_meta or isinstance(index, FakeTensor):
+        return False
+    return not (index.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _values_of(index: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,13 @@ from torch import nn
 
 import fusedemb
 from fusedemb.ops import TRITON_AVAILABLE as TRITON_LAUNCHERS
-from fusedemb.ops import backward_kernels, forward_kernels, fused_embedding_backward_op, fused_embedding_op
+from fusedemb.ops import (
+    backward_kernels,
+    forward_kernels,
+    fused_embedding_backward_op,
+    fused_embedding_op,
+    range_checked,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +56,20 @@ def test_opcheck_cpp_operators():
     torch.library.opcheck(torch.ops.fusedemb.cpu_backward.default, (grad_out, ids, positions, 0, 13, 9, 4))
     frozen_tok = {"tok_needs_grad": False}
     torch.library.opcheck(torch.ops.fusedemb.cpu_backward.default, (grad_out, ids, positions, 0, 13, 9, 4), frozen_tok)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_opcheck_range_checked(device):
+    """The range check of compiled graphs: copies that alias nothing, a fake kernel that agrees."""
+    ids, _, _, positions = sample_inputs(device, position_ids=True)
+    for position_ids in (None, positions):
+        torch.library.opcheck(range_checked, (ids, 13, position_ids, 9))
+        checked = range_checked(ids, 13, position_ids, 9)
+        assert len(checked) == (1 if position_ids is None else 2)
+        for copy, index in zip(checked, (ids, position_ids)):
+            assert torch.equal(copy, index) and copy.data_ptr() != index.data_ptr()
+    with pytest.raises(IndexError, match=r"position_ids contains 8, outside \[0, 8\) of the position table \(8 rows\)"):
+        range_checked(ids, 13, torch.full_like(positions, 8), 8)
 
 
 @pytest.mark.parametrize("frozen", ["pos", "tok"])

@@ -343,6 +343,89 @@ def test_reference_is_checked_even_with_checks_off(tables, bounds_check_off):
         fusedemb.fused_embedding(torch.tensor([[1, 10]]), tok, pos, backend="reference")
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied and its counters cleared: graphs made by other tests (or by other
+    parameters of this one, whose functions share code) neither count nor stand in."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+def compiled_embedding(tok, pos, backend):
+    return torch.compile(
+        lambda ids, positions: fusedemb.fused_embedding(ids, tok, pos, position_ids=positions, backend=backend),
+        fullgraph=True,
+    )
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_bad_ids_raise_under_torch_compile_too(tables, device, backend, fresh_dynamo):
+    """A compiled graph cannot hold the eager check, which waits for tensor values in Python: it
+    checks by an operator (fusedemb::range_checked; the C++ kernels check themselves), each time
+    the graph runs, with the eager message. Graphs made from good ids raise on bad ones."""
+    tok, pos = (table.to(device) for table in tables)
+    compiled = compiled_embedding(tok, pos, backend)
+    ids, positions = torch.tensor([[1, 9, 0]], device=device), torch.tensor([[0, 7, 3]], device=device)
+    for position_ids in (None, positions):
+        expected = fusedemb.fused_embedding(ids, tok, pos, position_ids=position_ids, backend=backend)
+        assert_output_equal(compiled(ids, position_ids), expected, device, backend)
+    with pytest.raises(IndexError, match=r"ids contains 10, outside \[0, 10\) of the token table \(10 rows\)"):
+        compiled(torch.tensor([[1, 10, 2]], device=device), None)
+    with pytest.raises(IndexError, match=r"ids contains -1, outside \[0, 10\)"):
+        compiled(torch.tensor([[1, -1, 2]], device=device), positions)
+    with pytest.raises(IndexError, match=r"position_ids contains 8, outside \[0, 8\) of the position table \(8 rows\)"):
+        compiled(ids, torch.tensor([[0, 8, 1]], device=device))
+    assert fresh_dynamo["stats"]["unique_graphs"] == 2  # without and with position_ids: no recompiles
+
+
+@pytest.mark.skipif("triton" not in fusedemb.available_backends("cuda" if torch.cuda.is_available() else "cpu"), reason="no Triton")
+def test_switching_the_check_off_recompiles_without_it(tables, fresh_dynamo):
+    """Dynamo guards the switch's value: graphs made with it off have no range_checked operator
+    (the Triton kernels clamp, as in eager), and switching it back on recompiles with it."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok, pos = (table.to(device) for table in tables)
+    compiled = compiled_embedding(tok, pos, "triton")
+    ids, bad_ids = torch.tensor([[1, 9, 0]], device=device), torch.tensor([[1, 12, 0]], device=device)
+    previous = fusedemb.bounds_check_enabled()
+    try:
+        fusedemb.set_bounds_check(False)
+        assert_output_equal(compiled(bad_ids, None), fusedemb.fused_embedding(ids, tok, pos), device, "triton")
+        fusedemb.set_bounds_check(True)
+        with pytest.raises(IndexError, match=r"ids contains 12, outside \[0, 10\)"):
+            compiled(bad_ids, None)
+    finally:
+        fusedemb.set_bounds_check(previous)
+    assert fresh_dynamo["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input checks' shape tests
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_traced_and_exported_graphs_check_ids_when_they_run(device, backend):
+    """torch.jit.trace and torch.export record the check with the kernels, as torch.compile
+    does. (TorchScript's interpreter reraises an operator's exception as a RuntimeError that
+    carries its text.)"""
+    torch.manual_seed(5)
+    fused = fusedemb.FusedEmbedding(11, 4, 8, backend=backend).to(device)
+    example, bad_ids = torch.randint(0, 11, (2, 5), device=device), torch.tensor([[1, 11, 2, 3, 4]] * 2, device=device)
+    message = r"ids contains 11, outside \[0, 11\) of the token table \(11 rows\)"
+    with pytest.raises(RuntimeError, match=rf"IndexError: {message}"):
+        torch.jit.trace(fused, (example,))(bad_ids)
+    with pytest.raises(IndexError, match=message):
+        torch.export.export(fused, (example,)).module()(bad_ids)
+
+
+def test_compiled_reference_is_checked_even_with_checks_off(tables, bounds_check_off, fresh_dynamo):
+    """As in eager: Inductor's code for F.embedding asserts on the device, so the reference's
+    graphs check whatever the switch says."""
+    tok, pos = tables
+    with pytest.raises(IndexError, match=r"ids contains 10, outside \[0, 10\) of the token table"):
+        compiled_embedding(tok, pos, "reference")(torch.tensor([[1, 10]]), None)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_ids_on_another_device(tables):
     tok, pos = tables
