@@ -7,8 +7,8 @@
 #      also with one id everywhere and with real text), id range check off; every
 #      implementation passes the benchmark's correctness gate before it is timed;
 #   3. the two ways of sorting the ids (benchmarks/sort_crossover.py), for the threshold between them;
-#   4. what the id range check costs: fusedemb with it on and off, eager beside, in the benchmark
-#      and in GPT training steps (benchmarks/range_check_cost.py);
+#   4. what the id range check costs: fusedemb with it on and off, eager beside, in the benchmark,
+#      alone (called eagerly and compiled) and in GPT training steps (benchmarks/range_check_cost.py);
 #   5. host time per call at small sizes, eager beside (benchmarks/host_overhead.py);
 #   6. per-kernel profiles of both backward modes (benchmarks/profile_backward.py): gpt2-124M
 #      B8 and B32 float32, large-vocab B8 bfloat16, gpt2-124M B8 bfloat16.
@@ -79,7 +79,7 @@ step rangecheck && {
   bench 25 --preset gpt2-124M --batch 8 32 --ids uniform --impl fusedemb-fast eager
   echo "== id range check off ==" >> "$tables"
   bench 25 --no-bounds-check --preset gpt2-124M --batch 8 32 --ids uniform --impl fusedemb-fast
-  timeout 60 python3 benchmarks/range_check_cost.py --config tiny --rounds 30 --queued 10 2>&1 | tee -a "$tables"
+  timeout 120 python3 benchmarks/range_check_cost.py --config tiny --rounds 30 --queued 10 2>&1 | tee -a "$tables"
   timeout 90 python3 benchmarks/range_check_cost.py --config gpt2-124M --batch 4 8 --round-trips 0 2>&1 | tee -a "$tables"
 }
 step host && timeout 90 python3 benchmarks/host_overhead.py --device cuda 2>&1 | tee -a "$tables"

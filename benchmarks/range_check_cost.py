@@ -14,7 +14,9 @@ check on and as fusedemb with it off, timed two ways:
 The three take turns within each round, starting one later each round, so that none is timed
 on a warmer machine than the others; `±` is half the interquartile range over the rounds.
 First it prints the round trip of the check alone: the wall time of a forward plus a
-synchronisation on an idle device, check on, off, on, off (the repeat shows the drift).
+synchronisation on an idle device, check on, off, on, off (the repeat shows the drift), called
+eagerly and compiled (a graph checks by an operator, fusedemb::range_checked, which waits for
+the GPU before the forward is queued rather than after).
 """
 
 from __future__ import annotations
@@ -45,17 +47,19 @@ def time_round_trip(device: torch.device, config_name: str, batch: int, repeats:
     pos = torch.randn(config.context_length, config.emb_dim, device=device)
     ids = torch.randint(0, config.vocab_size, (batch, config.context_length), device=device)
     print(f"forward alone, {config_name} B{batch} float32, idle {device.type}: median wall time of call + sync")
-    for check in (True, False, True, False):
-        fusedemb.set_bounds_check(check)
-        fusedemb.fused_embedding(ids, tok, pos)  # warm-up (compilation, allocator)
-        times = []
-        for _ in range(repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            fusedemb.fused_embedding(ids, tok, pos)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        print(f"  check {'on ' if check else 'off'} {1e6 * statistics.median(times):9.1f} us")
+    forwards = {"eager": fusedemb.fused_embedding, "torch.compile": torch.compile(fusedemb.fused_embedding, fullgraph=True)}
+    for label, forward in forwards.items():
+        for check in (True, False, True, False):
+            fusedemb.set_bounds_check(check)  # (torch.compile: one graph with the check, one without)
+            forward(ids, tok, pos)  # warm-up (compilation, allocator)
+            times = []
+            for _ in range(repeats):
+                synchronize(device)
+                start = time.perf_counter()
+                forward(ids, tok, pos)
+                synchronize(device)
+                times.append(time.perf_counter() - start)
+            print(f"  {label:13s} check {'on ' if check else 'off'} {1e6 * statistics.median(times):9.1f} us")
 
 
 def time_training_steps(device: torch.device, config_name: str, batch: int, rounds: int, queued: int) -> None:

@@ -68,10 +68,12 @@ def test_range_check_cost_times_all_three(capsys, monkeypatch):
     assert steps == [turn for turn in turns for _ in range(4)]
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("forward alone, tiny B8 float32")
-    assert [line.split()[1] for line in lines[1:5]] == ["on", "off", "on", "off"]
-    assert all(float(line.split()[2]) > 0 for line in lines[1:5])
-    assert lines[5].startswith("tiny, batch 4 x 32, cpu, 2 rounds")
-    rows = [line.split() for line in lines[6:]]
+    round_trips = [line.split() for line in lines[1:9]]
+    assert [row[:-2] for row in round_trips] == [[label, "check", state] for label in ("eager", "torch.compile")
+                                                 for state in ("on", "off", "on", "off")]  # fmt: skip
+    assert all(float(row[-2]) > 0 for row in round_trips)
+    assert lines[9].startswith("tiny, batch 4 x 32, cpu, 2 rounds")
+    rows = [line.split() for line in lines[10:]]
     assert [" ".join(row[:-7]) for row in rows] == ["nn.Embedding", "fusedemb check on", "fusedemb check off"]
     for *_, synced, synced_ms, synced_spread, queued, times, queued_ms, queued_spread in rows:
         assert (synced, queued, times) == ("synced", "queued", "x3")
