@@ -17,7 +17,7 @@ from fusedemb.ops import (
     range_checked,
 )
 from fusedemb.reference import fused_embedding_reference
-from fusedemb.validation import EmbeddingInputs, bounds_check_enabled, prepare_inputs
+from fusedemb.validation import TRITON_DEVICES, EmbeddingInputs, bounds_check_enabled, prepare_inputs
 
 BACKENDS = ("triton", "cpp", "reference")
 
@@ -63,7 +63,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if backend not in available_backends(device):
         check_options(backend, None)  # an unknown name is a ValueError, not a backend missing here
         reasons = {
-            "triton": "Triton runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before fusedemb is imported",
+            "triton": TRITON_DEVICES,
             "cpp": "the C++ kernels run on CPU tensors and need the extension built (pip install --no-build-isolation -e .)",
         }
         raise RuntimeError(f"backend {backend!r} cannot run on {device} tensors here: {reasons[backend]}")

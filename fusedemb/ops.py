@@ -45,8 +45,10 @@ from torch.library import custom_op, triton_op
 
 from fusedemb.cpp_extension import backward_fake, forward_fake  # importing also registers the C++ operators
 from fusedemb.validation import (
+    SUPPORTED_ID_DTYPES,
     RangeCheck,
     check_dense_tensor,
+    check_same_device,
     index_range_checks,
     kernel_layouts,
     unit_stride_along_dim,
@@ -114,13 +116,23 @@ def range_checked(
     per token, against the forward's 2 x D x elt (3072 at D 768 in 16 bits); the wait for the
     GPU costs what the eager check's does, less its overlap with the forward. While a CUDA graph
     is being captured nothing is checked (RangeCheck), and a replay runs no Python at all."""
+    _check_indices(ids, position_ids)
     RangeCheck(index_range_checks(ids, num_embeddings, position_ids, context_length)).wait()
     return [index.clone() for index in (ids, position_ids) if index is not None]
 
 
 @range_checked.register_fake
 def _range_checked_fake(ids, num_embeddings, position_ids, context_length):
+    _check_indices(ids, position_ids)  # (a meta tensor among real ones comes here: see forward_fake)
     return [torch.empty_like(index) for index in (ids, position_ids) if index is not None]
+
+
+def _check_indices(ids: torch.Tensor, position_ids: torch.Tensor | None) -> None:
+    """range_checked's arguments as fused_embedding passes them: int32 or int64, on one device."""
+    check_same_device(("ids", ids.device), position_ids=position_ids)
+    for name, index in (("ids", ids), ("position_ids", position_ids)):
+        if index is not None and index.dtype not in SUPPORTED_ID_DTYPES:
+            raise TypeError(f"{name} must be int32 or int64, got {index.dtype}")
 
 
 def check_kernel_backend(backend: str) -> None:

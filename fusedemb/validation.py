@@ -43,6 +43,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 SUPPORTED_TABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 SUPPORTED_ID_DTYPES = (torch.int32, torch.int64)
+# Where backend "triton" can run, said wherever a call asks it to run elsewhere.
+TRITON_DEVICES = "Triton runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before fusedemb is imported"
 
 _bounds_check = os.environ.get("FUSEDEMB_BOUNDS_CHECK", "1") not in ("0", "false", "False")
 

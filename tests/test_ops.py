@@ -72,6 +72,20 @@ def test_opcheck_range_checked(device):
         range_checked(ids, 13, torch.full_like(positions, 8), 8)
 
 
+def test_range_checked_refuses_what_it_cannot_check():
+    """Called directly: a meta tensor beside a real one would send it to its fake kernel, which
+    would return uninitialised memory, checked by nobody; float ids have no rows to be in."""
+    ids, _, _, positions = sample_inputs("cpu", position_ids=True)
+    with pytest.raises(ValueError, match="position_ids is on cpu but ids on meta"):
+        range_checked(ids.to("meta"), 13, positions, 9)
+    with pytest.raises(ValueError, match="position_ids is on meta but ids on cpu"):
+        range_checked(ids, 13, positions.to("meta"), 9)
+    with pytest.raises(TypeError, match=r"ids must be int32 or int64, got torch\.float32"):
+        range_checked(ids.float(), 13, None, 9)
+    with pytest.raises(TypeError, match=r"position_ids must be int32 or int64, got torch\.uint16"):
+        range_checked(ids, 13, positions.to(torch.uint16), 9)
+
+
 @pytest.mark.parametrize("frozen", ["pos", "tok"])
 def test_a_frozen_table_gets_no_gradient_and_no_work(backend_config, monkeypatch, frozen):
     """The trainable table gets the right gradient, also from the stride-0 gradient that
@@ -236,6 +250,37 @@ def test_triton_launchers_refuse_tensors_on_two_devices(config):
     for (grad, index, position_index), message in backward_cases:
         with pytest.raises(ValueError, match=message):
             triton_backward(grad, index, position_index, 0, 13, 9, -1, deterministic)
+
+
+CPU_TENSORS_WITHOUT_INTERPRETER = """
+import torch
+import fusedemb
+ids, tok, pos = torch.tensor([[1, 2]]), torch.randn(4, 3), torch.randn(6, 3)
+calls = [
+    lambda: torch.ops.fusedemb.fused_embedding(ids, tok, pos, None, 0, -1, "triton", False),
+    lambda: torch.ops.fusedemb.fused_embedding_backward(torch.randn(1, 2, 3), ids, None, 0, 4, 6, -1, "triton", True),
+    lambda: torch.ops.fusedemb.interpreted_forward(ids, tok, pos, None, 0),
+]
+for call in calls:
+    try:
+        call()
+    except RuntimeError as error:
+        print(error)
+"""
+
+
+@pytest.mark.skipif(not TRITON_LAUNCHERS, reason="Triton unavailable")
+def test_triton_operators_refuse_cpu_tensors_without_the_interpreter():
+    """Called directly with CPU tensors and compiled kernels, the operators say where Triton
+    runs, as fused_embedding does, rather than fail inside Triton for want of a GPU driver."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", CPU_TENSORS_WITHOUT_INTERPRETER], capture_output=True, text=True,
+                            env=env, timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    message = "backend 'triton' cannot run on cpu tensors here: Triton runs on CUDA tensors, or on CPU tensors when"
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and all(line.startswith(message) for line in lines), result.stdout
 
 
 # Run without Triton's interpreter (kernels are then JITFunctions, launched through wrap_triton,

@@ -92,3 +92,8 @@ def clamp_rows(rows, num_rows):
     """Clamp row indices into [0, num_rows): the kernels see bad ids when the host's range check
     is off, and also when it is on, since the forward is queued before its answer (validation.py)."""
     return tl.minimum(tl.maximum(rows, 0), num_rows - 1)
+
+
+# True under Triton's interpreter: TRITON_INTERPRET=1 when these kernels were defined (Triton
+# reads it as each @triton.jit function is made), i.e. before fusedemb was imported.
+INTERPRETED = not isinstance(clamp_rows, JITFunction)

@@ -9,7 +9,8 @@ by fusedemb.validation or by the operators' bodies; only the tables' check, shar
 validation (check_tables), repeats it.
 
 All tensors of a call must be on one device (a kernel dereferences every pointer on the device
-it runs on; the launchers make that device current, fusedemb.kernels.common.on_device_of). The
+it runs on; the launchers make that device current, fusedemb.kernels.common.on_device_of), a GPU
+unless the kernels are interpreted. The
 kernels flatten the ids and the gradient as contiguous [N] and [N, D] arrays, step along a
 row with unit stride, and hold token indices and sorted table rows in int32: N and the row counts
 must stay below INT32_LIMIT, 2^31 less a margin for the index arithmetic that runs up to a block
@@ -24,9 +25,11 @@ from __future__ import annotations
 
 import torch
 
+from fusedemb.kernels.common import INTERPRETED
 from fusedemb.kernels.sorted_scatter import COMBINE_BLOCK_DIM
 from fusedemb.validation import (
     SUPPORTED_ID_DTYPES,
+    TRITON_DEVICES,
     check_embedding_rows,
     check_positions_fit,
     check_same_device,
@@ -38,6 +41,13 @@ from fusedemb.validation import (
 
 INT32_LIMIT = 2**31 - 2**16  # above any block of tokens or rows a kernel works on
 MAX_DIM = 65535 * COMBINE_BLOCK_DIM  # 65535 of the narrowest column blocks (the sorted path's combine)
+
+
+def check_device(device: torch.device) -> None:
+    """Compiled kernels launch on a GPU: CPU tensors only under the interpreter (without it a
+    launch fails deep inside Triton, which finds no GPU driver)."""
+    if device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(f"backend 'triton' cannot run on cpu tensors here: {TRITON_DEVICES}")
 
 
 def check_dim(name: str, rows: torch.Tensor) -> None:
@@ -80,6 +90,7 @@ def check_position_ids(position_ids, ids) -> None:
 
 def check_forward_inputs(ids, tok_weight, pos_weight, position_ids, position_offset) -> None:
     check_same_device(("tok_weight", tok_weight.device), ids=ids, pos_weight=pos_weight, position_ids=position_ids)
+    check_device(tok_weight.device)
     check_index("ids", ids)
     check_tables(tok_weight, pos_weight)
     check_dim("tok_weight", tok_weight)
@@ -94,6 +105,7 @@ def check_backward_inputs(
     grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx
 ) -> None:
     check_same_device(("grad_out", grad_out.device), ids=ids, position_ids=position_ids)
+    check_device(grad_out.device)
     check_index("ids", ids)
     if grad_out.shape[:-1] != ids.shape or not grad_out.is_contiguous():
         raise ValueError(f"grad_out must be contiguous with shape ids.shape + (dim,) = {tuple(ids.shape)} + (dim,), "
