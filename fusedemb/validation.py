@@ -52,9 +52,11 @@ _bounds_check = os.environ.get("FUSEDEMB_BOUNDS_CHECK", "1") not in ("0", "false
 def set_bounds_check(enabled: bool) -> None:
     """Turn the value range checks of ids and position_ids on (the default) or off. The C++
     kernels (CPU tensors) check every index whatever this says, and the reference backend is
-    checked anyway."""
+    checked anyway. A bool only: bool("False") is True."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_bounds_check takes True or False, got {enabled!r}")
     global _bounds_check
-    _bounds_check = bool(enabled)
+    _bounds_check = enabled
 
 
 def bounds_check_enabled() -> bool:

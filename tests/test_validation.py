@@ -335,6 +335,15 @@ def test_single_column_tables_of_any_stride(backend):
     assert_output_equal(fusedemb.fused_embedding(ids, tok, pos, backend=backend), expected, "cpu", backend)
 
 
+@pytest.mark.parametrize("value", ["False", 0, None])
+def test_the_switch_takes_a_bool_only(value):
+    """The string "False" would switch the check on (bool("False") is True)."""
+    previous = fusedemb.bounds_check_enabled()
+    with pytest.raises(TypeError, match=f"set_bounds_check takes True or False, got {value!r}"):
+        fusedemb.set_bounds_check(value)
+    assert fusedemb.bounds_check_enabled() == previous
+
+
 def test_reference_is_checked_even_with_checks_off(tables, bounds_check_off):
     """The reference is eager F.embedding, which a bad id on CUDA kills with a device-side
     assert: the switch that spares the kernels the check does not spare the reference."""
