@@ -161,8 +161,8 @@ def _recording_a_graph() -> bool:
 
 def _range_checked_in_graph(inputs: EmbeddingInputs) -> EmbeddingInputs:
     """inputs with their index tensors replaced by the range-checked copies of ops.range_checked."""
-    checked = range_checked(inputs.ids, inputs.tok_weight.shape[0], inputs.position_ids, inputs.pos_weight.shape[0])
-    return inputs._replace(ids=checked[0], position_ids=None if inputs.position_ids is None else checked[1])
+    ids, position_ids = range_checked(inputs.ids, inputs.tok_weight.shape[0], inputs.position_ids, inputs.pos_weight.shape[0])
+    return inputs._replace(ids=ids, position_ids=None if inputs.position_ids is None else position_ids)
 
 
 def _nothing_to_differentiate(inputs: EmbeddingInputs) -> bool:

@@ -101,30 +101,44 @@ def interpreted_backward(
 interpreted_backward.register_fake(backward_fake)
 
 
-@custom_op("fusedemb::range_checked", mutates_args=())
+# cudagraph_unsafe: Inductor keeps the operator out of the CUDA graphs of mode="reduce-overhead"
+# (splitting the graph around it, or leaving the graph uncaptured), so every call runs it; in a
+# CUDA graph it would run once, at capture, where nothing can be checked.
+@custom_op("fusedemb::range_checked", mutates_args=(), tags=torch.Tag.cudagraph_unsafe)
 def range_checked(
     ids: torch.Tensor, num_embeddings: int, position_ids: torch.Tensor | None, context_length: int
-) -> list[torch.Tensor]:
-    """Copies of ids (and of position_ids, when given), returned once every value is found
-    within its table; IndexError otherwise, with the eager check's message (RangeCheck).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of ids and one of position_ids (an empty tensor when there are none), returned
+    once every value is found within its table; IndexError otherwise, with the eager check's
+    message (RangeCheck).
 
     This is the range check of recorded graphs (torch.compile, torch.export, torch.jit.trace).
     Eager calls check in Python, which a graph cannot hold: reading tensor values would break
-    Dynamo's graph, and a trace would check its example inputs only. An opaque operator keeps the check in
-    the graph, and its outputs are what the kernels then read, so it runs before them: an
-    operator without outputs would be dropped as dead code. A copy reads and writes 4 or 8 bytes
-    per token, against the forward's 2 x D x elt (3072 at D 768 in 16 bits); the wait for the
-    GPU costs what the eager check's does, less its overlap with the forward. While a CUDA graph
-    is being captured nothing is checked (RangeCheck), and a replay runs no Python at all."""
+    Dynamo's graph, and a trace would check its example inputs only. An opaque operator keeps
+    the check in the graph, and its outputs are what the kernels then read, so it runs before
+    them: an operator without outputs would be dropped as dead code. (Two outputs whatever the
+    call: Inductor's C++ wrapper mishandles an operator that returns a list of one tensor,
+    pytorch/pytorch#190551.) A copy reads and writes 4 or 8 bytes per token, against the
+    forward's 2 x D x elt (3072 at D 768 in 16 bits); the wait for the GPU costs what the eager
+    check's does, less its overlap with the forward. While a CUDA graph is being captured
+    nothing is checked (RangeCheck)."""
     _check_indices(ids, position_ids)
     RangeCheck(index_range_checks(ids, num_embeddings, position_ids, context_length)).wait()
-    return [index.clone() for index in (ids, position_ids) if index is not None]
+    return ids.clone(), ids.new_empty(0) if position_ids is None else position_ids.clone()
 
 
 @range_checked.register_fake
 def _range_checked_fake(ids, num_embeddings, position_ids, context_length):
     _check_indices(ids, position_ids)  # (a meta tensor among real ones comes here: see forward_fake)
-    return [torch.empty_like(index) for index in (ids, position_ids) if index is not None]
+    return torch.empty_like(ids), ids.new_empty(0) if position_ids is None else torch.empty_like(position_ids)
+
+
+@range_checked.register_vmap
+def _range_checked_batched(info, in_dims, ids, num_embeddings, position_ids, context_length):
+    """Under vmap (torch.compile of a vmapped function) the batch is checked as one tensor:
+    each entry's values against the same tables (a stacked batch of tables is still checked
+    against one table's rows, as the eager check does)."""
+    return range_checked(ids, num_embeddings, position_ids, context_length), (in_dims[0], in_dims[2])
 
 
 def _check_indices(ids: torch.Tensor, position_ids: torch.Tensor | None) -> None:

@@ -64,10 +64,12 @@ def test_opcheck_range_checked(device):
     ids, _, _, positions = sample_inputs(device, position_ids=True)
     for position_ids in (None, positions):
         torch.library.opcheck(range_checked, (ids, 13, position_ids, 9))
-        checked = range_checked(ids, 13, position_ids, 9)
-        assert len(checked) == (1 if position_ids is None else 2)
-        for copy, index in zip(checked, (ids, position_ids)):
-            assert torch.equal(copy, index) and copy.data_ptr() != index.data_ptr()
+        checked_ids, checked_positions = range_checked(ids, 13, position_ids, 9)
+        assert torch.equal(checked_ids, ids) and checked_ids.data_ptr() != ids.data_ptr()
+        if position_ids is None:
+            assert checked_positions.numel() == 0 and checked_positions.device == ids.device
+        else:
+            assert torch.equal(checked_positions, position_ids) and checked_positions.data_ptr() != position_ids.data_ptr()
     with pytest.raises(IndexError, match=r"position_ids contains 8, outside \[0, 8\) of the position table \(8 rows\)"):
         range_checked(ids, 13, torch.full_like(positions, 8), 8)
 

@@ -391,6 +391,46 @@ def test_bad_ids_raise_under_torch_compile_too(tables, device, backend, fresh_dy
     assert fresh_dynamo["stats"]["unique_graphs"] == 2  # without and with position_ids: no recompiles
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_of_reduce_overhead_leave_the_check_out(tables, fresh_dynamo):
+    """The check is tagged cudagraph_unsafe: Inductor runs it outside the CUDA graphs it records
+    and replays, so calls after the capture are checked too."""
+    tok, pos = (table.cuda() for table in tables)
+    compiled = torch.compile(lambda ids: fusedemb.fused_embedding(ids, tok, pos), mode="reduce-overhead")
+    ids = torch.tensor([[1, 9, 0]], device="cuda")
+    for _ in range(4):  # warm-up, capture, replays
+        assert_output_equal(compiled(ids), fusedemb.fused_embedding(ids, tok, pos), "cuda", "triton")
+    with pytest.raises(IndexError, match=r"ids contains 10, outside \[0, 10\)"):
+        compiled(torch.tensor([[1, 10, 2]], device="cuda"))
+
+
+@pytest.mark.parametrize("backend", [backend for backend in BACKENDS if backend != "cpp"])
+def test_the_check_compiles_with_inductors_cpp_wrapper(tables, backend, fresh_dynamo):
+    """Inductor's C++ wrapper mishandled an operator that returned a list of one tensor
+    (pytorch/pytorch#190551: a crash without position_ids). It calls the check through the
+    dispatcher, whose failure it reports in words of its own: the IndexError's are lost."""
+    tok, pos = tables
+    ids = torch.tensor([[1, 9, 0]])
+    with torch._inductor.config.patch(cpp_wrapper=True):
+        compiled = compiled_embedding(tok, pos, backend)
+        for position_ids in (None, torch.tensor([[0, 7, 3]])):
+            expected = fusedemb.fused_embedding(ids, tok, pos, position_ids=position_ids, backend=backend)
+            assert_output_equal(compiled(ids, position_ids), expected, "cpu", backend)
+        with pytest.raises(RuntimeError, match=r"aoti_torch_call_dispatcher\(\"fusedemb::range_checked\""):
+            compiled(torch.tensor([[1, 10, 2]]), None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_vmap_checks_each_entry(tables, backend, fresh_dynamo):
+    """torch.compile of a vmapped call (shared tables) checks the whole batch of ids at once."""
+    tok, pos = tables
+    batched = torch.func.vmap(lambda ids: fusedemb.fused_embedding(ids, tok, pos, backend=backend))
+    ids = torch.tensor([[[1, 9, 0]], [[4, 2, 7]]])
+    torch.testing.assert_close(torch.compile(batched)(ids), batched(ids), rtol=0, atol=0)
+    with pytest.raises(IndexError, match=r"ids contains 10, outside \[0, 10\)"):
+        torch.compile(batched)(torch.tensor([[[1, 9, 0]], [[4, 10, 7]]]))
+
+
 @pytest.mark.skipif("triton" not in fusedemb.available_backends("cuda" if torch.cuda.is_available() else "cpu"), reason="no Triton")
 def test_switching_the_check_off_recompiles_without_it(tables, fresh_dynamo):
     """Dynamo guards the switch's value: graphs made with it off have no range_checked operator
