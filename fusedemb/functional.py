@@ -175,8 +175,8 @@ def _nothing_to_differentiate(inputs: EmbeddingInputs) -> bool:
 
 
 def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | None, transformed: bool) -> torch.Tensor:
-    """The backend's forward, through what the context needs: the registered operator for
-    torch.compile and torch.jit.trace, torch.func's Function under a transform (`transformed`),
+    """The backend's forward, through what the context needs: the registered operator for a
+    recorded graph (torch.compile, torch.export, torch.jit.trace), torch.func's Function under a transform (`transformed`),
     the kernels alone with nothing to differentiate, the eager Function otherwise."""
     if backend == "reference":
         return fused_embedding_reference(
@@ -188,7 +188,7 @@ def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | No
             inputs.padding_idx if inputs.padding_idx >= 0 else None,
         )
     if _recording_a_graph():
-        apply = fused_embedding_op  # torch.compile and torch.jit.trace record the registered operator
+        apply = fused_embedding_op  # graphs record the registered operator
     elif transformed:
         apply = apply_transformable  # torch.func's form: slower to apply, so only here
     elif _nothing_to_differentiate(inputs):

@@ -9,7 +9,7 @@
 The forward and the backward are each other's derivative: the backward's is the forward again
 (double backward), so gradients of gradients (create_graph=True) work to any order.
 
-Both are `triton_op`s: torch.compile traces into their bodies and sees the Triton kernels
+The forward and the backward are `triton_op`s: torch.compile traces into their bodies and sees the Triton kernels
 (wrapped with wrap_triton) as well as the C++ operators they call, instead of one opaque call.
 A body runs on fake tensors too (it is its own fake kernel), so it only allocates and launches:
 no .item(), no data_ptr(), no branching on tensor values. It branches on `backend`:
@@ -21,17 +21,17 @@ Interpreted Triton kernels are plain Python that cannot be traced, so under the 
 Triton path goes through two opaque operators (fusedemb::interpreted_forward / _backward) with
 fake kernels of their own, exactly like the C++ path.
 
-Outside torch.compile, `FusedEmbeddingFunction` (an autograd.Function) calls the same kernels
-with the same saved context but skips the custom-operator dispatch, which costs 60-130 us of
-host time per call: more than the forward kernel itself takes on a GPU at GPT-2 sizes. An eager
+Outside recorded graphs (torch.compile, torch.export, torch.jit.trace),
+`FusedEmbeddingFunction` (an autograd.Function) calls the same kernels with the same saved
+context but skips the custom-operator dispatch, which costs 60-130 us of host time per call: more than the forward kernel itself takes on a GPU at GPT-2 sizes. An eager
 call with nothing to differentiate skips that too and launches the kernels alone
 (eager_forward).
 
 Through fused_embedding, inputs reach these operators checked and normalised by
 fusedemb.validation. Called directly, they check what their kernels assume (devices, layouts,
 shapes, sizes: fusedemb/kernels/preconditions.py and the C++ TORCH_CHECKs); the id values only
-the C++ operators check (the Triton kernels clamp them; graphs recorded through fused_embedding
-check them by fusedemb::range_checked).
+the C++ operators and range_checked check (the Triton kernels clamp them; graphs recorded
+through fused_embedding check them by range_checked).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ interpreted_backward.register_fake(backward_fake)
 # cudagraph_unsafe: Inductor keeps the operator out of the CUDA graphs of mode="reduce-overhead"
 # (splitting the graph around it, or leaving the graph uncaptured), so every call runs it; in a
 # CUDA graph it would run once, at capture, where nothing can be checked.
-@custom_op("fusedemb::range_checked", mutates_args=(), tags=torch.Tag.cudagraph_unsafe)
+@custom_op("fusedemb::range_checked", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def range_checked(
     ids: torch.Tensor, num_embeddings: int, position_ids: torch.Tensor | None, context_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +117,9 @@ def range_checked(
     Dynamo's graph, and a trace would check its example inputs only. An opaque operator keeps
     the check in the graph, and its outputs are what the kernels then read, so it runs before
     them: an operator without outputs would be dropped as dead code. (Two outputs whatever the
-    call: Inductor's C++ wrapper mishandles an operator that returns a list of one tensor,
-    pytorch/pytorch#190551.) A copy reads and writes 4 or 8 bytes per token, against the
+    call: Inductor's C++ wrapper in torch 2.13 mishandles an operator that returns a list of one
+    tensor, fixed upstream by pytorch/pytorch#190551.) A copy reads and writes 4 or 8 bytes
+    each per token (int32 or int64), against the
     forward's 2 x D x elt (3072 at D 768 in 16 bits); the wait for the GPU costs what the eager
     check's does, less its overlap with the forward. While a CUDA graph is being captured
     nothing is checked (RangeCheck)."""

@@ -25,10 +25,12 @@ trips a device-side assert on a bad id) is checked even then.
 A graph (torch.compile, torch.export, torch.jit.trace) cannot hold this Python-level check,
 which waits for tensor values: it records an operator that checks instead
 (fusedemb.ops.range_checked), so a compiled or exported model raises the same IndexError each
-time it runs, unless the switch was off when the graph was made (Inductor keeps it out of the
-CUDA graphs of mode="reduce-overhead"). While a CUDA graph of the user's own is being captured
-nothing is checked (a capture cannot synchronise), and a replay runs no Python at all: bad ids
-in such a graph's inputs are clamped. The C++ CPU kernels always check. Tensors without
+time it runs (TorchScript and Inductor's C++ wrappers as a RuntimeError), unless the switch was
+off when the graph was made (the reference backend and torch.func transforms are checked
+regardless; Inductor keeps the operator out of the CUDA graphs of mode="reduce-overhead").
+While a CUDA graph of the user's own is being captured nothing is checked (a capture cannot
+synchronise), and a replay runs no Python at all: the Triton kernels clamp bad ids in such a
+graph's inputs (the reference asserts on the device). The C++ CPU kernels always check. Tensors without
 values (the meta device, FakeTensorMode's fake tensors) have nothing to check.
 """
 
