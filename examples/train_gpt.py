@@ -14,6 +14,10 @@ held out, and both trained models' loss on it is compared the same way. The scri
 the nn.Embedding model's checkpoint and loads it, with no key mapping, into a fresh fusedemb
 model (see gpt_model.py for the names). It ends with PASS, or FAIL and what failed, and exits
 with status 0 or 1 accordingly.
+
+With --compile both models train compiled (nn.Module.compile, which keeps the state_dict's
+keys): fusedemb is a drop-in there too, and its graph checks the ids each step, as eager calls
+do (fusedemb::range_checked). The first steps then include the compilation.
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="fusedemb's deterministic token gradient on CUDA (the C++ backward always is)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=123, help="seed of the weights, the batches and dropout")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
+    parser.add_argument("--compile", action="store_true", help="train both models compiled (torch.compile)")
     args = parser.parse_args(argv)
     if args.steps <= 0:
         parser.error(f"--steps must be positive, got {args.steps}")
@@ -249,7 +254,8 @@ def same_state(a: GPTModel, b: GPTModel) -> bool:
 
 def report(comparison: Comparison, args: argparse.Namespace, config: GPTConfig) -> None:
     print(f"config {args.config}: {config}")
-    print(f"device {args.device}, {args.steps} steps of batch {args.batch_size} x {config.context_length} tokens")
+    compiled = ", compiled" if args.compile else ""
+    print(f"device {args.device}{compiled}, {args.steps} steps of batch {args.batch_size} x {config.context_length} tokens")
     print(f"same initial weights: {comparison.same_initial_weights}")
     print(f"{'step':>5} {'loss nn.Embedding':>18} {'loss fusedemb':>14} {'|diff|':>9}")
     for step, (a, b) in enumerate(zip(comparison.reference.losses, comparison.fused.losses), start=1):
@@ -292,6 +298,9 @@ def main(argv: list[str] | None = None) -> Comparison:
     if args.deterministic:
         fused_model.embedding.deterministic = True
     same_initial_weights = same_state(reference_model, fused_model)
+    if args.compile:
+        for model in (reference_model, fused_model):
+            model.compile()
     training = dict(device=args.device, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed + 1)
     reference_run, fused_run = train_side_by_side([reference_model, fused_model], batches, **training)
     validation_losses = None

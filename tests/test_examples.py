@@ -81,6 +81,18 @@ def test_train_gpt_losses_match_step_by_step(verdict, capsys):
     assert "validation loss: nn.Embedding" in printed and printed.rstrip().endswith("PASS")
 
 
+def test_train_gpt_compiled(verdict, capsys):
+    """--compile: both models compiled (Dynamo made graphs), fusedemb a drop-in there too."""
+    from torch._dynamo.utils import counters
+
+    train_gpt = import_example("train_gpt")
+    counters.clear()
+    comparison = train_gpt.main(["--text", str(verdict), "--config", "tiny", "--steps", "3", "--device", "cpu", "--compile"])
+    assert counters["stats"]["unique_graphs"] >= 2  # one per model at least
+    assert comparison.ok, comparison.failures()
+    assert "device cpu, compiled, 3 steps" in capsys.readouterr().out
+
+
 def test_train_gpt_names_what_failed():
     train_gpt = import_example("train_gpt")
     run = train_gpt.TrainingRun(losses=[10.0, 9.0], step_seconds=[0.1, 0.1])
