@@ -161,7 +161,8 @@ def _recording_a_graph() -> bool:
 
 def _range_checked_in_graph(inputs: EmbeddingInputs) -> EmbeddingInputs:
     """inputs with their index tensors replaced by the range-checked copies of ops.range_checked."""
-    ids, position_ids = range_checked(inputs.ids, inputs.tok_weight.shape[0], inputs.position_ids, inputs.pos_weight.shape[0])
+    num_embeddings, context_length = inputs.tok_weight.shape[0], inputs.pos_weight.shape[0]
+    ids, position_ids = range_checked(inputs.ids, num_embeddings, inputs.position_ids, context_length)
     return inputs._replace(ids=ids, position_ids=None if inputs.position_ids is None else position_ids)
 
 
@@ -176,8 +177,9 @@ def _nothing_to_differentiate(inputs: EmbeddingInputs) -> bool:
 
 def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | None, transformed: bool) -> torch.Tensor:
     """The backend's forward, through what the context needs: the registered operator for a
-    recorded graph (torch.compile, torch.export, torch.jit.trace), torch.func's Function under a transform (`transformed`),
-    the kernels alone with nothing to differentiate, the eager Function otherwise."""
+    recorded graph (torch.compile, torch.export, torch.jit.trace), torch.func's Function under
+    a transform (`transformed`), the kernels alone with nothing to differentiate, the eager
+    Function otherwise."""
     if backend == "reference":
         return fused_embedding_reference(
             inputs.ids,

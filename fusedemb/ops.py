@@ -9,8 +9,9 @@
 The forward and the backward are each other's derivative: the backward's is the forward again
 (double backward), so gradients of gradients (create_graph=True) work to any order.
 
-The forward and the backward are `triton_op`s: torch.compile traces into their bodies and sees the Triton kernels
-(wrapped with wrap_triton) as well as the C++ operators they call, instead of one opaque call.
+The forward and the backward are `triton_op`s: torch.compile traces into their bodies and sees
+the Triton kernels (wrapped with wrap_triton) as well as the C++ operators they call, instead of
+one opaque call.
 A body runs on fake tensors too (it is its own fake kernel), so it only allocates and launches:
 no .item(), no data_ptr(), no branching on tensor values. It branches on `backend`:
 
@@ -23,9 +24,9 @@ fake kernels of their own, exactly like the C++ path.
 
 Outside recorded graphs (torch.compile, torch.export, torch.jit.trace),
 `FusedEmbeddingFunction` (an autograd.Function) calls the same kernels with the same saved
-context but skips the custom-operator dispatch, which costs 60-130 us of host time per call: more than the forward kernel itself takes on a GPU at GPT-2 sizes. An eager
-call with nothing to differentiate skips that too and launches the kernels alone
-(eager_forward).
+context but skips the custom-operator dispatch, which costs 60-130 us of host time per call:
+more than the forward kernel itself takes on a GPU at GPT-2 sizes. An eager call with nothing
+to differentiate skips that too and launches the kernels alone (eager_forward).
 
 Through fused_embedding, inputs reach these operators checked and normalised by
 fusedemb.validation. Called directly, they check what their kernels assume (devices, layouts,
@@ -119,10 +120,9 @@ def range_checked(
     them: an operator without outputs would be dropped as dead code. (Two outputs whatever the
     call: Inductor's C++ wrapper in torch 2.13 mishandles an operator that returns a list of one
     tensor, fixed upstream by pytorch/pytorch#190551.) A copy reads and writes 4 or 8 bytes
-    each per token (int32 or int64), against the
-    forward's 2 x D x elt (3072 at D 768 in 16 bits); the wait for the GPU costs what the eager
-    check's does, less its overlap with the forward. While a CUDA graph is being captured
-    nothing is checked (RangeCheck)."""
+    each per token (int32 or int64), against the forward's 2 x D x elt (3072 at D 768 in 16
+    bits); the wait for the GPU costs what the eager check's does, less its overlap with the
+    forward. While a CUDA graph is being captured nothing is checked (RangeCheck)."""
     _check_indices(ids, position_ids)
     RangeCheck(index_range_checks(ids, num_embeddings, position_ids, context_length)).wait()
     return ids.clone(), ids.new_empty(0) if position_ids is None else position_ids.clone()

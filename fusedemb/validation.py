@@ -30,8 +30,8 @@ off when the graph was made (the reference backend and torch.func transforms are
 regardless; Inductor keeps the operator out of the CUDA graphs of mode="reduce-overhead").
 While a CUDA graph of the user's own is being captured nothing is checked (a capture cannot
 synchronise), and a replay runs no Python at all: the Triton kernels clamp bad ids in such a
-graph's inputs (the reference asserts on the device). The C++ CPU kernels always check. Tensors without
-values (the meta device, FakeTensorMode's fake tensors) have nothing to check.
+graph's inputs (the reference asserts on the device). The C++ CPU kernels always check.
+Tensors without values (the meta device, FakeTensorMode's fake tensors) have nothing to check.
 """
 
 from __future__ import annotations
