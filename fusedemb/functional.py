@@ -17,7 +17,7 @@ from fusedemb.ops import (
     range_checked,
 )
 from fusedemb.reference import fused_embedding_reference
-from fusedemb.validation import TRITON_DEVICES, EmbeddingInputs, bounds_check_enabled, prepare_inputs
+from fusedemb.validation import TRITON_DEVICES, EmbeddingInputs, RangeCheck, bounds_check_enabled, prepare_inputs
 
 BACKENDS = ("triton", "cpp", "reference")
 
@@ -122,20 +122,21 @@ def fused_embedding(
     # its own table is a row of the next entry's: neither the C++ kernels' check nor the Triton
     # kernels' clamp can tell, so under transforms the range check runs even when switched off.
     transformed = torch._C._are_functorch_transforms_active()
+    recording = _recording_a_graph()
     if backend == "cpp" and not transformed:
         # The C++ kernels check every index before they read one and raise the range check's
         # IndexError themselves: checking here too would only cost host time.
-        return _run_backend(inputs, backend, deterministic, transformed)
+        return _run_backend(inputs, backend, deterministic, transformed, recording)
     # The reference is eager PyTorch, whose embedding trips a device-side assert on a bad id: it
     # is checked even with the checks switched off (it is not the backend to pick for speed).
-    even_if_off = backend == "reference" or transformed
-    if _recording_a_graph():
+    checked = bounds_check_enabled() or backend == "reference" or transformed
+    if recording:
         # A graph checks by an operator whose outputs the kernels read (ops.range_checked), each
         # time it runs. Dynamo guards the switch's value: switching it recompiles.
-        if bounds_check_enabled() or even_if_off:
+        if checked:
             inputs = _range_checked_in_graph(inputs)
-        return _run_backend(inputs, backend, deterministic, transformed)
-    range_check = inputs.start_range_check(even_if_off)
+        return _run_backend(inputs, backend, deterministic, transformed, recording)
+    range_check = inputs.start_range_check() if checked else RangeCheck([])
     # The Triton kernels clamp every index into its table, so they may be queued before the range
     # check's answer is back: the GPU starts the forward as soon as the answer has left for the
     # host, instead of idling until the host has woken up and queued the forward. The call still
@@ -143,7 +144,7 @@ def fused_embedding(
     # stacked call (its kernels would raise first, about stacked rows, or clamp into a neighbour).
     if backend == "reference" or transformed:
         range_check.wait()
-    out = _run_backend(inputs, backend, deterministic, transformed)
+    out = _run_backend(inputs, backend, deterministic, transformed, recording)
     try:
         range_check.wait()
     except IndexError:
@@ -175,11 +176,13 @@ def _nothing_to_differentiate(inputs: EmbeddingInputs) -> bool:
     return forward_ad._current_level < 0
 
 
-def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | None, transformed: bool) -> torch.Tensor:
+def _run_backend(
+    inputs: EmbeddingInputs, backend: str, deterministic: bool | None, transformed: bool, recording: bool
+) -> torch.Tensor:
     """The backend's forward, through what the context needs: the registered operator for a
-    recorded graph (torch.compile, torch.export, torch.jit.trace), torch.func's Function under
-    a transform (`transformed`), the kernels alone with nothing to differentiate, the eager
-    Function otherwise."""
+    recorded graph (`recording`: torch.compile, torch.export, torch.jit.trace), torch.func's
+    Function under a transform (`transformed`), the kernels alone with nothing to
+    differentiate, the eager Function otherwise."""
     if backend == "reference":
         return fused_embedding_reference(
             inputs.ids,
@@ -189,7 +192,7 @@ def _run_backend(inputs: EmbeddingInputs, backend: str, deterministic: bool | No
             inputs.position_offset,
             inputs.padding_idx if inputs.padding_idx >= 0 else None,
         )
-    if _recording_a_graph():
+    if recording:
         apply = fused_embedding_op  # graphs record the registered operator
     elif transformed:
         apply = apply_transformable  # torch.func's form: slower to apply, so only here

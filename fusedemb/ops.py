@@ -46,9 +46,9 @@ from torch.library import custom_op, triton_op
 
 from fusedemb.cpp_extension import backward_fake, forward_fake  # importing also registers the C++ operators
 from fusedemb.validation import (
-    SUPPORTED_ID_DTYPES,
     RangeCheck,
     check_dense_tensor,
+    check_kernel_index_dtype,
     check_same_device,
     index_range_checks,
     kernel_layouts,
@@ -146,8 +146,8 @@ def _check_indices(ids: torch.Tensor, position_ids: torch.Tensor | None) -> None
     """range_checked's arguments as fused_embedding passes them: int32 or int64, on one device."""
     check_same_device(("ids", ids.device), position_ids=position_ids)
     for name, index in (("ids", ids), ("position_ids", position_ids)):
-        if index is not None and index.dtype not in SUPPORTED_ID_DTYPES:
-            raise TypeError(f"{name} must be int32 or int64, got {index.dtype}")
+        if index is not None:
+            check_kernel_index_dtype(name, index)
 
 
 def check_kernel_backend(backend: str) -> None:

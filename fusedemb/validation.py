@@ -78,7 +78,9 @@ class RangeCheck:
     the stream before that work is even queued."""
 
     def __init__(self, checks: list[tuple[str, torch.Tensor, int, str]]) -> None:
-        self._checks = [check for check in checks if check[1].numel() > 0 and _has_values(check[1])]
+        # (The index tensors of a call share a device and a kind: the first one answers for all.)
+        has_values = bool(checks) and _has_values(checks[0][1])
+        self._checks = [check for check in checks if check[1].numel() > 0] if has_values else []
         self._ready = None
         if not self._checks:
             return
@@ -116,14 +118,12 @@ class EmbeddingInputs(NamedTuple):
     position_offset: int
     padding_idx: int
 
-    def start_range_check(self, even_if_off: bool = False) -> RangeCheck:
-        """The value checks of ids and position_ids, started; the caller decides when to wait
-        for the answer (see RangeCheck). It checks nothing when switched off (unless
-        even_if_off), while a CUDA graph is being captured and for tensors without values
-        (module docstring). Eager calls only: graphs check by an operator instead
+    def start_range_check(self) -> RangeCheck:
+        """The value checks of ids and position_ids, started; the caller decides whether to
+        check (the switch) and when to wait for the answer (see RangeCheck). It checks nothing
+        while a CUDA graph is being captured and for tensors without values (module
+        docstring). Eager calls only: graphs check by an operator instead
         (fusedemb.ops.range_checked)."""
-        if not (_bounds_check or even_if_off):
-            return RangeCheck([])
         ids, position_ids = self.ids, self.position_ids
         if torch._C._are_functorch_transforms_active():
             ids = _values_of(ids)
@@ -257,6 +257,12 @@ def as_int(value, name: str) -> int | torch.SymInt:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return operator.index(value)
     raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
+def check_kernel_index_dtype(name: str, index: torch.Tensor) -> None:
+    """An index tensor as the operators take it: int32 or int64 (fused_embedding widens others)."""
+    if index.dtype not in SUPPORTED_ID_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {index.dtype}")
 
 
 def check_embedding_rows(name: str, rows: torch.Tensor) -> None:

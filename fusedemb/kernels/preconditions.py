@@ -28,9 +28,9 @@ import torch
 from fusedemb.kernels.common import INTERPRETED
 from fusedemb.kernels.sorted_scatter import COMBINE_BLOCK_DIM
 from fusedemb.validation import (
-    SUPPORTED_ID_DTYPES,
     TRITON_DEVICES,
     check_embedding_rows,
+    check_kernel_index_dtype,
     check_positions_fit,
     check_same_device,
     check_sequence_dim,
@@ -57,8 +57,7 @@ def check_dim(name: str, rows: torch.Tensor) -> None:
 
 
 def check_index(name: str, index: torch.Tensor) -> None:
-    if index.dtype not in SUPPORTED_ID_DTYPES:
-        raise TypeError(f"{name} must be int32 or int64, got {index.dtype}")
+    check_kernel_index_dtype(name, index)
     check_sequence_dim(name, index)
     if not index.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
