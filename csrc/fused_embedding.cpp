@@ -22,12 +22,14 @@
 #include <ATen/ops/empty.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/StringUtil.h>
 #include <torch/library.h>
 
 #include "huge_page_tensor.h"
 #include "row_ops.h"
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 namespace fusedemb {
@@ -45,16 +47,30 @@ inline int64_t position_of(const index_t* position_ids, int64_t n, int64_t seq_l
   return position_ids != nullptr ? static_cast<int64_t>(position_ids[n]) : n % seq_len + offset;
 }
 
-// One serial pass over the indices: cheap next to the N * D bytes the kernels move, and it
-// turns a would-be out-of-bounds access into an IndexError in Python, the same one (plus the
-// flat index) as fusedemb.validation's range check, which fused_embedding therefore skips for
-// these kernels. It runs whether or not that check is switched off.
+// Token n's index in ids' shape, as "[i, j]": where a bad index sits, in the caller's terms
+// (broadcast position_ids, expanded to ids' shape before they get here, share it).
+std::string token_index(int64_t n, c10::IntArrayRef ids_shape) {
+  std::vector<int64_t> index(ids_shape.size());
+  for (int64_t d = static_cast<int64_t>(ids_shape.size()) - 1; d >= 0; --d) {
+    index[d] = n % ids_shape[d];
+    n /= ids_shape[d];
+  }
+  return "[" + c10::Join(", ", index) + "]";
+}
+
+// One serial pass over the indices (one per token, in ids' shape): cheap next to the N * D
+// bytes the kernels move, and it turns a would-be out-of-bounds access into an IndexError in
+// Python, the same one (plus the token's index) as fusedemb.validation's range check, which
+// fused_embedding therefore skips for these kernels. It runs whether or not that check is
+// switched off.
 template <typename index_t>
-void check_rows_in_range(const index_t* rows, int64_t count, int64_t num_rows, const char* what, const char* table) {
+void check_rows_in_range(const index_t* rows, c10::IntArrayRef ids_shape, int64_t num_rows, const char* what,
+                         const char* table) {
+  const int64_t count = c10::multiply_integers(ids_shape);
   for (int64_t n = 0; n < count; ++n) {
     const int64_t row = static_cast<int64_t>(rows[n]);
     TORCH_CHECK_INDEX(row >= 0 && row < num_rows, what, " contains ", row, ", outside [0, ", num_rows, ") of ", table,
-                      " (", num_rows, " rows), at flat index ", n);
+                      " (", num_rows, " rows), at token ", token_index(n, ids_shape));
   }
 }
 
@@ -78,11 +94,12 @@ void check_table(const at::Tensor& table, const char* name) {
 // Either every explicit position is a row of the position table, or the default positions
 // [offset, offset + seq_len) all are (written so that a huge offset cannot overflow).
 template <typename index_t>
-void check_positions(const index_t* position_ids, int64_t num_tokens, int64_t seq_len, int64_t position_offset,
+void check_positions(const index_t* position_ids, c10::IntArrayRef ids_shape, int64_t position_offset,
                      int64_t context_length) {
+  const int64_t seq_len = ids_shape.back();
   if (position_ids != nullptr) {
-    check_rows_in_range(position_ids, num_tokens, context_length, "position_ids", "the position table");
-  } else if (num_tokens > 0) {
+    check_rows_in_range(position_ids, ids_shape, context_length, "position_ids", "the position table");
+  } else if (c10::multiply_integers(ids_shape) > 0) {
     TORCH_CHECK_INDEX(position_offset >= 0 && seq_len <= context_length && position_offset <= context_length - seq_len,
                       "positions [", position_offset, ", ", position_offset, " + ", seq_len,
                       ") do not fit the position table of ", context_length, " rows");
@@ -128,8 +145,8 @@ at::Tensor forward_cpu(const at::Tensor& ids, const at::Tensor& tok_weight, cons
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "fusedemb_forward_cpu", [&] {
     const index_t* id_ptr = ids.const_data_ptr<index_t>();
     const index_t* pos_id_ptr = position_ids.has_value() ? position_ids->const_data_ptr<index_t>() : nullptr;
-    check_rows_in_range(id_ptr, num_tokens, tok_weight.size(0), "ids", "the token table");
-    check_positions(pos_id_ptr, num_tokens, seq_len, position_offset, pos_weight.size(0));
+    check_rows_in_range(id_ptr, ids.sizes(), tok_weight.size(0), "ids", "the token table");
+    check_positions(pos_id_ptr, ids.sizes(), position_offset, pos_weight.size(0));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tok_weight.scalar_type(), "fusedemb_forward_cpu", [&] {
       const scalar_t* tok = tok_weight.const_data_ptr<scalar_t>();
       const scalar_t* pos = pos_weight.const_data_ptr<scalar_t>();
@@ -269,8 +286,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, cons
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "fusedemb_backward_cpu", [&] {
     const index_t* id_ptr = ids.const_data_ptr<index_t>();
     const index_t* pos_id_ptr = position_ids.has_value() ? position_ids->const_data_ptr<index_t>() : nullptr;
-    check_rows_in_range(id_ptr, num_tokens, num_embeddings, "ids", "the token table");
-    check_positions(pos_id_ptr, num_tokens, seq_len, position_offset, context_length);
+    check_rows_in_range(id_ptr, ids.sizes(), num_embeddings, "ids", "the token table");
+    check_positions(pos_id_ptr, ids.sizes(), position_offset, context_length);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "fusedemb_backward_cpu", [&] {
       const scalar_t* grad_rows = grad_out.const_data_ptr<scalar_t>();
       if (tok_needs_grad) {

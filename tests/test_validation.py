@@ -543,12 +543,15 @@ def bounds_check_off():
 
 @pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
 def test_cpp_kernels_check_bounds_themselves(tables, bounds_check_off):
-    """With the Python check off, the C++ kernel still refuses to read out of bounds."""
+    """With the Python check off, the C++ kernel still refuses to read out of bounds, and names
+    the first bad token by its index in ids' shape (broadcast position_ids share that shape)."""
     tok, pos = tables
-    with pytest.raises(IndexError, match=r"ids contains 12, outside \[0, 10\) of the token table \(10 rows\), at flat index 1"):
-        fusedemb.fused_embedding(torch.tensor([[1, 12]]), tok, pos, backend="cpp")
-    with pytest.raises(IndexError, match="position_ids contains 9"):
-        fusedemb.fused_embedding(torch.tensor([[1, 2]]), tok, pos, position_ids=torch.tensor([[0, 9]]), backend="cpp")
+    ids = torch.tensor([[[1, 2], [3, 4]], [[5, 6], [12, 7]]])
+    with pytest.raises(IndexError, match=r"ids contains 12, outside \[0, 10\) of the token table \(10 rows\), at token \[1, 1, 0\]$"):
+        fusedemb.fused_embedding(ids, tok, pos, backend="cpp")
+    one_row = torch.tensor([[0, 9]])  # broadcast over ids' 2 x 2 leading dims: its first bad token is [0, 0, 1]
+    with pytest.raises(IndexError, match=r"position_ids contains 9, .* at token \[0, 0, 1\]$"):
+        fusedemb.fused_embedding(ids.clamp(max=9), tok, pos, position_ids=one_row, backend="cpp")
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
