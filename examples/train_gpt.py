@@ -9,8 +9,10 @@ that the step times printed compare them on an equally warm machine. The forward
 first layers is bitwise equal in float32 (each output element is the same single addition);
 only the backward differs: the token and position gradients are sums over the tokens of the
 batch, and fusedemb adds them in another order. The printed losses therefore agree to float32
-rounding noise, checked against LOSS_TOLERANCE. The last tenth of the text (--val-ratio) is
-held out, and both trained models' loss on it is compared the same way. The script also saves
+rounding noise, checked against LOSS_TOLERANCE. A step's loss is taken before its update, so
+both trained models' loss on the first batch (in eval mode) is compared the same way: it sees
+the last update too. The last tenth of the text (--val-ratio) is held out, and both trained
+models' loss on it is compared the same way. The script also saves
 the nn.Embedding model's checkpoint and loads it, with no key mapping, into a fresh fusedemb
 model (see gpt_model.py for the names). It ends with PASS, or FAIL and what failed, and exits
 with status 0 or 1 accordingly.
@@ -26,6 +28,7 @@ import argparse
 import contextlib
 import io
 import itertools
+import math
 import statistics
 import sys
 import time
@@ -67,15 +70,20 @@ class Comparison:
     same_initial_weights: bool
     checkpoint_logits_max_diff: float  # nn.Embedding checkpoint loaded into a fresh fusedemb model
     fused_model: GPTModel
-    # Loss of each trained model (nn.Embedding, fusedemb) on the held-out text; None without one.
+    # Loss of each trained model (nn.Embedding, fusedemb) on the first batch, after the last update.
+    trained_losses: tuple[float, float]
+    # Loss of each trained model on the held-out text; None without one.
     validation_losses: tuple[float, float] | None = None
 
     @property
     def max_loss_diff(self) -> float:
-        return max(abs(a - b) for a, b in zip(self.reference.losses, self.fused.losses))
+        """The largest step's |difference|, NaN if any is (a diverged model): max() would skip it."""
+        diffs = [abs(a - b) for a, b in zip(self.reference.losses, self.fused.losses)]
+        return math.nan if any(map(math.isnan, diffs)) else max(diffs)
 
     def failures(self) -> list[str]:
-        """What did not hold, in words; empty when everything did."""
+        """What did not hold, in words; empty when everything did. (A NaN fails every
+        comparison: NaN <= tolerance is False.)"""
         checks = {
             "the two models started from different weights": self.same_initial_weights,
             f"training losses differ by {self.max_loss_diff:.1e} > {LOSS_TOLERANCE:.0e}": (
@@ -85,9 +93,11 @@ class Comparison:
                 self.checkpoint_logits_max_diff <= CHECKPOINT_LOGITS_TOLERANCE
             ),
         }
-        if self.validation_losses is not None:
-            diff = abs(self.validation_losses[0] - self.validation_losses[1])
-            checks[f"validation losses differ by {diff:.1e} > {LOSS_TOLERANCE:.0e}"] = diff <= LOSS_TOLERANCE
+        pairs = {"trained models' losses on the first batch": self.trained_losses, "validation losses": self.validation_losses}
+        for what, losses in pairs.items():
+            if losses is not None:
+                diff = abs(losses[0] - losses[1])
+                checks[f"{what} differ by {diff:.1e} > {LOSS_TOLERANCE:.0e}"] = diff <= LOSS_TOLERANCE
         return [failure for failure, held in checks.items() if not held]
 
     @property
@@ -118,6 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps <= 0:
         parser.error(f"--steps must be positive, got {args.steps}")
+    if args.batch_size <= 0:
+        parser.error(f"--batch-size must be positive, got {args.batch_size}")
     if not (args.val_ratio == 0 or 0 < 1 - args.val_ratio < 1):
         parser.error(f"--val-ratio must be 0 or in (0, 1), got {args.val_ratio}")
     return args
@@ -148,7 +160,7 @@ def validation_batches(text: str, config: GPTConfig, batch_size: int) -> list:
     return list(loader)
 
 
-def validation_loss(model: GPTModel, batches: list, device: str) -> float:
+def eval_loss(model: GPTModel, batches: list, device: str) -> float:
     """Mean next-token loss over the batches' windows, in eval mode (no dropout)."""
     model.eval()
     with torch.no_grad():
@@ -261,6 +273,9 @@ def report(comparison: Comparison, args: argparse.Namespace, config: GPTConfig) 
     for step, (a, b) in enumerate(zip(comparison.reference.losses, comparison.fused.losses), start=1):
         print(f"{step:>5} {a:>18.6f} {b:>14.6f} {abs(a - b):>9.2e}")
     print(f"max |loss diff| {comparison.max_loss_diff:.2e} (tolerance {LOSS_TOLERANCE:.0e})")
+    reference, fused = comparison.trained_losses
+    print(f"after training, loss on the first batch: nn.Embedding {reference:.6f}, fusedemb {fused:.6f}, "
+          f"|diff| {abs(reference - fused):.2e}")  # fmt: skip
     # The first step includes one-time costs (allocator warm-up, kernel compilation): leave it out.
     for name, run in (("nn.Embedding", comparison.reference), ("fusedemb", comparison.fused)):
         timed = run.step_seconds[1:] or run.step_seconds
@@ -303,15 +318,15 @@ def main(argv: list[str] | None = None) -> Comparison:
             model.compile()
     training = dict(device=args.device, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed + 1)
     reference_run, fused_run = train_side_by_side([reference_model, fused_model], batches, **training)
-    validation_losses = None
-    if held_out_batches:
-        validation_losses = tuple(
-            validation_loss(model, held_out_batches, args.device) for model in (reference_model, fused_model)
-        )
+    def both_losses(batches: list) -> tuple[float, float]:
+        return tuple(eval_loss(model, batches, args.device) for model in (reference_model, fused_model))
+
+    trained_losses = both_losses(batches[:1])
+    validation_losses = both_losses(held_out_batches) if held_out_batches else None
     logits_diff = checkpoint_round_trip(reference_model, config, args.seed, batches[0][0])
 
     comparison = Comparison(
-        reference_run, fused_run, same_initial_weights, logits_diff, fused_model, validation_losses
+        reference_run, fused_run, same_initial_weights, logits_diff, fused_model, trained_losses, validation_losses
     )
     report(comparison, args, config)
     return comparison

@@ -97,9 +97,51 @@ def test_train_gpt_names_what_failed():
     train_gpt = import_example("train_gpt")
     run = train_gpt.TrainingRun(losses=[10.0, 9.0], step_seconds=[0.1, 0.1])
     drifted = train_gpt.TrainingRun(losses=[10.0, 9.1], step_seconds=[0.1, 0.1])
-    comparison = train_gpt.Comparison(run, drifted, True, 0.0, None, validation_losses=(8.0, 8.0))
+    comparison = train_gpt.Comparison(run, drifted, True, 0.0, None, (8.5, 8.5), validation_losses=(8.0, 8.0))
     assert not comparison.ok
     assert comparison.failures() == ["training losses differ by 1.0e-01 > 1e-04"]
+
+    trained_apart = train_gpt.Comparison(run, run, True, 0.0, None, (8.5, 8.6), validation_losses=None)
+    assert trained_apart.failures() == ["trained models' losses on the first batch differ by 1.0e-01 > 1e-04"]
+
+
+def test_train_gpt_fails_a_diverged_model():
+    """A NaN loss at a later step fails the comparison (Python's max() would skip it), as does
+    a NaN after training or on the held-out text."""
+    train_gpt = import_example("train_gpt")
+    run = train_gpt.TrainingRun(losses=[10.0, 9.0, 8.0], step_seconds=[0.1] * 3)
+    diverged = train_gpt.TrainingRun(losses=[10.0, float("nan"), 8.0], step_seconds=[0.1] * 3)
+    comparison = train_gpt.Comparison(run, diverged, True, 0.0, None, (8.5, float("nan")), (8.0, float("nan")))
+    assert comparison.failures() == [
+        "training losses differ by nan > 1e-04",
+        "trained models' losses on the first batch differ by nan > 1e-04",
+        "validation losses differ by nan > 1e-04",
+    ]
+
+
+def test_train_gpt_checks_the_last_update(verdict, monkeypatch, capsys):
+    """A step's loss is taken before its update, so with one step only the trained models' loss
+    tells a wrong gradient: here fusedemb's position table gets none."""
+    train_gpt = import_example("train_gpt")
+    fused_embedding = fusedemb.module.fused_embedding
+
+    def without_position_gradient(ids, tok_weight, pos_weight, **options):
+        return fused_embedding(ids, tok_weight, pos_weight.detach(), **options)
+
+    monkeypatch.setattr(fusedemb.module, "fused_embedding", without_position_gradient)
+    comparison = train_gpt.main(["--text", str(verdict), "--steps", "1", "--val-ratio", "0", "--device", "cpu"])
+    assert comparison.max_loss_diff == 0.0
+    assert [failure.split(" differ")[0] for failure in comparison.failures()] == [
+        "trained models' losses on the first batch"
+    ]
+    assert capsys.readouterr().out.rstrip().endswith("> 1e-04")
+
+
+def test_train_gpt_refuses_a_batch_size_below_one(verdict, capsys):
+    train_gpt = import_example("train_gpt")
+    with pytest.raises(SystemExit):
+        train_gpt.main(["--text", str(verdict), "--batch-size", "0"])
+    assert "--batch-size must be positive, got 0" in capsys.readouterr().err
 
 
 def test_train_gpt_says_what_to_change_when_the_text_is_too_short(tmp_path, verdict):
