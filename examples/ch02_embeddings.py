@@ -13,12 +13,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import fusedemb
+from fusedemb.bench.cli import text_file
 from fusedemb.data import create_dataloader, use_checkout_tiktoken_cache
 
 VOCAB_SIZE = 50257  # GPT-2's byte-pair vocabulary
@@ -29,7 +29,7 @@ CONTEXT_LENGTH = 4  # the window length, so the position table has 4 rows
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file, e.g. the-verdict.txt")
+    parser.add_argument("--text", type=text_file, required=True, metavar="FILE", help="UTF-8 text file, e.g. the-verdict.txt")
     parser.add_argument("--seed", type=int, default=123)
     return parser.parse_args(argv)
 
@@ -37,10 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> torch.Tensor:
     """Runs the walk-through and returns the fused input embeddings, shape (8, 4, 256)."""
     args = parse_args(argv)
-    text = args.text.read_text(encoding="utf-8")
     use_checkout_tiktoken_cache()  # ../shared/data/tiktoken beside a checkout, unless TIKTOKEN_CACHE_DIR is set
     loader = create_dataloader(
-        text, batch_size=BATCH_SIZE, max_length=CONTEXT_LENGTH, stride=CONTEXT_LENGTH, shuffle=False
+        args.text, batch_size=BATCH_SIZE, max_length=CONTEXT_LENGTH, stride=CONTEXT_LENGTH, shuffle=False
     )
     inputs, targets = next(iter(loader))
     print(f"token ids {tuple(inputs.shape)}:\n{inputs}")

@@ -33,12 +33,12 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from gpt_model import CONFIGS, GPTConfig, GPTModel
 
+from fusedemb.bench.cli import text_file
 from fusedemb.data import create_dataloader, split_text, use_checkout_tiktoken_cache
 
 # Largest accepted |loss_nn - loss_fused| at any step. Reordering a float32 sum of k terms
@@ -111,7 +111,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file to train on")
+    parser.add_argument("--text", type=text_file, required=True, metavar="FILE", help="UTF-8 text file to train on")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="model size (gpt_model.py)")
     parser.add_argument("--steps", type=int, default=20, help="training steps of each model")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step")
@@ -299,8 +299,7 @@ def main(argv: list[str] | None = None) -> Comparison:
     if args.drop_rate is not None:
         config = replace(config, drop_rate=args.drop_rate)
     use_checkout_tiktoken_cache()
-    text = args.text.read_text(encoding="utf-8")
-    train_text, held_out = split_text(text, 1 - args.val_ratio) if args.val_ratio > 0 else (text, "")
+    train_text, held_out = split_text(args.text, 1 - args.val_ratio) if args.val_ratio > 0 else (args.text, "")
     try:
         batches = training_batches(train_text, config, args.batch_size, args.steps, args.seed)
     except ValueError as error:  # the text has fewer windows than a batch, or not one

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from fusedemb.bench.cli import add_device_argument, check_device
+from fusedemb.bench.cli import add_device_argument, check_device, text_file
 from fusedemb.data import END_OF_TEXT, load_gpt2_tokenizer, tile_to_batch, use_checkout_tiktoken_cache
 from fusedemb.module import FusedEmbedding
 
@@ -38,7 +37,8 @@ DEFAULT_TEXT = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fusedemb-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--text", type=Path, help="a UTF-8 text file to tokenize (default: an embedded paragraph)")
+    parser.add_argument("--text", type=text_file, metavar="FILE",
+                        help="a UTF-8 text file to tokenize (default: an embedded paragraph)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=8, help="sequences per batch (default 8)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--dim", type=int, default=768, help="embedding dim (default 768, GPT-2 small)")
@@ -70,7 +70,7 @@ def median_ms(fn, repeats: int, device: torch.device) -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    text = args.text.read_text(encoding="utf-8") if args.text else DEFAULT_TEXT
+    text = args.text or DEFAULT_TEXT
     use_checkout_tiktoken_cache()
     tokenizer = load_gpt2_tokenizer()
     token_ids = torch.tensor(tokenizer.encode(text, allowed_special={END_OF_TEXT}), dtype=torch.int64)

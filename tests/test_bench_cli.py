@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,6 +113,22 @@ def test_output_paths_are_checked_before_the_sweep(flag, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.parse_args([*TINY_ARGS, flag, str(tmp_path)])
     assert f"{flag} {tmp_path}: a folder, not a file" in capsys.readouterr().err
+
+
+def test_output_paths_are_checked_for_writing_and_left_as_they_were(tmp_path, capsys):
+    """Whether the file can be written is also known before the sweep (procfs refuses a new
+    file even to root, whom permissions would not stop); the check leaves no file behind and
+    an existing one as it was."""
+    if Path("/proc/self").is_dir():  # Linux
+        with pytest.raises(SystemExit) as exit_info:
+            cli.parse_args([*TINY_ARGS, "--json", "/proc/bench.json"])
+        assert exit_info.value.code == 2
+        assert "--json /proc/bench.json: cannot be written" in capsys.readouterr().err
+    new, existing = tmp_path / "new.json", tmp_path / "existing.json"
+    existing.write_text("earlier results")
+    cli.parse_args([*TINY_ARGS, "--json", str(new)])
+    cli.parse_args([*TINY_ARGS, "--json", str(existing)])
+    assert not new.exists() and existing.read_text() == "earlier results"
 
 
 def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_sweep(tmp_path, capsys, monkeypatch):

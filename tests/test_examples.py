@@ -203,6 +203,21 @@ def test_sequences_longer_than_the_context_are_rejected(gpt_model):
         model(torch.zeros(1, 5, dtype=torch.long))
 
 
+@pytest.mark.parametrize("script", ["demo", "train_gpt", "ch02_embeddings"])
+def test_text_that_cannot_be_used_is_a_usage_error(script, tmp_path, capsys):
+    if script == "demo":
+        from fusedemb import demo as module
+    else:
+        module = import_example(script)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for path, message in ((empty, f"{empty} is empty"), (tmp_path / "missing.txt", "cannot read")):
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--text", str(path)])
+        assert exit_info.value.code == 2
+        assert f"argument --text: {message}" in capsys.readouterr().err
+
+
 def test_demo_checks_and_times_both_passes(capsys):
     use_shared_tiktoken_cache()
     from fusedemb import demo

@@ -66,10 +66,40 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 positive_int = int_at_least(1)
 
 
+def text_file(path: str) -> str:
+    """An argparse type: the contents of a UTF-8 text file, which must have some (an empty
+    one tokenizes to no ids). A usage error, not a traceback, for one that cannot be read."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {error}") from None
+    if not text:
+        raise argparse.ArgumentTypeError(f"{path} is empty")
+    return text
+
+
 def add_device_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
     """--device cpu|cuda, cuda by default where torch sees one; check_device after parsing."""
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to run (default: cuda when available)" + note)  # fmt: skip
+
+
+def check_output_path(parser: argparse.ArgumentParser, flag: str, path: Path) -> None:
+    """A file the run will write, checked now, not after a sweep that may have taken an hour
+    of GPU time: opened for appending, which only a writable path allows (a file made by the
+    test is removed again; os.access would answer yes to root for any path)."""
+    if not path.parent.is_dir():
+        parser.error(f"{flag} {path}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        parser.error(f"{flag} {path}: a folder, not a file")
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+    except OSError as error:
+        parser.error(f"{flag} {path}: cannot be written ({error.strerror})")
+    if not existed:
+        path.unlink()
 
 
 def check_device(parser: argparse.ArgumentParser, device: str) -> None:
@@ -124,11 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(batch < 1 for batch in args.batch or []):
         parser.error("--batch sizes must be positive")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        # checked now, not after a sweep that may have taken an hour of GPU time
-        if path is not None and not path.parent.is_dir():
-            parser.error(f"{flag} {path}: the folder {path.parent} does not exist")
-        if path is not None and path.is_dir():
-            parser.error(f"{flag} {path}: a folder, not a file")
+        if path is not None:
+            check_output_path(parser, flag, path)
     if args.plot is not None:
         try:
             suffixes = plot_suffixes()
