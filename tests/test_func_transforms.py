@@ -122,6 +122,26 @@ def test_vmap_over_tables_and_its_gradients(case, padding_idx, monkeypatch):
                         ensemble_transforms(reference, ids, tables, in_dims, padding_idx=padding_idx, **kwargs))  # fmt: skip
 
 
+def test_batched_ids_and_tables_with_a_padding_row(case):
+    """Each model of an ensemble on its own ids, with a padding row: against a loop over the
+    entries, not the reference's vmap, since PyTorch's own batching rule of F.embedding there
+    (torch 2.13) gives every entry's padding row but the first's a gradient."""
+    fused, reference, ids, tok, pos = case
+    batched_ids = torch.randint(0, VOCAB, (3, *ids.shape), device=ids.device)
+    batched_ids[:, 0, 0] = 3  # every entry reads its padding row
+    toks = torch.randn(3, *tok.shape, device=tok.device)
+
+    def ensemble_loss(toks, pos):
+        return torch.func.vmap(lambda ids, tok: loss(fused, ids)(tok, pos))(batched_ids, toks).sum()
+
+    looped = [torch.func.grad(loss(reference, ids), (0, 1))(tok, pos) for ids, tok in zip(batched_ids, toks)]
+    tok_grads, pos_grad = torch.func.grad(ensemble_loss, (0, 1))(toks, pos)
+    assert_same((tok_grads, pos_grad), (torch.stack([g[0] for g in looped]), sum(g[1] for g in looped)))
+    assert not tok_grads[:, 3].any()
+    assert_same(torch.func.vmap(lambda ids, tok: fused(ids, tok, pos))(batched_ids, toks),
+                torch.stack([reference(ids, tok, pos) for ids, tok in zip(batched_ids, toks)]))  # fmt: skip
+
+
 # Loose enough for the loss's own 16-bit arithmetic (tanh, square, its gradient) and tight
 # enough for a row read or added at the wrong place, which is off by O(1).
 STACKED_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
