@@ -101,7 +101,8 @@ def fused_embedding(
         backend: None (Triton on CUDA, C++ on CPU), "triton", "cpp" or "reference".
         deterministic: token-gradient mode of the Triton backend: True sorts (bitwise
             reproducible), False may use float atomics (whichever measured faster: large 16-bit
-            gradients sort there too); None follows torch.are_deterministic_algorithms_enabled().
+            gradients sort there too); None follows torch.are_deterministic_algorithms_enabled()
+            as it is when this forward runs (the operator's graph records the mode).
             The C++ backend is always deterministic.
 
     Returns:
