@@ -4,8 +4,9 @@
 // time, and the kernel zero-fills each page of it inside the page fault of its first write: with
 // 4 KiB pages, filling a new 154 MB gradient of the GPT-2 token table this way takes longer than
 // computing it. Huge pages (2 MiB) cut the number of faults 512-fold. PyTorch's CPU allocator
-// asks for them only when THP_MEM_ALLOC_ENABLE=1 is set, and Linux's default THP mode
-// ("madvise") grants them only on request, so the kernels request them for their large outputs.
+// asks for them only when THP_MEM_ALLOC_ENABLE=1 is set, and the THP mode many distributions
+// set ("madvise", as Debian and Ubuntu do; the kernel's own default is "always") grants them
+// only on request, so the kernels request them for their large outputs.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -92,7 +92,9 @@ def flush_pending(acc_ptr, pending, pending_row, cols, col_mask, dim, skip_row):
 def load_batch_tile(grad_ptr, index_ptr, b, end_batch, t, in_sequence, seq_len, cols, col_mask, dim, num_rows,
                     ADD_TO_TABLE: tl.constexpr):  # fmt: skip
     """Batch entry b's gradient tile grad[b, t, cols], its table rows (if ADD_TO_TABLE) and which
-    of its rows are present: none past the group's last entry, whose loads are all masked off."""
+    of its rows are present: none past the group's last entry, whose loads are all masked off.
+    (So `present` must not depend on `tokens`: for the entry past the last, b * seq_len + t is
+    formed in int32 and may wrap where N nears INT32_LIMIT.)"""
     present = in_sequence & (tl.zeros_like(t) + b < end_batch)  # (a vector: the interpreter rejects scalar masks here)
     tokens = (b * seq_len + t).to(tl.int64)
     grad = tl.load(grad_ptr + tokens[:, None] * dim + cols[None, :], mask=present[:, None] & col_mask[None, :], other=0)

@@ -15,7 +15,9 @@ kernels flatten the ids and the gradient as contiguous [N] and [N, D] arrays, st
 row with unit stride, and hold token indices and sorted table rows in int32: N and the row counts
 must stay below INT32_LIMIT, 2^31 less a margin for the index arithmetic that runs up to a block
 past the last token or row (a tile's end, a chunk's end; masked off, but it must not wrap
-around into range). Offsets into the tables are 64-bit. The grids put their column blocks in
+around into range). (One index runs further and may wrap: the backward's sweep loads the batch
+entry after its group's last, a whole sequence past it, under a mask that does not read that
+index: load_batch_tile.) Offsets into the tables are 64-bit. The grids put their column blocks in
 their y dimension, which CUDA caps at 65535 blocks: D is bounded by MAX_DIM. Ids are clamped into their table, so
 a table must have a row to clamp to, and default positions [offset, offset + T) must lie in the
 position table (the fast backward walks its rows only: a token past it would lose its gradient).

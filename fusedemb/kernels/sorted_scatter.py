@@ -4,7 +4,7 @@
 
 computed with no floating-point atomics, so the result is bitwise identical run to run. Library
 sorts cost as much as a whole atomic backward at GPT sizes (on an H200 at gpt2-124M, torch.sort of
-8k-32k ids 51-84 us, an atomic backward 88 us), so the sort is our own
+8k-32k ids 51 us in int32 to 84 us in int64, an atomic backward 88 us), so the sort is our own
 and works on the N small-integer keys only; the gradient rows themselves are read exactly once.
 
 Steps 1-3 order the tokens by row (`sort_by_row`); past COUNTING_SORT_MAX_CELLS, where the
@@ -105,10 +105,10 @@ COMBINE_BLOCK_DIM = 64
 
 def segment_warps(block_dim: int, element_size: int) -> int:
     """Warps for segment_sums_kernel: just enough to cover a row slice with 16 bytes per thread,
-    so that the warps split the columns and never the tile's rows. (A row slice narrower than
-    one warp's 32 x 16 bytes, D < 128 in float32 or < 256 in 16 bits, leaves the lanes of the
-    single warp to split the tile's rows: the scan's comment in segment_sums_kernel says what
-    that does to the order of the additions.)"""
+    so that the warps split the columns and never the tile's rows. (A column block, D rounded up
+    to a power of two, narrower than one warp's 32 x 16 bytes, so D <= 64 in float32, <= 128 in
+    16 bits, <= 32 in float64, leaves the lanes of the single warp to split the tile's rows: the
+    scan's comment in segment_sums_kernel says what that does to the order of the additions.)"""
     return max(1, block_dim * element_size // (16 * 32))
 
 
@@ -216,9 +216,9 @@ def segment_sums_kernel(
     # A run of equal rows starts where the row changes, or at the tile's first position; the
     # segmented inclusive sum holds, at the last position of each run, the run's sum, in float32
     # (float64 for float64 tables; 16-bit rows go through float32, as Triton's interpreter
-    # cannot cast bfloat16 to float64); a run of one token comes back exactly. Where a row slice
-    # takes all of the program's threads (D >= 128 in float32, >= 256 in 16 bits: GPT sizes),
-    # the warps split the columns only (segment_warps), each thread holds whole columns of the
+    # cannot cast bfloat16 to float64); a run of one token comes back exactly. Where the column
+    # block takes all of the program's threads (BLOCK_DIM x element size >= 32 x 16 bytes: D > 64
+    # in float32, > 128 in 16 bits, > 32 in float64; GPT sizes), the warps split the columns only (segment_warps), each thread holds whole columns of the
     # tile, and the scan adds its rows one after the other, in token order, as a sequential
     # loop would. In narrower tables lanes split a column's rows and the scan adds in a fixed
     # tree order instead: as deterministic, if not the same bits as the loop.
