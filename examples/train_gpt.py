@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> Comparison:
             model.compile()
     training = dict(device=args.device, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed + 1)
     reference_run, fused_run = train_side_by_side([reference_model, fused_model], batches, **training)
+
     def both_losses(batches: list) -> tuple[float, float]:
         return tuple(eval_loss(model, batches, args.device) for model in (reference_model, fused_model))
 

@@ -86,8 +86,8 @@ def add_device_argument(parser: argparse.ArgumentParser, note: str = "") -> None
 
 def check_output_path(parser: argparse.ArgumentParser, flag: str, path: Path) -> None:
     """A file the run will write, checked now, not after a sweep that may have taken an hour
-    of GPU time: opened for appending, which only a writable path allows (a file made by the
-    test is removed again; os.access would answer yes to root for any path)."""
+    of GPU time: opened for appending, which only a writable path allows (a file this makes is
+    removed again; os.access would answer yes to root for any path)."""
     if not path.parent.is_dir():
         parser.error(f"{flag} {path}: the folder {path.parent} does not exist")
     if path.is_dir():
