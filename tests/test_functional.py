@@ -477,10 +477,43 @@ def test_deterministic_mode_is_bitwise_reproducible(config, dtype, with_position
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+@pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
+@pytest.mark.parametrize("with_position_ids", [False, True], ids=["offset", "position_ids"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpp_backward_adds_each_row_in_token_order(dtype, with_position_ids):
+    """The C++ backward's promise (csrc/fused_embedding.cpp): each row of both gradients is the
+    float32 sum of its tokens' gradient rows, left to right in token order, rounded once to the
+    table's dtype, bit for bit, on any thread count (the order PyTorch's CPU embedding backward
+    adds the token table's in). Skewed ids, so that rows gather many tokens, and D past one of
+    the kernels' 256-column slices."""
+    torch.manual_seed(19)
+    batch, seq_len, vocab, dim = 3, 40, 6, 300
+    tok, pos = make_tables(vocab, seq_len + 2, dim, dtype, "cpu")
+    ids = zipf_ids((batch, seq_len), vocab, 1.2, "cpu")
+    if with_position_ids:
+        positions = torch.randint(0, seq_len + 2, ids.shape)
+        options = {"position_ids": positions}
+    else:
+        positions = (torch.arange(seq_len) + 2).expand_as(ids)
+        options = {"position_offset": 2}
+    grad_out = torch.randn(batch, seq_len, dim, dtype=dtype)
+    expected = []
+    for table, rows in ((tok, ids), (pos, positions)):
+        sums = torch.zeros(table.shape, dtype=torch.float32)
+        for row, grad_row in zip(rows.flatten().tolist(), grad_out.view(-1, dim).float()):  # one rounding per addition
+            sums[row] += grad_row
+        expected.append(sums.to(dtype))
+    for threads in (1, 2):
+        with num_threads(threads):
+            out = fusedemb.fused_embedding(ids, tok, pos, backend="cpp", **options)
+            grads = torch.autograd.grad(out, (tok, pos), grad_out)
+        assert all(torch.equal(got, want) for got, want in zip(grads, expected))
+
+
 @pytest.mark.parametrize("config", [c for c in TRITON_CONFIGS if c[2]], ids=config_id)
 def test_deterministic_mode_adds_each_row_in_token_order(config):
-    """The order the sorted scatter promises at GPT widths (D >= 128 in float32, where each
-    thread holds whole columns of a tile): a row whose tokens fit in one tile of the sorted order
+    """The order the sorted scatter promises at GPT widths (a column block of at least 512
+    bytes, D > 64 in float32, where each thread holds whole columns of a tile): a row whose tokens fit in one tile of the sorted order
     is the float32 sum of its gradient rows, left to right in token order, bit for bit. Every
     row here has exactly TILE tokens, so row r fills tile r. An atomic scatter adds in the order
     its programs run, which is not token order, in Triton's interpreter too: this is the check
