@@ -513,11 +513,12 @@ def test_cpp_backward_adds_each_row_in_token_order(dtype, with_position_ids):
 @pytest.mark.parametrize("config", [c for c in TRITON_CONFIGS if c[2]], ids=config_id)
 def test_deterministic_mode_adds_each_row_in_token_order(config):
     """The order the sorted scatter promises at GPT widths (a column block of at least 512
-    bytes, D > 64 in float32, where each thread holds whole columns of a tile): a row whose tokens fit in one tile of the sorted order
-    is the float32 sum of its gradient rows, left to right in token order, bit for bit. Every
-    row here has exactly TILE tokens, so row r fills tile r. An atomic scatter adds in the order
-    its programs run, which is not token order, in Triton's interpreter too: this is the check
-    that runs in CI that the deterministic mode does not add atomically."""
+    bytes, D > 64 in float32, where each thread holds whole columns of a tile): a row whose
+    tokens fit in one tile of the sorted order is the float32 sum of its gradient rows, left to
+    right in token order, bit for bit. Every row here has exactly TILE tokens, so row r fills
+    tile r. An atomic scatter adds in the order its programs run, which is not token order, in
+    Triton's interpreter too: this is the check that runs in CI that the deterministic mode
+    does not add atomically."""
     from fusedemb.kernels.sorted_scatter import TILE
 
     _, device, _ = config
