@@ -93,6 +93,17 @@ def assert_grad_close(actual, grad_out, index, dtype, skip_row=None) -> None:
     assert worst / scale <= GRAD_TOLERANCE[dtype], f"gradient error {worst:.3e} (scale {scale:.3e}) for {dtype}"
 
 
+def token_order_sums(index: torch.Tensor, grad_out: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The gradient of a table looked up at index, as a sequential loop adds it: each row the
+    float32 sum of its tokens' gradient rows, left to right in token order (one rounding per
+    addition), rounded once to grad_out's dtype."""
+    dim = grad_out.shape[-1]
+    sums = torch.zeros(num_rows, dim, dtype=torch.float32, device=grad_out.device)
+    for row, grad_row in zip(index.flatten().tolist(), grad_out.reshape(-1, dim).float()):
+        sums[row] += grad_row
+    return sums.to(grad_out.dtype)
+
+
 @contextlib.contextmanager
 def num_threads(threads: int):
     """torch's CPU thread count set for the block, and put back after it."""

@@ -22,6 +22,7 @@ from conftest import (
     make_tables,
     num_threads,
     requires_triton,
+    token_order_sums,
     zipf_ids,
 )
 from hypothesis import HealthCheck, given, settings
@@ -497,12 +498,7 @@ def test_cpp_backward_adds_each_row_in_token_order(dtype, with_position_ids):
         positions = (torch.arange(seq_len) + 2).expand_as(ids)
         options = {"position_offset": 2}
     grad_out = torch.randn(batch, seq_len, dim, dtype=dtype)
-    expected = []
-    for table, rows in ((tok, ids), (pos, positions)):
-        sums = torch.zeros(table.shape, dtype=torch.float32)
-        for row, grad_row in zip(rows.flatten().tolist(), grad_out.view(-1, dim).float()):  # one rounding per addition
-            sums[row] += grad_row
-        expected.append(sums.to(dtype))
+    expected = [token_order_sums(rows, grad_out, table.shape[0]) for table, rows in ((tok, ids), (pos, positions))]
     for threads in (1, 2):
         with num_threads(threads):
             out = fusedemb.fused_embedding(ids, tok, pos, backend="cpp", **options)
@@ -529,10 +525,7 @@ def test_deterministic_mode_adds_each_row_in_token_order(config):
     grad_out = torch.randn(*ids.shape, dim, device=device)
     out = fusedemb.fused_embedding(ids, tok, pos, backend="triton", deterministic=True)
     (grad_tok,) = torch.autograd.grad(out, tok, grad_out)
-    expected = torch.zeros_like(grad_tok)
-    for row, grad_row in zip(ids.flatten().tolist(), grad_out.view(-1, dim)):  # one rounding per addition
-        expected[row] += grad_row
-    assert torch.equal(grad_tok, expected)
+    assert torch.equal(grad_tok, token_order_sums(ids, grad_out, num_rows))
 
 
 @pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
