@@ -130,7 +130,9 @@ def fused_embedding(
         return _run_backend(inputs, backend, deterministic, transformed, recording)
     # The reference is eager PyTorch, whose embedding trips a device-side assert on a bad id: it
     # is checked even with the checks switched off (it is not the backend to pick for speed).
-    checked = bounds_check_enabled() or backend == "reference" or transformed
+    # The switch is read last: Dynamo guards what it reads, so a graph of the reference does
+    # not depend on the switch and switching it recompiles nothing.
+    checked = backend == "reference" or transformed or bounds_check_enabled()
     if recording:
         # A graph checks by an operator whose outputs the kernels read (ops.range_checked), each
         # time it runs. Dynamo guards the switch's value: switching it recompiles.

@@ -52,6 +52,18 @@ def backend_config(request):
     return request.param
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied and its counters cleared: graphs made by other tests (or by other
+    parameters of this one, whose functions share code) neither count nor stand in."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
 def interpreted(device: str, backend: str) -> bool:
     return backend == "triton" and device == "cpu"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BACKEND_CONFIGS, TRITON_CONFIGS, config_id, interpreted
+from conftest import TRITON_CONFIGS, config_id
 from torch import nn
 
 import fusedemb
@@ -347,13 +347,11 @@ class TinyGPTInput(nn.Module):
         return self.norm(self.embedding(ids, position_offset=position_offset)).square().mean()
 
 
-@pytest.mark.parametrize(
-    "config", [c for c in BACKEND_CONFIGS if not interpreted(c[1], c[0])], ids=config_id
-)
-def test_torch_compile_fullgraph_matches_eager(config):
-    """No graph break (fullgraph=True) and the same loss and gradients as eager. Triton kernels
-    run through the interpreter cannot be compiled by Inductor, so on CPU this covers the C++ path."""
-    backend, device, deterministic = config
+def test_torch_compile_fullgraph_matches_eager(backend_config, fresh_dynamo):
+    """No graph break (fullgraph=True) and the same loss and gradients as eager. Inductor cannot
+    compile Triton kernels for CPU tensors: under the interpreter the graph calls them through
+    the opaque operators fusedemb::interpreted_forward / _backward (fusedemb/ops.py)."""
+    backend, device, deterministic = backend_config
     torch.manual_seed(0)
     model = TinyGPTInput(backend, deterministic).to(device)
     compiled = torch.compile(model, fullgraph=True)
@@ -372,21 +370,15 @@ def test_torch_compile_fullgraph_matches_eager(config):
             torch.testing.assert_close(compiled_grad, eager_grad)
 
 
-@pytest.mark.parametrize(
-    "config", [c for c in BACKEND_CONFIGS if not interpreted(c[1], c[0])], ids=config_id
-)
-def test_torch_compile_dynamic_sequence_length(config):
+def test_torch_compile_dynamic_sequence_length(backend_config, fresh_dynamo):
     """One graph for every sequence length from 2 up to the whole position table (dynamic=True,
     as generation with a growing context compiles; Dynamo specializes a length of 1 on its own),
     the same as eager for each. One token too many stops tracing: Dynamo reports its own
     Unsupported, whose text carries fusedemb's message."""
-    from torch._dynamo.utils import counters
-
-    backend, device, deterministic = config
+    backend, device, deterministic = backend_config
     torch.manual_seed(0)
     model = TinyGPTInput(backend, deterministic).to(device)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
-    counters.clear()
     for seq_len in (2, 7, 12, 1):
         ids = torch.randint(0, 50, (3, seq_len), device=device)
         torch.testing.assert_close(compiled(ids), model(ids))
@@ -394,9 +386,39 @@ def test_torch_compile_dynamic_sequence_length(config):
         compiled_grads = torch.autograd.grad(compiled(ids), list(model.parameters()))
         for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
             torch.testing.assert_close(compiled_grad, eager_grad)
-    assert counters["stats"]["unique_graphs"] == 2  # lengths 2-12, and length 1
+    assert fresh_dynamo["stats"]["unique_graphs"] == 2  # lengths 2-12, and length 1
     with pytest.raises(Exception, match=r"positions \[0, 13\) .* do not fit the position table of 12 rows"):
         compiled(torch.randint(0, 50, (3, 13), device=device))
+
+
+def test_compiled_backward_keeps_no_copy_of_contiguous_int_indices(fresh_dynamo):
+    """A graph's backward keeps the index tensors it reads. On the C++ path with contiguous int32
+    or int64 ids and position_ids of ids' shape (or none), the call copies none of them, so the
+    backward of the layer compiled alone keeps no intermediate, and AOTAutograd allows
+    backward(retain_graph=True) after that backward is compiled; a copy (here broadcast
+    position_ids, expanded) is an intermediate it donates, and refuses that for (README)."""
+    torch.manual_seed(0)
+    fused = fusedemb.FusedEmbedding(13, 6, 9, backend="cpp")
+    ids = torch.randint(0, 13, (3, 5))
+    full_positions = torch.randint(0, 9, (3, 5))
+    copies_nothing = [(ids, None), (ids.int(), None), (ids, full_positions), (ids.int(), full_positions.int())]
+    cases = [(*inputs, True) for inputs in copies_nothing] + [(ids, full_positions[:1], False)]
+    for call_ids, position_ids, retains in cases:
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda i, p: fused(i, position_ids=p), fullgraph=True, backend="aot_eager")
+        compiled(call_ids, position_ids).sum().backward()  # compiles the backward
+        fused.zero_grad()
+        loss = compiled(call_ids, position_ids).square().sum()
+        if retains:
+            loss.backward(retain_graph=True)
+            loss.backward()
+            eager_loss = fused(call_ids, position_ids=position_ids).square().sum()
+            expected = torch.autograd.grad(2 * eager_loss, list(fused.parameters()))
+            for parameter, grad in zip(fused.parameters(), expected):
+                torch.testing.assert_close(parameter.grad, grad)
+        else:
+            with pytest.raises(RuntimeError, match="donated buffers"):
+                loss.backward(retain_graph=True)
 
 
 def test_operator_and_eager_function_agree(backend_config):

@@ -352,18 +352,6 @@ def test_reference_is_checked_even_with_checks_off(tables, bounds_check_off):
         fusedemb.fused_embedding(torch.tensor([[1, 10]]), tok, pos, backend="reference")
 
 
-@pytest.fixture
-def fresh_dynamo():
-    """Dynamo's caches emptied and its counters cleared: graphs made by other tests (or by other
-    parameters of this one, whose functions share code) neither count nor stand in."""
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    yield counters
-    torch._dynamo.reset()
-
-
 def compiled_embedding(tok, pos, backend):
     return torch.compile(
         lambda ids, positions: fusedemb.fused_embedding(ids, tok, pos, position_ids=positions, backend=backend),
@@ -467,12 +455,21 @@ def test_traced_and_exported_graphs_check_ids_when_they_run(device, backend):
         torch.export.export(fused, (example,)).module()(bad_ids)
 
 
-def test_compiled_reference_is_checked_even_with_checks_off(tables, bounds_check_off, fresh_dynamo):
+def test_compiled_reference_is_checked_whatever_the_switch_says(tables, fresh_dynamo):
     """As in eager: Inductor's code for F.embedding asserts on the device, so the reference's
-    graphs check whatever the switch says."""
+    graphs check whatever the switch says; they do not depend on it, so switching it recompiles
+    nothing."""
     tok, pos = tables
-    with pytest.raises(IndexError, match=r"ids contains 10, outside \[0, 10\) of the token table"):
-        compiled_embedding(tok, pos, "reference")(torch.tensor([[1, 10]]), None)
+    compiled = compiled_embedding(tok, pos, "reference")
+    previous = fusedemb.bounds_check_enabled()
+    try:
+        for enabled in (True, False, True):
+            fusedemb.set_bounds_check(enabled)
+            with pytest.raises(IndexError, match=r"ids contains 10, outside \[0, 10\) of the token table"):
+                compiled(torch.tensor([[1, 10]]), None)
+    finally:
+        fusedemb.set_bounds_check(previous)
+    assert fresh_dynamo["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
