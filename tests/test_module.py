@@ -257,14 +257,20 @@ def test_torch_jit_trace_records_the_operator():
         torch.testing.assert_close(actual, wanted)
 
 
-def test_torch_export_with_a_dynamic_batch():
+def test_torch_export_with_a_dynamic_batch_and_length():
+    """A dynamic length needs its bound, the position table's rows (export names the fix,
+    Dim("seq", max=8), when it is missing); a longer sequence then fails the exported program's
+    own guard on the length."""
     torch.manual_seed(4)
     fused = fusedemb.FusedEmbedding(11, 4, 8, padding_idx=1)
-    batch = torch.export.Dim("batch")
-    exported = torch.export.export(fused, (torch.randint(0, 11, (2, 5)),), dynamic_shapes=({0: batch},))
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=8)}
+    exported = torch.export.export(fused, (torch.randint(0, 11, (2, 5)),), dynamic_shapes=(dims,))
     assert "fusedemb.fused_embedding" in str(exported.graph)
-    ids = torch.randint(0, 11, (3, 5))
-    torch.testing.assert_close(exported.module()(ids), fused(ids), rtol=0, atol=0)
+    for shape in ((3, 5), (1, 8), (4, 2)):
+        ids = torch.randint(0, 11, shape)
+        torch.testing.assert_close(exported.module()(ids), fused(ids), rtol=0, atol=0)
+    with pytest.raises(AssertionError, match=r"ids\.size\(\)\[1\] <= 8"):
+        exported.module()(torch.randint(0, 11, (2, 9)))
     strided = torch.randint(0, 11, (3, 10))[:, ::2]  # the graph has the operator, which takes any layout
     torch.testing.assert_close(exported.module()(strided), fused(strided), rtol=0, atol=0)
 
