@@ -86,6 +86,24 @@ class FusedEmbedding(nn.Module):
         module._attach(tok_emb, pos_emb, backend, deterministic)
         return module
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        tok_weight: torch.Tensor,
+        pos_weight: torch.Tensor,
+        freeze: bool = True,
+        padding_idx: int | None = None,
+        *,
+        backend: str | None = None,
+        deterministic: bool | None = None,
+    ) -> FusedEmbedding:
+        """Tables from tensors (a checkpoint's ``wte`` and ``wpe``), each made a module by
+        ``nn.Embedding.from_pretrained``: the parameters are the tensors themselves, not copies,
+        and ``freeze=True`` (its default, kept here) stops their gradients."""
+        tok_emb = nn.Embedding.from_pretrained(tok_weight, freeze=freeze, padding_idx=padding_idx)
+        pos_emb = nn.Embedding.from_pretrained(pos_weight, freeze=freeze)
+        return cls.from_embeddings(tok_emb, pos_emb, backend=backend, deterministic=deterministic)
+
     @property
     def num_embeddings(self) -> int:
         return self.tok_emb.num_embeddings

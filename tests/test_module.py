@@ -104,6 +104,34 @@ def test_from_embeddings_shares_parameters_and_weight_tying():
     torch.testing.assert_close(tok_emb.weight.grad, ref_tok_emb.weight.grad)
 
 
+@pytest.mark.parametrize("padding_idx", [None, 2, -1])
+@pytest.mark.parametrize("freeze", [True, False])
+def test_from_pretrained_is_the_pair_from_pretrained(freeze, padding_idx):
+    """As nn.Embedding.from_pretrained: the tensors become the parameters (no copy), freeze
+    (default True) stops their gradients, and the outputs and gradients are the pair's."""
+    torch.manual_seed(6)
+    tok, pos = torch.randn(20, 6), torch.randn(5, 6)
+    ids = torch.randint(0, 20, (3, 5))
+    ids[0, :2] = 2 if padding_idx is None else padding_idx % 20
+    fused = fusedemb.FusedEmbedding.from_pretrained(tok, pos, freeze=freeze, padding_idx=padding_idx)
+    tok_emb = nn.Embedding.from_pretrained(tok.clone(), freeze=freeze, padding_idx=padding_idx)
+    pos_emb = nn.Embedding.from_pretrained(pos.clone(), freeze=freeze)
+    assert fused.tok_emb.weight.data_ptr() == tok.data_ptr() and fused.pos_emb.weight.data_ptr() == pos.data_ptr()
+    assert fused.padding_idx == tok_emb.padding_idx
+    assert [p.requires_grad for p in fused.parameters()] == [not freeze] * 2
+    out, expected = fused(ids), tok_emb(ids) + pos_emb(torch.arange(5))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert (out.grad_fn is None) == freeze
+    if not freeze:
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        expected.backward(grad)
+        torch.testing.assert_close(fused.tok_emb.weight.grad, tok_emb.weight.grad)
+        torch.testing.assert_close(fused.pos_emb.weight.grad, pos_emb.weight.grad)
+    with pytest.raises(ValueError, match="same embedding_dim, got 6 and 7"):
+        fusedemb.FusedEmbedding.from_pretrained(tok, torch.randn(5, 7))
+
+
 def test_from_embeddings_rejects_mismatched_or_unsupported_modules():
     with pytest.raises(ValueError, match="same embedding_dim, got 6 and 7"):
         fusedemb.FusedEmbedding.from_embeddings(nn.Embedding(20, 6), nn.Embedding(5, 7))

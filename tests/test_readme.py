@@ -26,3 +26,6 @@ def test_the_usage_example_runs():
     exec(compile(readme_block("Use it", "python"), "README.md (Use it)", "exec"), namespace)
     assert namespace["x"].shape == (2, 16, 768)
     assert namespace["embedding"].tok_emb is namespace["model"].tok_emb  # shared, not copied
+    pretrained, model = namespace["pretrained"], namespace["model"]
+    assert pretrained.tok_emb.weight.data_ptr() == model.tok_emb.weight.data_ptr()
+    assert pretrained.pos_emb.weight.requires_grad
