@@ -50,10 +50,12 @@ step smoke && {
 # over the cores with pytest-xdist where the machine has it (100 s with 8 workers was not enough
 # on an H200 machine), else one process (slower: the timeout may cut it short).
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")
+# Up to 10 failures, not the first only: one failing test must not hide the others from a
+# session that may not see a GPU again soon (a poisoned CUDA context fails the rest fast).
 step tests && {
   timeout 180 python3 -m pytest tests/test_functional.py tests/test_streams.py tests/test_ops.py tests/test_validation.py tests/test_module.py \
     tests/test_sorted_scatter.py \
-    -q -x $workers -p no:cacheprovider > "$out/tests.log" 2>&1
+    -q --maxfail=10 $workers -p no:cacheprovider > "$out/tests.log" 2>&1
   echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$tables"
 }
 

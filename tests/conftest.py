@@ -39,6 +39,8 @@ def _backend_configs():
 BACKEND_CONFIGS = _backend_configs()
 TRITON_CONFIGS = [config for config in BACKEND_CONFIGS if config[0] == "triton"]
 requires_triton = pytest.mark.skipif(not TRITON_CONFIGS, reason="Triton backend unavailable")
+# The C++ kernels need the extension built; the GPU machines' sessions run the tests without it.
+requires_cpp = pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
 
 
 def config_id(config) -> str:

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import fusedemb
+from conftest import requires_cpp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +63,7 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert torch.equal(actual.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
 
 
-@pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
+@requires_cpp
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_16_bit_rows_round_to_nearest_even_as_eager_does(dtype):
     """Bit for bit: out = round(float32(tok) + float32(pos)) and each gradient row the rounded

@@ -21,6 +21,7 @@ from conftest import (
     interpreted,
     make_tables,
     num_threads,
+    requires_cpp,
     requires_triton,
     token_order_sums,
     zipf_ids,
@@ -478,7 +479,7 @@ def test_deterministic_mode_is_bitwise_reproducible(config, dtype, with_position
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
-@pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
+@requires_cpp
 @pytest.mark.parametrize("with_position_ids", [False, True], ids=["offset", "position_ids"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpp_backward_adds_each_row_in_token_order(dtype, with_position_ids):
@@ -528,7 +529,7 @@ def test_deterministic_mode_adds_each_row_in_token_order(config):
     assert torch.equal(grad_tok, token_order_sums(ids, grad_out, num_rows))
 
 
-@pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
+@requires_cpp
 def test_cpp_backward_splits_skewed_work_over_threads_without_changing_a_bit():
     """Large enough for several threads' worth of work (the C++ backward splits its tasks by
     cost), with a hot row, Zipf ids and a partial last column slice: 1, 2 and 3 threads give the

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TABLE_DTYPES
+from conftest import TABLE_DTYPES, requires_cpp
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -269,6 +269,9 @@ def test_torch_jit_script_is_refused_by_name():
         torch.jit.script(fusedemb.FusedEmbedding(11, 4, 8))
 
 
+# On CPU tensors these record the C++ kernels' operator; without the extension the default
+# backend there is the reference, which records aten lookups instead.
+@requires_cpp
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input checks' shape tests
 def test_torch_jit_trace_records_the_operator():
     """The trace records fusedemb::fused_embedding whether or not grad mode is on (the tracer's
@@ -285,6 +288,7 @@ def test_torch_jit_trace_records_the_operator():
         torch.testing.assert_close(actual, wanted)
 
 
+@requires_cpp
 def test_torch_export_with_a_dynamic_batch_and_length():
     """A dynamic length needs its bound, the position table's rows (export names the fix,
     Dim("seq", max=8), when it is missing); a longer sequence then fails the exported program's

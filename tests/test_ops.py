@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRITON_CONFIGS, config_id
+from conftest import TRITON_CONFIGS, config_id, requires_cpp
 from torch import nn
 
 import fusedemb
@@ -46,7 +46,7 @@ def test_opcheck(backend_config, position_ids):
     )
 
 
-@pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
+@requires_cpp
 def test_opcheck_cpp_operators():
     ids, tok, pos, positions = sample_inputs("cpu", position_ids=True)
     tok, pos = tok.detach(), pos.detach()  # the raw kernels are differentiated by the outer op only
@@ -391,6 +391,7 @@ def test_torch_compile_dynamic_sequence_length(backend_config, fresh_dynamo):
         compiled(torch.randint(0, 50, (3, 13), device=device))
 
 
+@requires_cpp
 def test_compiled_backward_keeps_no_copy_of_contiguous_int_indices(fresh_dynamo):
     """A graph's backward keeps the index tensors it reads. On the C++ path with contiguous int32
     or int64 ids and position_ids of ids' shape (or none), the call copies none of them, so the

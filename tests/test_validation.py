@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import assert_grad_close, assert_output_equal
+from conftest import assert_grad_close, assert_output_equal, requires_cpp
 
 import fusedemb
 import fusedemb.functional as functional
@@ -538,7 +538,7 @@ def bounds_check_off():
     fusedemb.set_bounds_check(previous)
 
 
-@pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
+@requires_cpp
 def test_cpp_kernels_check_bounds_themselves(tables, bounds_check_off):
     """With the Python check off, the C++ kernel still refuses to read out of bounds, and names
     the first bad token by its index in ids' shape (broadcast position_ids share that shape)."""
@@ -567,7 +567,7 @@ def test_operators_refuse_a_meta_tensor_among_others(tables, backend):
         torch.ops.fusedemb.fused_embedding_backward(torch.randn(1, 3, 4), ids.to("meta"), None, 0, 10, 8, -1, backend, False)
 
 
-@pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
+@requires_cpp
 def test_cpp_position_check_cannot_overflow():
     """Called directly, without the Python checks (tests/test_ops.py has the others), the C++
     operators check that offset + T fits the position table without computing offset + T."""
