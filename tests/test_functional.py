@@ -496,7 +496,7 @@ def test_cpp_backward_adds_each_row_in_token_order(dtype, with_position_ids):
         positions = torch.randint(0, seq_len + 2, ids.shape)
         options = {"position_ids": positions}
     else:
-        positions = (torch.arange(seq_len) + 2).expand_as(ids)
+        positions = default_positions(ids, 2)
         options = {"position_offset": 2}
     grad_out = torch.randn(batch, seq_len, dim, dtype=dtype)
     expected = [token_order_sums(rows, grad_out, table.shape[0]) for table, rows in ((tok, ids), (pos, positions))]
