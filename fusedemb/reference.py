@@ -4,9 +4,12 @@
     pos[..., t]    = position_ids[..., t]   if position_ids is given (broadcast to ids' shape)
                    = t + position_offset     otherwise
 
-This is exactly what a GPT model computes with two ``nn.Embedding`` modules and an add, so it
-launches three kernels (two gathers and an add) and materialises the gathered rows as
-intermediates: (N, D) for the tokens, (T, D) for the positions.
+This is what a GPT model computes with two ``nn.Embedding`` modules and an add, written for
+every case at once: default positions are expanded to ids' shape, like explicit ones, so both
+gathers materialise (N, D) intermediates that the add reads back. (A GPT model gathers its
+(T, D) position rows once and broadcasts them in the add: the benchmarks' ``eager`` does that,
+fusedemb.bench.implementations.eager_embedding.) Its values are the same either way: each
+element is one addition of a token row's and a position row's element.
 """
 
 from __future__ import annotations
