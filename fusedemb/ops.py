@@ -368,13 +368,31 @@ def _launch_directly(backend: str):
 
 # Kernels go through the registered operators instead of being launched directly where only the
 # dispatcher can handle them: while a dispatch mode traces (make_fx, as torch.func.linearize
-# uses, sees only what goes through the dispatcher), and for autograd's batched tensors
+# uses, sees only what goes through the dispatcher); for tensor subclasses with a
+# __torch_dispatch__ (wrappers such as torch.testing's TwoTensor, quantized or float8 tables),
+# which hold no storage a Triton kernel could read and unwrap themselves at the dispatcher (as
+# the C++ operators, always dispatched, let them); and for autograd's batched tensors
 # (is_grads_batched gradients, the tangents of vectorized forward-mode jacobians), which only
 # the dispatcher's fallback loops over. Those reach eager calls' backward and jvp, and torch.func's
 # forward (func_transforms) as gradients or tangents turned tables: the checks sit there, off the
 # path of an ordinary forward.
 def _tracing() -> bool:
     return torch._C._len_torch_dispatch_stack() > 0
+
+
+_TENSOR, _PARAMETER, _PYTHON_KEY = torch.Tensor, torch.nn.Parameter, torch._C.DispatchKey.Python
+
+
+def _dispatched_in_python(*tensors: torch.Tensor | None) -> bool:
+    """Whether a tensor is a subclass that handles its operators in __torch_dispatch__. (Plain
+    tensors and parameters are told by their type first: the key set costs more host time.)"""
+    return any(
+        tensor is not None
+        and type(tensor) is not _TENSOR
+        and type(tensor) is not _PARAMETER
+        and torch._C._dispatch_keys(tensor).has(_PYTHON_KEY)
+        for tensor in tensors
+    )
 
 
 def batched(tensor: torch.Tensor | None) -> bool:
@@ -385,7 +403,7 @@ def eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, ba
     """The forward kernels of an eager call, launched directly. Called alone when there is
     nothing to differentiate (inference, decoding): no autograd node is built, as eager
     PyTorch builds none for nn.Embedding under torch.no_grad()."""
-    if _tracing():
+    if _tracing() or _dispatched_in_python(ids, tok_weight, pos_weight, position_ids):
         return fused_embedding_op(ids, tok_weight, pos_weight, position_ids, position_offset, -1, backend, False)
     with _launch_directly(backend):
         return forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
@@ -399,7 +417,7 @@ def eager_backward(
     args = (grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend,
             deterministic)  # fmt: skip
     needs = {"tok_needs_grad": tok_needs_grad, "pos_needs_grad": pos_needs_grad}
-    if _tracing() or batched(grad_out):
+    if _tracing() or batched(grad_out) or _dispatched_in_python(grad_out, ids, position_ids):
         return fused_embedding_backward_op(*args, **needs)
     with _launch_directly(backend):
         return backward_kernels(*args, **needs)

@@ -16,6 +16,7 @@ from conftest import (
     TABLE_DTYPES,
     TRITON_CONFIGS,
     assert_grad_close,
+    assert_output_equal,
     check_against_reference,
     config_id,
     interpreted,
@@ -359,6 +360,36 @@ def test_non_contiguous_inputs(backend_config, dtype):
     check_against_reference(backend_config, ids, strided_rows, pos)
     check_against_reference(backend_config, ids, transposed, strided_pos, grad_out=grad_out)
     check_against_reference(backend_config, ids, strided_rows, strided_pos, position_ids=position_ids)
+
+
+def test_tensor_subclass_tables_are_unwrapped_as_by_nn_embedding(backend_config):
+    """Tables of a __torch_dispatch__ subclass (TwoTensor holds two tensors and runs every
+    operator on both, as quantized and float8 tables wrap theirs) reach the kernels unwrapped,
+    as nn.Embedding's do: the Triton path, which reads tables' memory directly, sends them through
+    the dispatcher (a wrapper has no storage of its own to read)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    backend, device, deterministic = backend_config
+    torch.manual_seed(14)
+    tok, pos = torch.randn(11, 5, device=device), torch.randn(9, 5, device=device)
+    ids = torch.randint(0, 11, (2, 6), device=device)
+    ids[0, :4] = 3  # a repeated id, and the padding row
+    grad_out = torch.randn(2, 6, 5, device=device)
+    options = dict(position_offset=2, padding_idx=3, backend=backend, deterministic=deterministic)
+    tok_pair = TwoTensor(tok, 2 * tok).requires_grad_()
+    pos_pair = TwoTensor(pos, -pos).requires_grad_()
+    for grad_mode in (torch.no_grad(), torch.enable_grad()):
+        with grad_mode:
+            out = fusedemb.fused_embedding(ids, tok_pair, pos_pair, **options)
+        assert type(out) is TwoTensor
+        for got, tok_inner, pos_inner in ((out.a, tok, pos), (out.b, 2 * tok, -pos)):
+            expected = fused_embedding_reference(ids, tok_inner, pos_inner, position_offset=2, padding_idx=3)
+            assert_output_equal(got, expected, device, backend)
+    grad_tok, grad_pos = torch.autograd.grad(out, (tok_pair, pos_pair), TwoTensor(grad_out, 3 * grad_out))
+    assert type(grad_tok) is TwoTensor and type(grad_pos) is TwoTensor
+    for grads, inner_grad_out in (((grad_tok.a, grad_pos.a), grad_out), ((grad_tok.b, grad_pos.b), 3 * grad_out)):
+        assert_grad_close(grads[0], inner_grad_out, ids, torch.float32, skip_row=3)
+        assert_grad_close(grads[1], inner_grad_out, default_positions(ids, 2), torch.float32)
 
 
 def test_gradcheck_float64(backend_config):
