@@ -251,11 +251,15 @@ def check_dense_tensor(name: str, tensor: torch.Tensor) -> None:
 def as_int(value, name: str) -> int | torch.SymInt:
     """An int argument: ints (symbolic ones under torch.compile) as they are, other integers
     (numpy's) as ints; bools, floats, arrays and tensors refused. (Under torch.compile pass
-    Python ints: Dynamo traces a numpy integer as an array, which is refused.)"""
+    Python ints: Dynamo traces a numpy integer as an array, which is refused.) A tensor is not
+    read here: on a GPU that would wait for it, unseen; the message says how to do it openly
+    (a KV cache's length kept as a tensor, say)."""
     if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
         return value
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return operator.index(value)
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be an int, got Tensor: pass int() of it (which waits for a GPU tensor's value)")
     raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 

@@ -300,8 +300,10 @@ def test_operators_run_kernels_only(tables, backend):
 @pytest.mark.parametrize("value", [1.0, True, torch.tensor(1), "1"], ids=["float", "bool", "tensor", "str"])
 def test_int_arguments_refuse_other_types(tables, argument, value):
     tok, pos = tables
-    with pytest.raises(TypeError, match=f"{argument} must be an int, got {type(value).__name__}"):
+    with pytest.raises(TypeError, match=f"{argument} must be an int, got {type(value).__name__}") as error:
         fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), tok, pos, **{argument: value})
+    if isinstance(value, torch.Tensor):
+        assert "pass int() of it" in str(error.value)
 
 
 def test_int_arguments_take_numpy_integers(tables):
