@@ -24,8 +24,9 @@ counting sort's per-chunk counts would grow too large, torch.sort does that inst
 5. `segment_sums_kernel`: the sorted order is cut into tiles of TILE positions. Each tile
    gathers its gradient rows at once, sums every run of equal rows (in token order at GPT
    widths, in a fixed tree order in narrow tables: see the kernel), and writes the rows that
-   begin and end inside the tile straight to the table. A row that crosses a tile edge leaves a partial sum per tile instead (at most two per tile: the run at its head, the
-   run at its tail), so one hot row (one id over the whole batch) is summed by many programs.
+   begin and end inside the tile straight to the table. A row that crosses a tile edge leaves
+   a partial sum per tile instead (at most two per tile: the run at its head, the run at its
+   tail), so one hot row (one id over the whole batch) is summed by many programs.
 6. `sum_head_blocks_kernel`: the heads of every block of PARTIALS_BLOCK tiles that one row
    covers are summed into a block sum, so that a hot row's partials are added by many programs
    at once rather than all by one.
