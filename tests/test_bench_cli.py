@@ -21,6 +21,7 @@ from fusedemb.bench.ids import Same, Text, Uniform, Zipf, parse_distribution
 from fusedemb.bench.implementations import Implementation, build_implementations, eager_embedding
 from fusedemb.bench.memory import peak_extra_bytes
 from fusedemb.bench.passes import make_inputs, make_pass
+from fusedemb.bench.plot import plot_report
 from fusedemb.bench.report import Report, format_table
 from fusedemb.bench.runner import Result, Runner
 from fusedemb.bench.timing import CacheFlush, CpuTimer, TimingStats, last_level_cache_bytes
@@ -567,6 +568,27 @@ def test_tiny_cpu_run_writes_the_table_json_and_plot(tmp_path, capsys):
         assert result["peak_extra_bytes"] >= 0
         assert result["speedup_vs_eager"] > 0 and result["speedup_vs_compile"] is None
     assert plot_path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_every_line_of_the_plot_is_told_apart_at_one_problem_size(tmp_path):
+    """Colour tells implementations apart, line style and marker the dtypes and id distributions:
+    with one batch size a series is a single dot, which only its marker distinguishes."""
+    pytest.importorskip("matplotlib")
+    timing = TimingStats(1e-4, 9e-5, 1.1e-4, 5, 1e-4)
+    results = [
+        Result(tiny_problem(ids, dtype=dtype), impl, "forward", "ok", bytes=1000, timing=timing, gbps=1.0,
+               copy_fraction=0.1, peak_extra_bytes=0)
+        for impl in ("fusedemb", "eager")
+        for dtype in (torch.float32, torch.bfloat16)
+        for ids in ("uniform", "zipf:1.1", "same", "zipf:1.3")
+    ]  # fmt: skip
+    figure = plot_report(Report(made_up_environment("cpu"), {}, 1e10, {}, results), tmp_path / "plot.png")
+    series = [line for line in figure.axes[0].get_lines() if line.get_label() != "copy bandwidth"]
+    assert len(series) == 16
+    looks = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in series}
+    assert len(looks) == 16
+    markers = {line.get_label().removeprefix("eager ").removeprefix("fusedemb "): line.get_marker() for line in series}
+    assert len(set(markers.values())) == 8  # a dot's marker alone names its variant
 
 
 def test_a_run_with_a_failure_exits_nonzero(monkeypatch, tmp_path):

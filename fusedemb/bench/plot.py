@@ -12,7 +12,11 @@ from pathlib import Path
 
 from fusedemb.bench.report import Report
 
+# Each variant of the varying fields gets a line style and a marker: the marker tells the
+# variants apart where a run has one problem size per line (a dot, no line to style). Eleven
+# markers against four styles, coprime, so the first 44 variants each get a pair of their own.
 LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h")
 
 
 def plot_suffixes() -> tuple[str, ...]:
@@ -24,7 +28,9 @@ def plot_suffixes() -> tuple[str, ...]:
     return tuple(f".{suffix}" for suffix in FigureCanvasBase.get_supported_filetypes() if suffix != "pgf")
 
 
-def plot_report(report: Report, path: Path) -> None:
+def plot_report(report: Report, path: Path):
+    """Draw the report's timed results and save the figure to path; the matplotlib Figure is
+    returned too."""
     from matplotlib.figure import Figure
 
     timed = [result for result in report.results if result.status == "ok"]
@@ -36,11 +42,14 @@ def plot_report(report: Report, path: Path) -> None:
         if len({result.problem.describe()[key] for result in timed}) > 1
     ]
 
-    # One colour per implementation, one line style per variant of the varying fields.
+    # One colour per implementation, one (line style, marker) per variant of the varying fields.
     impls = list(dict.fromkeys(result.impl for result in timed))
     variants = list(dict.fromkeys(_variant(result, varying) for result in timed))
     colors = {impl: f"C{index % 10}" for index, impl in enumerate(impls)}
-    styles = {variant: LINE_STYLES[index % len(LINE_STYLES)] for index, variant in enumerate(variants)}
+    styles = {
+        variant: (LINE_STYLES[index % len(LINE_STYLES)], MARKERS[index % len(MARKERS)])
+        for index, variant in enumerate(variants)
+    }
 
     figure = Figure(figsize=(5 * len(passes) + 2.5, 4.2), layout="constrained")
     axes = figure.subplots(1, len(passes), squeeze=False)[0]
@@ -51,7 +60,8 @@ def plot_report(report: Report, path: Path) -> None:
                 lines[result.impl, _variant(result, varying)].append((result.problem.tokens, result.gbps))
         for (impl, variant), points in lines.items():
             tokens, gbps = zip(*sorted(points))
-            ax.plot(tokens, gbps, marker="o", color=colors[impl], linestyle=styles[variant],
+            linestyle, marker = styles[variant]
+            ax.plot(tokens, gbps, marker=marker, color=colors[impl], linestyle=linestyle,
                     label=f"{impl} {variant}".strip())
         ax.axhline(report.copy_bandwidth / 1e9, color="black", linewidth=2, alpha=0.4, label="copy bandwidth")
         ax.set_xscale("log", base=2)
@@ -64,6 +74,7 @@ def plot_report(report: Report, path: Path) -> None:
     env = report.environment
     figure.suptitle(f"fusedemb on {env['device_name']} ({env['device']}, torch {env['torch']})")
     figure.savefig(path, dpi=120)
+    return figure
 
 
 def _variant(result, varying: list[str]) -> str:
