@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import fusedemb
-from fusedemb.bench.cli import text_file
-from fusedemb.data import create_dataloader, use_checkout_tiktoken_cache
+from fusedemb.bench.cli import require_gpt2_tokenizer, text_file
+from fusedemb.data import create_dataloader
 
 VOCAB_SIZE = 50257  # GPT-2's byte-pair vocabulary
 EMBEDDING_DIM = 256
@@ -31,16 +31,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", type=text_file, required=True, metavar="FILE", help="UTF-8 text file, e.g. the-verdict.txt")
     parser.add_argument("--seed", type=int, default=123)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    require_gpt2_tokenizer(parser)  # ../shared/data/tiktoken beside a checkout, unless TIKTOKEN_CACHE_DIR is set
+    return args
 
 
 def main(argv: list[str] | None = None) -> torch.Tensor:
     """Runs the walk-through and returns the fused input embeddings, shape (8, 4, 256)."""
     args = parse_args(argv)
-    use_checkout_tiktoken_cache()  # ../shared/data/tiktoken beside a checkout, unless TIKTOKEN_CACHE_DIR is set
-    loader = create_dataloader(
-        args.text, batch_size=BATCH_SIZE, max_length=CONTEXT_LENGTH, stride=CONTEXT_LENGTH, shuffle=False
-    )
+    try:
+        loader = create_dataloader(
+            args.text, batch_size=BATCH_SIZE, max_length=CONTEXT_LENGTH, stride=CONTEXT_LENGTH, shuffle=False
+        )
+    except ValueError as error:  # too short for one batch of windows
+        raise SystemExit(f"ch02_embeddings.py: {error}; use a longer text") from None
     inputs, targets = next(iter(loader))
     print(f"token ids {tuple(inputs.shape)}:\n{inputs}")
     print(f"targets (inputs shifted by one token) {tuple(targets.shape)}:\n{targets}")

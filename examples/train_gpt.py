@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from gpt_model import CONFIGS, GPTConfig, GPTModel
 
-from fusedemb.bench.cli import text_file
-from fusedemb.data import create_dataloader, split_text, use_checkout_tiktoken_cache
+from fusedemb.bench.cli import check_device, require_gpt2_tokenizer, text_file
+from fusedemb.data import create_dataloader, split_text
 
 # Largest accepted |loss_nn - loss_fused| at any step. Reordering a float32 sum of k terms
 # changes it by at most about k * 2^-24 relative to the sum of magnitudes: for the sums here
@@ -132,6 +132,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
     if not (args.val_ratio == 0 or 0 < 1 - args.val_ratio < 1):
         parser.error(f"--val-ratio must be 0 or in (0, 1), got {args.val_ratio}")
+    try:
+        check_device(parser, torch.device(args.device).type)
+    except RuntimeError as error:  # not a device string
+        parser.error(f"--device {args.device}: {error}")
+    require_gpt2_tokenizer(parser)
     return args
 
 
@@ -298,13 +303,16 @@ def main(argv: list[str] | None = None) -> Comparison:
     config = CONFIGS[args.config]
     if args.drop_rate is not None:
         config = replace(config, drop_rate=args.drop_rate)
-    use_checkout_tiktoken_cache()
     train_text, held_out = split_text(args.text, 1 - args.val_ratio) if args.val_ratio > 0 else (args.text, "")
     try:
         batches = training_batches(train_text, config, args.batch_size, args.steps, args.seed)
-    except ValueError as error:  # the text has fewer windows than a batch, or not one
+    except ValueError as error:  # the training part has fewer windows than a batch, or not one
         remedy = "a longer text" if "too short" in str(error) else "a smaller --batch-size or a longer text"
-        raise SystemExit(f"train_gpt.py: {error}; use {remedy}") from None
+        part = ""
+        if args.val_ratio > 0:
+            part = f"the training part of the text ({1 - args.val_ratio:.0%} of it, --val-ratio {args.val_ratio}): "
+            remedy += " or a smaller --val-ratio"
+        raise SystemExit(f"train_gpt.py: {part}{error}; use {remedy}") from None
     held_out_batches = validation_batches(held_out, config, args.batch_size) if held_out else []
 
     reference_model = build_model(config, fused_embedding=False, seed=args.seed)

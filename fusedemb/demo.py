@@ -22,8 +22,8 @@ import time
 import torch
 from torch import nn
 
-from fusedemb.bench.cli import add_device_argument, check_device, text_file
-from fusedemb.data import END_OF_TEXT, load_gpt2_tokenizer, tile_to_batch, use_checkout_tiktoken_cache
+from fusedemb.bench.cli import add_device_argument, check_device, require_gpt2_tokenizer, text_file
+from fusedemb.data import END_OF_TEXT, load_gpt2_tokenizer, tile_to_batch
 from fusedemb.module import FusedEmbedding
 
 DEFAULT_TEXT = (
@@ -49,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     check_device(parser, args.device)
+    require_gpt2_tokenizer(parser)
     return args
 
 
@@ -71,7 +72,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     text = args.text or DEFAULT_TEXT
-    use_checkout_tiktoken_cache()
     tokenizer = load_gpt2_tokenizer()
     token_ids = torch.tensor(tokenizer.encode(text, allowed_special={END_OF_TEXT}), dtype=torch.int64)
     ids = tile_to_batch(token_ids, args.batch, args.seq_len).to(device)

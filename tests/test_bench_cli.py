@@ -215,6 +215,22 @@ def test_text_ids_are_the_tokenized_file_tiled_over_the_batch(tmp_path):
     assert torch.equal(folded, ids % 1000)
 
 
+def test_text_that_gives_no_ids_is_refused_before_the_sweep(tmp_path, capsys):
+    """Tokenized when the argument is parsed: an empty or undecodable file is a usage error
+    (exit 2) before anything is timed, not an error row on its turn in the sweep."""
+    use_shared_tiktoken_cache()
+    empty, latin1 = tmp_path / "empty.txt", tmp_path / "latin1.txt"
+    empty.write_text("")
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    for path, message in ((empty, "holds no tokens"), (latin1, "can't decode byte")):
+        with pytest.raises(ValueError, match=message):
+            parse_distribution(f"text:{path}")
+        with pytest.raises(SystemExit) as exit_info:
+            cli.parse_args([*TINY_ARGS, "--ids", f"text:{path}"])
+        assert exit_info.value.code == 2
+        assert "argument --ids: " in capsys.readouterr().err
+
+
 def test_text_of_the_shared_story_is_real_skewed_text():
     use_shared_tiktoken_cache()
     distribution = parse_distribution(f"text:{verdict_path()}")

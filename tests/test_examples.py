@@ -218,6 +218,58 @@ def test_text_that_cannot_be_used_is_a_usage_error(script, tmp_path, capsys):
         assert f"argument --text: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script", ["demo", "train_gpt", "ch02_embeddings"])
+def test_a_missing_tokenizer_is_a_usage_error_naming_tiktoken_cache_dir(script, monkeypatch, tmp_path, capsys):
+    """No gpt2 encoding (no network, no cache): exit status 2 and fusedemb.data's message, not
+    a traceback chained through tiktoken's download attempt."""
+    import tiktoken
+
+    def offline_get_encoding(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline_get_encoding)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "no-cache"))
+    module = demo_module() if script == "demo" else import_example(script)
+    text = tmp_path / "text.txt"
+    text.write_text("Some text to tokenize.")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--text", str(text)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "error: cannot load tiktoken's 'gpt2' encoding" in error and str(tmp_path / "no-cache") in error
+    assert "Traceback" not in error
+
+
+def demo_module():
+    from fusedemb import demo
+
+    return demo
+
+
+def test_train_gpt_refuses_a_device_it_cannot_use(verdict, capsys):
+    train_gpt = import_example("train_gpt")
+    devices = [("gpu", "--device gpu: ")] + ([] if torch.cuda.is_available() else [("cuda", "torch sees no CUDA device")])
+    for device, message in devices:
+        with pytest.raises(SystemExit) as exit_info:
+            train_gpt.main(["--text", str(verdict), "--device", device])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_train_gpt_names_the_validation_share_when_the_training_part_is_too_short(verdict):
+    train_gpt = import_example("train_gpt")
+    with pytest.raises(SystemExit, match=r"the training part of the text \(1% of it, --val-ratio 0.99\).*smaller --val-ratio"):
+        train_gpt.main(["--text", str(verdict), "--steps", "1", "--val-ratio", "0.99"])
+
+
+def test_ch02_says_when_the_text_is_too_short(tmp_path, verdict):
+    ch02 = import_example("ch02_embeddings")
+    text = tmp_path / "short.txt"
+    text.write_text("hi there")
+    with pytest.raises(SystemExit, match=r"text is too short for one window.*use a longer text"):
+        ch02.main(["--text", str(text)])
+
+
 def test_demo_checks_and_times_both_passes(capsys):
     use_shared_tiktoken_cache()
     from fusedemb import demo

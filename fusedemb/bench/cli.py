@@ -37,6 +37,7 @@ from fusedemb.bench.plot import plot_report, plot_suffixes
 from fusedemb.bench.report import Report, format_table, write_json
 from fusedemb.bench.runner import Runner
 from fusedemb.bench.timing import copy_bandwidth, make_timer
+from fusedemb.data import load_gpt2_tokenizer, use_checkout_tiktoken_cache
 from fusedemb.validation import bounds_check_enabled, set_bounds_check
 
 # Defaults sized so that a bare run takes about a minute: on a GPU three batch sizes from 4k to
@@ -100,6 +101,17 @@ def check_output_path(parser: argparse.ArgumentParser, flag: str, path: Path) ->
         parser.error(f"{flag} {path}: cannot be written ({error.strerror})")
     if not existed:
         path.unlink()
+
+
+def require_gpt2_tokenizer(parser: argparse.ArgumentParser) -> None:
+    """A usage error, not a traceback chained through tiktoken's download attempt, where the
+    gpt2 encoding cannot be loaded (no tiktoken, no network and no cache). Points
+    TIKTOKEN_CACHE_DIR at the checkout's cache first, unless the caller set it."""
+    use_checkout_tiktoken_cache()
+    try:
+        load_gpt2_tokenizer()  # tiktoken keeps the loaded encoding: the tool's own call is free
+    except (ImportError, RuntimeError) as error:
+        parser.error(str(error))
 
 
 def check_device(parser: argparse.ArgumentParser, device: str) -> None:

@@ -100,6 +100,12 @@ def parse_distribution(spec: str) -> IdDistribution:
         path = Path(argument)
         if not path.is_file():
             raise ValueError(f"no such text file: {argument}")
+        # Tokenized now (once per run: cached), so that a file that cannot be read or holds no
+        # tokens, or a missing tokenizer, stops the run before its sweep, not on the file's turn.
+        try:
+            _gpt2_tokens(path.resolve())
+        except (OSError, UnicodeDecodeError, ImportError, RuntimeError) as error:
+            raise ValueError(f"text:{argument}: {error}") from None
         return Text(path)
     raise ValueError(f"unknown id distribution {spec!r}: use uniform, same, zipf:S or text:FILE")
 
