@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fusedemb.bench.cli import add_device_argument, check_device, require_gpt2_tokenizer, text_file
+from fusedemb.bench.environment import warn_if_cpu_busy
 from fusedemb.data import END_OF_TEXT, load_gpt2_tokenizer, tile_to_batch
 from fusedemb.module import FusedEmbedding
 
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
     for a, e in zip(actual_grads, expected_grads):
         torch.testing.assert_close(a, e)
 
+    warn_if_cpu_busy(device.type)  # a wall-clock median of a few runs, and no cache flush: a rough figure
     with torch.no_grad():
         plain_ms = median_ms(plain, args.repeats, device)
         fused_ms = median_ms(lambda: fused(ids), args.repeats, device)

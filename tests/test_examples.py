@@ -218,6 +218,15 @@ def test_text_that_cannot_be_used_is_a_usage_error(script, tmp_path, capsys):
         assert f"argument --text: {message}" in capsys.readouterr().err
 
 
+def test_demo_warns_that_its_cpu_timings_are_noisy_on_a_busy_machine(capsys, monkeypatch):
+    use_shared_tiktoken_cache()
+    from fusedemb import demo
+
+    monkeypatch.setattr("fusedemb.bench.environment.load_average", lambda: 64.0)
+    assert demo.main(["--batch", "1", "--seq-len", "4", "--dim", "4", "--repeats", "1", "--device", "cpu"]) == 0
+    assert "warning: load average 64.00 on" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script", ["demo", "train_gpt", "ch02_embeddings"])
 def test_a_missing_tokenizer_is_a_usage_error_naming_tiktoken_cache_dir(script, monkeypatch, tmp_path, capsys):
     """No gpt2 encoding (no network, no cache): exit status 2 and fusedemb.data's message, not
@@ -270,11 +279,14 @@ def test_ch02_says_when_the_text_is_too_short(tmp_path, verdict):
         ch02.main(["--text", str(text)])
 
 
-def test_demo_checks_and_times_both_passes(capsys):
+def test_demo_checks_and_times_both_passes(capsys, monkeypatch):
     use_shared_tiktoken_cache()
     from fusedemb import demo
 
+    monkeypatch.setattr("fusedemb.bench.environment.load_average", lambda: 0.0)
     assert demo.main(["--batch", "2", "--seq-len", "16", "--dim", "8", "--repeats", "1"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "load average" not in captured.err
+    printed = captured.out
     assert "max |fused - nn.Embedding|: output 0" in printed
     assert "inference forward (no_grad)" in printed and "forward+backward" in printed

@@ -31,7 +31,7 @@ import torch
 from fusedemb.bench import implementations
 from fusedemb.bench.bytes_model import PASSES
 from fusedemb.bench.configs import DEFAULT_PRESET, DTYPES, PRESETS, resolve_configs, sweep
-from fusedemb.bench.environment import describe_environment
+from fusedemb.bench.environment import describe_environment, warn_if_cpu_busy
 from fusedemb.bench.ids import parse_distribution
 from fusedemb.bench.plot import plot_report, plot_suffixes
 from fusedemb.bench.report import Report, format_table, write_json
@@ -198,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = sweep(args.configs, args.batch, [DTYPES[name] for name in args.dtype], args.ids)
     available, skipped = implementations.build_implementations(args.impl, args.device)
     environment = describe_environment(args.device)  # before the sweep: its load average
-    if args.device == "cpu" and (environment["load_average"] or 0) > 0.5 * (environment["cpu_count"] or 1):
-        print(f"warning: load average {environment['load_average']:.2f} on {environment['cpu_count']} CPUs: other "
-              "work is running, and CPU timings will be noisy", file=sys.stderr)  # fmt: skip
+    warn_if_cpu_busy(args.device)
     timer = make_timer(args.device, quick=args.quick)
     buffer_mib = (QUICK_COPY_BUFFER_MIB if args.quick else COPY_BUFFER_MIB)[args.device]
     measure_copy = functools.partial(copy_bandwidth, timer, args.device, buffer_mib * 2**20)

@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -62,6 +63,15 @@ def load_average() -> float | None:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
+
+
+def warn_if_cpu_busy(device: str) -> None:
+    """Before timing on the CPU: a warning on stderr when the load average says other work
+    holds more than half of the CPUs, so that the timings will be noisy."""
+    load, cpus = load_average(), os.cpu_count() or 1
+    if device == "cpu" and load is not None and load > 0.5 * cpus:
+        print(f"warning: load average {load:.2f} on {cpus} CPUs: other work is running, and CPU timings will be "
+              "noisy", file=sys.stderr)  # fmt: skip
 
 
 def _transparent_huge_pages() -> str | None:
