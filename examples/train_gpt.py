@@ -166,12 +166,13 @@ def validation_batches(text: str, config: GPTConfig, batch_size: int) -> list:
 
 
 def eval_loss(model: GPTModel, batches: list, device: str) -> float:
-    """Mean next-token loss over the batches' windows, in eval mode (no dropout)."""
+    """Mean next-token loss over the batches' windows, in eval mode (no dropout): each batch's
+    mean weighted by its windows, as the last batch may be short."""
     model.eval()
     with torch.no_grad():
         losses = [next_token_loss(model(inputs.to(device)), targets.to(device)).item() for inputs, targets in batches]
     model.train()
-    return statistics.fmean(losses)
+    return statistics.fmean(losses, weights=[len(inputs) for inputs, _ in batches])
 
 
 def build_model(config: GPTConfig, fused_embedding: bool, seed: int) -> GPTModel:

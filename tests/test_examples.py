@@ -155,6 +155,18 @@ def test_train_gpt_says_what_to_change_when_the_text_is_too_short(tmp_path, verd
             train_gpt.main(["--text", str(text), "--batch-size", "64", "--steps", "1", "--val-ratio", "0"])
 
 
+def test_validation_loss_is_the_mean_over_windows_when_the_last_batch_is_short(gpt_model):
+    train_gpt = import_example("train_gpt")
+    config = small_config(gpt_model)
+    torch.manual_seed(0)
+    model = gpt_model.GPTModel(config, fused_embedding=True)
+    inputs = torch.randint(0, config.vocab_size, (4, config.context_length))
+    targets = torch.randint(0, config.vocab_size, (4, config.context_length))
+    whole = train_gpt.eval_loss(model, [(inputs, targets)], "cpu")
+    split = train_gpt.eval_loss(model, [(inputs[:3], targets[:3]), (inputs[3:], targets[3:])], "cpu")
+    assert split == pytest.approx(whole, rel=1e-6)
+
+
 def test_nn_embedding_checkpoint_loads_strictly_into_the_fused_model(gpt_model):
     config = small_config(gpt_model)
     torch.manual_seed(0)
