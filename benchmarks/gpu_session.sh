@@ -18,6 +18,10 @@
 # GPU_SESSION_STEPS picks steps by name (default: all of "smoke tests bench sortcross rangecheck host profile"),
 # for a session that splits its device time between calls.
 set -u
+case ${1:-} in  # the header above for --help; an option where OUT_DIR goes is a mistake
+  -h | --help) sed -n '2,/^set /s/^# \{0,1\}//p' "$0"; exit 0 ;;
+  -*) echo "usage: gpu_session.sh OUT_DIR [DATA_DIR] (--help for more)" >&2; exit 2 ;;
+esac
 out=${1:?usage: gpu_session.sh OUT_DIR [DATA_DIR]}
 data=${2:-../shared/data}
 steps=" ${GPU_SESSION_STEPS:-smoke tests bench sortcross rangecheck host profile} "

@@ -4,6 +4,8 @@ find out that one has rotted."""
 from __future__ import annotations
 
 import importlib.util
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,18 @@ def test_scripts_refuse_counts_out_of_range(script, argv, message, capsys):
         load_script(script).main(["--device", "cpu", *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["cpu_session.sh", "gpu_session.sh"])
+def test_session_scripts_answer_help_and_refuse_an_option_for_their_folder(script, tmp_path):
+    """--help prints the script's header; another option where OUT_DIR goes is a usage error
+    (the scripts would otherwise make a folder of that name, or pass it on to mkdir as an option)."""
+    def run(argument):
+        return subprocess.run(["bash", str(BENCHMARKS / script), argument], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=60)  # fmt: skip
+
+    shown = run("--help")
+    assert shown.returncode == 0 and re.search(rf"Usage, from the repo root.*: bash benchmarks/{script} OUT_DIR", shown.stdout)
+    refused = run("--out")
+    assert refused.returncode == 2 and f"usage: {script} OUT_DIR [DATA_DIR]" in refused.stderr
+    assert list(tmp_path.iterdir()) == []
