@@ -19,6 +19,7 @@ tokenizer that has tiktoken's ``encode(text, allowed_special=...)`` method.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -132,6 +133,14 @@ def create_dataloader(
     Other keyword arguments (``pin_memory``, ``persistent_workers``, ``prefetch_factor``...) go
     to the DataLoader as they are.
     """
+    # The text itself, not a file's name: a name would be tokenized as it is, a few ids, and
+    # give windows of the name without a word. (A short line only: a text is rarely one.)
+    if len(text) < 4096 and "\n" not in text and os.path.isfile(text):
+        warnings.warn(
+            f"create_dataloader got {text!r}, the name of a file: it tokenizes the string it is given, so pass "
+            "the file's contents (Path(name).read_text())",
+            stacklevel=2,
+        )
     dataset = GPTDataset(text, load_gpt2_tokenizer(), max_length, stride)
     if drop_last and len(dataset) < batch_size:
         raise ValueError(

@@ -122,6 +122,16 @@ def test_dataloader_refuses_a_text_with_fewer_windows_than_one_batch():
         create_dataloader("Hello, world. This is a short text.", batch_size=4, max_length=4, stride=4)
 
 
+def test_dataloader_warns_when_given_a_file_name_instead_of_a_text(tmp_path, recwarn):
+    use_shared_tiktoken_cache()
+    path = tmp_path / "story.txt"
+    path.write_text("Not read: the loader takes texts.")
+    with pytest.warns(UserWarning, match=r"the name of a file: .*\(Path\(name\)\.read_text\(\)\)"):
+        create_dataloader(str(path), batch_size=1, max_length=4, stride=4)
+    create_dataloader(f"The story is in {path}.", batch_size=1, max_length=4, stride=4)  # a text naming a file
+    assert not recwarn.list
+
+
 def test_dataloader_passes_other_options_to_the_dataloader():
     use_shared_tiktoken_cache()
     loader = create_dataloader(verdict_text(), batch_size=2, max_length=8, stride=8, num_workers=1, persistent_workers=True, prefetch_factor=3)
