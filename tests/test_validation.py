@@ -570,12 +570,17 @@ def test_operators_refuse_a_meta_tensor_among_others(tables, backend):
 
 
 @requires_cpp
-def test_cpp_position_check_cannot_overflow():
+@pytest.mark.parametrize("position_offset", [2**62, -1], ids=["huge", "negative"])
+def test_cpp_position_check_refuses_offsets_outside_the_table(position_offset):
     """Called directly, without the Python checks (tests/test_ops.py has the others), the C++
-    operators check that offset + T fits the position table without computing offset + T."""
+    operators check that [offset, offset + T) lies in the position table, without computing
+    offset + T (a huge offset would overflow) and refusing a negative offset (the forward would
+    read row -1, the backward index its row counts at -1)."""
     ids = torch.zeros(1, 5, dtype=torch.long)
     with pytest.raises(IndexError, match="do not fit the position table of 8 rows"):
-        torch.ops.fusedemb.cpu_forward(ids, torch.zeros(10, 3), torch.zeros(8, 3), None, 2**62)
+        torch.ops.fusedemb.cpu_forward(ids, torch.zeros(10, 3), torch.zeros(8, 3), None, position_offset)
+    with pytest.raises(IndexError, match="do not fit the position table of 8 rows"):
+        torch.ops.fusedemb.cpu_backward(torch.zeros(1, 5, 3), ids, None, position_offset, 10, 8, -1)
 
 
 @pytest.mark.skipif("triton" not in fusedemb.available_backends("cuda" if torch.cuda.is_available() else "cpu"), reason="no Triton")
