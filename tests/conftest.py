@@ -15,6 +15,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from interpreted_memory_check import checked_memory_accesses
+
 import fusedemb
 from fusedemb.accuracy import scatter_add_error
 from fusedemb.reference import default_positions, fused_embedding_reference, scatter_add_rows
@@ -41,6 +43,19 @@ TRITON_CONFIGS = [config for config in BACKEND_CONFIGS if config[0] == "triton"]
 requires_triton = pytest.mark.skipif(not TRITON_CONFIGS, reason="Triton backend unavailable")
 # The C++ kernels need the extension built; the GPU machines' sessions run the tests without it.
 requires_cpp = pytest.mark.skipif(not fusedemb.CPP_EXTENSION_AVAILABLE, reason="C++ extension not built")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def interpreted_memory_accesses_checked():
+    """Every interpreted Triton kernel's accesses checked against its launch's buffers
+    (interpreted_memory_check), for the whole run, where the kernels run in the interpreter."""
+    from fusedemb.ops import INTERPRETED
+
+    if not INTERPRETED:
+        yield
+        return
+    with checked_memory_accesses():
+        yield
 
 
 def config_id(config) -> str:
