@@ -9,6 +9,7 @@ import torch
 from shared_data import import_example, use_shared_tiktoken_cache, verdict_path
 
 import fusedemb
+from fusedemb import demo
 
 
 @pytest.fixture
@@ -20,6 +21,11 @@ def small_config(gpt_model, **overrides):
     """A one-layer GPT small enough to compare gradients exactly in milliseconds."""
     fields = dict(vocab_size=97, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0, qkv_bias=True)
     return gpt_model.GPTConfig(**{**fields, **overrides})
+
+
+def script_module(script: str):
+    """The demo, or an example by its file name, as a module with main(argv)."""
+    return demo if script == "demo" else import_example(script)
 
 
 @pytest.fixture
@@ -217,10 +223,7 @@ def test_sequences_longer_than_the_context_are_rejected(gpt_model):
 
 @pytest.mark.parametrize("script", ["demo", "train_gpt", "ch02_embeddings"])
 def test_text_that_cannot_be_used_is_a_usage_error(script, tmp_path, capsys):
-    if script == "demo":
-        from fusedemb import demo as module
-    else:
-        module = import_example(script)
+    module = script_module(script)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     for path, message in ((empty, f"{empty} is empty"), (tmp_path / "missing.txt", "cannot read")):
@@ -232,8 +235,6 @@ def test_text_that_cannot_be_used_is_a_usage_error(script, tmp_path, capsys):
 
 def test_demo_warns_that_its_cpu_timings_are_noisy_on_a_busy_machine(capsys, monkeypatch):
     use_shared_tiktoken_cache()
-    from fusedemb import demo
-
     monkeypatch.setattr("fusedemb.bench.environment.load_average", lambda: 64.0)
     assert demo.main(["--batch", "1", "--seq-len", "4", "--dim", "4", "--repeats", "1", "--device", "cpu"]) == 0
     assert "warning: load average 64.00 on" in capsys.readouterr().err
@@ -250,7 +251,7 @@ def test_a_missing_tokenizer_is_a_usage_error_naming_tiktoken_cache_dir(script, 
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline_get_encoding)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "no-cache"))
-    module = demo_module() if script == "demo" else import_example(script)
+    module = script_module(script)
     text = tmp_path / "text.txt"
     text.write_text("Some text to tokenize.")
     with pytest.raises(SystemExit) as exit_info:
@@ -259,12 +260,6 @@ def test_a_missing_tokenizer_is_a_usage_error_naming_tiktoken_cache_dir(script, 
     error = capsys.readouterr().err
     assert "error: cannot load tiktoken's 'gpt2' encoding" in error and str(tmp_path / "no-cache") in error
     assert "Traceback" not in error
-
-
-def demo_module():
-    from fusedemb import demo
-
-    return demo
 
 
 def test_train_gpt_refuses_a_device_it_cannot_use(verdict, capsys):
@@ -293,8 +288,6 @@ def test_ch02_says_when_the_text_is_too_short(tmp_path, verdict):
 
 def test_demo_checks_and_times_both_passes(capsys, monkeypatch):
     use_shared_tiktoken_cache()
-    from fusedemb import demo
-
     monkeypatch.setattr("fusedemb.bench.environment.load_average", lambda: 0.0)
     assert demo.main(["--batch", "2", "--seq-len", "16", "--dim", "8", "--repeats", "1"]) == 0
     captured = capsys.readouterr()
