@@ -94,7 +94,7 @@ echo "== where the backward's time goes ==" >> "$tables"
 # First the rows where the deterministic mode misses 1.3x of the fast one (eleventh session,
 # H100: gpt2-124M B32 float32 with one id everywhere, 1.45, and with real text, 1.45), whose
 # kernels no session has profiled yet; then uniform ids at B32 and B8 float32, the baseline
-# that the README's per-kernel figures (eighth session) come from, for comparison on this card.
+# that docs/benchmarks.md's per-kernel figures (eighth session) come from, for comparison on this card.
 timeout 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 32 --ids same >> "$tables" 2>&1
 timeout 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 32 --ids "text:$data/the-verdict.txt" >> "$tables" 2>&1
 timeout 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 32 >> "$tables" 2>&1

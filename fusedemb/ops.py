@@ -354,9 +354,9 @@ fused_embedding_backward_op.register_autograd(_backward_of_backward, setup_conte
 
 
 # Outside tracing, wrap_triton'd kernels would still go through a higher-order op (99.8 us of
-# host time per launch against 19.3 launched directly, on an H100 machine: README, "Host time
-# per call"); eager calls launch them directly, as a triton_op's own eager path does. The C++
-# backend launches no Triton kernel and skips the context's cost.
+# host time per launch against 19.3 launched directly, on an H100 machine: docs/benchmarks.md,
+# "Host time per call"); eager calls launch them directly, as a triton_op's own eager path
+# does. The C++ backend launches no Triton kernel and skips the context's cost.
 _direct_launches = getattr(torch._library.triton, "set_wrap_triton_enabled", None)
 
 

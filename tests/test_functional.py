@@ -616,7 +616,7 @@ def test_deterministic_default_follows_torch_setting(sorted_scatter_calls):
         assert calls == [8]
         fusedemb.fused_embedding(ids, tok, pos, backend="triton", deterministic=False).sum().backward()
         assert calls == [8]
-        # The setting is read when the forward runs (the README says so): switching it before
+        # The setting is read when the forward runs (docs/usage.md says so): switching it before
         # the backward changes nothing.
         out = fusedemb.fused_embedding(ids, tok, pos, backend="triton")
         torch.use_deterministic_algorithms(False)

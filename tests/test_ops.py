@@ -397,7 +397,7 @@ def test_compiled_backward_keeps_no_copy_of_contiguous_int_indices(fresh_dynamo)
     or int64 ids and position_ids of ids' shape (or none), the call copies none of them, so the
     backward of the layer compiled alone keeps no intermediate, and AOTAutograd allows
     backward(retain_graph=True) after that backward is compiled; a copy (here broadcast
-    position_ids, expanded) is an intermediate it donates, and refuses that for (README)."""
+    position_ids, expanded) is an intermediate it donates, and refuses that for (docs/usage.md)."""
     torch.manual_seed(0)
     fused = fusedemb.FusedEmbedding(13, 6, 9, backend="cpp")
     ids = torch.randint(0, 13, (3, 5))

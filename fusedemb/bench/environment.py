@@ -76,7 +76,7 @@ def warn_if_cpu_busy(device: str) -> None:
 
 def _transparent_huge_pages() -> str | None:
     """The kernel's transparent-huge-page mode (always, madvise or never; Linux only): with
-    THP_MEM_ALLOC_ENABLE it decides what large CPU tensors' page faults cost (README)."""
+    THP_MEM_ALLOC_ENABLE it decides what large CPU tensors' page faults cost (docs/benchmarks.md)."""
     try:
         text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     except OSError:
