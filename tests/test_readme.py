@@ -1,4 +1,5 @@
-"""The README's install and test commands are the ones CI runs, and its usage example runs."""
+"""The README's install and test commands are the ones CI runs, its usage example runs, and the
+links of the README and of docs/ resolve."""
 
 import re
 from pathlib import Path
@@ -29,3 +30,56 @@ def test_the_usage_example_runs():
     pretrained, model = namespace["pretrained"], namespace["model"]
     assert pretrained.tok_emb.weight.data_ptr() == model.tok_emb.weight.data_ptr()
     assert pretrained.pos_emb.weight.requires_grad
+
+
+# The README and the pages under docs/ link each other's sections; a renamed heading or a moved
+# page breaks such a link without a word, so each one is resolved here as GitHub resolves it.
+MARKDOWN_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped (hyphens and
+    underscores kept), spaces turned into hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors_of(path: Path) -> set[str]:
+    """Every heading's anchor, with GitHub's -1, -2... for repeated headings."""
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} (.+)$", prose_of(path), flags=re.M):
+        anchor = github_anchor(heading)
+        anchors.add(f"{anchor}-{seen[anchor]}" if anchor in seen else anchor)
+        seen[anchor] = seen.get(anchor, 0) + 1
+    return anchors
+
+
+def prose_of(path: Path) -> str:
+    """The file without its fenced code blocks, whose '#' lines are comments and whose
+    `kernel[grid](...)` looks like a link."""
+    return re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+
+
+def test_markdown_links_resolve():
+    broken = []
+    for page in MARKDOWN_FILES:
+        prose = re.sub(r"`[^`]*`", "", prose_of(page))  # inline code: `x[i](j)` is no link either
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z]+:", target):  # https:, mailto: (not checked offline)
+                continue
+            file_part, _, anchor = target.partition("#")
+            linked = (page.parent / file_part).resolve() if file_part else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and anchor not in anchors_of(linked):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_github_anchor():
+    """GitHub's rule (its docs on section links) on headings of the kinds these pages have."""
+    assert github_anchor("CPU (this project's machine)") == "cpu-this-projects-machine"
+    assert github_anchor("In graphs: `fusedemb::range_checked`") == "in-graphs-fusedembrange_checked"
+    assert (
+        github_anchor("torch.export, torch.jit.trace and other tracers")
+        == "torchexport-torchjittrace-and-other-tracers"
+    )
