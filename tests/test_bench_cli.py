@@ -644,7 +644,8 @@ def test_a_run_cut_short_by_sigterm_reports_the_problems_it_finished(monkeypatch
 
 
 def test_a_run_cut_short_inside_a_problem_keeps_its_finished_implementations(monkeypatch, tmp_path):
-    """Interrupted while the second implementation runs: the first one's rows are reported."""
+    """Interrupted while the second implementation runs: the first one's rows are reported, with
+    their speedups over the baselines that finished."""
     def interrupted(ids, tok_weight, pos_weight):
         raise KeyboardInterrupt  # what SIGTERM becomes during the run
 
@@ -657,6 +658,7 @@ def test_a_run_cut_short_inside_a_problem_keeps_its_finished_implementations(mon
     assert status == cli.INTERRUPTED_STATUS
     report = json.loads(json_path.read_text())
     assert {(result["impl"], result["status"]) for result in report["results"]} == {("eager", "ok")}
+    assert {result["speedup_vs_eager"] for result in report["results"]} == {1.0}  # not left unfilled
 
 
 def test_compile_is_gated_and_timed(capsys):

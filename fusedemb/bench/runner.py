@@ -75,8 +75,8 @@ class Runner:
         that cannot be made (out of memory, an unreadable text file) give error rows, not a crash
         that would lose the sweep's finished problems. Each implementation's rows are also
         appended to ``into`` as soon as they are done, so that a run interrupted in the middle of
-        a problem (a timeout during a slow torch.compile) keeps the implementations it finished;
-        their speedups are filled in when the whole problem is done."""
+        a problem (a timeout during a slow torch.compile) keeps the implementations it finished,
+        with their speedups over the baselines finished so far (filled in after each one)."""
         results = []
         try:
             inputs = make_inputs(problem, self.device, self.seed)
@@ -89,10 +89,10 @@ class Runner:
             else:
                 rows = self._run_implementation(problem, implementation, inputs)
             results += rows
+            _add_speedups(results)
             if into is not None:
                 into += rows
             after_each()
-        _add_speedups(results)
         return results
 
     def _untimed(self, problem: Problem, implementation: Implementation, status: str, note: str) -> list[Result]:
