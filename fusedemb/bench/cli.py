@@ -11,9 +11,9 @@ Examples:
 
 The exit status is 0 when every implementation asked for (by --impl, or by default) was timed;
 1 when one could not run here (listed under "skipped:" with the reason), failed the correctness
-gate or raised (the table says which and why); 130 when the run was cut short by Ctrl-C or
-SIGTERM (what `timeout` sends): the problems finished by then are still printed, written and
-plotted.
+gate or raised (the table says which and why); 2 for a bad argument, before anything runs;
+130 when the sweep was cut short by Ctrl-C or SIGTERM (what `timeout` sends): what finished by
+then is still printed, written and plotted.
 """
 
 from __future__ import annotations
