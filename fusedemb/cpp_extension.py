@@ -1,7 +1,9 @@
 """Loads the C++ CPU kernels (`fusedemb._C`) and gives their operators fake kernels.
 
 The fake (meta) kernels describe output shapes and dtypes without computing anything; they let
-torch.compile and torch.library.opcheck trace through the C++ operators on CPU.
+torch.compile and torch.library.opcheck trace through the C++ operators on CPU. forward_fake and
+backward_fake describe any forward's and backward's outputs: fusedemb/ops.py registers them for
+the operators of the interpreted Triton kernels too.
 """
 
 from __future__ import annotations

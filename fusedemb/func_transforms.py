@@ -36,9 +36,7 @@ import torch
 
 from fusedemb.kernels.preconditions import INT32_LIMIT
 from fusedemb.ops import (
-    _setup_context,
-    _table_gradients,
-    batched,
+    autograd_batched,
     eager_backward,
     eager_forward,
     forward_on_tangents,
@@ -46,6 +44,8 @@ from fusedemb.ops import (
     gather_table_gradients,
     save_backward_context,
     save_for_tangents,
+    save_forward_context,
+    table_gradients,
 )
 from fusedemb.reference import default_positions
 
@@ -119,21 +119,21 @@ class TransformableFusedEmbedding(torch.autograd.Function):
     @staticmethod
     def forward(ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic,
                 rows_per_entry):  # fmt: skip
-        if batched(tok_weight) or batched(pos_weight):  # autograd's batched gradients or tangents as tables
+        if autograd_batched(tok_weight) or autograd_batched(pos_weight):  # gradients or tangents as tables
             return fused_embedding_op(ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend,
                                       deterministic)  # fmt: skip
         return eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs[:8], output)
+        save_forward_context(ctx, inputs[:8], output)
         ids, tok_weight, _, position_ids, *_ = inputs
         save_for_tangents(ctx, ids, tok_weight, position_ids)
         ctx.rows_per_entry = inputs[8]
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = _table_gradients(ctx, grad_out, apply_backward)
+        grads = table_gradients(ctx, grad_out, apply_backward)
         grad_tok = grads[1]
         if grad_tok is not None and ctx.padding_idx >= 0 and ctx.rows_per_entry < ctx.num_embeddings:
             _zero_padding_rows(grad_tok, ctx.rows_per_entry, ctx.padding_idx)  # the kernels did the first
@@ -238,7 +238,7 @@ def apply_forward(ids, tok_weight, *args):
 
 
 def apply_backward(*args, tok_needs_grad: bool, pos_needs_grad: bool):
-    """TransformableFusedEmbeddingBackward.apply in the calling convention of _table_gradients
+    """TransformableFusedEmbeddingBackward.apply in the calling convention of table_gradients
     (apply takes no keyword arguments); also FusedEmbeddingFunction's backward under
     forward-mode AD, for its jvp."""
     return TransformableFusedEmbeddingBackward.apply(*args, tok_needs_grad, pos_needs_grad)

@@ -29,6 +29,11 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and INTERPRETED)
 
 
+def cpp_runs_on(device: torch.device) -> bool:
+    """The C++ kernels run on CPU tensors, where the extension was built."""
+    return device.type == "cpu" and CPP_EXTENSION_AVAILABLE
+
+
 def available_backends(device: torch.device | str) -> list[str]:
     """The backends that can run on tensors of `device`: Triton (compiled on CUDA, interpreted
     on CPU), the C++ kernels, the reference. (None picks: see resolve_backend.)"""
@@ -36,7 +41,7 @@ def available_backends(device: torch.device | str) -> list[str]:
     backends = []
     if triton_runs_on(device):
         backends.append("triton")
-    if device.type == "cpu" and CPP_EXTENSION_AVAILABLE:
+    if cpp_runs_on(device):
         backends.append("cpp")
     backends.append("reference")
     return backends
@@ -51,7 +56,8 @@ def check_options(backend: str | None, deterministic: bool | None) -> None:
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """None picks Triton on CUDA and the C++ kernels on CPU; an explicit choice (one of BACKENDS:
+    """None picks Triton on CUDA and the C++ kernels on CPU (the reference where neither can
+    run: no triton, or no build of the extension); an explicit choice (one of BACKENDS:
     check_options) is checked against the device. Meta tensors, which have shapes and no values
     (a model built for deferred initialisation), run the reference whatever the choice."""
     if device.type == "meta":
@@ -59,7 +65,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if backend is None:
         if device.type == "cuda" and TRITON_AVAILABLE:
             return "triton"
-        return "cpp" if device.type == "cpu" and CPP_EXTENSION_AVAILABLE else "reference"
+        return "cpp" if cpp_runs_on(device) else "reference"
     if backend not in available_backends(device):
         check_options(backend, None)  # an unknown name is a ValueError, not a backend missing here
         reasons = {
@@ -128,14 +134,17 @@ def fused_embedding(
         # The C++ kernels check every index before they read one and raise the range check's
         # IndexError themselves: checking here too would only cost host time.
         return _run_backend(inputs, backend, deterministic, transformed, recording)
-    # The reference is eager PyTorch, whose embedding trips a device-side assert on a bad id: it
-    # is checked even with the checks switched off (it is not the backend to pick for speed).
-    # The switch is read last: Dynamo guards what it reads, so a graph of the reference does
-    # not depend on the switch and switching it recompiles nothing.
-    checked = backend == "reference" or transformed or bounds_check_enabled()
+    # Calls that a bad id must never reach, checked whatever the switch says and before they
+    # run: the reference (eager PyTorch, whose embedding trips a device-side assert on a bad id;
+    # not the backend to pick for speed), and any backend under a transform (a stacked table,
+    # in which an id past its own table is a row of the next entry's).
+    check_first = backend == "reference" or transformed
+    # The switch is read last: Dynamo guards what it reads, so a graph of the reference does not
+    # depend on the switch, and a graph of the Triton kernels is recompiled when it changes.
+    checked = check_first or bounds_check_enabled()
     if recording:
         # A graph checks by an operator whose outputs the kernels read (ops.range_checked), each
-        # time it runs. Dynamo guards the switch's value: switching it recompiles.
+        # time it runs.
         if checked:
             inputs = _range_checked_in_graph(inputs)
         return _run_backend(inputs, backend, deterministic, transformed, recording)
@@ -143,9 +152,8 @@ def fused_embedding(
     # The Triton kernels clamp every index into its table, so they may be queued before the range
     # check's answer is back: the GPU starts the forward as soon as the answer has left for the
     # host, instead of idling until the host has woken up and queued the forward. The call still
-    # waits for everything queued before it. The reference must not see a bad index, nor a
-    # stacked call (its kernels would raise first, about stacked rows, or clamp into a neighbour).
-    if backend == "reference" or transformed:
+    # waits for everything queued before it.
+    if check_first:
         range_check.wait()
     out = _run_backend(inputs, backend, deterministic, transformed, recording)
     try:

@@ -128,7 +128,7 @@ class FusedEmbedding(nn.Module):
         # statistics, PEFT's input hooks), so they are looked for on every call, at the cost of a
         # few dict lookups. Not while Dynamo traces: it cannot trace warnings.warn, and it does
         # not guard on hooks anyway, so a compiled call cannot tell.
-        if (_hooks(tok_emb) or _hooks(pos_emb)) and not torch.compiler.is_compiling():
+        if (_has_hooks(tok_emb) or _has_hooks(pos_emb)) and not torch.compiler.is_compiling():
             _warn_of_hooks("tok_emb", tok_emb)
             _warn_of_hooks("pos_emb", pos_emb)
         return fused_embedding(
@@ -160,7 +160,7 @@ class FusedEmbedding(nn.Module):
         return text
 
 
-def _hooks(module: nn.Module) -> bool:
+def _has_hooks(module: nn.Module) -> bool:
     """Whether calling the module would run more than nn.Embedding's forward: hooks, or a forward
     set on the instance (accelerate's hooks replace it so)."""
     return bool(
@@ -173,7 +173,7 @@ def _hooks(module: nn.Module) -> bool:
 
 
 def _warn_of_hooks(name: str, module: nn.Module) -> None:
-    if _hooks(module):
+    if _has_hooks(module):
         warnings.warn(
             f"hooks on FusedEmbedding.{name} (or a forward set on it) do not run: FusedEmbedding reads its weight and "
             "never calls it; register them on the FusedEmbedding",

@@ -26,7 +26,9 @@ Outside recorded graphs (torch.compile, torch.export, torch.jit.trace),
 `FusedEmbeddingFunction` (an autograd.Function) calls the same kernels with the same saved
 context but skips the custom-operator dispatch, which costs 60-130 us of host time per call:
 more than the forward kernel itself takes on a GPU at GPT-2 sizes. An eager call with nothing
-to differentiate skips that too and launches the kernels alone (eager_forward).
+to differentiate skips that too and launches the kernels alone (eager_forward). Under torch.func
+transforms calls take a fourth path, fusedemb.func_transforms.TransformableFusedEmbedding, an
+autograd.Function with the vmap and setup_context the transforms need.
 
 Through fused_embedding, inputs reach these operators checked and normalised by
 fusedemb.validation. Called directly, they check what their kernels assume (devices, layouts,
@@ -40,8 +42,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch._library.triton
 import torch.autograd.forward_ad as forward_ad
+from torch._library.triton import set_wrap_triton_enabled
 from torch.library import custom_op, triton_op
 
 from fusedemb.cpp_extension import backward_fake, forward_fake  # importing also registers the C++ operators
@@ -52,7 +54,7 @@ from fusedemb.validation import (
     check_same_device,
     index_range_checks,
     kernel_layouts,
-    unit_stride_along_dim,
+    with_unit_stride_along_dim,
 )
 
 try:
@@ -252,7 +254,7 @@ def _save_indices_and_settings(
     ctx.num_embeddings, ctx.context_length = num_embeddings, context_length
 
 
-def _setup_context(ctx, inputs, output):
+def save_forward_context(ctx, inputs, output):
     ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic = inputs
     _save_indices_and_settings(
         ctx, ids, position_ids, position_offset, tok_weight.shape[0], pos_weight.shape[0], padding_idx, backend,
@@ -260,7 +262,7 @@ def _setup_context(ctx, inputs, output):
     )  # fmt: skip
 
 
-def _table_gradients(ctx, grad_out, backward):
+def table_gradients(ctx, grad_out, backward):
     ids, position_ids = ctx.saved_tensors
     _, tok_needs_grad, pos_needs_grad, *_ = ctx.needs_input_grad  # a frozen table gets no work
     grad_tok, grad_pos = backward(
@@ -281,20 +283,22 @@ def _table_gradients(ctx, grad_out, backward):
 
 
 def _backward(ctx, grad_out):
-    return _table_gradients(ctx, grad_out, fused_embedding_backward_op)
+    return table_gradients(ctx, grad_out, fused_embedding_backward_op)
 
 
-fused_embedding_op.register_autograd(_backward, setup_context=_setup_context)
+fused_embedding_op.register_autograd(_backward, setup_context=save_forward_context)
 
 
 def save_backward_context(ctx, inputs) -> None:
-    """What the backward's own derivative needs, from the backward operator's positional inputs."""
+    """What the backward's own derivative needs, from the backward operator's positional inputs
+    (the first 9: TransformableFusedEmbeddingBackward passes the two needs-grad flags after them)."""
     grad_out, *indices_and_settings = inputs[:9]
     _save_indices_and_settings(ctx, *indices_and_settings)
     ctx.row = _row_like(grad_out)
 
 
 def _setup_backward_context(ctx, inputs, keyword_only_inputs, output):
+    # (register_autograd passes keyword_only_inputs to the setup of an operator that has some)
     save_backward_context(ctx, inputs)
 
 
@@ -314,7 +318,7 @@ def _as_table(grad: torch.Tensor | None, num_rows: int, row: dict) -> torch.Tens
     one is a zero table that takes no memory: one row of zeros, repeated by a row stride of 0."""
     if not _present(grad, num_rows):
         return torch.zeros(**row).expand(num_rows, -1)
-    return grad if unit_stride_along_dim(grad) else grad.contiguous()
+    return with_unit_stride_along_dim(grad)
 
 
 def gather_table_gradients(ctx, grad_of_grad_tok, grad_of_grad_pos, forward) -> torch.Tensor:
@@ -357,18 +361,16 @@ fused_embedding_backward_op.register_autograd(_backward_of_backward, setup_conte
 # host time per launch against 19.3 launched directly, on an H100 machine: docs/benchmarks.md,
 # "Host time per call"); eager calls launch them directly, as a triton_op's own eager path
 # does. The C++ backend launches no Triton kernel and skips the context's cost.
-_direct_launches = getattr(torch._library.triton, "set_wrap_triton_enabled", None)
-
-
 def _launch_directly(backend: str):
-    if backend != "triton" or _direct_launches is None:
+    if backend != "triton":
         return contextlib.nullcontext()
-    return _direct_launches(False)
+    return set_wrap_triton_enabled(False)
 
 
 # Kernels go through the registered operators instead of being launched directly where only the
-# dispatcher can handle them: while a dispatch mode traces (make_fx, as torch.func.linearize
-# uses, sees only what goes through the dispatcher); for tensor subclasses with a
+# dispatcher can handle them: while any dispatch mode is active (make_fx, as torch.func.linearize
+# uses, sees only what goes through the dispatcher; FakeTensorMode, FlopCounterMode, a logging
+# mode likewise); for tensor subclasses with a
 # __torch_dispatch__ (wrappers such as torch.testing's TwoTensor, quantized or float8 tables),
 # which hold no storage a Triton kernel could read and unwrap themselves at the dispatcher (as
 # the C++ operators, always dispatched, let them); and for autograd's batched tensors
@@ -376,7 +378,7 @@ def _launch_directly(backend: str):
 # the dispatcher's fallback loops over. Those reach eager calls' backward and jvp, and torch.func's
 # forward (func_transforms) as gradients or tangents turned tables: the checks sit there, off the
 # path of an ordinary forward.
-def _tracing() -> bool:
+def _dispatch_mode_active() -> bool:
     return torch._C._len_torch_dispatch_stack() > 0
 
 
@@ -395,15 +397,20 @@ def _dispatched_in_python(*tensors: torch.Tensor | None) -> bool:
     )
 
 
-def batched(tensor: torch.Tensor | None) -> bool:
+def autograd_batched(tensor: torch.Tensor | None) -> bool:
+    """Whether tensor is one of autograd's batched tensors (is_grads_batched gradients, the
+    tangents of vectorized jacobians), not a tensor under torch.func's vmap (func_transforms)."""
     return tensor is not None and torch._C._functorch.is_legacy_batchedtensor(tensor)
 
 
 def eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, backend):
     """The forward kernels of an eager call, launched directly. Called alone when there is
     nothing to differentiate (inference, decoding): no autograd node is built, as eager
-    PyTorch builds none for nn.Embedding under torch.no_grad()."""
-    if _tracing() or _dispatched_in_python(ids, tok_weight, pos_weight, position_ids):
+    PyTorch builds none for nn.Embedding under torch.no_grad(). Where only the dispatcher can
+    handle the tensors (above), the registered operator runs them instead."""
+    if _dispatch_mode_active() or _dispatched_in_python(ids, tok_weight, pos_weight, position_ids):
+        # padding_idx -1 and deterministic False: they only shape the backward, which nothing
+        # records here (autograd is off inside a Function's forward, or nothing is differentiated)
         return fused_embedding_op(ids, tok_weight, pos_weight, position_ids, position_offset, -1, backend, False)
     with _launch_directly(backend):
         return forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
@@ -411,13 +418,13 @@ def eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, ba
 
 def eager_backward(
     grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend, deterministic,
-    *, tok_needs_grad=True, pos_needs_grad=True,
+    *, tok_needs_grad, pos_needs_grad,
 ):  # fmt: skip
     """The backward kernels of an eager call, launched directly (see eager_forward)."""
     args = (grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend,
             deterministic)  # fmt: skip
     needs = {"tok_needs_grad": tok_needs_grad, "pos_needs_grad": pos_needs_grad}
-    if _tracing() or batched(grad_out) or _dispatched_in_python(grad_out, ids, position_ids):
+    if _dispatch_mode_active() or autograd_batched(grad_out) or _dispatched_in_python(grad_out, ids, position_ids):
         return fused_embedding_backward_op(*args, **needs)
     with _launch_directly(backend):
         return backward_kernels(*args, **needs)
@@ -443,14 +450,15 @@ class FusedEmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic):
         inputs = (ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic)
-        _setup_context(ctx, inputs, None)
+        save_forward_context(ctx, inputs, None)
         if forward_ad._current_level >= 0:  # forward-mode AD is on: jvp will need these
             save_for_tangents(ctx, ids, tok_weight, position_ids)
         return eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
 
     @staticmethod
     def jvp(ctx, ids_tangent, tok_tangent, pos_tangent, *_):
-        forward = fused_embedding_op if batched(tok_tangent) or batched(pos_tangent) else FusedEmbeddingFunction.apply
+        batched = autograd_batched(tok_tangent) or autograd_batched(pos_tangent)
+        forward = fused_embedding_op if batched else FusedEmbeddingFunction.apply
         return forward_on_tangents(ctx, tok_tangent, pos_tangent, forward)
 
     @staticmethod
@@ -460,8 +468,8 @@ class FusedEmbeddingFunction(torch.autograd.Function):
             # backward needs a jvp, which torch.func's form of it has.
             from fusedemb.func_transforms import apply_backward  # (func_transforms imports this module)
 
-            return _table_gradients(ctx, grad_out, apply_backward)
+            return table_gradients(ctx, grad_out, apply_backward)
         if torch.is_grad_enabled():
             # create_graph=True: the registered operator's autograd records the double backward
-            return _table_gradients(ctx, grad_out, fused_embedding_backward_op)
-        return _table_gradients(ctx, grad_out, eager_backward)
+            return table_gradients(ctx, grad_out, fused_embedding_backward_op)
+        return table_gradients(ctx, grad_out, eager_backward)

@@ -13,7 +13,8 @@ GPU starts the forward as soon as the answer has left for the host, rather than 
 the host has woken up and queued it, and a bad id still raises from the same call, its output
 never returned. The reference waits first. Either way the call waits for all the work queued
 before it. The C++ CPU kernels check every index themselves before they read one, with the same
-IndexError, so fused_embedding starts no range check for them.
+IndexError, so fused_embedding starts no range check for them (but under torch.func transforms,
+whose stacked tables no kernel can check: see below).
 
 `set_bounds_check(False)` (or the environment variable FUSEDEMB_BOUNDS_CHECK=0) switches the
 range checks off for maximum speed; the kernels still never touch memory outside the tables
@@ -54,8 +55,8 @@ _bounds_check = os.environ.get("FUSEDEMB_BOUNDS_CHECK", "1") not in ("0", "false
 
 def set_bounds_check(enabled: bool) -> None:
     """Turn the value range checks of ids and position_ids on (the default) or off. The C++
-    kernels (CPU tensors) check every index whatever this says, and the reference backend is
-    checked anyway. A bool only: bool("False") is True."""
+    kernels (CPU tensors) check every index whatever this says, and the reference backend and
+    calls under torch.func transforms are checked anyway. A bool only: bool("False") is True."""
     if not isinstance(enabled, bool):
         raise TypeError(f"set_bounds_check takes True or False, got {enabled!r}")
     global _bounds_check
@@ -107,9 +108,11 @@ class RangeCheck:
 
 
 class EmbeddingInputs(NamedTuple):
-    """Inputs in the form the operators take: contiguous ids, same-dtype position_ids, and
-    padding_idx as a non-negative row or -1 for none. (A NamedTuple: made on every call, it
-    costs less host time than a dataclass.)"""
+    """Inputs in the form the operators take: contiguous int32 or int64 ids; position_ids of
+    their shape and dtype (broadcast ones expanded), or None; tables with unit stride along dim;
+    position_offset 0 where no default position is read (explicit positions, or T = 0); and
+    padding_idx as a non-negative row or -1 for none. (A NamedTuple: made on every call, it costs
+    less host time than a dataclass.)"""
 
     ids: torch.Tensor
     tok_weight: torch.Tensor
@@ -172,13 +175,13 @@ def kernel_layouts(ids, tok_weight, pos_weight, position_ids):
     not 2-D is left for the kernels' checks to name."""
     return (
         ids.contiguous(),
-        _with_unit_stride_along_dim(tok_weight),
-        _with_unit_stride_along_dim(pos_weight),
+        with_unit_stride_along_dim(tok_weight),
+        with_unit_stride_along_dim(pos_weight),
         None if position_ids is None else position_ids.contiguous(),
     )
 
 
-def _with_unit_stride_along_dim(table: torch.Tensor) -> torch.Tensor:
+def with_unit_stride_along_dim(table: torch.Tensor) -> torch.Tensor:
     # (is_contiguous first: it is a flag, where stride(1) costs about a microsecond)
     if table.is_contiguous() or table.dim() != 2 or unit_stride_along_dim(table):
         return table
@@ -351,6 +354,8 @@ def prepare_inputs(
     position_offset: int,
     padding_idx: int | None,
 ) -> EmbeddingInputs:
+    """Every check of fused_embedding's arguments but the index values (RangeCheck), and their
+    normalisation into EmbeddingInputs."""
     check_tables(tok_weight, pos_weight)
     if not (type(tok_weight) in (_TENSOR, _PARAMETER) and type(pos_weight) in (_TENSOR, _PARAMETER)):  # (cheap first)
         _check_not_dtensors(tok_weight=tok_weight, pos_weight=pos_weight)
