@@ -65,12 +65,30 @@ def test_rows_no_token_adds_into_must_be_exactly_zero():
 
 def test_skip_row_must_be_zero_and_nan_fails():
     grad, index = scattered(num_rows=4, tokens=50, dim=3, dtype=torch.float32, seed=4)
+    skip = int(index[0])
     table = torch.zeros(4, 3).index_add_(0, index, grad)
-    assert scatter_add_error(table, grad, index, skip_row=int(index[0])) == float("inf")
-    table[index[0]] = 0
-    assert scatter_add_error(table, grad, index, skip_row=int(index[0])) <= 1
-    table[index[1], 0] = float("nan")
-    assert scatter_add_error(table, grad, index, skip_row=int(index[0])) == float("inf")
+    assert scatter_add_error(table, grad, index, skip_row=skip) == float("inf")
+    table[skip] = 0
+    assert scatter_add_error(table, grad, index, skip_row=skip) <= 1
+    # A NaN in a row that is summed (in the skip row it would fail as a stray value instead)
+    summed_row = next(row for row in index.tolist() if row != skip)
+    table[summed_row, 0] = float("nan")
+    assert scatter_add_error(table, grad, index, skip_row=skip) == float("inf")
+
+
+def test_the_bound_is_gamma_n_times_the_magnitude():
+    """The bound itself, within 2x: a float64 sum of n ones may be off by gamma_n * n, with
+    gamma_n = n u / (1 - n u) and u half of eps (the rounding of the sum's last ulp is far
+    smaller here). 0.9 of that passes and 1.5 of it fails; a bound 10x too loose, or with u
+    taken as eps, would pass both."""
+    n = 1000
+    grad = torch.ones(n, 1, dtype=torch.float64)
+    index = torch.zeros(n, dtype=torch.long)
+    u = torch.finfo(torch.float64).eps / 2
+    gamma_n = n * u / (1 - n * u)
+    exact = torch.tensor([[float(n)]], dtype=torch.float64)
+    assert scatter_add_error(exact + 0.9 * gamma_n * n, grad, index) <= 1
+    assert scatter_add_error(exact + 1.5 * gamma_n * n, grad, index) > 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *SIXTEEN_BIT], ids=str)

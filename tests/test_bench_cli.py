@@ -8,6 +8,7 @@ import os
 import re
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from shared_data import use_shared_tiktoken_cache, verdict_path
 from fusedemb.bench import cli
 from fusedemb.bench.bytes_model import PASSES, backward_bytes, forward_bytes, pass_bytes
 from fusedemb.bench.configs import PRESETS, ModelConfig, Problem, resolve_configs, sweep
-from fusedemb.bench.gate import check_against_reference, gate
+from fusedemb.bench.gate import GateResult, check_against_reference, gate
 from fusedemb.bench.ids import Same, Text, Uniform, Zipf, parse_distribution
 from fusedemb.bench.implementations import Implementation, build_implementations, eager_embedding
 from fusedemb.bench.memory import peak_extra_bytes
@@ -300,6 +301,81 @@ def test_gate_catches_a_wrong_implementation(wrong, complaint):
     result = check_against_reference(wrong, make_inputs(tiny_problem(), "cpu", seed=0))
     assert not result.passed
     assert complaint in result.detail
+
+
+def ulps_up(values: torch.Tensor, count: int) -> torch.Tensor:
+    for _ in range(count):
+        values = torch.nextafter(values, torch.full_like(values, float("inf")))
+    return values
+
+
+def output_ulps_off(count: int):
+    """An implementation whose every output element is `count` ulps above the right one."""
+
+    def forward(ids, tok_weight, pos_weight):
+        out = eager_embedding(ids, tok_weight, pos_weight)
+        return out + (ulps_up(out.detach(), count) - out.detach())
+
+    return forward
+
+
+def token_gradient_3_ulps_off_in_one_row(ids, tok_weight, pos_weight):
+    # right output; the first id's row of the token gradient 3 ulps high, 2x the error bound of
+    # a sum of its few terms: too little for the norm-wise check to see
+    row = int(ids.flatten()[0])
+
+    def nudge(grad):
+        grad = grad.clone()
+        grad[row] = ulps_up(grad[row], 3)
+        return grad
+
+    tok = tok_weight.view_as(tok_weight)
+    tok.register_hook(nudge)
+    return eager_embedding(ids, tok, pos_weight)
+
+
+def test_gate_allows_one_ulp_of_output_and_no_more():
+    inputs = make_inputs(tiny_problem(), "cpu", seed=0)
+    assert check_against_reference(output_ulps_off(1), inputs).passed
+    result = check_against_reference(output_ulps_off(2), inputs)
+    assert not result.passed and "output off by up to 2 ulps" in result.detail
+
+
+def test_gate_checks_each_gradient_element_against_its_bound():
+    result = check_against_reference(token_gradient_3_ulps_off_in_one_row, make_inputs(tiny_problem(), "cpu", seed=0))
+    assert not result.passed and "grad tok_weight off by" in result.detail and "error bound" in result.detail
+
+
+def test_float32_sums_is_the_stricter_bound():
+    """PyTorch's CPU backward sums bfloat16 rows in bfloat16: it fails float32 accumulation's
+    bound with Zipf ids (rows of many terms) and meets its own precision's."""
+    inputs = make_inputs(tiny_problem("zipf:1.1", dtype=torch.bfloat16), "cpu", seed=1)
+    assert not check_against_reference(eager_embedding, inputs, float32_sums=True).passed
+    assert check_against_reference(eager_embedding, inputs, float32_sums=False).passed
+
+
+def test_the_sixteen_bit_note_is_only_for_sixteen_bit_sums():
+    """A wrong implementation held to float32 sums fails without the note on PyTorch's 16-bit
+    CPU sums, which is about implementations whose sums are 16-bit."""
+    wrong = Implementation("wrong", doubles_token_gradient, float32_sums=True)
+    result = gate(wrong, make_inputs(tiny_problem(dtype=torch.bfloat16), "cpu", seed=0))
+    assert not result.passed and "16-bit" not in result.detail
+
+
+def test_on_cuda_every_implementation_is_held_to_float32_sums(monkeypatch):
+    """PyTorch's CUDA embedding backward accumulates in float32, so on CUDA the gate asks
+    float32's bound of eager and torch.compile too (only their CPU backward sums in 16 bits)."""
+    asked = []
+
+    def record(forward, inputs, float32_sums, gradients):
+        asked.append(float32_sums)
+        return GateResult(passed=True, detail="")
+
+    monkeypatch.setattr("fusedemb.bench.gate.check_against_reference", record)
+    (eager,), _ = build_implementations(["eager"], "cpu")
+    for on_cuda in (False, True):
+        gate(eager, SimpleNamespace(ids=SimpleNamespace(is_cuda=on_cuda)))
+    assert asked == [False, True]
 
 
 def loses_one_update(ids, tok_weight, pos_weight):
