@@ -288,13 +288,28 @@ def test_autograd_batched_gradients_and_vectorized_jacobians(case):
     vectors = torch.randn(4, *out.shape, device=out.device)
     assert_same(torch.autograd.grad(out, (tok, pos), vectors, is_grads_batched=True),
                 torch.autograd.grad(expected, (tok, pos), vectors, is_grads_batched=True))  # fmt: skip
-    def jacobian(embed, strategy):
-        return torch.autograd.functional.jacobian(
-            lambda tok: embed(ids, tok, pos.detach()), tok.detach(), vectorize=True, strategy=strategy
-        )
+    def jacobians(embed, strategy):  # in each table, the other one held
+        jacobian, tok_, pos_ = torch.autograd.functional.jacobian, tok.detach(), pos.detach()
+        return (jacobian(lambda tok: embed(ids, tok, pos_), tok_, vectorize=True, strategy=strategy),
+                jacobian(lambda pos: embed(ids, tok_, pos), pos_, vectorize=True, strategy=strategy))  # fmt: skip
 
     for strategy in ("reverse-mode", "forward-mode"):
-        assert_same(jacobian(fused, strategy), jacobian(reference, strategy))
+        assert_same(jacobians(fused, strategy), jacobians(reference, strategy))
+
+
+def test_vjp_of_a_gradient_with_a_transposed_cotangent(case):
+    """torch.func hands the backward's own derivative its cotangent in whatever layout it has
+    (here transposed: unit stride along the rows, not along dim); the forward kernels that
+    compute it need unit stride along dim."""
+    fused, reference, ids, tok, pos = case
+    grad_out = torch.randn(*ids.shape, DIM, device=ids.device)
+    cotangent = torch.randn(DIM, VOCAB, device=ids.device).t()
+
+    def vjp_of_gradient(embed):
+        gradient = lambda grad_out: torch.func.vjp(lambda tok: embed(ids, tok, pos), tok)[1](grad_out)[0]  # noqa: E731
+        return torch.func.vjp(gradient, grad_out)[1](cotangent)[0]
+
+    assert_same(vjp_of_gradient(fused), vjp_of_gradient(reference))
 
 
 def test_autograd_batching_through_torch_func(case):

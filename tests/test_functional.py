@@ -195,6 +195,14 @@ def test_position_offset_for_kv_cache_decoding(backend_config):
     check_against_reference(backend_config, ids, tok, pos, position_offset=31)
 
 
+def test_the_reference_backend_without_padding_idx_trains_the_last_row():
+    """No padding_idx reaches the reference as None, not as the kernels' -1, which it would read
+    as the last row (negative values count from the end)."""
+    torch.manual_seed(7)
+    tok, pos = make_tables(10, 6, 4, torch.float32, "cpu")
+    check_against_reference(("reference", "cpu", True), torch.tensor([[9, 1, 9]]), tok, pos)
+
+
 def test_negative_padding_idx_counts_from_the_end(backend_config):
     _, device, _ = backend_config
     torch.manual_seed(6)

@@ -135,8 +135,9 @@ def test_from_pretrained_is_the_pair_from_pretrained(freeze, padding_idx):
 def test_from_embeddings_rejects_mismatched_or_unsupported_modules():
     with pytest.raises(ValueError, match="same embedding_dim, got 6 and 7"):
         fusedemb.FusedEmbedding.from_embeddings(nn.Embedding(20, 6), nn.Embedding(5, 7))
-    with pytest.raises(ValueError, match="max_norm, sparse and scale_grad_by_freq are not supported"):
-        fusedemb.FusedEmbedding.from_embeddings(nn.Embedding(20, 6, sparse=True), nn.Embedding(5, 6))
+    for option in ({"max_norm": 1.0}, {"sparse": True}, {"scale_grad_by_freq": True}):
+        with pytest.raises(ValueError, match="max_norm, sparse and scale_grad_by_freq are not supported"):
+            fusedemb.FusedEmbedding.from_embeddings(nn.Embedding(20, 6, **option), nn.Embedding(5, 6))
     with pytest.raises(ValueError, match="pos_emb must not have a padding_idx"):
         fusedemb.FusedEmbedding.from_embeddings(nn.Embedding(20, 6), nn.Embedding(5, 6, padding_idx=0))
     with pytest.raises(TypeError, match="tok_emb is a ScaledEmbedding with a forward of its own"):

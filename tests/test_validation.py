@@ -419,6 +419,10 @@ def test_compiled_vmap_checks_each_entry(tables, backend, fresh_dynamo):
     torch.testing.assert_close(torch.compile(batched)(ids), batched(ids), rtol=0, atol=0)
     with pytest.raises(IndexError, match=r"ids contains 10, outside \[0, 10\)"):
         torch.compile(batched)(torch.tensor([[[1, 9, 0]], [[4, 10, 7]]]))
+    # shared position_ids beside batched ids: the check's copies keep their own batch dims
+    positions = torch.tensor([[7, 0, 2]])
+    positioned = torch.func.vmap(lambda ids: fusedemb.fused_embedding(ids, tok, pos, position_ids=positions, backend=backend))
+    torch.testing.assert_close(torch.compile(positioned)(ids), positioned(ids), rtol=0, atol=0)
 
 
 @pytest.mark.skipif("triton" not in fusedemb.available_backends("cuda" if torch.cuda.is_available() else "cpu"), reason="no Triton")
@@ -610,6 +614,18 @@ def test_triton_kernels_stay_in_bounds_without_checks(bounds_check_off, determin
 def test_zero_width_tables():
     with pytest.raises(ValueError, match="embedding dim of at least 1, got 0"):
         fusedemb.fused_embedding(torch.zeros(1, 2, dtype=torch.long), torch.randn(10, 0), torch.randn(8, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tokens_need_no_rows(backend):
+    """With no token nothing is looked up, so a token table without rows goes, as with F.embedding."""
+    out = fusedemb.fused_embedding(torch.zeros(2, 0, dtype=torch.long), torch.randn(0, 4), torch.randn(8, 4), backend=backend)
+    assert out.shape == (2, 0, 4)
+
+
+@requires_cpp
+def test_cpu_tensors_take_the_cpp_kernels_by_default():
+    assert functional.resolve_backend(None, torch.device("cpu")) == "cpp"
 
 
 @pytest.mark.parametrize("empty", ["tok_weight", "pos_weight"])
