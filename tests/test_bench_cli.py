@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,18 +15,26 @@ import pytest
 import torch
 from shared_data import use_shared_tiktoken_cache, verdict_path
 
-from fusedemb.bench import cli
+from fusedemb.bench import cli, environment, timing
 from fusedemb.bench.bytes_model import PASSES, backward_bytes, forward_bytes, pass_bytes
 from fusedemb.bench.configs import PRESETS, ModelConfig, Problem, resolve_configs, sweep
 from fusedemb.bench.gate import GateResult, check_against_reference, gate
 from fusedemb.bench.ids import Same, Text, Uniform, Zipf, parse_distribution
 from fusedemb.bench.implementations import Implementation, build_implementations, eager_embedding
 from fusedemb.bench.memory import peak_extra_bytes
-from fusedemb.bench.passes import make_inputs, make_pass
+from fusedemb.bench.passes import bytes_moved, make_inputs, make_pass
 from fusedemb.bench.plot import plot_report
 from fusedemb.bench.report import Report, format_table
 from fusedemb.bench.runner import Result, Runner
-from fusedemb.bench.timing import CacheFlush, CpuTimer, TimingStats, last_level_cache_bytes
+from fusedemb.bench.timing import (
+    CacheFlush,
+    CpuTimer,
+    Timer,
+    TimingStats,
+    copy_bandwidth,
+    format_median_and_spread,
+    last_level_cache_bytes,
+)
 
 TINY = ModelConfig("tiny", vocab=97, dim=16, seq=8)
 TINY_ARGS = ["--device", "cpu", "--vocab", "97", "--dim", "16", "--seq", "8", "--quick"]
@@ -35,9 +44,9 @@ def tiny_problem(ids: str = "uniform", batch: int = 3, dtype: torch.dtype = torc
     return Problem(TINY, batch, dtype, parse_distribution(ids))
 
 
-def quick_runner(passes=PASSES) -> Runner:
+def quick_runner(passes=PASSES, copy_bandwidth: float = 1e10) -> Runner:
     timer = CpuTimer(budget_s=0.0, min_reps=2, max_reps=2, warmup_reps=1)
-    return Runner("cpu", timer, copy_bandwidth=1e10, passes=list(passes))
+    return Runner("cpu", timer, copy_bandwidth=copy_bandwidth, passes=list(passes))
 
 
 # --- arguments and configurations -------------------------------------------------------------
@@ -158,6 +167,16 @@ def test_sweep_keeps_each_shape_together():
     assert len(runs) == len(set(shapes)) == 4
 
 
+def test_presets_have_the_models_sizes():
+    """GPT-2's four sizes (Radford et al. 2019) and a Llama-3-like large vocabulary: the sizes
+    every figure of the README names."""
+    sizes = {name: (config.vocab, config.dim, config.seq) for name, config in PRESETS.items()}
+    assert sizes == {
+        "gpt2-124M": (50257, 768, 1024), "gpt2-355M": (50257, 1024, 1024), "gpt2-774M": (50257, 1280, 1024),
+        "gpt2-1.5B": (50257, 1600, 1024), "large-vocab": (128256, 4096, 2048), "tiny": (512, 64, 32),
+    }  # fmt: skip
+
+
 # --- id distributions -------------------------------------------------------------------------
 
 
@@ -241,6 +260,11 @@ def test_text_of_the_shared_story_is_real_skewed_text():
     assert counts.max() > 100 * counts[counts > 0].float().median()
 
 
+def test_uniform_ids_reach_both_ends_of_the_vocabulary():
+    ids = Uniform().sample(4, 512, 10, torch.Generator().manual_seed(0))
+    assert ids.min() == 0 and ids.max() == 9
+
+
 # --- bytes model ------------------------------------------------------------------------------
 
 
@@ -263,6 +287,14 @@ def test_bytes_model_scales_with_the_element_size():
     sizes = dict(tokens=64, seq=8, vocab=100, positions=8, dim=32, id_size=8)
     fp32, bf16 = pass_bytes("forward", element_size=4, **sizes), pass_bytes("forward", element_size=2, **sizes)
     assert fp32 - 64 * 8 == 2 * (bf16 - 64 * 8)
+
+
+def test_bytes_moved_reads_the_sizes_off_the_inputs():
+    """The bytes model applied to the tensors a run times: their shapes and element sizes."""
+    inputs = make_inputs(Problem(TINY, 3, torch.bfloat16, Uniform()), "cpu", seed=0)
+    sizes = {"tokens": 24, "seq": 8, "vocab": 97, "positions": 8, "dim": 16, "element_size": 2, "id_size": 8}
+    for name in PASSES:
+        assert bytes_moved(name, inputs) == pass_bytes(name, **sizes)
 
 
 # --- correctness gate -------------------------------------------------------------------------
@@ -561,6 +593,137 @@ def timed_result(impl: str, pass_name: str, timing: TimingStats) -> Result:
                   peak_extra_bytes=0)  # fmt: skip
 
 
+def test_gbps_and_copy_fraction_are_of_the_median_and_the_copy_bandwidth():
+    (result,) = quick_runner(["forward"], copy_bandwidth=2e9).run_problem(
+        tiny_problem(), [Implementation("eager", eager_embedding)]
+    )
+    assert result.gbps == pytest.approx(result.bytes / result.timing.median_s / 1e9)
+    assert result.copy_fraction == pytest.approx(result.gbps / 2.0)
+
+
+def test_the_runner_measures_each_pass_peak_memory():
+    (result,) = quick_runner(["backward"]).run_problem(tiny_problem(), [Implementation("eager", eager_embedding)])
+    assert result.peak_extra_bytes >= 97 * 16 * 4  # at least the dense (V, D) float32 token gradient
+
+
+def test_peak_extra_memory_counts_a_temporary_once():
+    peak = peak_extra_bytes(lambda: torch.ones(2**20).sum(), "cpu")  # one 4 MiB temporary
+    assert 4 * 2**20 <= peak < 5 * 2**20
+
+
+def test_the_seed_reaches_the_inputs(monkeypatch):
+    from fusedemb.bench import runner
+
+    seeds, make = [], runner.make_inputs
+    monkeypatch.setattr(runner, "make_inputs", lambda problem, device, seed: seeds.append(seed) or make(problem, device, seed))
+    args = [*TINY_ARGS, "--batch", "1", "--ids", "uniform", "--impl", "eager", "--pass", "forward", "--seed", "7"]
+    assert cli.main(args) == 0
+    assert seeds == [7]
+    assert not torch.equal(make_inputs(tiny_problem(), "cpu", seed=0).ids, make_inputs(tiny_problem(), "cpu", seed=1).ids)
+
+
+def test_the_cpu_cache_flush_is_outside_the_timed_region(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    timer = CpuTimer(budget_s=0.0, min_reps=3, max_reps=3, warmup_reps=1)
+
+    def slow_flush():
+        clock[0] += 1.0
+
+    def run():
+        clock[0] += 0.001
+
+    timer.flush_cache = slow_flush
+    assert timer.measure(run).median_s == pytest.approx(0.001)
+
+
+def test_repeats_are_capped_at_max_reps():
+    timer = CpuTimer(budget_s=10.0, min_reps=1, max_reps=3, warmup_reps=1)
+    timer.flush_cache = lambda: None
+    timer.untimed_s_per_call = 0.0
+    assert timer.measure(lambda: None).reps == 3
+
+
+def test_copy_bandwidth_counts_bytes_read_plus_written():
+    class OneSecondPerCopy(Timer):
+        def __init__(self):
+            super().__init__(budget_s=0.0, min_reps=1, max_reps=1, warmup_reps=1)
+
+        def time_calls(self, run, setup, reps):
+            run(*setup())
+            return [1.0] * reps, [1.0] * reps, None, None
+
+    assert copy_bandwidth(OneSecondPerCopy(), "cpu", 4096) == 2 * 4096
+
+
+def test_spreads_are_half_the_interquartile_range():
+    stats = TimingStats(1e-3, 0.9e-3, 1.3e-3, 5, 1e-3)
+    assert format_median_and_spread(stats, "ms").split("±")[1] == "0.200"
+
+
+def test_the_host_median_comes_from_the_host_samples():
+    assert TimingStats.from_samples([1.0, 2.0, 3.0], [10.0, 20.0, 30.0]).host_median_s == 20.0
+
+
+def known_result(impl="fusedemb", pass_name="forward", stats=None) -> Result:
+    stats = stats or TimingStats(1e-3, 0.9e-3, 1.3e-3, 5, 2e-3)
+    return Result(tiny_problem(), impl, pass_name, "ok", bytes=1000, timing=stats, gbps=12.5, copy_fraction=0.25,
+                  peak_extra_bytes=3 * 2**20, speedup={"eager": 2.0})  # fmt: skip
+
+
+def test_table_cells_show_the_figures_in_their_units():
+    table = format_table(Report(made_up_environment("cpu"), {}, 50e9, {}, [known_result()]))
+    (row,) = [line for line in table.splitlines() if line.startswith("| tiny")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[6:] == ["1.00 ms", "20.0%", "2.00 ms", "12.5", "25%", "2.00x", "-", "3.0 MiB"]
+    assert "copy bandwidth: 50.0 GB/s before the sweep" in table
+
+
+def test_json_fields_carry_their_own_values():
+    report = Report(made_up_environment("cpu"), {}, 50e9, {}, [known_result()], copy_bandwidth_end=40e9).to_json()
+    assert report["copy_bandwidth_gbps"] == 50.0 and report["copy_bandwidth_end_gbps"] == 40.0
+    (row,) = report["results"]
+    assert (row["gbps"], row["copy_fraction"], row["bytes"], row["peak_extra_bytes"]) == (12.5, 0.25, 1000, 3 * 2**20)
+    assert (row["p25_s"], row["median_s"], row["p75_s"]) == (0.9e-3, 1e-3, 1.3e-3)
+    assert row["speedup_vs_eager"] == 2.0 and row["speedup_vs_compile"] is None
+
+
+def test_a_backward_within_the_spreads_of_forward_plus_backward_is_not_suspect():
+    def result(pass_name, median):
+        return known_result("eager", pass_name, TimingStats(median, 0.8 * median, 1.2 * median, 5, median))
+
+    report = Report(made_up_environment("cpu"), {}, 1e10, {}, [result("backward", 0.031), result("forward+backward", 0.030)])
+    assert "suspect" not in format_table(report)
+
+
+def test_the_plot_draws_gbps_against_tokens_under_the_copy_bandwidth(tmp_path):
+    figure = plot_report(Report(made_up_environment("cpu"), {}, 50e9, {}, [known_result()]), tmp_path / "plot.png")
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    assert list(lines.pop("copy bandwidth").get_ydata()) == [50.0, 50.0]
+    (series,) = lines.values()
+    assert list(series.get_xdata()) == [24] and list(series.get_ydata()) == [12.5]  # B * T tokens
+
+
+@pytest.mark.parametrize("load, warned", [(3.0, True), (1.5, False)])
+def test_the_busy_cpu_warning_is_for_more_than_half_the_cpus(monkeypatch, capsys, load, warned):
+    monkeypatch.setattr(environment, "load_average", lambda: load)
+    monkeypatch.setattr(environment.os, "cpu_count", lambda: 4)
+    environment.warn_if_cpu_busy("cpu")
+    assert ("warning: load average" in capsys.readouterr().err) == warned
+
+
+def test_the_source_commit_marks_uncommitted_changes(monkeypatch):
+    if not (Path(environment.__file__).resolve().parents[2] / ".git").exists():
+        pytest.skip("fusedemb is not imported from a git checkout")
+
+    def git(args, **kwargs):
+        out = "abc1234\n" if "rev-parse" in args else " M fusedemb/bench/cli.py\n"
+        return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(environment.subprocess, "run", git)
+    assert environment.source_commit() == "abc1234+modified"
+
+
 def made_up_environment(device: str) -> dict[str, object]:
     return {"device": device, "device_name": "made up", "torch_threads": 1, "torch": "x", "triton": "y", "fusedemb": "z"}
 
@@ -708,7 +871,7 @@ def test_a_run_cut_short_by_sigterm_reports_the_problems_it_finished(monkeypatch
     json_path = tmp_path / "bench.json"
     status = cli.main([*TINY_ARGS, "--batch", "1", "2", "3", "--ids", "uniform", "--impl", "eager",
                        "--json", str(json_path)])  # fmt: skip
-    assert status == cli.INTERRUPTED_STATUS
+    assert status == 130  # the shell's status for Ctrl-C, as the docs say
     assert len(problems_started) == 2 and signal.getsignal(signal.SIGTERM) == sigterm_handler
     table = capsys.readouterr().out
     assert "interrupted: the rows above are what finished before it" in table
@@ -719,7 +882,7 @@ def test_a_run_cut_short_by_sigterm_reports_the_problems_it_finished(monkeypatch
     assert all(result["status"] == "ok" for result in report["results"])
 
 
-def test_a_run_cut_short_inside_a_problem_keeps_its_finished_implementations(monkeypatch, tmp_path):
+def test_a_run_cut_short_inside_a_problem_keeps_its_finished_implementations(monkeypatch, tmp_path, capsys):
     """Interrupted while the second implementation runs: the first one's rows are reported, with
     their speedups over the baselines that finished."""
     def interrupted(ids, tok_weight, pos_weight):
@@ -731,12 +894,27 @@ def test_a_run_cut_short_inside_a_problem_keeps_its_finished_implementations(mon
     )  # fmt: skip
     json_path = tmp_path / "bench.json"
     status = cli.main([*TINY_ARGS, "--batch", "1", "--ids", "uniform", "--impl", "eager", "--json", str(json_path)])
-    assert status == cli.INTERRUPTED_STATUS
+    assert status == 130  # the shell's status for Ctrl-C, as the docs say
     report = json.loads(json_path.read_text())
     assert {(result["impl"], result["status"]) for result in report["results"]} == {("eager", "ok")}
     assert {result["speedup_vs_eager"] for result in report["results"]} == {1.0}  # not left unfilled
+    # no copy bandwidth after an interrupted sweep; a quick run's smaller copy buffer, recorded
+    assert report["copy_bandwidth_end_gbps"] is None and "GB/s after it" not in capsys.readouterr().out
+    assert report["settings"]["copy_buffer_mib"] == 64
 
 
 def test_compile_is_gated_and_timed(capsys):
     assert cli.main([*TINY_ARGS, "--batch", "2", "--ids", "zipf:1.1", "--impl", "compile", "eager"]) == 0
     assert "| compile " in capsys.readouterr().out
+
+
+
+def test_one_failing_implementation_among_passing_ones_exits_1(monkeypatch):
+    def wrong(ids, tok_weight, pos_weight):
+        return eager_embedding(ids, tok_weight, pos_weight) * 2
+
+    monkeypatch.setattr(
+        cli.implementations, "build_implementations",
+        lambda names, device: ([Implementation("eager", eager_embedding), Implementation("wrong", wrong)], {}),
+    )  # fmt: skip
+    assert cli.main([*TINY_ARGS, "--batch", "1", "--ids", "uniform", "--impl", "eager", "--pass", "forward"]) == 1
