@@ -200,8 +200,8 @@ def _check_table_module(name: str, module: nn.Module) -> None:
     """Refuse what FusedEmbedding cannot honour, and warn of what it skips: it reads the module's
     weight and never calls it, so a module with a forward of its own (an nn.Embedding subclass
     that overrides forward, a LoRA wrapper), options of F.embedding's that the kernels lack, or
-    hooks would otherwise be ignored without a word. (Options changed in place later, such as tok_emb.max_norm = 1.0,
-    are not seen.)"""
+    hooks would otherwise be ignored without a word. (Options changed in place later, such as
+    tok_emb.max_norm = 1.0, are not seen.)"""
     if type(module).forward is not nn.Embedding.forward:
         raise TypeError(
             f"{name} is a {type(module).__name__} with a forward of its own, which FusedEmbedding would never "
