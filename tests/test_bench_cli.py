@@ -587,10 +587,11 @@ def test_timing_stats_quantiles():
     assert stats.spread == pytest.approx(1 / 3)
 
 
-def timed_result(impl: str, pass_name: str, timing: TimingStats) -> Result:
-    """A timed row on the tiny problem, for tests of the report alone."""
-    return Result(tiny_problem(), impl, pass_name, "ok", bytes=1000, timing=timing, gbps=1.0, copy_fraction=0.1,
-                  peak_extra_bytes=0)  # fmt: skip
+def timed_result(impl: str, pass_name: str, timing: TimingStats, **figures) -> Result:
+    """A timed row on the tiny problem, for tests of the report alone; figures override its
+    bytes, gbps, copy_fraction, peak_extra_bytes or speedup."""
+    figures = {"bytes": 1000, "gbps": 1.0, "copy_fraction": 0.1, "peak_extra_bytes": 0, **figures}
+    return Result(tiny_problem(), impl, pass_name, "ok", timing=timing, **figures)
 
 
 def test_gbps_and_copy_fraction_are_of_the_median_and_the_copy_bandwidth():
@@ -665,10 +666,10 @@ def test_the_host_median_comes_from_the_host_samples():
     assert TimingStats.from_samples([1.0, 2.0, 3.0], [10.0, 20.0, 30.0]).host_median_s == 20.0
 
 
-def known_result(impl="fusedemb", pass_name="forward", stats=None) -> Result:
-    stats = stats or TimingStats(1e-3, 0.9e-3, 1.3e-3, 5, 2e-3)
-    return Result(tiny_problem(), impl, pass_name, "ok", bytes=1000, timing=stats, gbps=12.5, copy_fraction=0.25,
-                  peak_extra_bytes=3 * 2**20, speedup={"eager": 2.0})  # fmt: skip
+def known_result() -> Result:
+    """A row whose every figure differs from the others, so that a cell showing the wrong one shows."""
+    return timed_result("fusedemb", "forward", TimingStats(1e-3, 0.9e-3, 1.3e-3, 5, 2e-3), gbps=12.5,
+                        copy_fraction=0.25, peak_extra_bytes=3 * 2**20, speedup={"eager": 2.0})  # fmt: skip
 
 
 def test_table_cells_show_the_figures_in_their_units():
@@ -690,7 +691,7 @@ def test_json_fields_carry_their_own_values():
 
 def test_a_backward_within_the_spreads_of_forward_plus_backward_is_not_suspect():
     def result(pass_name, median):
-        return known_result("eager", pass_name, TimingStats(median, 0.8 * median, 1.2 * median, 5, median))
+        return timed_result("eager", pass_name, TimingStats(median, 0.8 * median, 1.2 * median, 5, median))
 
     report = Report(made_up_environment("cpu"), {}, 1e10, {}, [result("backward", 0.031), result("forward+backward", 0.030)])
     assert "suspect" not in format_table(report)

@@ -1,6 +1,7 @@
 """The README's install and test commands are the ones CI runs, its usage example runs, and the
 links of the README and of docs/ resolve."""
 
+import functools
 import re
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def github_anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
+@functools.cache  # a page is linked many times
 def anchors_of(path: Path) -> set[str]:
     """Every heading's anchor, with GitHub's -1, -2... for repeated headings."""
     anchors, seen = set(), {}
