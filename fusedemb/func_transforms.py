@@ -50,12 +50,6 @@ from fusedemb.ops import (
 from fusedemb.reference import default_positions
 
 
-def _stacked(outputs: list) -> tuple[torch.Tensor, ...] | torch.Tensor:
-    if isinstance(outputs[0], tuple):
-        return tuple(torch.stack(parts) for parts in zip(*outputs))
-    return torch.stack(outputs)
-
-
 def _batch_first(index: torch.Tensor, dim: int | None, batch_size: int) -> torch.Tensor:
     """index with the vmap batch as its leading dim (a shared index repeated, as a view)."""
     return index.movedim(dim, 0) if dim is not None else index.expand(batch_size, *index.shape)
@@ -106,8 +100,9 @@ def _loop(apply, info, in_dims, args):
         apply(*(arg if parts is None else parts[index].contiguous() for arg, parts in zip(args, entries)))
         for index in range(info.batch_size)
     ]
-    out_dims = (0, 0) if isinstance(outputs[0], tuple) else 0
-    return _stacked(outputs), out_dims
+    if isinstance(outputs[0], tuple):  # the backward's (grad_tok, grad_pos)
+        return tuple(torch.stack(parts) for parts in zip(*outputs)), (0, 0)
+    return torch.stack(outputs), 0
 
 
 class TransformableFusedEmbedding(torch.autograd.Function):

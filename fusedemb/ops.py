@@ -53,6 +53,7 @@ from fusedemb.validation import (
     check_kernel_index_dtype,
     check_same_device,
     index_range_checks,
+    is_plain_tensor,
     kernel_layouts,
     with_unit_stride_along_dim,
 )
@@ -382,7 +383,7 @@ def _dispatch_mode_active() -> bool:
     return torch._C._len_torch_dispatch_stack() > 0
 
 
-_TENSOR, _PARAMETER, _PYTHON_KEY = torch.Tensor, torch.nn.Parameter, torch._C.DispatchKey.Python
+_PYTHON_KEY = torch._C.DispatchKey.Python
 
 
 def _dispatched_in_python(*tensors: torch.Tensor | None) -> bool:
@@ -390,8 +391,7 @@ def _dispatched_in_python(*tensors: torch.Tensor | None) -> bool:
     tensors and parameters are told by their type first: the key set costs more host time.)"""
     return any(
         tensor is not None
-        and type(tensor) is not _TENSOR
-        and type(tensor) is not _PARAMETER
+        and not is_plain_tensor(tensor)
         and torch._C._dispatch_keys(tensor).has(_PYTHON_KEY)
         for tensor in tensors
     )

@@ -299,6 +299,12 @@ def check_tables(tok_weight: torch.Tensor, pos_weight: torch.Tensor) -> None:
 _TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter  # (module globals: Dynamo guards them without a lambda)
 
 
+def is_plain_tensor(tensor: torch.Tensor) -> bool:
+    """A torch.Tensor or nn.Parameter itself, not a subclass (told by type: the cheapest test of
+    a call's host time, before any that a subclass needs)."""
+    return type(tensor) is _TENSOR or type(tensor) is _PARAMETER
+
+
 def _check_not_dtensors(**tables: torch.Tensor) -> None:
     """The kernels take whole tables. A DTensor table (tensor parallelism, or fully_shard on
     FusedEmbedding's tok_emb or pos_emb, whose unsharding hooks never run because FusedEmbedding
@@ -357,7 +363,7 @@ def prepare_inputs(
     """Every check of fused_embedding's arguments but the index values (RangeCheck), and their
     normalisation into EmbeddingInputs."""
     check_tables(tok_weight, pos_weight)
-    if not (type(tok_weight) in (_TENSOR, _PARAMETER) and type(pos_weight) in (_TENSOR, _PARAMETER)):  # (cheap first)
+    if not (is_plain_tensor(tok_weight) and is_plain_tensor(pos_weight)):
         _check_not_dtensors(tok_weight=tok_weight, pos_weight=pos_weight)
     check_same_device(("tok_weight", tok_weight.device), pos_weight=pos_weight)
     _check_index_tensor("ids", ids, tok_weight.device)
