@@ -19,7 +19,6 @@
 // counts (which thread runs a task changes nothing).
 
 #include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/StringUtil.h>

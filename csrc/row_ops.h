@@ -18,8 +18,9 @@
 
 namespace fusedemb {
 
+// Whether row_ops.cpp has a hand-written F16C path for scalar_t (float16 only).
 template <typename scalar_t>
-constexpr bool kVectorised = std::is_same_v<scalar_t, c10::Half>;
+constexpr bool kHasF16cPath = std::is_same_v<scalar_t, c10::Half>;
 
 // The vectorised part of the loops below, for c10::Half (row_ops.cpp): each does the leading
 // whole groups of 8 elements where the CPU has F16C and returns how many elements it did
@@ -33,7 +34,7 @@ template <typename scalar_t>
 inline void add_rows(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n) {
   using opmath_t = at::opmath_type<scalar_t>;
   int64_t d = 0;
-  if constexpr (kVectorised<scalar_t>) {
+  if constexpr (kHasF16cPath<scalar_t>) {
     d = add_rows_vectorised(a, b, out, n);
   }
   for (; d < n; ++d) {
@@ -46,7 +47,7 @@ template <typename scalar_t>
 inline void accumulate_row(at::opmath_type<scalar_t>* acc, const scalar_t* src, int64_t n) {
   using opmath_t = at::opmath_type<scalar_t>;
   int64_t d = 0;
-  if constexpr (kVectorised<scalar_t>) {
+  if constexpr (kHasF16cPath<scalar_t>) {
     d = accumulate_row_vectorised(acc, src, n);
   }
   for (; d < n; ++d) {
@@ -58,7 +59,7 @@ inline void accumulate_row(at::opmath_type<scalar_t>* acc, const scalar_t* src, 
 template <typename scalar_t>
 inline void round_row(const at::opmath_type<scalar_t>* acc, scalar_t* dst, int64_t n) {
   int64_t d = 0;
-  if constexpr (kVectorised<scalar_t>) {
+  if constexpr (kHasF16cPath<scalar_t>) {
     d = round_row_vectorised(acc, dst, n);
   }
   for (; d < n; ++d) {

@@ -113,7 +113,7 @@ def sweep_batch_kernel(
     sums_ptr,  # [G, S, D] out (if SUM_OVER_BATCH): see below
     batch,  # B
     seq_len,  # T
-    position_offset,
+    position_offset,  # sums row of sequence position 0: the caller's offset when S = P, else 0
     num_sums,  # S: rows of each sums slice (P, the position-table rows, or T)
     dim,  # D
     num_rows,  # R: table rows (ids are clamped into [0, R))
@@ -201,7 +201,7 @@ def zero_touched_rows_kernel(
     keep = (tokens < num_tokens) & (rows != skip_row)
     zeros = tl.zeros([BLOCK_TOKENS, BLOCK_DIM], dtype=acc_ptr.dtype.element_ty)
     tl.store(acc_ptr + rows[:, None] * dim + cols[None, :], zeros, mask=keep[:, None] & (cols < dim)[None, :])
-    if tl.program_id(1) == 0:
+    if tl.program_id(1) == 0:  # the flag is per row: one of the token tile's column blocks sets it
         tl.store(touched_ptr + rows, tl.full([BLOCK_TOKENS], 1, dtype=tl.int8), mask=keep)
 
 
@@ -245,12 +245,12 @@ def sweep_batch(
     grad_rows: torch.Tensor,
     seq_len: int,
     *,
+    table_dtype: torch.dtype,
     index: torch.Tensor | None = None,
     table_acc: torch.Tensor | None = None,
     skip_row: int = -1,
     position_offset: int = 0,
     context_length: int | None = None,
-    table_dtype: torch.dtype | None = None,
     max_groups: int | None = None,
 ) -> torch.Tensor | None:
     """One read of grad_rows ([B * T, D]) that adds it into table_acc at index (if given) and
@@ -273,7 +273,7 @@ def sweep_batch(
     # and placed at position_offset by a second sweep, over the groups.
     direct = sum_positions and groups == 1
     num_sums, offset = (context_length, position_offset) if direct else (seq_len, 0)
-    acc_fp64 = accumulates_in_float64(table_dtype or grad_rows.dtype)
+    acc_fp64 = accumulates_in_float64(table_dtype)
     sums = None
     if sum_positions:
         partial_dtype = torch.float64 if acc_fp64 else torch.float32
@@ -311,8 +311,8 @@ def atomic_scatter_add(
     num_rows: int,
     skip_row: int,
     table_dtype: torch.dtype,
-    position_offset: int = 0,
-    context_length: int | None = None,
+    position_offset: int,
+    context_length: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """grad_table = zeros(num_rows, D).index_add_(0, index, grad_rows) with float atomics (fast
     mode; row skip_row left zero), and, when context_length is given, the position gradient from the same read of
@@ -402,11 +402,10 @@ def triton_backward(
     atomics = tok_needs_grad and not (deterministic or fast_mode_sorts(grad_rows.shape[0], dim, grad_out.dtype))
     with on_device_of(grad_out):
         if atomics:
-            grad_tok, summed = atomic_scatter_add(
+            grad_tok, grad_pos = atomic_scatter_add(
                 grad_rows, flat_ids, seq_len, num_embeddings, padding_idx, grad_out.dtype, position_offset,
                 context_length if sum_positions else None,
             )  # fmt: skip
-            grad_pos = summed
         else:
             # The sort runs on a side stream of high priority while this stream zeroes the table
             # and sums the positions, work it does not depend on (streams.py).

@@ -58,10 +58,9 @@ def fused_embedding_forward_kernel(
         positions = tl.load(position_ids_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
     else:
         positions = (tokens % seq_len + position_offset).to(tl.int64)
-    # Clamping keeps every access inside the tables whatever the ids: the host's range check may
-    # be switched off, and when it is on, the forward is queued before its answer is back (see
-    # fusedemb/validation.py), so bad ids do reach this kernel. Rows are int64 before they are
-    # multiplied by a row stride: V and N fit in int32, but V * D and N * D may pass 2^31.
+    # Clamping keeps every access inside the tables, as bad ids do reach this kernel (clamp_rows
+    # says why). Rows are int64 before they are multiplied by a row stride: V and N fit in
+    # int32, but V * D and N * D may pass 2^31.
     ids = clamp_rows(ids, num_embeddings)
     positions = clamp_rows(positions, context_length)
 
@@ -93,7 +92,7 @@ def triton_forward(
             fused_embedding_forward_kernel,
             grid,
             ids,
-            ids if position_ids is None else position_ids,  # ids: a pointer never read (HAS_POSITION_IDS)
+            ids if position_ids is None else position_ids,  # without position_ids ids stands in, never read
             tok_weight,
             pos_weight,
             out,

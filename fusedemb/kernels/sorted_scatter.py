@@ -89,7 +89,7 @@ SCATTER_BLOCK = 1024
 # them per thread. Measured on an H200 at gpt2-124M B8 and B32: in float32 16 was as fast as
 # or faster than 8 and 32, in bfloat16 faster than 4 and 8.
 TILE = 16
-# Tiles each combine_partials program looks at. Most tiles have no crossing row to finish, so
+# Tiles each combine_partials_kernel program looks at. Most tiles have no crossing row to finish, so
 # one program per tile mostly loaded a row and its extent to find nothing: on an H200 at
 # gpt2-124M B32 float32, 22.3 us with one tile per program, 8.1 us with 8.
 COMBINE_TILES = 8
@@ -238,7 +238,9 @@ def segment_sums_kernel(
     head_began_here = before_tile != head_row
     in_head_run = rows == head_row
     whole_row = run_ends & (rows != next_rows) & (head_began_here | ~in_head_run)  # the row lies in this tile
-    is_head = run_ends & ~whole_row & in_head_run  # continues from the previous tile (maybe into the next)
+    # The tile's first row, not whole here: it began in an earlier tile, or it begins at this
+    # tile's start and continues into the next.
+    is_head = run_ends & ~whole_row & in_head_run
     is_tail = run_ends & ~whole_row & ~in_head_run  # begins here, continues into the next
     out_cols = col_mask[None, :]
     table_offsets = rows.to(tl.int64)[:, None] * dim + cols[None, :]
@@ -269,7 +271,7 @@ def sum_head_blocks_kernel(
     one is below num_tiles) and their heads are all partials of one row (sorted rows are
     nondecreasing, so the rows at the first and last tile starts are equal), block_sums[k] = the
     sum of those heads, columns j * BLOCK_DIM + [0, BLOCK_DIM). Other blocks are left
-    unwritten: combine_partials reads the block sums of blocks inside a row only. With uniform
+    unwritten: combine_partials_kernel reads the block sums of blocks inside a row only. With uniform
     ids a program loads two sorted rows and exits."""
     block = tl.program_id(0)
     first = block * PARTIALS_BLOCK
@@ -298,7 +300,7 @@ def finish_long_row(
 ):  # fmt: skip
     """table[row] = its first partial (this tile's head if the row begins exactly at the tile's
     start, else its tail) + the heads of tiles tile + 1 .. last_tile, in a fixed order: the
-    heads up to the first block edge, the block sums of the whole blocks (sum_head_blocks), then
+    heads up to the first block edge, the block sums of the whole blocks (sum_head_blocks_kernel), then
     the heads after the last block edge, each load of up to PARTIALS_BLOCK rows summed by a
     reduction tree of fixed shape. The float64 sum reaches a 16-bit table through float32
     (Triton's interpreter cannot cast float64 to bfloat16): a second rounding, of at most half a
