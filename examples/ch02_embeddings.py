@@ -2,7 +2,7 @@
 
     TIKTOKEN_CACHE_DIR=../shared/data/tiktoken python examples/ch02_embeddings.py --text ../shared/data/the-verdict.txt
 
-1. tokenize the text with GPT-2's byte-pair encoding (50257 token ids);
+1. tokenize the text with GPT-2's byte-pair encoding (a vocabulary of 50257 token ids);
 2. cut it into batches of 8 windows of 4 tokens, stride 4 (inputs and next-token targets);
 3. look the inputs up in a 50257 x 256 token table and add rows of a 4 x 256 position table:
    input embeddings of shape (batch, seq, dim) = (8, 4, 256);

@@ -113,12 +113,12 @@ class TransformerBlock(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """GPT-2 with a tied output head; ``fused_embedding`` picks fusedemb.FusedEmbedding as first layer."""
+    """GPT-2 with a tied output head; ``use_fusedemb`` picks fusedemb.FusedEmbedding as first layer."""
 
-    def __init__(self, config: GPTConfig, fused_embedding: bool):
+    def __init__(self, config: GPTConfig, use_fusedemb: bool):
         super().__init__()
         self.config = config
-        first_layer = FusedEmbedding if fused_embedding else TokenAndPositionEmbedding
+        first_layer = FusedEmbedding if use_fusedemb else TokenAndPositionEmbedding
         self.embedding = first_layer(config.vocab_size, config.emb_dim, config.context_length)
         self.drop_emb = nn.Dropout(config.drop_rate)
         self.blocks = nn.Sequential(*(TransformerBlock(config) for _ in range(config.n_layers)))

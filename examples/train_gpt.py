@@ -10,11 +10,11 @@ first layers is bitwise equal in float32 (each output element is the same single
 only the backward differs: the token and position gradients are sums over the tokens of the
 batch, and fusedemb adds them in another order. The printed losses therefore agree to float32
 rounding noise, checked against LOSS_TOLERANCE. A step's loss is taken before its update, so
-both trained models' loss on the first batch (in eval mode) is compared the same way: it sees
-the last update too. The last tenth of the text (--val-ratio) is held out, and both trained
-models' loss on it is compared the same way. The script also saves
-the nn.Embedding model's checkpoint and loads it, with no key mapping, into a fresh fusedemb
-model (see gpt_model.py for the names). It ends with PASS, or FAIL and what failed, and exits
+the printed losses never see the last update: the trained models' loss on the first batch (in
+eval mode) is compared as well, and it does. The last tenth of the text (--val-ratio) is held
+out, and both trained models' loss on it is compared the same way. The script also saves the
+nn.Embedding model's checkpoint and loads it, with no key mapping, into a fresh fusedemb model
+(see gpt_model.py for the names). It ends with PASS, or FAIL and what failed, and exits
 with status 0 or 1 accordingly.
 
 With --compile both models train compiled (nn.Module.compile, which keeps the state_dict's
@@ -130,8 +130,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--steps must be positive, got {args.steps}")
     if args.batch_size <= 0:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
+    # Checked as split_text will take it, as the train ratio 1 - val_ratio: a val_ratio too small
+    # to change 1.0 would hold out no text.
     if not (args.val_ratio == 0 or 0 < 1 - args.val_ratio < 1):
-        parser.error(f"--val-ratio must be 0 or in (0, 1), got {args.val_ratio}")
+        parser.error(f"--val-ratio must be 0, or in (0, 1) and leave 1 - val_ratio below 1, got {args.val_ratio}")
     try:
         check_device(parser, torch.device(args.device).type)
     except RuntimeError as error:  # not a device string
@@ -172,13 +174,14 @@ def eval_loss(model: GPTModel, batches: list, device: str) -> float:
     with torch.no_grad():
         losses = [next_token_loss(model(inputs.to(device)), targets.to(device)).item() for inputs, targets in batches]
     model.train()
-    return statistics.fmean(losses, weights=[len(inputs) for inputs, _ in batches])
+    windows = [len(inputs) for inputs, _ in batches]  # (fmean's weights need Python 3.11)
+    return sum(loss * count for loss, count in zip(losses, windows)) / sum(windows)
 
 
-def build_model(config: GPTConfig, fused_embedding: bool, seed: int) -> GPTModel:
+def build_model(config: GPTConfig, use_fusedemb: bool, seed: int) -> GPTModel:
     # Built on the CPU so that the initial weights do not depend on the device's RNG.
     torch.manual_seed(seed)
-    return GPTModel(config, fused_embedding)
+    return GPTModel(config, use_fusedemb)
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -255,7 +258,7 @@ def checkpoint_round_trip(trained: GPTModel, config: GPTConfig, seed: int, sampl
     buffer = io.BytesIO()
     torch.save(trained.state_dict(), buffer)
     buffer.seek(0)
-    fused = build_model(config, fused_embedding=True, seed=seed + 2)  # other weights, overwritten by the load
+    fused = build_model(config, use_fusedemb=True, seed=seed + 2)  # other weights, overwritten by the load
     fused.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
     device = next(trained.parameters()).device
     fused.to(device).eval()
@@ -316,8 +319,8 @@ def main(argv: list[str] | None = None) -> Comparison:
         raise SystemExit(f"train_gpt.py: {part}{error}; use {remedy}") from None
     held_out_batches = validation_batches(held_out, config, args.batch_size) if held_out else []
 
-    reference_model = build_model(config, fused_embedding=False, seed=args.seed)
-    fused_model = build_model(config, fused_embedding=True, seed=args.seed)
+    reference_model = build_model(config, use_fusedemb=False, seed=args.seed)
+    fused_model = build_model(config, use_fusedemb=True, seed=args.seed)
     if args.deterministic:
         fused_model.embedding.deterministic = True
     same_initial_weights = same_state(reference_model, fused_model)

@@ -1,8 +1,10 @@
 """How far a computed scatter-add gradient may be from the exact one, element by element.
 
 Each element of a table gradient is a sum of n output-gradient elements g_1 .. g_n (one per
-token of that table row). Every backend adds them in float32 (float64 for float64 tables), in
-an order of its own, and rounds the sum to the table's dtype. Whatever the order or the tree of
+token of that table row). fusedemb's kernels (Triton, C++) add them in float32 (float64 for
+float64 tables), each in an order of its own, and round the sum to the table's dtype. (PyTorch's
+CPU embedding backward, which the "reference" backend's gradients come from, adds 16-bit rows in
+16 bits: `accumulate_in` says so.) Whatever the order or the tree of
 additions, a floating-point sum of n terms with unit roundoff u is within
 
     gamma_n * sum |g_i|,    gamma_n = n * u / (1 - n * u)
@@ -46,16 +48,17 @@ def scatter_add_error(
     where `actual` is a correct scatter-add, inf where a row that must be zero is not.
 
     actual: [R, D], the computed zeros(R, D).index_add_(0, index, grad_rows) in the table dtype
-    (row skip_row left at zero; None or negative: no such row); grad_rows: [N, D] in any float
-    dtype; index: [N] integers. accumulate_in: the precision the sums may be computed in, float32
-    (float64 for float64 tables) by default; PyTorch's CPU embedding backward adds 16-bit rows in
-    their own dtype, for example. Memory: float64 buffers of the touched rows only (at most N x D).
+    (row skip_row left at zero, a negative one counted from the end as padding_idx is; None: no
+    such row); grad_rows: [N, D] in any float dtype; index: [N] integers. accumulate_in: the
+    precision the sums may be computed in, float32 (float64 for float64 tables) by default;
+    PyTorch's CPU embedding backward adds 16-bit rows in their own dtype, for example. Memory:
+    float64 buffers of the touched rows only (at most N x D).
     """
     num_rows, dim = actual.shape
     grad_rows = grad_rows.reshape(-1, dim).to(device=actual.device, dtype=torch.float64)
     index = index.reshape(-1).to(actual.device)
-    if skip_row is not None and skip_row >= 0:
-        kept = index != skip_row
+    if skip_row is not None:
+        kept = index != skip_row % num_rows
         grad_rows, index = grad_rows[kept], index[kept]
     rows, position, terms = torch.unique(index, return_inverse=True, return_counts=True)
     exact = grad_rows.new_zeros(len(rows), dim).index_add_(0, position, grad_rows)

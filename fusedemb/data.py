@@ -128,7 +128,8 @@ def create_dataloader(
 ) -> DataLoader:
     """Batches of (input, target) windows of ``text`` tokenized with tiktoken's gpt2 encoding.
 
-    Each batch is a pair of int64 tensors of shape (batch_size, max_length). ``generator`` seeds
+    Each batch is a pair of int64 tensors of shape (batch_size, max_length), the last one shorter
+    when ``drop_last`` is False and the windows do not fill it. ``generator`` seeds
     the shuffle, so two loaders built with equally seeded generators yield the same batches.
     Other keyword arguments (``pin_memory``, ``persistent_workers``, ``prefetch_factor``...) go
     to the DataLoader as they are.

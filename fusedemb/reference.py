@@ -34,9 +34,8 @@ def fused_embedding_reference(
     padding_idx: int | None = None,
 ) -> torch.Tensor:
     """Token embedding plus absolute position embedding, written as two ``F.embedding`` and an add."""
-    if position_ids is None:
-        position_ids = default_positions(ids, position_offset)
-    return F.embedding(ids, tok_weight, padding_idx=padding_idx) + F.embedding(position_ids, pos_weight)
+    positions = default_positions(ids, position_offset) if position_ids is None else position_ids.expand(ids.shape)
+    return F.embedding(ids, tok_weight, padding_idx=padding_idx) + F.embedding(positions, pos_weight)
 
 
 def fused_embedding_backward_reference(

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fusedemb.accuracy import scatter_add_error, ulp
+from fusedemb.reference import scatter_add_rows
 
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
@@ -61,6 +62,15 @@ def test_rows_no_token_adds_into_must_be_exactly_zero():
     untouched = next(row for row in range(10) if row not in index.tolist())
     table[untouched, 1] = 1e-30
     assert scatter_add_error(table, grad, index) == float("inf")
+
+
+def test_negative_skip_row_counts_from_the_end():
+    """As padding_idx does, and as the reference's scatter_add_rows zeroes it."""
+    grad, index = scattered(num_rows=4, tokens=50, dim=3, dtype=torch.float32, seed=5)
+    table = scatter_add_rows(grad, index, 4, skip_row=-1)
+    assert scatter_add_error(table, grad, index, skip_row=-1) <= 1
+    table[3] = 1.0
+    assert scatter_add_error(table, grad, index, skip_row=-1) == float("inf")
 
 
 def test_skip_row_must_be_zero_and_nan_fails():

@@ -165,7 +165,7 @@ def test_validation_loss_is_the_mean_over_windows_when_the_last_batch_is_short(g
     train_gpt = import_example("train_gpt")
     config = small_config(gpt_model)
     torch.manual_seed(0)
-    model = gpt_model.GPTModel(config, fused_embedding=True)
+    model = gpt_model.GPTModel(config, use_fusedemb=True)
     inputs = torch.randint(0, config.vocab_size, (4, config.context_length))
     targets = torch.randint(0, config.vocab_size, (4, config.context_length))
     whole = train_gpt.eval_loss(model, [(inputs, targets)], "cpu")
@@ -176,9 +176,9 @@ def test_validation_loss_is_the_mean_over_windows_when_the_last_batch_is_short(g
 def test_nn_embedding_checkpoint_loads_strictly_into_the_fused_model(gpt_model):
     config = small_config(gpt_model)
     torch.manual_seed(0)
-    plain = gpt_model.GPTModel(config, fused_embedding=False)
+    plain = gpt_model.GPTModel(config, use_fusedemb=False)
     torch.manual_seed(1)
-    fused = gpt_model.GPTModel(config, fused_embedding=True)
+    fused = gpt_model.GPTModel(config, use_fusedemb=True)
 
     buffer = io.BytesIO()
     torch.save(plain.state_dict(), buffer)
@@ -198,9 +198,9 @@ def test_both_first_layers_train_the_tied_table_with_equal_gradients(gpt_model):
     config = small_config(gpt_model)
     ids = torch.randint(0, config.vocab_size, (3, config.context_length), generator=torch.Generator().manual_seed(5))
     grads = []
-    for fused_embedding in (False, True):
+    for use_fusedemb in (False, True):
         torch.manual_seed(0)
-        model = gpt_model.GPTModel(config, fused_embedding)
+        model = gpt_model.GPTModel(config, use_fusedemb)
         model(ids).logsumexp(-1).sum().backward()
         grads.append({name: p.grad for name, p in model.named_parameters()})
     assert grads[0].keys() == grads[1].keys()
@@ -210,13 +210,13 @@ def test_both_first_layers_train_the_tied_table_with_equal_gradients(gpt_model):
 
 def test_gpt2_124m_config_has_gpt2_small_parameter_count(gpt_model):
     with torch.device("meta"):  # shapes only, no memory
-        model = gpt_model.GPTModel(gpt_model.GPT2_124M, fused_embedding=True)
+        model = gpt_model.GPTModel(gpt_model.GPT2_124M, use_fusedemb=True)
     assert sum(p.numel() for p in model.parameters()) == 124_439_808  # tied head counted once
 
 
 def test_sequences_longer_than_the_context_are_rejected(gpt_model):
     config = small_config(gpt_model, context_length=4)
-    model = gpt_model.GPTModel(config, fused_embedding=True)
+    model = gpt_model.GPTModel(config, use_fusedemb=True)
     with pytest.raises(ValueError, match="context length"):
         model(torch.zeros(1, 5, dtype=torch.long))
 

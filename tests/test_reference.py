@@ -32,6 +32,20 @@ def test_reference_backward_matches_autograd():
     assert actual[0][4].abs().sum() == 0
 
 
+def test_reference_broadcasts_position_ids_to_ids_shape_only():
+    """position_ids broadcast to ids' shape, as in the backward reference and fused_embedding:
+    one row (1, T) for a batch; more rows than ids have is refused, not broadcast the other way."""
+    torch.manual_seed(2)
+    tok, pos = torch.randn(10, 4), torch.randn(6, 4)
+    ids, row = torch.randint(0, 10, (3, 5)), torch.randint(0, 6, (1, 5))
+    actual = fused_embedding_reference(ids, tok, pos, position_ids=row)
+    torch.testing.assert_close(actual, fused_embedding_reference(ids, tok, pos, position_ids=row.expand(3, 5)))
+    with pytest.raises(RuntimeError):
+        fused_embedding_reference(ids[0], tok, pos, position_ids=ids.remainder(6))
+    with pytest.raises(RuntimeError):
+        fused_embedding_backward_reference(torch.randn(3, 5, 4), ids[0], 10, 6, position_ids=ids.remainder(6))
+
+
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_reference_backward_adds_16_bit_gradients_in_float32(device):
