@@ -17,6 +17,8 @@
 # DATA_DIR holds the-verdict.txt and tiktoken/ (../shared/data beside a checkout).
 # GPU_SESSION_STEPS picks steps by name (default: all of "smoke tests bench sortcross rangecheck host profile"),
 # for a session that splits its device time between calls.
+# OUT_DIR/tables.txt gets every step's output, and the exit status of each command that failed;
+# the script exits 1 if any did (the smoke check's stops it at once), else 0.
 set -u
 case ${1:-} in  # the header above for --help; an option where OUT_DIR goes is a mistake
   -h | --help) sed -n '2,/^set /s/^# \{0,1\}//p' "$0"; exit 0 ;;
@@ -29,13 +31,18 @@ step() { [[ $steps == *" $1 "* ]]; }
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR=$data/tiktoken
 tables=$out/tables.txt
-# A bench's exit status is lost in the pipe unless kept: 1 means a mismatch or an implementation
-# that could not run, 124 a run cut short by its timeout (it still wrote what it finished).
-bench() {
-  timeout -k 10 "$1" python3 -m fusedemb.bench --device cuda --pass forward forward+backward "${@:2}" 2>&1 | tee -a "$tables" | tail -3
+failed=0  # the script's exit status: 1 if any step's command failed
+# logged LIMIT CMD...: CMD under a timeout of LIMIT seconds (killed 10 s later if it cannot stop),
+# its output appended to the tables and shown (its last $shown lines where shown is set). An exit
+# status other than 0, lost in the pipe unless kept, is written there too and fails the script:
+# for the bench, 1 is a mismatch or an implementation that could not run or raised; 124 is a run
+# cut short by its timeout (the bench and the scripts still print what they finished).
+logged() {
+  timeout -k 10 "$1" "${@:2}" 2>&1 | tee -a "$tables" | tail -n "${shown:-+1}"
   local status=${PIPESTATUS[0]}
-  [ "$status" = 0 ] || echo "bench exit $status: ${*:2}" | tee -a "$tables"
+  [ "$status" = 0 ] || { echo "exit $status: ${*:2}" | tee -a "$tables"; failed=1; }
 }
+bench() { shown=3 logged "$1" python3 -m fusedemb.bench --device cuda --pass forward forward+backward "${@:2}"; }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton, fusedemb; print('torch', torch.__version__, 'triton', triton.__version__, fusedemb.available_backends('cuda'))"
@@ -60,11 +67,14 @@ step tests && {
   timeout 180 python3 -m pytest tests/test_functional.py tests/test_streams.py tests/test_ops.py tests/test_validation.py tests/test_module.py \
     tests/test_sorted_scatter.py \
     -q --maxfail=10 $workers -p no:cacheprovider > "$out/tests.log" 2>&1
-  echo "tests exit $?: $(tail -1 "$out/tests.log")" | tee -a "$tables"
+  status=$?
+  echo "tests exit $status: $(tail -1 "$out/tests.log")" | tee -a "$tables"
+  [ "$status" = 0 ] || failed=1
 }
 
 # A bench cut short by its timeout (SIGTERM) still prints and writes what it finished;
-# -k 10 kills it if it cannot stop. One command per dtype keeps a lost problem's cost small.
+# -k 10 kills it if it cannot stop. gpt2-124M's sweep, the longest, runs one command per dtype,
+# so that a timeout loses less of it.
 step bench && {
   for dtype in float32 bfloat16; do
     bench 120 --no-bounds-check --preset gpt2-124M --batch 8 32 --dtype $dtype \
@@ -78,24 +88,25 @@ step bench && {
     --json "$out/bench_large_vocab.json"
 }
 # Where torch.sort overtakes the counting sort (COUNTING_SORT_MAX_CELLS): both, alone, V x N.
-step sortcross && timeout 60 python3 benchmarks/sort_crossover.py 2>&1 | tee -a "$tables"
+step sortcross && logged 60 python3 benchmarks/sort_crossover.py
 # The check's cost: the same cases with it on and off, back to back on the same machine.
 step rangecheck && {
   echo "== id range check on ==" >> "$tables"
   bench 25 --preset gpt2-124M --batch 8 32 --ids uniform --impl fusedemb-fast eager
   echo "== id range check off ==" >> "$tables"
   bench 25 --no-bounds-check --preset gpt2-124M --batch 8 32 --ids uniform --impl fusedemb-fast
-  timeout 120 python3 benchmarks/range_check_cost.py --config tiny --rounds 30 --queued 10 2>&1 | tee -a "$tables"
-  timeout 90 python3 benchmarks/range_check_cost.py --config gpt2-124M --batch 4 8 --round-trips 0 2>&1 | tee -a "$tables"
+  logged 120 python3 benchmarks/range_check_cost.py --config tiny --rounds 30 --queued 10
+  logged 90 python3 benchmarks/range_check_cost.py --config gpt2-124M --batch 4 8 --round-trips 0
 }
-step host && timeout 90 python3 benchmarks/host_overhead.py --device cuda 2>&1 | tee -a "$tables"
-step profile || exit 0
+step host && logged 90 python3 benchmarks/host_overhead.py --device cuda
+step profile || exit $failed
 echo "== where the backward's time goes ==" >> "$tables"
 # First the rows where the deterministic mode misses 1.3x of the fast one (eleventh session,
 # H100: gpt2-124M B32 float32 with one id everywhere, 1.45, and with real text, 1.45), whose
 # kernels no session has profiled yet; then uniform ids at B32 and B8 float32, the baseline
 # that docs/benchmarks.md's per-kernel figures (eighth session) come from, for comparison on this card.
-timeout 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 32 --ids same >> "$tables" 2>&1
-timeout 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 32 --ids "text:$data/the-verdict.txt" >> "$tables" 2>&1
-timeout 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 32 >> "$tables" 2>&1
-timeout 30 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 8 >> "$tables" 2>&1
+logged 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 32 --ids same > /dev/null
+logged 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 32 --ids "text:$data/the-verdict.txt" > /dev/null
+logged 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 32 > /dev/null
+logged 30 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 8 > /dev/null
+exit $failed

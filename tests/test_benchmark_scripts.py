@@ -4,6 +4,7 @@ find out that one has rotted."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -151,3 +152,36 @@ def test_session_scripts_answer_help_and_refuse_an_option_for_their_folder(scrip
     refused = run("--out")
     assert refused.returncode == 2 and f"usage: {script} OUT_DIR [DATA_DIR]" in refused.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def run_gpu_session_on_stubs(tmp_path, python3_script: str, steps: str) -> tuple[int, str]:
+    """gpu_session.sh with `python3` and `nvidia-smi` replaced by shell stubs (no GPU here): its
+    exit status and tables.txt."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, body in (("nvidia-smi", "echo 'Stub GPU'"), ("python3", python3_script)):
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "GPU_SESSION_STEPS": steps}
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_session.sh"), str(tmp_path / "out")], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    return result.returncode, (tmp_path / "out" / "tables.txt").read_text()
+
+
+def test_gpu_session_records_each_failing_command_and_goes_on(tmp_path):
+    """A step's exit status is lost in its pipe to tables.txt unless kept: each failure is written
+    there, the later commands still run, and the script exits 1."""
+    fail_some = 'echo "ran $*"; case "$*" in *sort_crossover*) exit 3 ;; *"--batch 8") exit 124 ;; esac'
+    status, tables = run_gpu_session_on_stubs(tmp_path, fail_some, "sortcross host profile")
+    assert status == 1
+    assert "exit 3: python3 benchmarks/sort_crossover.py" in tables
+    assert "exit 124: python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 8" in tables
+    assert "ran benchmarks/host_overhead.py --device cuda" in tables
+    assert tables.count("ran benchmarks/profile_backward.py") == 4
+    assert tables.count("exit ") == 2
+
+
+def test_gpu_session_exits_0_when_every_command_does(tmp_path):
+    status, tables = run_gpu_session_on_stubs(tmp_path, 'echo "ran $*"', "sortcross rangecheck host profile")
+    assert status == 0 and "exit " not in tables
+    assert tables.count("ran -m fusedemb.bench") == 2 and tables.count("ran benchmarks/range_check_cost.py") == 2
