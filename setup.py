@@ -54,7 +54,7 @@ setup(
     # Triton ships wheels for Linux only; elsewhere fusedemb runs its C++ kernels and the reference.
     install_requires=["torch>=2.11", "triton>=3.6; platform_system == 'Linux'", "tiktoken>=0.7", "numpy"],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4"],
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "vermin>=1.6"],
         "bench": ["matplotlib>=3.7", "tqdm>=4.60"],
     },
     ext_modules=[extension],

@@ -1,7 +1,9 @@
-"""The source distribution holds what a build from it needs: pip builds a wheel from an sdist,
-and setuptools packs only what setup.py names (a header the extension includes but setup.py
-does not list is left out, and the compile from the sdist fails)."""
+"""What setup.py promises: the source distribution holds what a build from it needs (pip builds a
+wheel from an sdist, and setuptools packs only what setup.py names: a header the extension
+includes but setup.py does not list is left out, and the compile from the sdist fails); and the
+code runs on the oldest Python that python_requires admits."""
 
+import re
 import subprocess
 import sys
 import tarfile
@@ -21,3 +23,17 @@ def test_sdist_ships_the_extension_sources_headers_and_every_module(tmp_path):
         shipped = {PurePosixPath(*PurePosixPath(name).parts[1:]).as_posix() for name in tar.getnames()}
     needed = {path.relative_to(ROOT).as_posix() for path in (*ROOT.glob("csrc/*"), *ROOT.glob("fusedemb/**/*.py"))}
     assert needed <= shipped, f"missing from the sdist: {sorted(needed - shipped)}"
+
+
+def test_the_code_needs_no_python_newer_than_python_requires():
+    """CI runs one Python, newer than the oldest that setup.py admits: vermin reads the sources for
+    what later Pythons added (a module, a function, a keyword argument, syntax), such as the
+    weights of statistics.fmean (3.11) that examples/train_gpt.py once passed."""
+    oldest = re.search(r'python_requires=">=(\d+\.\d+)"', (ROOT / "setup.py").read_text()).group(1)
+    paths = [str(ROOT / name) for name in ("fusedemb", "examples", "tests", "benchmarks", "setup.py")]
+    vermin = "import sys, vermin; sys.argv[0] = 'vermin'; sys.exit(vermin.main())"
+    options = ["--no-tips", "--violations", "--eval-annotations", f"--target={oldest}-"]
+    result = subprocess.run([sys.executable, "-c", vermin, *options, *paths], capture_output=True, text=True,
+                            timeout=300, check=False)  # fmt: skip
+    report = result.stdout[-3000:] + result.stderr[-1000:]
+    assert result.returncode == 0, f"needs a Python newer than {oldest}:\n{report}"
