@@ -1,4 +1,5 @@
-"""pytest-benchmark suite: every implementation x pass x id distribution, on CPU and CUDA.
+"""pytest-benchmark suite: fusedemb's three variants, eager and torch.compile x every pass x the
+CLI's default id distributions (uniform, Zipf 1.1), on CPU and CUDA.
 
 Each benchmark gates its implementation against the reference, then times one pass in pedantic
 mode (explicit warm-up rounds, the pass's untimed setup before every round). The last-level
@@ -16,11 +17,13 @@ import pytest
 import torch
 
 from fusedemb.bench.bytes_model import PASSES
+from fusedemb.bench.cli import DEFAULT_IDS
 from fusedemb.bench.configs import Problem
 from fusedemb.bench.gate import gate
 from fusedemb.bench.ids import parse_distribution
 from fusedemb.bench.implementations import build_implementations
 from fusedemb.bench.passes import bytes_moved, make_inputs, make_pass
+from fusedemb.bench.timing import synchronize
 
 IMPLEMENTATIONS = ["fusedemb", "fusedemb-fast", "fusedemb-deterministic", "eager", "compile"]
 # (rounds, warm-up rounds): a CPU backward at gpt2-124M takes about 0.1 s, a GPU one 0.1 ms.
@@ -28,7 +31,7 @@ ROUNDS = {"cpu": (15, 2), "cuda": (100, 10)}
 
 
 @pytest.mark.parametrize("pass_name", PASSES)
-@pytest.mark.parametrize("ids_spec", ["uniform", "zipf:1.1"])
+@pytest.mark.parametrize("ids_spec", DEFAULT_IDS)
 @pytest.mark.parametrize("impl_name", IMPLEMENTATIONS)
 def test_fused_embedding(benchmark, cache_flushes, device, model_config, batch, impl_name, ids_spec, pass_name):
     available, skipped = build_implementations([impl_name], device)
@@ -42,17 +45,16 @@ def test_fused_embedding(benchmark, cache_flushes, device, model_config, batch, 
 
     work = make_pass(pass_name, implementation.forward, inputs)
     flush = cache_flushes(device)
-    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
 
     def setup():
         arguments = work.setup()
         flush()
-        synchronize()
+        synchronize(device)
         return arguments, {}
 
     def target(*arguments):
         work.run(*arguments)
-        synchronize()
+        synchronize(device)
 
     rounds, warmup_rounds = ROUNDS[device]
     benchmark.group = f"{model_config.name} B={batch} {ids_spec} {pass_name} {device}"

@@ -1,6 +1,6 @@
 """Fixtures of the pytest-benchmark suite.
 
-Two modes:
+Two modes, real numbers (the first two lines: a run, or one compared with a saved run) and quick:
 
     pytest benchmarks/ --benchmark-json=base.json        real numbers (GB/s in each extra_info)
     pytest benchmarks/ --benchmark-compare=0001 ...      compare with a saved run (--benchmark-autosave)

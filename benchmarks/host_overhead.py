@@ -39,19 +39,14 @@ import torch
 import torch.nn.functional as F
 
 import fusedemb
-from fusedemb.bench.cli import add_device_argument, check_device, positive_int
-from fusedemb.bench.timing import median_and_spread
+from fusedemb.bench.cli import add_device_argument, bounds_check_restored, check_device, positive_int
+from fusedemb.bench.timing import median_and_spread, synchronize
 from fusedemb.functional import BACKENDS, resolve_backend
 from fusedemb.ops import FusedEmbeddingFunction
 from fusedemb.ops import _launch_directly as launching_directly
 from fusedemb.validation import prepare_inputs
 
 VOCAB, CONTEXT, DIM, BATCH, SEQ = 64, 16, 64, 1, 8
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def per_call_seconds(fn: Callable[[], object], device: torch.device, calls: int, rounds: int) -> list[float]:
@@ -190,14 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_device(parser, args.device)
     device = torch.device(args.device)
-    was_on = fusedemb.bounds_check_enabled()
     print(f"host time per call, {device.type}, backend {resolve_backend(args.backend, device)}, float32, "
           f"B {BATCH} T {SEQ} V {VOCAB} P {CONTEXT} D {DIM}")  # fmt: skip
-    try:
+    with bounds_check_restored():
         for label, fn in cases(device, args.backend):
             print(f"  {label:40s} {median_and_spread(per_call_seconds(fn, device, args.calls, args.rounds), 'us')} us", flush=True)
-    finally:
-        fusedemb.set_bounds_check(was_on)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import pstats
 import time
 
@@ -20,9 +21,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fusedemb
-from fusedemb.bench.cli import add_device_argument, check_device, positive_int
-from fusedemb.bench.configs import DTYPES, PRESETS
+from fusedemb.bench.cli import add_device_argument, bounds_check_restored, check_device, id_distribution, positive_int
+from fusedemb.bench.configs import DTYPES, PRESETS, Problem
 from fusedemb.bench.ids import parse_distribution
+from fusedemb.bench.passes import make_inputs
+from fusedemb.bench.timing import synchronize as synchronize_device
 
 REPEATS = 20
 
@@ -32,36 +35,30 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="gpt2-124M", choices=list(PRESETS))
     parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--ids", type=parse_distribution, default=parse_distribution("uniform"), metavar="SPEC",
+    parser.add_argument("--ids", type=id_distribution, default=parse_distribution("uniform"), metavar="SPEC",
                         help="id distribution: uniform, zipf:S, same, text:FILE (as in python -m fusedemb.bench)")  # fmt: skip
     add_device_argument(parser, "; cpu only tries the script")
     args = parser.parse_args(argv)
     check_device(parser, args.device)
-    was_on = fusedemb.bounds_check_enabled()
-    fusedemb.set_bounds_check(False)  # the profile shows the kernels, not the range check's sync
-    try:
+    with bounds_check_restored():
+        fusedemb.set_bounds_check(False)  # the profile shows the kernels, not the range check's sync
         profile_both_modes(args, torch.device(args.device))
-    finally:
-        fusedemb.set_bounds_check(was_on)
 
 
 def profile_both_modes(args, device: torch.device) -> None:
-    config, dtype = PRESETS[args.preset], DTYPES[args.dtype]
-    tok = torch.randn(config.vocab, config.dim, device=device, dtype=dtype, requires_grad=True)
-    pos = torch.randn(config.seq, config.dim, device=device, dtype=dtype, requires_grad=True)
-    ids = args.ids.sample(args.batch, config.seq, config.vocab, torch.Generator().manual_seed(0)).to(device)
-    grad_out = torch.randn(args.batch, config.seq, config.dim, device=device, dtype=dtype)
+    inputs = make_inputs(Problem(PRESETS[args.preset], args.batch, DTYPES[args.dtype], args.ids), device.type, seed=0)
+    tables = (inputs.tok_weight, inputs.pos_weight)
     # The C++ CPU backward has one mode only; on CPU both rows show it.
     for deterministic in (False, True):
 
         def step(deterministic=deterministic):
-            out = fusedemb.fused_embedding(ids, tok, pos, deterministic=deterministic)
-            return torch.autograd.grad(out, (tok, pos), grad_out)
+            out = fusedemb.fused_embedding(inputs.ids, *tables, deterministic=deterministic)
+            return torch.autograd.grad(out, tables, inputs.grad_out)
 
         for _ in range(3):  # compile and warm up
             step()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+        synchronize = functools.partial(synchronize_device, device)
         synchronize()
         start = time.perf_counter()
         with profile(activities=activities) as prof:

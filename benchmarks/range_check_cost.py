@@ -30,14 +30,14 @@ from pathlib import Path
 import torch
 
 import fusedemb
-from fusedemb.bench.cli import add_device_argument, check_device, int_at_least, positive_int
-from fusedemb.bench.timing import median_and_spread
+from fusedemb.bench.cli import add_device_argument, bounds_check_restored, check_device, int_at_least, positive_int
+from fusedemb.bench.timing import median_and_spread, synchronize
 
 EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")
 if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
 from gpt_model import CONFIGS, GPTModel  # noqa: E402
-from train_gpt import synchronize, training_step  # noqa: E402
+from train_gpt import training_step  # noqa: E402
 
 
 def time_round_trip(device: torch.device, config_name: str, batch: int, repeats: int) -> None:
@@ -113,15 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_device(parser, args.device)
     device = torch.device(args.device)
-    was_on = fusedemb.bounds_check_enabled()
-    try:
+    with bounds_check_restored():
         if args.round_trips:
             time_round_trip(device, args.round_trip_config, 8, args.round_trips)
         for config_name in args.config:
             for batch in args.batch:
                 time_training_steps(device, config_name, batch, args.rounds, args.queued)
-    finally:
-        fusedemb.set_bounds_check(was_on)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from gpt_model import CONFIGS, GPTConfig, GPTModel
 
 from fusedemb.bench.cli import check_device, require_gpt2_tokenizer, text_file
+from fusedemb.bench.timing import synchronize
 from fusedemb.data import create_dataloader, split_text
 
 # Largest accepted |loss_nn - loss_fused| at any step. Reordering a float32 sum of k terms
@@ -195,11 +196,6 @@ def training_step(model: GPTModel, optimizer: torch.optim.Optimizer, inputs, tar
     loss.backward()
     optimizer.step()
     return loss
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class RandomStream:

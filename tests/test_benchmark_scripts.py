@@ -130,9 +130,10 @@ def test_func_transforms_cost_times_every_transform(capsys):
         ("profile_backward", ["--batch", "0"], "--batch: must be at least 1, got 0"),
         ("sort_crossover", ["--vocab", "0"], "--vocab: must be at least 1, got 0"),
         ("sort_crossover", ["--tokens", "-8"], "--tokens: must be at least 1, got -8"),
+        ("profile_backward", ["--ids", "zipf:x"], "--ids: zipf needs a numeric exponent, as in zipf:1.1, got 'zipf:x'"),
     ],
 )
-def test_scripts_refuse_counts_out_of_range(script, argv, message, capsys):
+def test_scripts_refuse_arguments_out_of_range(script, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         load_script(script).main(["--device", "cpu", *argv])
     assert exit_info.value.code == 2

@@ -19,11 +19,12 @@ then is still printed, written and plotted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -65,6 +66,17 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 positive_int = int_at_least(1)
+
+
+@contextlib.contextmanager
+def bounds_check_restored() -> Iterator[None]:
+    """Puts the id range check's switch back as it was when the block ends, for a script that flips
+    it (as run by the tests, in their own process)."""
+    was_on = bounds_check_enabled()
+    try:
+        yield
+    finally:
+        set_bounds_check(was_on)
 
 
 def text_file(path: str) -> str:
@@ -134,16 +146,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, help="vocabulary size V, overriding the presets'")
     parser.add_argument("--dim", type=int, help="embedding width D, overriding the presets'")
     parser.add_argument("--seq", type=int, help="sequence length T (= position-table rows), overriding the presets'")
-    parser.add_argument("--batch", nargs="+", type=int, metavar="B",
-                        help="batch sizes to sweep (default: 4 16 64 on cuda, 1 4 on cpu)")
+    parser.add_argument("--batch", nargs="+", type=positive_int, metavar="B",
+                        help=f"batch sizes to sweep (default: {_per_device(DEFAULT_BATCHES)})")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"],
                         help="table dtypes (default: float32)")
-    parser.add_argument("--ids", nargs="+", type=_distribution, default=[parse_distribution(s) for s in DEFAULT_IDS],
+    parser.add_argument("--ids", nargs="+", type=id_distribution, default=[parse_distribution(s) for s in DEFAULT_IDS],
                         metavar="SPEC",
-                        help="id distributions: uniform, zipf:S, same, text:FILE (default: uniform zipf:1.1)")
+                        help=f"id distributions: uniform, zipf:S, same, text:FILE (default: {' '.join(DEFAULT_IDS)})")
     parser.add_argument("--impl", nargs="+", choices=implementations.NAMES, metavar="NAME",
-                        help=f"implementations: {', '.join(implementations.NAMES)} (default: on cuda "
-                        "fusedemb-fast fusedemb-deterministic eager compile; on cpu fusedemb eager compile)")
+                        help=f"implementations: {', '.join(implementations.NAMES)} (default: "
+                        f"{_per_device({device: implementations.default_names(device) for device in DEFAULT_BATCHES})})")
     parser.add_argument("--pass", dest="passes", nargs="+", choices=PASSES, default=list(PASSES),
                         help="passes to time (default: all)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
@@ -163,8 +175,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.configs = resolve_configs(args.preset, args.vocab, args.dim, args.seq)
     except ValueError as error:
         parser.error(str(error))
-    if any(batch < 1 for batch in args.batch or []):
-        parser.error("--batch sizes must be positive")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None:
             check_output_path(parser, flag, path)
@@ -180,7 +190,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _distribution(spec: str):
+def _per_device(defaults: dict[str, list]) -> str:
+    """A default that depends on the device, for a help text: '4 16 64 on cuda; 1 4 on cpu'."""
+    return "; ".join(f"{' '.join(map(str, values))} on {device}" for device, values in defaults.items())
+
+
+def id_distribution(spec: str):
+    """An argparse type: an id distribution's spec (fusedemb.bench.ids.parse_distribution), its
+    error a usage error that says what is wrong (argparse hides a ValueError's message)."""
     try:
         return parse_distribution(spec)
     except ValueError as error:

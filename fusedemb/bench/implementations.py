@@ -5,7 +5,9 @@ with default positions (t for t in 0..T-1); the passes, the gate and the timers 
 
     fusedemb                fusedemb.fused_embedding with the device's own backend: C++ on CPU,
                             Triton on CUDA (token-gradient mode from torch's determinism flag)
-    fusedemb-fast           CUDA only: Triton, atomic (fast) token gradient
+    fusedemb-fast           CUDA only: Triton, deterministic=False: float atomics, or the sort
+                            where it measured faster (large 16-bit tables: fast_mode_sorts in
+                            fusedemb/kernels/backward.py)
     fusedemb-deterministic  CUDA only: Triton, deterministic (sorted) token gradient
     eager                   what a GPT model runs: two F.embedding calls and a broadcast add
     compile                 torch.compile of eager, compiled once per input shape

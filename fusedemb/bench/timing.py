@@ -76,6 +76,12 @@ class TimingStats:
         return cls(median, p25, p75, len(samples), host_median, held, hold_outruns)
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on a CUDA device; a CPU call's work is done when it returns."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def median_and_spread(samples: list[float], unit: str) -> str:
     """Seconds, printed in `unit` ("ms" or "us") as the median ± half the interquartile range,
     for the standalone scripts of benchmarks/ that time with perf_counter themselves. The
