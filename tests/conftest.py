@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,10 +18,24 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from interpreted_memory_check import checked_memory_accesses
+from shared_data import REPO_ROOT
 
 import fusedemb
 from fusedemb.accuracy import scatter_add_error
 from fusedemb.reference import default_positions, fused_embedding_reference, scatter_add_rows
+
+
+def run_python(*args: str, timeout: int = 300, **env: str | None) -> subprocess.CompletedProcess:
+    """The Python running the tests, with args, in a fresh process that imports this checkout's
+    fusedemb as a plain user would: without TRITON_INTERPRET (set for this process above), with
+    env's variables set (None: unset); its output captured as text."""
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    environment["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), environment.get("PYTHONPATH", "")])
+    environment.update(env)
+    environment = {name: value for name, value in environment.items() if value is not None}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=environment, timeout=timeout,
+                          check=False)  # fmt: skip
+
 
 TABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 ID_DTYPES = (torch.int32, torch.int64)

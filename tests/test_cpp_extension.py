@@ -2,16 +2,9 @@
 (csrc/row_ops.*, which has a vectorised float16 path); without the compiled extension, fusedemb
 still imports, with one clear warning, then the reference."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import requires_cpp
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import requires_cpp, run_python
 
 # Runs in a fresh interpreter where importing fusedemb._C fails, as on a machine without the build.
 SCRIPT = """
@@ -41,9 +34,7 @@ print("ok")
 
 
 def test_import_without_extension_warns_once_and_falls_back_to_reference():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("TRITON_INTERPRET", None)  # the subprocess is a plain CPU user
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=120, check=False)
+    result = run_python("-c", SCRIPT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 

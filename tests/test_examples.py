@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+from conftest import run_python
 from shared_data import import_example, use_shared_tiktoken_cache, verdict_path
 
 import fusedemb
@@ -295,3 +296,15 @@ def test_demo_checks_and_times_both_passes(capsys, monkeypatch):
     printed = captured.out
     assert "max |fused - nn.Embedding|: output 0" in printed
     assert "inference forward (no_grad)" in printed and "forward+backward" in printed
+
+
+def test_the_demo_finds_the_checkouts_tiktoken_cache_itself():
+    """README: the demo finds ../shared/data/tiktoken beside the checkout, with TIKTOKEN_CACHE_DIR
+    unset (this process sets it for the other tests)."""
+    from fusedemb.data import CHECKOUT_TIKTOKEN_CACHE
+
+    if not CHECKOUT_TIKTOKEN_CACHE.is_dir():
+        pytest.skip(f"no tiktoken cache in {CHECKOUT_TIKTOKEN_CACHE}")
+    args = ("-m", "fusedemb", "--device", "cpu", "--batch", "1", "--seq-len", "4", "--dim", "4", "--repeats", "1")
+    result = run_python(*args, TIKTOKEN_CACHE_DIR=None)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -257,22 +257,26 @@ def test_hot_row_over_thousands_of_tokens(config):
 
 
 @pytest.mark.parametrize(
-    "before, hot, after",
-    [(0, 2048, 0), (16, 2048, 7), (5, 1100, 20), (1000, 3200, 3), (3, 1021, 9)],
-    ids=["from-block-edge", "from-tile-edge", "no-whole-block", "three-blocks", "ends-at-block-edge"],
-)
+    "before, hot, after, dtype",
+    [(0, 2048, 0, torch.float32), (16, 2048, 7, torch.float32), (5, 1100, 20, torch.float32),
+     (3, 1021, 9, torch.float32)]
+    + [(1000, 3200, 3, dtype) for dtype in TABLE_DTYPES],
+    ids=["from-block-edge", "from-tile-edge", "no-whole-block", "ends-at-block-edge"]
+    + [f"three-blocks-{str(dtype).removeprefix('torch.')}" for dtype in TABLE_DTYPES],
+)  # fmt: skip
 @pytest.mark.parametrize("config", TRITON_CONFIGS, ids=config_id)
-def test_hot_row_across_block_edges(config, before, hot, after, poisoned_allocations):
+def test_hot_row_across_block_edges(config, before, hot, after, dtype, poisoned_allocations):
     """A hot row of `hot` tokens with `before` tokens of smaller ids and `after` of larger ones:
     in the sorted backward it begins at sorted position `before` and its tiles' partials are
     added in blocks of 64 tiles (1024 positions) where it covers whole blocks. The cases put
     its start on a block edge, on a tile edge and inside a tile, and its end on a block edge;
-    every scratch buffer starts as garbage (poisoned_allocations, below)."""
+    the block sums are checked in every table dtype; every scratch buffer starts as garbage
+    (poisoned_allocations, below)."""
     _, device, _ = config
     torch.manual_seed(10)
     ids = torch.cat([torch.randint(0, 3, (before,)), torch.full((hot,), 3), torch.randint(4, 7, (after,))])
     ids = ids[torch.randperm(ids.numel())].reshape(1, -1).to(device)  # sorting regroups them
-    tok, pos = make_tables(7, ids.shape[1], 3, torch.float32, device)
+    tok, pos = make_tables(7, ids.shape[1], 3, dtype, device)
     check_against_reference(config, ids, tok, pos)
 
 
@@ -632,6 +636,16 @@ def test_deterministic_default_follows_torch_setting(sorted_scatter_calls):
         assert calls == [8, 8]
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+@requires_triton
+def test_a_frozen_token_table_is_not_sorted_for(sorted_scatter_calls):
+    """docs/usage.md: a frozen table costs no backward work (no V x D buffer, no sort): in the
+    deterministic mode the trainable position table alone gets a gradient, and nothing is sorted."""
+    tok, pos = make_tables(8, 4, 3, torch.float32, any_device)
+    ids = torch.randint(0, 8, (2, 4), device=any_device)
+    fusedemb.fused_embedding(ids, tok.detach(), pos, backend="triton", deterministic=True).sum().backward()
+    assert sorted_scatter_calls == [] and pos.grad is not None
 
 
 @requires_triton

@@ -57,8 +57,10 @@ def test_forward_and_backward_match_the_pair():
     ids = torch.randint(0, 30, (4, 10))
     ids[0, :2] = 1
     grad_out = torch.randn(4, 10, 8)
-    fused(ids).backward(grad_out)
-    pair(ids).backward(grad_out)
+    fused_out, pair_out = fused(ids), pair(ids)
+    torch.testing.assert_close(fused_out, pair_out, rtol=0, atol=0)
+    fused_out.backward(grad_out)
+    pair_out.backward(grad_out)
     torch.testing.assert_close(fused.tok_emb.weight.grad, pair.tok_emb.weight.grad)
     torch.testing.assert_close(fused.pos_emb.weight.grad, pair.pos_emb.weight.grad)
 
@@ -230,6 +232,8 @@ def test_device_and_dtype_arguments(dtype):
     fused = fusedemb.FusedEmbedding(11, 4, 6, device="cpu", dtype=dtype)
     assert fused.tok_emb.weight.dtype == dtype and fused.pos_emb.weight.dtype == dtype
     assert fused(torch.randint(0, 11, (2, 6))).dtype == dtype
+    on_meta = fusedemb.FusedEmbedding(11, 4, 6, device="meta", dtype=dtype)  # not the default device
+    assert {table.weight.device.type for table in (on_meta.tok_emb, on_meta.pos_emb)} == {"meta"}
 
 
 def test_shapes_without_values_on_meta_and_fake_tensors():

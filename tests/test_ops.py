@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import TRITON_CONFIGS, config_id, requires_cpp
+from conftest import TRITON_CONFIGS, config_id, requires_cpp, run_python
 from torch import nn
 
 import fusedemb
@@ -21,8 +16,6 @@ from fusedemb.ops import (
     fused_embedding_op,
     range_checked,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def sample_inputs(device, dtype=torch.float32, position_ids=False):
@@ -275,10 +268,7 @@ for call in calls:
 def test_triton_operators_refuse_cpu_tensors_without_the_interpreter():
     """Called directly with CPU tensors and compiled kernels, the operators say where Triton
     runs, as fused_embedding does, rather than fail inside Triton for want of a GPU driver."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", CPU_TENSORS_WITHOUT_INTERPRETER], capture_output=True, text=True,
-                            env=env, timeout=300, check=False)  # fmt: skip
+    result = run_python("-c", CPU_TENSORS_WITHOUT_INTERPRETER)
     assert result.returncode == 0, result.stderr[-3000:]
     message = "backend 'triton' cannot run on cpu tensors here: Triton runs on CUDA tensors, or on CPU tensors when"
     lines = result.stdout.splitlines()
@@ -305,10 +295,7 @@ with FakeTensorMode():
 def test_launchers_trace_on_fake_cuda_tensors_without_touching_a_gpu():
     """torch.compile and export run the Triton operators' bodies on fake tensors, possibly on a
     host with no GPU: the launchers' device guard must not switch (or need) a real device."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", FAKE_CUDA_TRACE], capture_output=True, text=True, env=env,
-                            timeout=300, check=False)  # fmt: skip
+    result = run_python("-c", FAKE_CUDA_TRACE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[:3] == ["(2, 8, 16)", "[(50, 16), (8, 16)]", "[(50, 16), (8, 16)]"]
 

@@ -5,11 +5,11 @@ import functools
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from shared_data import REPO_ROOT
 
 
 def readme_block(section: str, language: str) -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(rf"```{language}\n(.*?)```", body, flags=re.S)
     assert len(blocks) == 1, f"README section {section!r} should hold exactly one {language} block"
@@ -17,7 +17,7 @@ def readme_block(section: str, language: str) -> str:
 
 
 def test_ci_runs_the_readme_commands():
-    ci_lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    ci_lines = (REPO_ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     for section in ("Install and run the demo", "Run the tests"):
         command = readme_block(section, "bash")
         assert command in ci_lines, f"{command!r} (README: {section}) is not a line of .ci/run"
@@ -35,7 +35,7 @@ def test_the_usage_example_runs():
 
 # The README and the pages under docs/ link each other's sections; a renamed heading or a moved
 # page breaks such a link without a word, so each one is resolved here as GitHub resolves it.
-MARKDOWN_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+MARKDOWN_FILES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 
 
 def github_anchor(heading: str) -> str:

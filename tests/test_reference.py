@@ -40,21 +40,32 @@ def test_reference_broadcasts_position_ids_to_ids_shape_only():
     ids, row = torch.randint(0, 10, (3, 5)), torch.randint(0, 6, (1, 5))
     actual = fused_embedding_reference(ids, tok, pos, position_ids=row)
     torch.testing.assert_close(actual, fused_embedding_reference(ids, tok, pos, position_ids=row.expand(3, 5)))
-    with pytest.raises(RuntimeError):
+    refused = "expanded size|number of sizes provided"  # expand's own messages, not another error's
+    with pytest.raises(RuntimeError, match=refused):
         fused_embedding_reference(ids[0], tok, pos, position_ids=ids.remainder(6))
-    with pytest.raises(RuntimeError):
-        fused_embedding_backward_reference(torch.randn(3, 5, 4), ids[0], 10, 6, position_ids=ids.remainder(6))
+    with pytest.raises(RuntimeError, match=refused):
+        fused_embedding_backward_reference(torch.randn(5, 4), ids[0], 10, 6, position_ids=ids.remainder(6))
 
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_reference_backward_adds_16_bit_gradients_in_float32(device):
+def test_reference_backward_adds_16_bit_gradients_in_float32(device, monkeypatch):
     """As the kernels do: a hot row of about 3500 bfloat16 gradients summed in float32, then
     rounded once. Summed in bfloat16, each addition to a sum near 3500 would round away
     everything below 8: far off. (On CUDA, where index_add_ of bfloat16 rows adds in bfloat16,
-    this needs the reference's cast to float32; on CPU PyTorch 2.13's index_add_ accumulates
-    16-bit rows in float32 by itself, and only the rounding is checked.)"""
+    the result shows the reference's cast to float32; on CPU PyTorch 2.13's index_add_
+    accumulates 16-bit rows in float32 by itself, so the rows the scatter-adds get are checked.)"""
+    from fusedemb import reference
     from fusedemb.accuracy import scatter_add_error
+
+    summed_dtypes = []
+    scatter_add_rows = reference.scatter_add_rows
+
+    def recording(rows, *args, **kwargs):
+        summed_dtypes.append(rows.dtype)
+        return scatter_add_rows(rows, *args, **kwargs)
+
+    monkeypatch.setattr(reference, "scatter_add_rows", recording)
 
     torch.manual_seed(2)
     ids = torch.zeros(4, 1024, dtype=torch.int64)
@@ -62,4 +73,5 @@ def test_reference_backward_adds_16_bit_gradients_in_float32(device):
     grad_out = (torch.rand(4, 1024, 3) + 0.5).to(device, torch.bfloat16)
     grad_tok, grad_pos = fused_embedding_backward_reference(grad_out, ids.to(device), 6, 1024)
     assert grad_tok.dtype == grad_pos.dtype == torch.bfloat16
+    assert summed_dtypes == [torch.float32, torch.float32]
     assert scatter_add_error(grad_tok, grad_out, ids, accumulate_in=torch.float32) <= 1

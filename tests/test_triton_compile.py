@@ -8,14 +8,11 @@ loads and stores (and sm_90's vector atomics) rather than element by element.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import run_python
+from shared_data import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ("forward", "forward_position_ids", "sweep_batch", "scatter_only", "position_sums", "chunk_rank",
            "scatter_sorted", "segment_sums", "sum_head_blocks", "combine_partials")  # fmt: skip
 SIXTEEN_BIT_KERNELS = ("zero_touched_rows", "round_touched_rows")  # the fast mode's, for bfloat16 and float16 tables
@@ -24,10 +21,7 @@ SIXTEEN_BIT_KERNELS = ("zero_touched_rows", "round_touched_rows")  # the fast mo
 @pytest.fixture(scope="module")
 def report():
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_aot.py")], capture_output=True, text=True,
-                            env=env, timeout=600, check=False)  # fmt: skip
+    result = run_python(str(REPO_ROOT / "tests" / "triton_aot.py"), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
 

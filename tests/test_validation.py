@@ -6,7 +6,8 @@ import re
 
 import pytest
 import torch
-from conftest import assert_grad_close, assert_output_equal, requires_cpp
+import torch.utils.checkpoint
+from conftest import assert_grad_close, assert_output_equal, requires_cpp, run_python
 
 import fusedemb
 import fusedemb.functional as functional
@@ -42,6 +43,7 @@ def test_position_ids_out_of_range(tables, backend):
 
 
 CUDA_BACKENDS = fusedemb.available_backends("cuda") if torch.cuda.is_available() else []
+ANY_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DEVICE_BACKENDS = [("cpu", backend) for backend in BACKENDS] + [("cuda", backend) for backend in CUDA_BACKENDS]
 
 
@@ -207,6 +209,15 @@ def test_index_dtype_is_int32_where_every_value_fits_else_int64(tables, id_dtype
     assert position_ids is None or inputs.position_ids.dtype == kernel_dtype
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint64_ids_past_int64_are_refused_by_their_wrapped_value(tables, backend):
+    """docs/usage.md: widened to int64, a uint64 id of 2^63 or more wraps to a negative one, which
+    is out of range; the message names that negative value."""
+    ids = torch.tensor([[1, 2**63]], dtype=torch.uint64)
+    with pytest.raises(IndexError, match=f"ids contains {-(2**63)}"):
+        fusedemb.fused_embedding(ids, *tables, backend=backend)
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.uint16, torch.uint32, torch.uint64], ids=str)
 def test_other_integer_ids_and_positions_are_widened(tables, dtype):
     """Every integer dtype works for ids and for position_ids, whatever the other's dtype
@@ -346,6 +357,13 @@ def test_the_switch_takes_a_bool_only(value):
     assert fusedemb.bounds_check_enabled() == previous
 
 
+@pytest.mark.parametrize(("value", "enabled"), [("0", False), ("false", False), ("1", True)])
+def test_the_environment_variable_sets_the_switch_at_import(value, enabled):
+    result = run_python("-c", "import fusedemb; print(fusedemb.bounds_check_enabled())", FUSEDEMB_BOUNDS_CHECK=value)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(enabled)
+
+
 def test_reference_is_checked_even_with_checks_off(tables, bounds_check_off):
     """The reference is eager F.embedding, which a bad id on CUDA kills with a device-side
     assert: the switch that spares the kernels the check does not spare the reference."""
@@ -426,22 +444,17 @@ def test_compiled_vmap_checks_each_entry(tables, backend, fresh_dynamo):
 
 
 @pytest.mark.skipif("triton" not in fusedemb.available_backends("cuda" if torch.cuda.is_available() else "cpu"), reason="no Triton")
-def test_switching_the_check_off_recompiles_without_it(tables, fresh_dynamo):
+def test_switching_the_check_off_recompiles_without_it(tables, fresh_dynamo, bounds_check_off):
     """Dynamo guards the switch's value: graphs made with it off have no range_checked operator
     (the Triton kernels clamp, as in eager), and switching it back on recompiles with it."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok, pos = (table.to(device) for table in tables)
     compiled = compiled_embedding(tok, pos, "triton")
     ids, bad_ids = torch.tensor([[1, 9, 0]], device=device), torch.tensor([[1, 12, 0]], device=device)
-    previous = fusedemb.bounds_check_enabled()
-    try:
-        fusedemb.set_bounds_check(False)
-        assert_output_equal(compiled(bad_ids, None), fusedemb.fused_embedding(ids, tok, pos), device, "triton")
-        fusedemb.set_bounds_check(True)
-        with pytest.raises(IndexError, match=r"ids contains 12, outside \[0, 10\)"):
-            compiled(bad_ids, None)
-    finally:
-        fusedemb.set_bounds_check(previous)
+    assert_output_equal(compiled(bad_ids, None), fusedemb.fused_embedding(ids, tok, pos), device, "triton")
+    fusedemb.set_bounds_check(True)
+    with pytest.raises(IndexError, match=r"ids contains 12, outside \[0, 10\)"):
+        compiled(bad_ids, None)
     assert fresh_dynamo["stats"]["unique_graphs"] == 2
 
 
@@ -461,20 +474,57 @@ def test_traced_and_exported_graphs_check_ids_when_they_run(device, backend):
         torch.export.export(fused, (example,)).module()(bad_ids)
 
 
-def test_compiled_reference_is_checked_whatever_the_switch_says(tables, fresh_dynamo):
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input checks' shape tests
+@pytest.mark.skipif("triton" not in fusedemb.available_backends(ANY_DEVICE), reason="no Triton")
+def test_traced_and_exported_graphs_keep_the_switch_they_were_made_with(bounds_check_off):
+    """docs/bad-input.md: made with the check off, a graph of the Triton kernels has no
+    range_checked operator, so switching it on later changes nothing: bad ids are clamped."""
+    torch.manual_seed(6)
+    fused = fusedemb.FusedEmbedding(11, 4, 8, backend="triton").to(ANY_DEVICE)
+    example = torch.randint(0, 11, (2, 5), device=ANY_DEVICE)
+    bad_ids = torch.tensor([[1, 11, 2, 3, 4]] * 2, device=ANY_DEVICE)
+    traced, exported = torch.jit.trace(fused, (example,)), torch.export.export(fused, (example,)).module()
+    fusedemb.set_bounds_check(True)
+    clamped = fused(bad_ids.clamp(max=10))
+    for graph in (traced, exported):
+        assert_output_equal(graph(bad_ids), clamped, ANY_DEVICE, "triton")
+
+
+RANGE_CHECKED_BACKENDS = [(device, backend) for device, backend in DEVICE_BACKENDS if backend != "cpp"]
+
+
+@pytest.mark.parametrize(("device", "backend"), RANGE_CHECKED_BACKENDS)
+def test_checkpointed_forward_is_checked_again_when_recomputed(tables, device, backend, monkeypatch):
+    """docs/bad-input.md: under torch.utils.checkpoint the range check runs with the forward and
+    again with its recomputation in the backward, as every eager call does. (The C++ kernels
+    check inside and start no range check.)"""
+    range_checks = []
+    start = validation.EmbeddingInputs.start_range_check
+
+    def counted(inputs):
+        range_checks.append(inputs)
+        return start(inputs)
+
+    monkeypatch.setattr(validation.EmbeddingInputs, "start_range_check", counted)
+    tok, pos = (table.to(device).requires_grad_() for table in tables)
+    ids = torch.tensor([[1, 9, 2]], device=device)
+    checkpoint = torch.utils.checkpoint.checkpoint
+    out = checkpoint(fusedemb.fused_embedding, ids, tok, pos, backend=backend, use_reentrant=False)
+    assert len(range_checks) == 1
+    out.sum().backward()
+    assert len(range_checks) == 2
+
+
+def test_compiled_reference_is_checked_whatever_the_switch_says(tables, fresh_dynamo, bounds_check_off):
     """As in eager: Inductor's code for F.embedding asserts on the device, so the reference's
     graphs check whatever the switch says; they do not depend on it, so switching it recompiles
     nothing."""
     tok, pos = tables
     compiled = compiled_embedding(tok, pos, "reference")
-    previous = fusedemb.bounds_check_enabled()
-    try:
-        for enabled in (True, False, True):
-            fusedemb.set_bounds_check(enabled)
-            with pytest.raises(IndexError, match=r"ids contains 10, outside \[0, 10\) of the token table"):
-                compiled(torch.tensor([[1, 10]]), None)
-    finally:
-        fusedemb.set_bounds_check(previous)
+    for enabled in (True, False, True):
+        fusedemb.set_bounds_check(enabled)
+        with pytest.raises(IndexError, match=r"ids contains 10, outside \[0, 10\) of the token table"):
+            compiled(torch.tensor([[1, 10]]), None)
     assert fresh_dynamo["stats"]["unique_graphs"] == 1
 
 
@@ -537,11 +587,9 @@ def test_position_ids_on_another_device_meta(tables):
 
 
 @pytest.fixture
-def bounds_check_off():
-    previous = fusedemb.bounds_check_enabled()
-    fusedemb.set_bounds_check(False)
-    yield
-    fusedemb.set_bounds_check(previous)
+def bounds_check_off(monkeypatch):
+    """The switch off for the test, and back as it was after it, whatever the test set it to."""
+    monkeypatch.setattr(validation, "_bounds_check", False)
 
 
 @requires_cpp
