@@ -106,7 +106,8 @@ echo "== where the backward's time goes ==" >> "$tables"
 # kernels no session has profiled yet; then uniform ids at B32 and B8 float32, the baseline
 # that docs/benchmarks.md's per-kernel figures (eighth session) come from, for comparison on this card.
 logged 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 32 --ids same > /dev/null
-logged 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 32 --ids "text:$data/the-verdict.txt" > /dev/null
+logged 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 32 \
+  --ids "text:$data/the-verdict.txt" > /dev/null
 logged 40 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 32 > /dev/null
 logged 30 python3 benchmarks/profile_backward.py --preset gpt2-124M --batch 8 > /dev/null
 exit $failed

@@ -15,9 +15,9 @@ namespace fusedemb {
 
 // at::empty, with buffers of at least kMinHugePageBytes marked MADV_HUGEPAGE before the kernels
 // write them (Linux only; a hint the kernel may ignore; under torch.use_deterministic_algorithms,
-// at::empty has filled a new buffer already, faulting it in as small pages). Smaller buffers are left as they are: below
-// glibc's mmap threshold (128 KiB at first, raised up to 32 MiB as freed mmaps teach it larger
-// sizes) they come from its heap, which reuses memory that is already faulted in.
+// at::empty has filled a new buffer already, faulting it in as small pages). Smaller buffers are
+// left as they are: below glibc's mmap threshold (128 KiB at first, raised up to 32 MiB as freed
+// mmaps teach it larger sizes) they come from its heap, which reuses memory already faulted in.
 at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace fusedemb

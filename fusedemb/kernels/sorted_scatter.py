@@ -89,9 +89,9 @@ SCATTER_BLOCK = 1024
 # them per thread. Measured on an H200 at gpt2-124M B8 and B32: in float32 16 was as fast as
 # or faster than 8 and 32, in bfloat16 faster than 4 and 8.
 TILE = 16
-# Tiles each combine_partials_kernel program looks at. Most tiles have no crossing row to finish, so
-# one program per tile mostly loaded a row and its extent to find nothing: on an H200 at
-# gpt2-124M B32 float32, 22.3 us with one tile per program, 8.1 us with 8.
+# Tiles each combine_partials_kernel program looks at. Most tiles have no crossing row to
+# finish, so one program per tile mostly loaded a row and its extent to find nothing: on an H200
+# at gpt2-124M B32 float32, 22.3 us with one tile per program, 8.1 us with 8.
 COMBINE_TILES = 8
 # Partial sums loaded at once when a crossing row is combined, and tiles per block sum: a row
 # over N tiles takes about N / PARTIALS_BLOCK**2 + 3 loads of PARTIALS_BLOCK rows to finish.
@@ -271,8 +271,8 @@ def sum_head_blocks_kernel(
     one is below num_tiles) and their heads are all partials of one row (sorted rows are
     nondecreasing, so the rows at the first and last tile starts are equal), block_sums[k] = the
     sum of those heads, columns j * BLOCK_DIM + [0, BLOCK_DIM). Other blocks are left
-    unwritten: combine_partials_kernel reads the block sums of blocks inside a row only. With uniform
-    ids a program loads two sorted rows and exits."""
+    unwritten: combine_partials_kernel reads the block sums of blocks inside a row only. With
+    uniform ids a program loads two sorted rows and exits."""
     block = tl.program_id(0)
     first = block * PARTIALS_BLOCK
     last = first + PARTIALS_BLOCK - 1
