@@ -231,7 +231,8 @@ def fused_embedding_backward_op(
     tok_needs_grad: bool = True,
     pos_needs_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scatter-add grad_out into both tables, accumulating in float32 (float64 for float64).
+    """Scatter-add grad_out into both tables, accumulating in at least float32 (float64 for
+    float64; the sorted path adds the partial sums of rows that cross tiles in float64).
 
     A table whose gradient is not needed (tok_needs_grad / pos_needs_grad False: a frozen table)
     gets an empty [0, D] tensor, and costs nothing: no V x D buffer, no sort."""

@@ -4,7 +4,8 @@ Every check raises a Python exception that names the problem, so that bad input 
 a kernel that could misuse it: out-of-range ids would otherwise read out of bounds (CPU) or
 trip a device-side assert that kills the process (eager's embedding on CUDA). Out-of-range
 index values are the one exception: the C++ kernels check those themselves, before reading
-any, and raise the same IndexError.
+any, and raise an IndexError of the same form (naming the first bad value in token order, and
+its token).
 
 The range checks of ids and position_ids need the values: on CUDA that is one small reduction,
 a copy of its result to the host and a wait for it, per call (RangeCheck). The Triton kernels
@@ -69,8 +70,9 @@ def bounds_check_enabled() -> bool:
 
 class RangeCheck:
     """The value checks of index tensors of one dtype, given as (name, index, num_rows, table):
-    started when made, answered by `wait`, which raises IndexError for the first value outside
-    its table.
+    started when made, answered by `wait`, which raises IndexError for the first index tensor
+    (ids, then position_ids) with a value outside its table, naming its smallest value if that
+    is negative, else its largest (the bounds are all it reads back).
 
     All bounds come back in one device-to-host copy, however many tensors are checked. On CUDA
     the copy goes to pinned memory without blocking and `wait` blocks on an event recorded after
