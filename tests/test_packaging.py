@@ -1,7 +1,8 @@
 """What setup.py promises: the source distribution holds what a build from it needs (pip builds a
 wheel from an sdist, and setuptools packs only what setup.py names: a header the extension
-includes but setup.py does not list is left out, and the compile from the sdist fails); and the
-code runs on the oldest Python that python_requires admits."""
+includes but setup.py does not list is left out, and the compile from the sdist fails); the
+code runs on the oldest Python that python_requires admits; and the commands it installs run the
+mains they are named for."""
 
 import importlib
 import importlib.metadata
