@@ -55,6 +55,9 @@ def _backend_configs():
 
 
 BACKEND_CONFIGS = _backend_configs()
+# Where the tests that need one device run the kernels: the GPU if there is one, else the CPU
+# (the Triton kernels interpreted).
+ANY_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_CONFIGS = [config for config in BACKEND_CONFIGS if config[0] == "triton"]
 requires_triton = pytest.mark.skipif(not TRITON_CONFIGS, reason="Triton backend unavailable")
 # The C++ kernels need the extension built; the GPU machines' sessions run the tests without it.

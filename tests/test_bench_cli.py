@@ -909,7 +909,6 @@ def test_compile_is_gated_and_timed(capsys):
     assert "| compile " in capsys.readouterr().out
 
 
-
 def test_one_failing_implementation_among_passing_ones_exits_1(monkeypatch):
     def wrong(ids, tok_weight, pos_weight):
         return eager_embedding(ids, tok_weight, pos_weight) * 2

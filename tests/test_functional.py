@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
 from conftest import (
+    ANY_DEVICE,
     BACKEND_CONFIGS,
     ID_DTYPES,
     TABLE_DTYPES,
@@ -611,14 +612,11 @@ def sorted_scatter_calls(monkeypatch):
     return calls
 
 
-any_device = "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @requires_triton
 def test_deterministic_default_follows_torch_setting(sorted_scatter_calls):
     calls = sorted_scatter_calls
-    tok, pos = make_tables(8, 4, 3, torch.float32, any_device)
-    ids = torch.randint(0, 8, (2, 4), device=any_device)
+    tok, pos = make_tables(8, 4, 3, torch.float32, ANY_DEVICE)
+    ids = torch.randint(0, 8, (2, 4), device=ANY_DEVICE)
     fusedemb.fused_embedding(ids, tok, pos, backend="triton").sum().backward()
     assert calls == []
     previous = torch.are_deterministic_algorithms_enabled()
@@ -642,8 +640,8 @@ def test_deterministic_default_follows_torch_setting(sorted_scatter_calls):
 def test_a_frozen_token_table_is_not_sorted_for(sorted_scatter_calls):
     """docs/usage.md: a frozen table costs no backward work (no V x D buffer, no sort): in the
     deterministic mode the trainable position table alone gets a gradient, and nothing is sorted."""
-    tok, pos = make_tables(8, 4, 3, torch.float32, any_device)
-    ids = torch.randint(0, 8, (2, 4), device=any_device)
+    tok, pos = make_tables(8, 4, 3, torch.float32, ANY_DEVICE)
+    ids = torch.randint(0, 8, (2, 4), device=ANY_DEVICE)
     fusedemb.fused_embedding(ids, tok.detach(), pos, backend="triton", deterministic=True).sum().backward()
     assert sorted_scatter_calls == [] and pos.grad is not None
 
@@ -652,9 +650,9 @@ def test_a_frozen_token_table_is_not_sorted_for(sorted_scatter_calls):
 def test_explicit_positions_are_scattered_by_the_sort_in_both_modes(sorted_scatter_calls):
     """The position gradient has no atomics in either mode: with position_ids it is the sorted
     scatter (table size 4 here), after the token table's in the deterministic mode (size 8)."""
-    tok, pos = make_tables(8, 4, 3, torch.float32, any_device)
-    ids = torch.randint(0, 8, (2, 4), device=any_device)
-    position_ids = torch.randint(0, 4, (2, 4), device=any_device)
+    tok, pos = make_tables(8, 4, 3, torch.float32, ANY_DEVICE)
+    ids = torch.randint(0, 8, (2, 4), device=ANY_DEVICE)
+    position_ids = torch.randint(0, 4, (2, 4), device=ANY_DEVICE)
     for deterministic, calls in ((False, [4]), (True, [4, 8, 4])):
         out = fusedemb.fused_embedding(ids, tok, pos, position_ids=position_ids, backend="triton", deterministic=deterministic)
         out.sum().backward()
@@ -671,19 +669,19 @@ def test_fast_mode_sorts_many_16_bit_gradient_rows(sorted_scatter_calls, monkeyp
 
     monkeypatch.setattr(backward, "FAST_SORTS_MIN_TOKENS", 12)
     monkeypatch.setattr(backward, "FAST_SORTS_MIN_ELEMENTS", 12 * 5)
-    tok, pos = make_tables(9, 6, 5, dtype, any_device)
-    config = ("triton", any_device, False)
-    check_against_reference(config, torch.randint(0, 9, (2, 6), device=any_device), tok, pos)
+    tok, pos = make_tables(9, 6, 5, dtype, ANY_DEVICE)
+    config = ("triton", ANY_DEVICE, False)
+    check_against_reference(config, torch.randint(0, 9, (2, 6), device=ANY_DEVICE), tok, pos)
     sorts = dtype.itemsize == 2
     assert sorted_scatter_calls == ([9] if sorts else [])
-    check_against_reference(config, torch.randint(0, 9, (1, 6), device=any_device), tok, pos)  # 6 tokens
+    check_against_reference(config, torch.randint(0, 9, (1, 6), device=ANY_DEVICE), tok, pos)  # 6 tokens
     assert sorted_scatter_calls == ([9] if sorts else [])
     monkeypatch.setattr(backward, "FAST_SORTS_MIN_ELEMENTS", 12 * 5 + 1)  # 12 tokens x 5 columns, one short
-    check_against_reference(config, torch.randint(0, 9, (2, 6), device=any_device), tok, pos)
+    check_against_reference(config, torch.randint(0, 9, (2, 6), device=ANY_DEVICE), tok, pos)
     assert sorted_scatter_calls == ([9] if sorts else [])
     monkeypatch.setattr(backward, "FAST_SORTS_MIN_ELEMENTS", 12 * 5)
     monkeypatch.setattr(backward, "FAST_SORTS_MIN_TOKENS", 13)  # enough elements, one token short
-    check_against_reference(config, torch.randint(0, 9, (2, 6), device=any_device), tok, pos)
+    check_against_reference(config, torch.randint(0, 9, (2, 6), device=ANY_DEVICE), tok, pos)
     assert sorted_scatter_calls == ([9] if sorts else [])
 
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_grad_close, check_against_reference, make_tables, requires_triton
+from conftest import ANY_DEVICE, assert_grad_close, check_against_reference, make_tables, requires_triton
 
 pytestmark = requires_triton
-device = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def index_cases():
@@ -39,7 +38,7 @@ def row_runs(order):
 def test_both_sorts_give_the_same_stable_order(name, index, num_rows, id_dtype):
     from fusedemb.kernels.sorted_scatter import counting_sort_by_row, library_sort_by_row
 
-    index = index.to(device=device, dtype=id_dtype)
+    index = index.to(device=ANY_DEVICE, dtype=id_dtype)
     counting = counting_sort_by_row(index, num_rows)
     library = library_sort_by_row(index, num_rows)
     rows = index.clamp(0, num_rows - 1).long()
@@ -64,8 +63,8 @@ def test_gradients_are_the_same_bit_for_bit_whichever_sort_ran(monkeypatch, dtyp
     torch.manual_seed(21)
     index = torch.randint(0, 50, (3000,))
     index[200:2700] = 7
-    index = index.to(device)
-    grad_rows = torch.randn(index.numel(), 5, dtype=dtype, device=device)
+    index = index.to(ANY_DEVICE)
+    grad_rows = torch.randn(index.numel(), 5, dtype=dtype, device=ANY_DEVICE)
     results = []
     for max_cells in (1 << 40, 0):  # counting sort, then torch.sort
         monkeypatch.setattr(sorted_scatter, "COUNTING_SORT_MAX_CELLS", max_cells)
@@ -78,7 +77,7 @@ def test_the_counting_sort_gives_way_past_its_cell_budget(monkeypatch):
     """sort_by_row takes torch.sort once num_rows * ceil(N / CHUNK) passes the budget."""
     from fusedemb.kernels import sorted_scatter
 
-    index = torch.randint(0, 10, (2 * sorted_scatter.CHUNK + 1,), device=device)  # 3 chunks
+    index = torch.randint(0, 10, (2 * sorted_scatter.CHUNK + 1,), device=ANY_DEVICE)  # 3 chunks
     monkeypatch.setattr(sorted_scatter, "COUNTING_SORT_MAX_CELLS", 30)
     assert sorted_scatter.sort_by_row(index, 10).counts.shape == (10, 3)  # 30 cells: counting sort
     assert sorted_scatter.sort_by_row(index, 11).counts.shape == (11, 1)  # 33 cells: torch.sort
@@ -90,9 +89,9 @@ def test_deterministic_backward_through_torch_sort_matches_the_reference(monkeyp
     from fusedemb.kernels import sorted_scatter
 
     monkeypatch.setattr(sorted_scatter, "COUNTING_SORT_MAX_CELLS", 0)
-    config = ("triton", device, True)
+    config = ("triton", ANY_DEVICE, True)
     torch.manual_seed(22)
-    tok, pos = make_tables(30, 64, 13, torch.float32, device)
-    ids = torch.where(torch.rand(4, 64, device=device) < 0.6, 2, torch.randint(0, 30, (4, 64), device=device))
+    tok, pos = make_tables(30, 64, 13, torch.float32, ANY_DEVICE)
+    ids = torch.where(torch.rand(4, 64, device=ANY_DEVICE) < 0.6, 2, torch.randint(0, 30, (4, 64), device=ANY_DEVICE))
     check_against_reference(config, ids, tok, pos, padding_idx=5)
-    check_against_reference(config, ids, tok, pos, position_ids=torch.randint(0, 64, (4, 64), device=device))
+    check_against_reference(config, ids, tok, pos, position_ids=torch.randint(0, 64, (4, 64), device=ANY_DEVICE))

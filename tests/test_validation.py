@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 import torch.utils.checkpoint
-from conftest import assert_grad_close, assert_output_equal, requires_cpp, run_python
+from conftest import ANY_DEVICE, assert_grad_close, assert_output_equal, requires_cpp, requires_triton, run_python
 
 import fusedemb
 import fusedemb.functional as functional
@@ -43,7 +43,6 @@ def test_position_ids_out_of_range(tables, backend):
 
 
 CUDA_BACKENDS = fusedemb.available_backends("cuda") if torch.cuda.is_available() else []
-ANY_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DEVICE_BACKENDS = [("cpu", backend) for backend in BACKENDS] + [("cuda", backend) for backend in CUDA_BACKENDS]
 
 
@@ -443,11 +442,11 @@ def test_compiled_vmap_checks_each_entry(tables, backend, fresh_dynamo):
     torch.testing.assert_close(torch.compile(positioned)(ids), positioned(ids), rtol=0, atol=0)
 
 
-@pytest.mark.skipif("triton" not in fusedemb.available_backends("cuda" if torch.cuda.is_available() else "cpu"), reason="no Triton")
+@requires_triton
 def test_switching_the_check_off_recompiles_without_it(tables, fresh_dynamo, bounds_check_off):
     """Dynamo guards the switch's value: graphs made with it off have no range_checked operator
     (the Triton kernels clamp, as in eager), and switching it back on recompiles with it."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = ANY_DEVICE
     tok, pos = (table.to(device) for table in tables)
     compiled = compiled_embedding(tok, pos, "triton")
     ids, bad_ids = torch.tensor([[1, 9, 0]], device=device), torch.tensor([[1, 12, 0]], device=device)
@@ -475,7 +474,7 @@ def test_traced_and_exported_graphs_check_ids_when_they_run(device, backend):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input checks' shape tests
-@pytest.mark.skipif("triton" not in fusedemb.available_backends(ANY_DEVICE), reason="no Triton")
+@requires_triton
 def test_traced_and_exported_graphs_keep_the_switch_they_were_made_with(bounds_check_off):
     """docs/bad-input.md: made with the check off, a graph of the Triton kernels has no
     range_checked operator, so switching it on later changes nothing: bad ids are clamped."""
@@ -635,14 +634,14 @@ def test_cpp_position_check_refuses_offsets_outside_the_table(position_offset):
         torch.ops.fusedemb.cpu_backward(torch.zeros(1, 5, 3), ids, None, position_offset, 10, 8, -1)
 
 
-@pytest.mark.skipif("triton" not in fusedemb.available_backends("cuda" if torch.cuda.is_available() else "cpu"), reason="no Triton")
+@requires_triton
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_kernels_stay_in_bounds_without_checks(bounds_check_off, deterministic, dtype):
     """With checks off an out-of-range id or position is clamped, never an out-of-bounds access:
     forward and backward (atomic and sorted, float32 and the 16-bit accumulator) both act as if
     it were the nearest valid index, 0 or the last row."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = ANY_DEVICE
     tok = torch.randn(10, 4, device=device, dtype=dtype, requires_grad=True)
     pos = torch.randn(8, 4, device=device, dtype=dtype, requires_grad=True)
     ids = torch.tensor([[1, 1000, -7, 9, 2**40]], device=device)
