@@ -51,10 +51,10 @@ bench() { shown=3 logged "$1" python3 -m fusedemb.bench --device cuda --pass for
 # First a smoke check that stops the session early if any kernel fails to compile here or
 # disagrees with the reference (the bench's gate) in either mode, at small gpt2-124M sizes.
 step smoke && {
-  timeout 90 python3 -m fusedemb.bench --device cuda --quick --preset gpt2-124M --batch 2 --seq 300 \
+  shown=20 logged 90 python3 -m fusedemb.bench --device cuda --quick --preset gpt2-124M --batch 2 --seq 300 \
     --dtype float32 bfloat16 float16 --ids uniform same --impl fusedemb-fast fusedemb-deterministic \
-    --pass forward+backward 2>&1 | tee -a "$tables" | tail -20
-  [ "${PIPESTATUS[0]}" = 0 ] || { echo "smoke check failed: stopping" | tee -a "$tables"; exit 1; }
+    --pass forward+backward
+  [ "$failed" = 0 ] || { echo "smoke check failed: stopping" | tee -a "$tables"; exit 1; }
 }
 
 # Compiling the Triton kernels for every tested shape is most of this step's time: spread it

@@ -182,7 +182,16 @@ def test_gpu_session_records_each_failing_command_and_goes_on(tmp_path):
     assert tables.count("exit ") == 2
 
 
+def test_gpu_session_stops_at_a_failed_smoke_check(tmp_path):
+    fail_the_bench = 'echo "ran $*"; case "$*" in *fusedemb.bench*) exit 1 ;; esac'
+    status, tables = run_gpu_session_on_stubs(tmp_path, fail_the_bench, "smoke sortcross")
+    assert status == 1
+    assert "exit 1: python3 -m fusedemb.bench --device cuda --quick" in tables
+    assert "smoke check failed: stopping" in tables
+    assert "sort_crossover" not in tables
+
+
 def test_gpu_session_exits_0_when_every_command_does(tmp_path):
-    status, tables = run_gpu_session_on_stubs(tmp_path, 'echo "ran $*"', "sortcross rangecheck host profile")
+    status, tables = run_gpu_session_on_stubs(tmp_path, 'echo "ran $*"', "smoke sortcross rangecheck host profile")
     assert status == 0 and "exit " not in tables
-    assert tables.count("ran -m fusedemb.bench") == 2 and tables.count("ran benchmarks/range_check_cost.py") == 2
+    assert tables.count("ran -m fusedemb.bench") == 3 and tables.count("ran benchmarks/range_check_cost.py") == 2
