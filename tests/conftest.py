@@ -10,6 +10,7 @@ import contextlib
 import os
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -161,6 +162,41 @@ def num_threads(threads: int):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """torch.use_deterministic_algorithms(enabled) for the block (which fusedemb's default
+    backward mode follows), and the previous setting, warn_only included, put back after it."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+class RowSort(NamedTuple):
+    num_rows: int  # the size of the table the sort is for
+    stream: object  # the side stream it ran on (a torch.cuda.Stream), or None: the current one
+
+
+@pytest.fixture
+def row_sorts(monkeypatch):
+    """The Triton backward's sorts of ids by row (sorted_scatter.sort_by_row), call by call: the
+    token table's, called from backward.py, and the position table's, through sorted_scatter_add."""
+    from fusedemb.kernels import backward, sorted_scatter
+
+    calls = []
+    real = sorted_scatter.sort_by_row
+
+    def spy(index, num_rows, stream=None):
+        calls.append(RowSort(num_rows, stream))
+        return real(index, num_rows, stream)
+
+    monkeypatch.setattr(backward, "sort_by_row", spy)
+    monkeypatch.setattr(sorted_scatter, "sort_by_row", spy)
+    return calls
 
 
 def make_tables(num_embeddings, context_length, dim, dtype, device):

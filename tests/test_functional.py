@@ -20,6 +20,7 @@ from conftest import (
     assert_output_equal,
     check_against_reference,
     config_id,
+    deterministic_algorithms,
     interpreted,
     make_tables,
     num_threads,
@@ -594,60 +595,43 @@ def test_cpp_backward_splits_skewed_work_over_threads_without_changing_a_bit():
         assert all(torch.equal(a, b) for a, b in zip(first, grads(threads)))
 
 
-@pytest.fixture
-def sorted_scatter_calls(monkeypatch):
-    """The table sizes the Triton backward's counting sorts are for, call by call (the token
-    table's is called from backward.py, the position table's through sorted_scatter_add)."""
-    from fusedemb.kernels import backward, sorted_scatter
-
-    calls = []
-    real = sorted_scatter.sort_by_row
-
-    def spy(*args, **kwargs):
-        calls.append(args[1])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(backward, "sort_by_row", spy)
-    monkeypatch.setattr(sorted_scatter, "sort_by_row", spy)
-    return calls
+def table_sizes(row_sorts) -> list[int]:
+    """The sizes of the tables the backward sorted ids for, in call order (conftest.row_sorts)."""
+    return [sort.num_rows for sort in row_sorts]
 
 
 @requires_triton
-def test_deterministic_default_follows_torch_setting(sorted_scatter_calls):
-    calls = sorted_scatter_calls
+def test_deterministic_default_follows_torch_setting(row_sorts):
     tok, pos = make_tables(8, 4, 3, torch.float32, ANY_DEVICE)
     ids = torch.randint(0, 8, (2, 4), device=ANY_DEVICE)
-    fusedemb.fused_embedding(ids, tok, pos, backend="triton").sum().backward()
-    assert calls == []
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms(False):
         fusedemb.fused_embedding(ids, tok, pos, backend="triton").sum().backward()
-        assert calls == [8]
+    assert table_sizes(row_sorts) == []
+    with deterministic_algorithms(True):
+        fusedemb.fused_embedding(ids, tok, pos, backend="triton").sum().backward()
+        assert table_sizes(row_sorts) == [8]
         fusedemb.fused_embedding(ids, tok, pos, backend="triton", deterministic=False).sum().backward()
-        assert calls == [8]
+        assert table_sizes(row_sorts) == [8]
         # The setting is read when the forward runs (docs/usage.md says so): switching it before
         # the backward changes nothing.
         out = fusedemb.fused_embedding(ids, tok, pos, backend="triton")
         torch.use_deterministic_algorithms(False)
         out.sum().backward()
-        assert calls == [8, 8]
-    finally:
-        torch.use_deterministic_algorithms(previous)
+        assert table_sizes(row_sorts) == [8, 8]
 
 
 @requires_triton
-def test_a_frozen_token_table_is_not_sorted_for(sorted_scatter_calls):
+def test_a_frozen_token_table_is_not_sorted_for(row_sorts):
     """docs/usage.md: a frozen table costs no backward work (no V x D buffer, no sort): in the
     deterministic mode the trainable position table alone gets a gradient, and nothing is sorted."""
     tok, pos = make_tables(8, 4, 3, torch.float32, ANY_DEVICE)
     ids = torch.randint(0, 8, (2, 4), device=ANY_DEVICE)
     fusedemb.fused_embedding(ids, tok.detach(), pos, backend="triton", deterministic=True).sum().backward()
-    assert sorted_scatter_calls == [] and pos.grad is not None
+    assert table_sizes(row_sorts) == [] and pos.grad is not None
 
 
 @requires_triton
-def test_explicit_positions_are_scattered_by_the_sort_in_both_modes(sorted_scatter_calls):
+def test_explicit_positions_are_scattered_by_the_sort_in_both_modes(row_sorts):
     """The position gradient has no atomics in either mode: with position_ids it is the sorted
     scatter (table size 4 here), after the token table's in the deterministic mode (size 8)."""
     tok, pos = make_tables(8, 4, 3, torch.float32, ANY_DEVICE)
@@ -656,12 +640,12 @@ def test_explicit_positions_are_scattered_by_the_sort_in_both_modes(sorted_scatt
     for deterministic, calls in ((False, [4]), (True, [4, 8, 4])):
         out = fusedemb.fused_embedding(ids, tok, pos, position_ids=position_ids, backend="triton", deterministic=deterministic)
         out.sum().backward()
-        assert sorted_scatter_calls == calls
+        assert table_sizes(row_sorts) == calls
 
 
 @requires_triton
 @pytest.mark.parametrize("dtype", TABLE_DTYPES, ids=str)
-def test_fast_mode_sorts_many_16_bit_gradient_rows(sorted_scatter_calls, monkeypatch, dtype):
+def test_fast_mode_sorts_many_16_bit_gradient_rows(row_sorts, monkeypatch, dtype):
     """Above both thresholds (lowered here) the fast mode's 16-bit token gradient is the sorted
     one, and still matches the reference; 32- and 64-bit tables and smaller batches keep the
     atomics."""
@@ -673,16 +657,16 @@ def test_fast_mode_sorts_many_16_bit_gradient_rows(sorted_scatter_calls, monkeyp
     config = ("triton", ANY_DEVICE, False)
     check_against_reference(config, torch.randint(0, 9, (2, 6), device=ANY_DEVICE), tok, pos)
     sorts = dtype.itemsize == 2
-    assert sorted_scatter_calls == ([9] if sorts else [])
+    assert table_sizes(row_sorts) == ([9] if sorts else [])
     check_against_reference(config, torch.randint(0, 9, (1, 6), device=ANY_DEVICE), tok, pos)  # 6 tokens
-    assert sorted_scatter_calls == ([9] if sorts else [])
+    assert table_sizes(row_sorts) == ([9] if sorts else [])
     monkeypatch.setattr(backward, "FAST_SORTS_MIN_ELEMENTS", 12 * 5 + 1)  # 12 tokens x 5 columns, one short
     check_against_reference(config, torch.randint(0, 9, (2, 6), device=ANY_DEVICE), tok, pos)
-    assert sorted_scatter_calls == ([9] if sorts else [])
+    assert table_sizes(row_sorts) == ([9] if sorts else [])
     monkeypatch.setattr(backward, "FAST_SORTS_MIN_ELEMENTS", 12 * 5)
     monkeypatch.setattr(backward, "FAST_SORTS_MIN_TOKENS", 13)  # enough elements, one token short
     check_against_reference(config, torch.randint(0, 9, (2, 6), device=ANY_DEVICE), tok, pos)
-    assert sorted_scatter_calls == ([9] if sorts else [])
+    assert table_sizes(row_sorts) == ([9] if sorts else [])
 
 
 # derandomize: the same examples on every run, so that a CI run fails for the commit it tests.

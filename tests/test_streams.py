@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_grad_close, assert_output_equal, zipf_ids
+from conftest import assert_grad_close, assert_output_equal, deterministic_algorithms, zipf_ids
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusedemb
@@ -28,20 +28,6 @@ def test_no_side_stream_for_cpu_or_fake_tensors_or_when_disabled():
             assert stream is None
 
 
-@pytest.fixture
-def sort_streams(monkeypatch):
-    """The stream argument of each token-table sort of the Triton backward."""
-    seen = []
-    real = backward.sort_by_row
-
-    def spy(index, num_rows, stream=None):
-        seen.append(stream)
-        return real(index, num_rows, stream)
-
-    monkeypatch.setattr(backward, "sort_by_row", spy)
-    return seen
-
-
 def gpt_step(ids, tok, pos, grad_out, deterministic):
     out = fusedemb.fused_embedding(ids, tok, pos, backend="triton", deterministic=deterministic)
     return (out, *torch.autograd.grad(out, (tok, pos), grad_out))
@@ -49,7 +35,7 @@ def gpt_step(ids, tok, pos, grad_out, deterministic):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_side_stream_gives_the_one_stream_result_bit_for_bit(sort_streams, monkeypatch, dtype):
+def test_side_stream_gives_the_one_stream_result_bit_for_bit(row_sorts, monkeypatch, dtype):
     """At gpt2-124M sizes (8k Zipf ids), the sort on the side stream gives the very gradients of
     the sort on the current stream, and both are within the bound of the exact sums."""
     torch.manual_seed(3)
@@ -59,11 +45,11 @@ def test_side_stream_gives_the_one_stream_result_bit_for_bit(sort_streams, monke
     ids = zipf_ids((8, seq_len), vocab, 1.1, "cuda")
     grad_out = torch.randn(8, seq_len, dim, device="cuda", dtype=dtype)
     forked = gpt_step(ids, tok, pos, grad_out, True)
-    assert len(sort_streams) == 1 and isinstance(sort_streams[0], torch.cuda.Stream)
-    assert sort_streams[0].priority < torch.cuda.current_stream().priority
+    assert len(row_sorts) == 1 and isinstance(row_sorts[0].stream, torch.cuda.Stream)
+    assert row_sorts[0].stream.priority < torch.cuda.current_stream().priority
     monkeypatch.setattr(backward, "side_stream", lambda like, enabled: streams.side_stream(like, enabled=False))
     one_stream = gpt_step(ids, tok, pos, grad_out, True)
-    assert sort_streams[1] is None
+    assert row_sorts[1].stream is None
     assert all(torch.equal(a, b) for a, b in zip(forked, one_stream))
     assert_grad_close(forked[1], grad_out, ids, dtype)
     assert_grad_close(forked[2], grad_out, default_positions(ids), dtype)
@@ -71,7 +57,7 @@ def test_side_stream_gives_the_one_stream_result_bit_for_bit(sort_streams, monke
 
 @requires_cuda
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
-def test_cuda_graph_replays_a_training_step(sort_streams, deterministic):
+def test_cuda_graph_replays_a_training_step(row_sorts, deterministic):
     """A forward and backward captured in a CUDA graph (the sort stays on the capturing stream)
     and replayed on new ids and gradients gives the reference's output and gradients."""
     torch.manual_seed(4)
@@ -89,7 +75,7 @@ def test_cuda_graph_replays_a_training_step(sort_streams, deterministic):
     with torch.cuda.graph(graph):
         captured = gpt_step(ids, tok, pos, grad_out, deterministic)
     if deterministic:
-        assert sort_streams[-1] is None  # the capture's sort
+        assert row_sorts[-1].stream is None  # the capture's sort
     ids.copy_(torch.randint(0, vocab, ids.shape, device="cuda"))
     grad_out.copy_(torch.randn(grad_out.shape, device="cuda"))
     graph.replay()
@@ -118,7 +104,7 @@ def small_step_both_ways(monkeypatch, deterministic=True):
 
 
 @requires_cuda
-def test_sort_buffers_are_not_reused_while_the_side_stream_runs(sort_streams, monkeypatch):
+def test_sort_buffers_are_not_reused_while_the_side_stream_runs(row_sorts, monkeypatch):
     """The side stream is held up between its ranking and its scatter, the window in which the
     first version's freed `rank` was zeroed over by the current stream (an illegal memory
     access): the result must not change."""
@@ -131,13 +117,13 @@ def test_sort_buffers_are_not_reused_while_the_side_stream_runs(sort_streams, mo
 
     monkeypatch.setattr(sorted_scatter, "launch", held_up_scatter)
     ids, grad_out, forked, one_stream = small_step_both_ways(monkeypatch)
-    assert isinstance(sort_streams[0], torch.cuda.Stream)
+    assert isinstance(row_sorts[0].stream, torch.cuda.Stream)
     assert all(torch.equal(a, b) for a, b in zip(forked, one_stream))
     assert_grad_close(forked[1], grad_out, ids, torch.float32)
 
 
 @requires_cuda
-def test_side_stream_waits_for_deterministic_fills_of_its_buffers(sort_streams, monkeypatch):
+def test_side_stream_waits_for_deterministic_fills_of_its_buffers(row_sorts, monkeypatch):
     """Under torch.use_deterministic_algorithms(True), torch.empty queues a fill of new memory
     on the current stream. With the current stream held up, those fills of the sort's buffers
     run late: the sort must wait for them, not be overwritten by them."""
@@ -148,13 +134,9 @@ def test_side_stream_waits_for_deterministic_fills_of_its_buffers(sort_streams, 
         return real_sort(index, num_rows, stream)
 
     monkeypatch.setattr(backward, "sort_by_row", after_a_hold_up)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms(True):
         ids, grad_out, forked, one_stream = small_step_both_ways(monkeypatch, deterministic=None)
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    assert isinstance(sort_streams[0], torch.cuda.Stream)
+    assert isinstance(row_sorts[0].stream, torch.cuda.Stream)
     assert all(torch.equal(a, b) for a, b in zip(forked, one_stream))
     assert_grad_close(forked[1], grad_out, ids, torch.float32)
     assert_grad_close(forked[2], grad_out, default_positions(ids), torch.float32)
