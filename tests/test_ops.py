@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import TRITON_CONFIGS, config_id, requires_cpp, run_python
@@ -320,6 +322,51 @@ def test_kernels_run_on_the_gpu_of_their_tensors_not_the_current_one(determinist
             expected = fused_embedding_backward_reference(grad_out, ids, 13, 9, position_ids)
             for grad, reference in zip(grads, expected):
                 torch.testing.assert_close(grad, reference)
+
+
+@pytest.mark.parametrize("config", TRITON_CONFIGS, ids=config_id)
+def test_every_kernel_launches_inside_the_device_guard_of_its_tensors(config, monkeypatch):
+    """The test above needs two GPUs. What it checks rests on each launch being inside the
+    launchers' device guard (kernels.common.on_device_of) for its tensors' device, which one
+    device, or none, can check: every kernel of the forward and of both backward modes, with and
+    without position_ids, is launched inside the guard of the device its tensors are on (on a
+    GPU, with that device current)."""
+    from fusedemb.kernels import backward, common, forward, sorted_scatter
+
+    _, device, deterministic = config
+    guards = []  # the devices of the guards entered, innermost last
+
+    @contextlib.contextmanager
+    def recorded_guard(tensor):
+        with common.on_device_of(tensor):
+            guards.append(tensor.device)
+            try:
+                yield
+            finally:
+                guards.pop()
+
+    launched = []
+
+    def checked_launch(kernel, grid, *args, **kwargs):
+        devices = {arg.device for arg in (*args, *kwargs.values()) if isinstance(arg, torch.Tensor)}
+        assert guards and devices == {guards[-1]}, f"{kernel.__name__} on {devices}, inside guards {guards}"
+        if guards[-1].type == "cuda":
+            assert torch.cuda.current_device() == guards[-1].index
+        launched.append(kernel)
+        common.launch(kernel, grid, *args, **kwargs)
+
+    for module in (forward, backward):
+        monkeypatch.setattr(module, "on_device_of", recorded_guard)
+    for module in (forward, backward, sorted_scatter):
+        monkeypatch.setattr(module, "launch", checked_launch)
+    ids, tok, pos, positions = sample_inputs(device, position_ids=True)
+    grad_out = torch.randn(2, 5, 6, device=device)
+    for position_ids in (None, positions):
+        fused_embedding_op(ids, tok.detach(), pos.detach(), position_ids, 0, -1, "triton", deterministic)
+        assert launched == [forward.fused_embedding_forward_kernel]
+        fused_embedding_backward_op(grad_out, ids, position_ids, 0, 13, 9, -1, "triton", deterministic)
+        assert len(launched) > 1 and not guards
+        launched.clear()
 
 
 class TinyGPTInput(nn.Module):
