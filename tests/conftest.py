@@ -7,6 +7,7 @@ be switched on before triton compiles anything, i.e. before fusedemb is imported
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -205,20 +206,18 @@ def make_tables(num_embeddings, context_length, dim, dtype, device):
     return tok, pos
 
 
+def fused_embedding_for(config, **options):
+    """fusedemb.fused_embedding with config's backend and backward mode bound, and options (any
+    other keywords, which a call may still override)."""
+    backend, _, deterministic = config
+    return functools.partial(fusedemb.fused_embedding, backend=backend, deterministic=deterministic, **options)
+
+
 def check_against_reference(
     config, ids, tok, pos, *, position_ids=None, position_offset=0, padding_idx=None, grad_out=None
 ):
-    backend, _, deterministic = config
-    out = fusedemb.fused_embedding(
-        ids,
-        tok,
-        pos,
-        position_ids=position_ids,
-        position_offset=position_offset,
-        padding_idx=padding_idx,
-        backend=backend,
-        deterministic=deterministic,
-    )
+    fused = fused_embedding_for(config)
+    out = fused(ids, tok, pos, position_ids=position_ids, position_offset=position_offset, padding_idx=padding_idx)
     with torch.no_grad():
         expected = fused_embedding_reference(ids, tok, pos, position_ids, position_offset, padding_idx)
     assert out.shape == (*ids.shape, tok.shape[1])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
-from conftest import make_tables
+from conftest import fused_embedding_for, make_tables
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusedemb
@@ -18,21 +20,13 @@ VOCAB, CONTEXT, DIM = 10, 7, 5
 @pytest.fixture
 def case(backend_config):
     """fused (this backend) and reference embeddings with the same settings, and their inputs."""
-    backend, device, deterministic = backend_config
+    _, device, _ = backend_config
     torch.manual_seed(20)
     tok, pos = (table.detach() for table in make_tables(VOCAB, CONTEXT, DIM, torch.float32, device))
     ids = torch.randint(0, VOCAB, (2, 5), device=device)
     ids[0, :2] = 3  # the padding row, twice
-
-    def fused(ids, tok, pos, padding_idx=3, **kwargs):
-        return fusedemb.fused_embedding(
-            ids, tok, pos, padding_idx=padding_idx, backend=backend, deterministic=deterministic, **kwargs
-        )
-
-    def reference(ids, tok, pos, padding_idx=3, **kwargs):
-        return fused_embedding_reference(ids, tok, pos, padding_idx=padding_idx, **kwargs)
-
-    return fused, reference, ids, tok, pos
+    reference = functools.partial(fused_embedding_reference, padding_idx=3)
+    return fused_embedding_for(backend_config, padding_idx=3), reference, ids, tok, pos
 
 
 def assert_same(actual, expected):
@@ -153,12 +147,9 @@ def test_stacked_tables_in_other_dtypes_and_odd_sizes(backend_config, dtype, voc
     """The stacked path (a batch of tables as one table B x V rows high, entry b's ids offset by
     b x V, each entry's padding row zeroed) in every other dtype and at V = 1, T = 1 and D = 1,
     against the reference's ensemble on the same tables in float64."""
-    backend, device, deterministic = backend_config
+    _, device, _ = backend_config
+    fused = fused_embedding_for(backend_config)
     torch.manual_seed(21)
-
-    def fused(ids, tok, pos, **kwargs):
-        return fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic, **kwargs)
-
     toks = torch.randn(3, vocab, dim, device=device, dtype=dtype)
     poss = torch.randn(3, seq_len + 2, dim, device=device, dtype=dtype)
     ids = torch.randint(0, vocab, (2, seq_len), device=device)
@@ -174,15 +165,15 @@ def test_stacked_tables_in_other_dtypes_and_odd_sizes(backend_config, dtype, voc
 def test_gradcheck_through_vmap_of_stacked_tables(backend_config):
     """float64 gradcheck and gradgradcheck of an ensemble's outputs, through the stacked path
     (without a padding_idx, whose row is read but gets no gradient: no gradcheck can pass it)."""
-    backend, device, deterministic = backend_config
+    _, device, _ = backend_config
+    fused = fused_embedding_for(backend_config)
     torch.manual_seed(22)
     toks = torch.randn(2, 4, 2, device=device, dtype=torch.float64, requires_grad=True)
     poss = torch.randn(2, 3, 2, device=device, dtype=torch.float64, requires_grad=True)
     ids = torch.tensor([[1, 3, 1]], device=device)
 
     def ensemble(toks, poss):
-        return torch.func.vmap(lambda tok, pos: fusedemb.fused_embedding(
-            ids, tok, pos, backend=backend, deterministic=deterministic))(toks, poss)  # fmt: skip
+        return torch.func.vmap(lambda tok, pos: fused(ids, tok, pos))(toks, poss)
 
     # (fast mode: random projections of the Jacobian, a few calls instead of one per element,
     # which the interpreter makes slow)

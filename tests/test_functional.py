@@ -21,6 +21,7 @@ from conftest import (
     check_against_reference,
     config_id,
     deterministic_algorithms,
+    fused_embedding_for,
     interpreted,
     make_tables,
     num_threads,
@@ -83,7 +84,7 @@ def test_nothing_to_differentiate_builds_no_graph(backend_config, monkeypatch):
     """Under torch.no_grad, or with both tables frozen, the kernels run without an autograd node
     (as nn.Embedding builds none: no autograd.Function's host time), with the same output; with
     a table to train, even one of the two, the node is there."""
-    backend, device, deterministic = backend_config
+    _, device, _ = backend_config
     applied = []
 
     class Spy:
@@ -98,7 +99,7 @@ def test_nothing_to_differentiate_builds_no_graph(backend_config, monkeypatch):
     ids = torch.randint(0, 11, (2, 5), device=device)
 
     def embed(tok, pos):
-        return fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
+        return fused_embedding_for(backend_config)(ids, tok, pos)
 
     trained = [embed(tok, pos), embed(tok.detach(), pos), embed(tok, pos.detach())]
     with torch.no_grad():
@@ -118,7 +119,7 @@ def test_forward_mode_ad_matches_nn_embedding(backend_config, dual):
     """Tangents live on tensors that need not require grad, so the no-graph path must not take
     them (and drop them); the output's tangent is the reference's, padding row included, with
     a table without a tangent counted as zero. (torch.func's jvp: test_func_transforms.py.)"""
-    backend, device, deterministic = backend_config
+    _, device, _ = backend_config
     torch.manual_seed(16)
     tok, pos = (table.detach() for table in make_tables(11, 9, 7, torch.float32, device))
     tangents = {"tok": torch.randn_like(tok), "pos": torch.randn_like(pos)}
@@ -133,9 +134,7 @@ def test_forward_mode_ad_matches_nn_embedding(backend_config, dual):
             ]
             return forward_ad.unpack_dual(embed(ids, *tables, position_offset=3, padding_idx=4)).tangent
 
-    def fused(*args, **kwargs):
-        return fusedemb.fused_embedding(*args, backend=backend, deterministic=deterministic, **kwargs)
-
+    fused = fused_embedding_for(backend_config)
     torch.testing.assert_close(tangent_of(fused), tangent_of(fused_embedding_reference), rtol=0, atol=0)
 
 
@@ -211,14 +210,14 @@ def test_negative_padding_idx_counts_from_the_end(backend_config):
     tok, pos = make_tables(10, 6, 4, torch.float32, device)
     ids = torch.tensor([[9, 9, 1, 2, 9, 0]], device=device)
     out, _, _ = check_against_reference(backend_config, ids, tok, pos, padding_idx=9)
-    backend, _, deterministic = backend_config
-    out_negative = fusedemb.fused_embedding(ids, tok, pos, padding_idx=-1, backend=backend, deterministic=deterministic)
+    fused = fused_embedding_for(backend_config)
+    out_negative = fused(ids, tok, pos, padding_idx=-1)
     torch.testing.assert_close(out_negative, out, rtol=0, atol=0)
     (grad_negative,) = torch.autograd.grad(out_negative, tok, torch.ones_like(out))
     assert grad_negative[9].abs().sum() == 0
     assert grad_negative[1].abs().sum() > 0
     # -V, the lowest nn.Embedding accepts, is row 0
-    out_lowest = fusedemb.fused_embedding(ids, tok, pos, padding_idx=-10, backend=backend, deterministic=deterministic)
+    out_lowest = fused(ids, tok, pos, padding_idx=-10)
     (grad_lowest,) = torch.autograd.grad(out_lowest, tok, torch.ones_like(out))
     assert grad_lowest[0].abs().sum() == 0
     assert grad_lowest[9].abs().sum() > 0
@@ -383,18 +382,18 @@ def test_tensor_subclass_tables_are_unwrapped_as_by_nn_embedding(backend_config)
     the dispatcher (a wrapper has no storage of its own to read)."""
     from torch.testing._internal.two_tensor import TwoTensor
 
-    backend, device, deterministic = backend_config
+    backend, device, _ = backend_config
     torch.manual_seed(14)
     tok, pos = torch.randn(11, 5, device=device), torch.randn(9, 5, device=device)
     ids = torch.randint(0, 11, (2, 6), device=device)
     ids[0, :4] = 3  # a repeated id, and the padding row
     grad_out = torch.randn(2, 6, 5, device=device)
-    options = dict(position_offset=2, padding_idx=3, backend=backend, deterministic=deterministic)
+    fused = fused_embedding_for(backend_config, position_offset=2, padding_idx=3)
     tok_pair = TwoTensor(tok, 2 * tok).requires_grad_()
     pos_pair = TwoTensor(pos, -pos).requires_grad_()
     for grad_mode in (torch.no_grad(), torch.enable_grad()):
         with grad_mode:
-            out = fusedemb.fused_embedding(ids, tok_pair, pos_pair, **options)
+            out = fused(ids, tok_pair, pos_pair)
         assert type(out) is TwoTensor
         for got, tok_inner, pos_inner in ((out.a, tok, pos), (out.b, 2 * tok, -pos)):
             expected = fused_embedding_reference(ids, tok_inner, pos_inner, position_offset=2, padding_idx=3)
@@ -407,20 +406,22 @@ def test_tensor_subclass_tables_are_unwrapped_as_by_nn_embedding(backend_config)
 
 
 def test_gradcheck_float64(backend_config):
-    backend, device, deterministic = backend_config
+    _, device, _ = backend_config
     torch.manual_seed(10)
     tok, pos = make_tables(6, 5, 3, torch.float64, device)
     ids = torch.tensor([[1, 4, 1, 0], [5, 1, 2, 2]], device=device)
 
+    fused = fused_embedding_for(backend_config)
+
     def fn(tok, pos):
         # padding_idx is left out: its row's true derivative is not zero, nn.Embedding's is.
-        return fusedemb.fused_embedding(ids, tok, pos, position_offset=1, backend=backend, deterministic=deterministic)
+        return fused(ids, tok, pos, position_offset=1)
 
     assert torch.autograd.gradcheck(fn, (tok, pos))
     position_ids = torch.tensor([[4, 0, 0, 2], [1, 3, 3, 3]], device=device)
 
     def with_position_ids(tok, pos):
-        return fusedemb.fused_embedding(ids, tok, pos, position_ids=position_ids, backend=backend, deterministic=deterministic)
+        return fused(ids, tok, pos, position_ids=position_ids)
 
     assert torch.autograd.gradcheck(with_position_ids, (tok, pos))
 
@@ -429,21 +430,21 @@ def test_gradgradcheck_float64(backend_config):
     """Double backward (create_graph=True), which nn.Embedding supports: gradgradcheck also
     differentiates the table gradients with respect to the output gradient, here with a padding
     row (whose gradient does not depend on it), explicit positions, and a frozen table."""
-    backend, device, deterministic = backend_config
+    _, device, _ = backend_config
     torch.manual_seed(12)
     tok, pos = make_tables(6, 5, 3, torch.float64, device)
     ids = torch.tensor([[1, 4, 1, 0], [5, 1, 2, 2]], device=device)
     position_ids = torch.tensor([[4, 0, 0, 2], [1, 3, 3, 3]], device=device)
-    options = {"backend": backend, "deterministic": deterministic}
+    fused = fused_embedding_for(backend_config)
 
     def with_padding(tok, pos):
-        return fusedemb.fused_embedding(ids.int(), tok, pos, position_offset=1, padding_idx=1, **options)
+        return fused(ids.int(), tok, pos, position_offset=1, padding_idx=1)
 
     def with_position_ids(tok, pos):
-        return fusedemb.fused_embedding(ids, tok, pos, position_ids=position_ids, **options)
+        return fused(ids, tok, pos, position_ids=position_ids)
 
     def frozen_tokens(pos):
-        return fusedemb.fused_embedding(ids, tok.detach(), pos, padding_idx=1, **options)
+        return fused(ids, tok.detach(), pos, padding_idx=1)
 
     assert torch.autograd.gradgradcheck(with_padding, (tok, pos), fast_mode=True)
     assert torch.autograd.gradgradcheck(with_position_ids, (tok, pos), fast_mode=True)
@@ -454,7 +455,7 @@ def test_gradgradcheck_float64(backend_config):
 def test_hessian_vector_product_matches_nn_embedding(backend_config, id_dtype):
     """A Hessian-vector product through a loss that is not linear in the output (as second-order
     optimisers take through a whole model), against the same product through the reference."""
-    backend, device, deterministic = backend_config
+    _, device, _ = backend_config
     torch.manual_seed(14)
     tok, pos = (table.detach() for table in make_tables(13, 9, 10, torch.float32, device))
     ids = torch.randint(0, 13, (3, 7), device=device, dtype=id_dtype)
@@ -465,12 +466,10 @@ def test_hessian_vector_product_matches_nn_embedding(backend_config, id_dtype):
     def loss(embed):
         return lambda tok, pos: ((embed(ids, tok, pos, padding_idx=0) - target).tanh() ** 2).sum()
 
-    def fused(ids, tok, pos, **kwargs):
-        return fusedemb.fused_embedding(ids, tok, pos, position_offset=2, backend=backend, deterministic=deterministic, **kwargs)
-
     def reference(ids, tok, pos, **kwargs):
         return fused_embedding_reference(ids, tok, pos, position_offset=2, **kwargs)
 
+    fused = fused_embedding_for(backend_config, position_offset=2)
     _, product = torch.autograd.functional.hvp(loss(fused), (tok, pos), vectors)
     _, expected = torch.autograd.functional.hvp(loss(reference), (tok, pos), vectors)
     for actual, wanted in zip(product, expected):
@@ -480,7 +479,7 @@ def test_hessian_vector_product_matches_nn_embedding(backend_config, id_dtype):
 def test_gradient_penalty_through_a_column_sum_matches_nn_embedding(backend_config):
     """A penalty on the token gradient's column sums: its gradient reaches the backward's own
     derivative expanded along the rows (row stride 0), and the padding row must still count as 0."""
-    backend, device, deterministic = backend_config
+    _, device, _ = backend_config
     torch.manual_seed(16)
     tok, pos = make_tables(7, 5, 4, torch.float32, device)
     ids = torch.tensor([[2, 2, 5, 0, 2], [6, 2, 1, 1, 3]], device=device)  # padding_idx 2, often
@@ -490,10 +489,7 @@ def test_gradient_penalty_through_a_column_sum_matches_nn_embedding(backend_conf
         (grad_tok,) = torch.autograd.grad(out.tanh().sum(), tok, create_graph=True)
         return torch.autograd.grad(out.sum() + (grad_tok.sum(0) ** 2).sum(), (tok, pos))
 
-    def fused(*args, **kwargs):
-        return fusedemb.fused_embedding(*args, backend=backend, deterministic=deterministic, **kwargs)
-
-    for actual, expected in zip(penalized(fused), penalized(fused_embedding_reference)):
+    for actual, expected in zip(penalized(fused_embedding_for(backend_config)), penalized(fused_embedding_reference)):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -699,14 +695,14 @@ def test_random_shapes_and_ids(backend_config, data):
 @pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if not interpreted(c[1], c[0])], ids=config_id)
 def test_table_with_more_than_2_31_elements(config):
     """64-bit offsets: rows past element 2^31 are read and their gradients written correctly."""
-    backend, device, deterministic = config
+    _, device, _ = config
     num_embeddings, dim = (1 << 20) + 3, 2048  # 2^31 + 6144 elements, 4 GiB in float16
     tok = torch.empty(num_embeddings, dim, dtype=torch.float16, device=device)
     ids = torch.tensor([[num_embeddings - 1, 5, num_embeddings - 2]], device=device)
     tok[ids[0]] = torch.randn(3, dim, dtype=torch.float16, device=device)
     tok.requires_grad_()
     pos = torch.randn(3, dim, dtype=torch.float16, device=device, requires_grad=True)
-    out = fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
+    out = fused_embedding_for(config)(ids, tok, pos)
     torch.testing.assert_close(out[0], tok.detach()[ids[0]] + pos.detach(), rtol=0, atol=0)
     grad_out = torch.randn_like(out)
     (grad_tok,) = torch.autograd.grad(out, tok, grad_out)
@@ -720,12 +716,12 @@ def test_batch_with_more_than_2_31_output_elements(config):
     """64-bit offsets into the output and its gradient: N * D = 2^31 + 4M elements (4 GiB in
     float16 each). The last sequence, which lies past element 2^31, is checked; its gradient
     rows are the only nonzero ones, so both table gradients are exactly those rows' sums."""
-    backend, device, deterministic = config
+    _, device, _ = config
     batch, seq_len, dim = 513, 2048, 2048
     torch.manual_seed(19)
     tok, pos = make_tables(5, seq_len, dim, torch.float16, device)
     ids = torch.randint(0, 5, (batch, seq_len), device=device)
-    out = fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
+    out = fused_embedding_for(config)(ids, tok, pos)
     torch.testing.assert_close(out[-1], tok.detach()[ids[-1]] + pos.detach(), rtol=0, atol=0)
     grad_out = torch.zeros(batch, seq_len, dim, dtype=torch.float16, device=device)
     grad_out[-1] = torch.randn(seq_len, dim, dtype=torch.float16, device=device)
@@ -739,12 +735,12 @@ def test_batch_with_more_than_2_31_output_elements(config):
 def test_small_gradients_beside_large_ones_are_kept(backend_config, dtype):
     """Rows are summed separately: a tiny gradient row sorted next to a huge one in the same tile
     must come back exactly (a prefix-sum difference would cancel it to zero)."""
-    backend, device, deterministic = backend_config
+    _, device, _ = backend_config
     tok, pos = make_tables(6, 4, 3, dtype, device)
     ids = torch.tensor([[0, 1, 2, 1]], device=device)
     scale = torch.tensor([1e17, 1.0, 1e-6, 2.0], dtype=dtype, device=device)
     grad_out = scale[None, :, None].expand(1, 4, 3).contiguous()
-    out = fusedemb.fused_embedding(ids, tok, pos, backend=backend, deterministic=deterministic)
+    out = fused_embedding_for(backend_config)(ids, tok, pos)
     grad_tok, grad_pos = torch.autograd.grad(out, (tok, pos), grad_out)
     expected_rows = torch.tensor([1e17, 3.0, 1e-6], dtype=dtype, device=device)
     torch.testing.assert_close(grad_tok[:3], expected_rows[:, None].expand(3, 3), rtol=0, atol=0)
