@@ -67,11 +67,15 @@ def test_odd_sizes(backend_config, num_embeddings, dim, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
-    "num_embeddings, dim, shape", [(1, 5, (2, 4)), (13, 3, (2, 9)), (20, 300, (2, 7)), (9, 16, (4, 1))],
-    ids=["V1", "D3", "D300", "T1"],
+    "num_embeddings, dim, shape",
+    [(1, 5, (2, 4)), (13, 3, (2, 9)), (20, 300, (2, 7)), (9, 16, (4, 1)), (11, 16, (601, 1))],
+    ids=["V1", "D3", "D300", "T1", "B601T1"],
 )
 def test_odd_sizes_other_dtypes(backend_config, num_embeddings, dim, shape, dtype):
-    """The odd sizes in the other table dtypes (D300: two column blocks, the second partial)."""
+    """The odd sizes in the other table dtypes (D300: two column blocks, the second partial;
+    B601T1: the Triton backward's groups of two sequences, whose partial position sums must
+    stay in float32 until the second pass adds them: rounded to 16 bits each, they exceed the
+    error bound. In the other cases each group holds one sequence, whose sum is exact.)"""
     _, device, _ = backend_config
     torch.manual_seed(1)
     tok, pos = make_tables(num_embeddings, shape[-1] + 1, dim, dtype, device)
@@ -709,6 +713,34 @@ def test_table_with_more_than_2_31_elements(config):
     torch.testing.assert_close(grad_tok[ids[0]], grad_out[0], rtol=0, atol=0)
     assert grad_tok[num_embeddings - 3].abs().sum() == 0
     del grad_tok, tok
+
+
+@requires_triton
+def test_deterministic_backward_finishes_rows_across_tiles_past_element_2_31():
+    """The sorted backward writes a row within one tile from segment_sums_kernel (the case of
+    the test above: one token per row), a row over two tiles from combine_partials_kernel, and a
+    longer one from its finish_long_row: their table offsets must be 64-bit too. Here both
+    kinds of row lie past element 2^31. The deterministic mode only, which the interpreter runs
+    in seconds (the fast mode's rounding pass visits every row of the table)."""
+    num_embeddings, dim = (1 << 20) + 3, 2048  # 2^31 + 6144 elements, 4 GiB in float16
+    two_tiles, long_row = num_embeddings - 2, num_embeddings - 1
+    # Sorted by row: 5 at position 0, two_tiles at 1-20 (tiles 0-1), long_row at 21-60 (tiles 1-3), 7 at 61.
+    ids = torch.tensor([[5] + [two_tiles] * 20 + [long_row] * 40 + [7]], device=ANY_DEVICE)
+    tok = torch.empty(num_embeddings, dim, dtype=torch.float16, device=ANY_DEVICE)  # only the rows read are set
+    tok[[5, 7, two_tiles, long_row]] = torch.randn(4, dim, dtype=torch.float16, device=ANY_DEVICE)
+    tok.requires_grad_()
+    pos = torch.randn(ids.shape[1], dim, dtype=torch.float16, device=ANY_DEVICE, requires_grad=True)
+    out = fusedemb.fused_embedding(ids, tok, pos, backend="triton", deterministic=True)
+    grad_out = torch.randn_like(out)
+    (grad_tok,) = torch.autograd.grad(out, tok, grad_out)
+    del out, tok
+    torch.testing.assert_close(grad_tok[5], grad_out[0, 0], rtol=0, atol=0)
+    torch.testing.assert_close(grad_tok[7], grad_out[0, -1], rtol=0, atol=0)
+    for row, tokens in ((two_tiles, slice(1, 21)), (long_row, slice(21, 61))):
+        row_tokens = grad_out[0, tokens]  # the row's gradient: their sum, within the bound
+        same_row = torch.zeros(row_tokens.shape[0], dtype=torch.long, device=ANY_DEVICE)
+        assert_grad_close(grad_tok[row : row + 1], row_tokens, same_row, torch.float16)
+    assert grad_tok[num_embeddings - 3].abs().sum() == 0
 
 
 @pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if not interpreted(c[1], c[0])], ids=config_id)

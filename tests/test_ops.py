@@ -165,6 +165,9 @@ def test_operators_called_directly_refuse_what_the_kernels_cannot_read(backend_c
     ids, tok, pos, _ = sample_inputs(device)
     tok, pos = tok.detach(), pos.detach()
     wide_ids = torch.randint(0, 13, (2, 10), device=device)
+    # position_ids are indexed as ids are: fewer would be read past their end, as many in another
+    # shape as the wrong positions
+    misshapen_positions = [torch.randint(0, 9, shape, device=device) for shape in ((2, 4), (5, 2))]
     layout_cases = [
         ((wide_ids[:, ::2], tok, pos, None, 0), "ids must be contiguous"),
         ((ids, tok, pos, torch.arange(5, device=device).expand(2, 5), 0), "position_ids must be contiguous"),
@@ -187,7 +190,9 @@ def test_operators_called_directly_refuse_what_the_kernels_cannot_read(backend_c
         ((ids, tok, pos, None, 5), IndexError, r"positions \[5, .* do not fit the position table of 9 rows"),
         # the Triton kernels clamp ids (clamping needs a row to clamp to); the C++ kernels check them
         ((ids, tok[:0], pos, None, 0), IndexError, "tok_weight has no rows" if backend == "triton" else "ids contains"),
-    ]
+        *(((ids, tok, pos, positions, 0), ValueError, "position_ids .*must have the shape of ids")
+          for positions in misshapen_positions),
+    ]  # fmt: skip
     for args, error, message in cases:
         with pytest.raises(error, match=message):
             fused_embedding_op(*args, -1, backend, deterministic)
@@ -202,6 +207,8 @@ def test_operators_called_directly_refuse_what_the_kernels_cannot_read(backend_c
         ((grad_out.int(), ids, None, 0, 13, 9, -1), TypeError, "grad_out has dtype"),
         ((grad_out[..., :0], ids, None, 0, 13, 9, -1), ValueError, "grad_out must have an embedding dim of at least 1"),
         ((grad_out, ids, None, 0, 0, 9, -1), IndexError, "the token table has no rows" if backend == "triton" else "ids contains"),
+        *(((grad_out, ids, positions, 0, 13, 9, -1), ValueError, "position_ids .*must have the shape of ids")
+          for positions in misshapen_positions),
     ]  # fmt: skip
     if backend == "triton":  # (the C++ kernels index with int64, and have no grid)
         from fusedemb.kernels.preconditions import MAX_DIM
@@ -217,6 +224,27 @@ def test_operators_called_directly_refuse_what_the_kernels_cannot_read(backend_c
     for args, error, message in backward_cases:
         with pytest.raises(error, match=message):
             fused_embedding_backward_op(*args, backend, deterministic)
+
+
+@pytest.mark.skipif(not TRITON_LAUNCHERS, reason="Triton unavailable")
+def test_triton_launchers_limits_are_exact():
+    """The launchers' limits at the limit itself, where the test above goes past them: a table
+    of INT32_LIMIT rows is refused and one of a row fewer taken; MAX_DIM columns are taken and
+    one more refused. (The checks alone, on row counts and meta tensors: such tables would not
+    fit in memory here.)"""
+    from fusedemb.kernels.preconditions import INT32_LIMIT, MAX_DIM, check_dim, check_rows
+
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    for table in ("tok", "pos"):
+        rows = {"tok": 10, "pos": 8}
+        rows[table] = INT32_LIMIT
+        with pytest.raises(ValueError, match=f"{table} has {INT32_LIMIT} rows; .* int32"):
+            check_rows(ids, None, 0, ("tok", rows["tok"]), ("pos", rows["pos"]))
+        rows[table] = INT32_LIMIT - 1
+        check_rows(ids, None, 0, ("tok", rows["tok"]), ("pos", rows["pos"]))
+    check_dim("tok_weight", torch.empty(1, MAX_DIM, device="meta"))
+    with pytest.raises(ValueError, match=f"at most {MAX_DIM}"):
+        check_dim("tok_weight", torch.empty(1, MAX_DIM + 1, device="meta"))
 
 
 @pytest.mark.parametrize("config", TRITON_CONFIGS, ids=config_id)
