@@ -696,15 +696,25 @@ def test_random_shapes_and_ids(backend_config, data):
     )
 
 
+# A float16 token table of 2^31 + 6144 elements (4 GiB): its last rows lie past element 2^31.
+HUGE_VOCAB, HUGE_DIM = (1 << 20) + 3, 2048
+
+
+def huge_token_table(rows: list[int], device) -> torch.Tensor:
+    """A HUGE_VOCAB x HUGE_DIM float16 table that requires grad, with random values in `rows`
+    alone (the only ones a test reads: the others are left unwritten)."""
+    tok = torch.empty(HUGE_VOCAB, HUGE_DIM, dtype=torch.float16, device=device)
+    tok[rows] = torch.randn(len(rows), HUGE_DIM, dtype=torch.float16, device=device)
+    return tok.requires_grad_()
+
+
 @pytest.mark.parametrize("config", [c for c in BACKEND_CONFIGS if not interpreted(c[1], c[0])], ids=config_id)
 def test_table_with_more_than_2_31_elements(config):
     """64-bit offsets: rows past element 2^31 are read and their gradients written correctly."""
     _, device, _ = config
-    num_embeddings, dim = (1 << 20) + 3, 2048  # 2^31 + 6144 elements, 4 GiB in float16
-    tok = torch.empty(num_embeddings, dim, dtype=torch.float16, device=device)
+    num_embeddings, dim = HUGE_VOCAB, HUGE_DIM
     ids = torch.tensor([[num_embeddings - 1, 5, num_embeddings - 2]], device=device)
-    tok[ids[0]] = torch.randn(3, dim, dtype=torch.float16, device=device)
-    tok.requires_grad_()
+    tok = huge_token_table(ids[0].tolist(), device)
     pos = torch.randn(3, dim, dtype=torch.float16, device=device, requires_grad=True)
     out = fused_embedding_for(config)(ids, tok, pos)
     torch.testing.assert_close(out[0], tok.detach()[ids[0]] + pos.detach(), rtol=0, atol=0)
@@ -722,13 +732,11 @@ def test_deterministic_backward_finishes_rows_across_tiles_past_element_2_31():
     longer one from its finish_long_row: their table offsets must be 64-bit too. Here both
     kinds of row lie past element 2^31. The deterministic mode only, which the interpreter runs
     in seconds (the fast mode's rounding pass visits every row of the table)."""
-    num_embeddings, dim = (1 << 20) + 3, 2048  # 2^31 + 6144 elements, 4 GiB in float16
+    num_embeddings, dim = HUGE_VOCAB, HUGE_DIM
     two_tiles, long_row = num_embeddings - 2, num_embeddings - 1
     # Sorted by row: 5 at position 0, two_tiles at 1-20 (tiles 0-1), long_row at 21-60 (tiles 1-3), 7 at 61.
     ids = torch.tensor([[5] + [two_tiles] * 20 + [long_row] * 40 + [7]], device=ANY_DEVICE)
-    tok = torch.empty(num_embeddings, dim, dtype=torch.float16, device=ANY_DEVICE)  # only the rows read are set
-    tok[[5, 7, two_tiles, long_row]] = torch.randn(4, dim, dtype=torch.float16, device=ANY_DEVICE)
-    tok.requires_grad_()
+    tok = huge_token_table([5, 7, two_tiles, long_row], ANY_DEVICE)
     pos = torch.randn(ids.shape[1], dim, dtype=torch.float16, device=ANY_DEVICE, requires_grad=True)
     out = fusedemb.fused_embedding(ids, tok, pos, backend="triton", deterministic=True)
     grad_out = torch.randn_like(out)
