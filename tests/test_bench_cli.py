@@ -568,7 +568,17 @@ def test_last_level_cache_bytes_counts_each_shared_cache_once(tmp_path):
     fake_sysfs(unreadable, [[l1(0), {"level": "3", "shared_cpu_list": "0"}]])
     assert last_level_cache_bytes(unreadable) == 32 * 2**10
     assert last_level_cache_bytes(tmp_path / "missing") == 0
-    assert CacheFlush("cpu")._buffer.numel() == max(2 * last_level_cache_bytes(), 64 * 2**20)
+
+
+@pytest.mark.parametrize(("l3_mib", "flush_mib", "copy_mib"), [(0, 64, 256), (8, 64, 256), (480, 960, 960)])
+def test_the_flush_and_the_copy_buffer_dwarf_the_last_level_cache(monkeypatch, l3_mib, flush_mib, copy_mib):
+    """Twice the L3, at least 64 MiB, for the flush; a full run's copy buffer is its preset (256 MiB
+    on CPU) or the flush's where that is larger (a 480 MiB L3: one of this project's VMs)."""
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: l3_mib * 2**20)
+    assert CacheFlush("cpu")._buffer.numel() == flush_mib * 2**20
+    assert cli.copy_buffer_mib("cpu", quick=False) == copy_mib
+    assert cli.copy_buffer_mib("cpu", quick=True) == 64  # a smoke test's, whatever the cache
+    assert (cli.copy_buffer_mib("cuda", quick=False), cli.copy_buffer_mib("cuda", quick=True)) == (1024, 256)
 
 
 def test_the_flush_counts_against_the_time_budget():

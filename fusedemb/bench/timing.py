@@ -176,21 +176,25 @@ def last_level_cache_bytes(cpus: Path = Path("/sys/devices/system/cpu")) -> int:
     return sum(instances.values())
 
 
+GPU_BEYOND_CACHE_BYTES = 256 * 2**20
+MIN_CPU_BEYOND_CACHE_BYTES = 64 * 2**20
+
+
+def bytes_beyond_cache(device: str) -> int:
+    """The size of a buffer that dwarfs the device's last-level cache: on a GPU 256 MiB, several
+    times L2 (50 MB on H100, 60 MB on H200); on a CPU twice its last-level caches together, and
+    at least 64 MiB (where sysfs lists none, or only small ones)."""
+    if torch.device(device).type == "cpu":
+        return max(2 * last_level_cache_bytes(), MIN_CPU_BEYOND_CACHE_BYTES)
+    return GPU_BEYOND_CACHE_BYTES
+
+
 class CacheFlush:
     """Calling it evicts whatever a previous call left in the device's last-level cache by
-    overwriting a buffer larger than it: on a GPU 256 MB, several times L2 (50 MB on H100, 60 MB
-    on H200; queued like any launch); on a CPU twice its last-level caches together, and at
-    least 64 MiB (where sysfs lists none, or only small ones)."""
-
-    GPU_BUFFER_BYTES = 256 * 2**20
-    MIN_CPU_BUFFER_BYTES = 64 * 2**20
+    overwriting a buffer larger than it (bytes_beyond_cache; on a GPU queued like any launch)."""
 
     def __init__(self, device: str = "cuda") -> None:
-        if torch.device(device).type == "cpu":
-            nbytes = max(2 * last_level_cache_bytes(), self.MIN_CPU_BUFFER_BYTES)
-        else:
-            nbytes = self.GPU_BUFFER_BYTES
-        self._buffer = torch.empty(nbytes, dtype=torch.int8, device=device)
+        self._buffer = torch.empty(bytes_beyond_cache(device), dtype=torch.int8, device=device)
 
     def __call__(self) -> None:
         self._buffer.zero_()
@@ -278,7 +282,8 @@ def copy_bandwidth(timer: Timer, device: str, buffer_bytes: int) -> float:
 
     One large ``dst.copy_(src)``, counting bytes read plus bytes written (2 * buffer_bytes), the
     same way the bytes model counts a kernel's traffic. The buffer must dwarf the caches (L2 on a
-    GPU, the last-level cache on a CPU) or the cache's bandwidth is measured instead.
+    GPU, the last-level cache on a CPU: bytes_beyond_cache) or the cache's bandwidth is measured
+    instead.
     """
     source = torch.ones(buffer_bytes // 4, dtype=torch.float32, device=device)
     destination = torch.empty_like(source)
