@@ -11,7 +11,7 @@ only the backward differs: the token and position gradients are sums over the to
 batch, and fusedemb adds them in another order. The printed losses therefore agree to float32
 rounding noise, checked against LOSS_TOLERANCE. A step's loss is taken before its update, so
 the printed losses never see the last update: the trained models' loss on the first batch (in
-eval mode) is compared as well, and it does. The last tenth of the text (--val-ratio) is held
+eval mode), which does see it, is compared as well. The last tenth of the text (--val-ratio) is held
 out, and both trained models' loss on it is compared the same way. The script also saves the
 nn.Embedding model's checkpoint and loads it, with no key mapping, into a fresh fusedemb model
 (see gpt_model.py for the names). It ends with PASS, or FAIL and what failed, and exits

@@ -17,8 +17,9 @@ before it. The C++ CPU kernels check every index themselves before they read one
 IndexError, so fused_embedding starts no range check for them (but under torch.func transforms,
 whose stacked tables no kernel can check: see below).
 
-`set_bounds_check(False)` (or the environment variable FUSEDEMB_BOUNDS_CHECK=0) switches the
-range checks off for maximum speed; the kernels still never touch memory outside the tables
+`set_bounds_check(False)` (or FUSEDEMB_BOUNDS_CHECK=0 in the environment when fusedemb is
+imported: it is read once, below) switches the range checks off for maximum speed; the
+kernels still never touch memory outside the tables
 (the Triton kernels clamp their loads and the C++ kernels check), but then an out-of-range
 id on CUDA is clamped, silently: its output is the row of the nearest valid id (0 or V - 1),
 and its gradient is added into that row. The reference backend (eager's F.embedding, which
