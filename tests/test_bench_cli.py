@@ -690,6 +690,14 @@ def test_table_cells_show_the_figures_in_their_units():
     assert "copy bandwidth: 50.0 GB/s before the sweep" in table
 
 
+def test_the_header_gives_the_copy_buffer_and_the_cache_flush():
+    settings = {"copy_buffer_mib": 256, "cache_flush_mib": 71.5}  # twice a 35.75 MiB L3
+    table = format_table(Report(made_up_environment("cpu"), settings, 50e9, {}, [known_result()]))
+    assert "(dst.copy_(src) of 256 MiB, bytes read + written)" in table
+    assert "cache flush: 71.5 MiB overwritten before every timed call" in table
+    assert "cache flush" not in format_table(Report(made_up_environment("cpu"), {}, 50e9, {}, [known_result()]))
+
+
 def test_json_fields_carry_their_own_values():
     report = Report(made_up_environment("cpu"), {}, 50e9, {}, [known_result()], copy_bandwidth_end=40e9).to_json()
     assert report["copy_bandwidth_gbps"] == 50.0 and report["copy_bandwidth_end_gbps"] == 40.0
@@ -912,6 +920,7 @@ def test_a_run_cut_short_inside_a_problem_keeps_its_finished_implementations(mon
     # no copy bandwidth after an interrupted sweep; a quick run's smaller copy buffer, recorded
     assert report["copy_bandwidth_end_gbps"] is None and "GB/s after it" not in capsys.readouterr().out
     assert report["settings"]["copy_buffer_mib"] == 64
+    assert report["settings"]["cache_flush_mib"] * 2**20 == timing.bytes_beyond_cache("cpu")  # the timer's flush
 
 
 def test_compile_is_gated_and_timed(capsys):

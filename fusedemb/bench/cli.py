@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "bounds_check": bounds_check_enabled(),  # the flag, or FUSEDEMB_BOUNDS_CHECK=0
             "copy_buffer_mib": buffer_mib,
+            "cache_flush_mib": bytes_beyond_cache(args.device) / 2**20,  # the timer's CacheFlush
             "complete": complete,
         },
         copy_bandwidth=runner.copy_bandwidth,

@@ -52,6 +52,16 @@ LEGEND = (
 )
 
 
+def _copy_of(settings: dict) -> str:
+    mib = settings.get("copy_buffer_mib")
+    return "dst.copy_(src)" if mib is None else f"dst.copy_(src) of {mib:g} MiB"
+
+
+def _flush_line(settings: dict) -> list[str]:
+    mib = settings.get("cache_flush_mib")
+    return [] if mib is None else [f"cache flush: {mib:g} MiB overwritten before every timed call"]
+
+
 def format_table(report: Report) -> str:
     """Header lines, one table row per result, then why anything was skipped or not timed."""
     env = report.environment
@@ -60,7 +70,8 @@ def format_table(report: Report) -> str:
         f"torch {env['torch']}, triton {env['triton']}, fusedemb {env.get('fusedemb_commit') or env['fusedemb']}",
         f"copy bandwidth: {report.copy_bandwidth / 1e9:.1f} GB/s before the sweep (% copy's)"
         + ("" if report.copy_bandwidth_end is None else f", {report.copy_bandwidth_end / 1e9:.1f} GB/s after it")
-        + " (dst.copy_(src), bytes read + written)",
+        + f" ({_copy_of(report.settings)}, bytes read + written)",
+        *_flush_line(report.settings),
         _load_line(env),
         f"fusedemb id range check: {'on' if report.settings.get('bounds_check', True) else 'off'}"
         + (" (the C++ kernels check the ids themselves either way)" if env["device"] == "cpu" else ""),
