@@ -4,10 +4,11 @@
 //
 // float16 rows take most of their elements through F16C, 8 per instruction, where the CPU has
 // it (checked at run time, row_ops.cpp). This extension is built for any x86-64 CPU, where
-// c10::Half's scalar conversions are bit manipulations the compiler does not vectorise: on this
-// project's 2-core AMD EPYC VM, at gpt2-124M B 8, the scalar float16 forward took 55 ms, twice
-// eager's 25 ms (whose kernels ATen compiles per CPU capability). bfloat16's conversions are
-// shifts: the same treatment left its forward as it was (16.1-16.5 ms either way).
+// c10::Half's scalar conversions are bit manipulations the compiler does not vectorise: on the
+// project's earlier VM (a 2-core AMD EPYC), at gpt2-124M B 8, the scalar float16 forward took
+// 55 ms, twice eager's 25 ms (whose kernels ATen compiles per CPU capability). bfloat16's
+// conversions are shifts: the same treatment left its forward as it was (16.1-16.5 ms either
+// way).
 #pragma once
 
 #include <ATen/OpMathType.h>

@@ -134,7 +134,9 @@ def sweep_batch_kernel(
     - SUM_OVER_BATCH: sum it over the group in batch order (deterministic, no atomics):
       sums[g, s] = sum over b in the group of grad[b, s - position_offset], zero for s outside
       [position_offset, position_offset + T). With G = 1 and S = P this is the position gradient.
-    Bytes: the gradient is read once for both (N * D * elt), the sums written once (G * S * D).
+    Bytes: the gradient is read once for both (N * D * elt), the sums written once (G * S * D
+    elements: of the table's dtype when G = 1; of the accumulator's when G > 1, for the second,
+    smaller sweep over the groups that sweep_batch then launches).
     """
     sum_rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
@@ -232,10 +234,11 @@ SWEEP_PROGRAMS = 512
 
 def sweep_warps(add_to_table: bool, grad_dtype: torch.dtype) -> int:
     """Warps per sweep_batch_kernel program. A [4, 256] float32 tile over 8 warps is one 16-byte
-    vector per thread (8 bytes of a 16-bit tile). Adding float32 gradients into the table, 4 warps (two vectors per thread, 80
-    registers on sm_90: 6 programs per SM, 4 with 8 warps) were faster on an H200, backward alone,
-    with the one-entry-ahead load: at gpt2-124M B32, 169 -> 141 us with Zipf(1.1) ids, 176 -> 87 us
-    with one id everywhere, 124 -> 122 us with uniform ids; large-vocab B16 Zipf 1226 -> 1095 us.
+    vector per thread (8 bytes of a 16-bit tile). Adding float32 gradients into the table, 4 warps
+    (two vectors per thread, 80 registers on sm_90: 6 programs per SM; the 8-warp build takes 64
+    registers, 4 programs per SM) were faster on an H200, backward alone, with the one-entry-ahead
+    load: at gpt2-124M B32, 169 -> 141 us with Zipf(1.1) ids, 176 -> 87 us with one id everywhere,
+    124 -> 122 us with uniform ids; large-vocab B16 Zipf 1226 -> 1095 us.
     With bfloat16 gradients (95 registers) 4 warps were slower (gpt2-124M B8, one id everywhere:
     72 -> 106 us), and the position sums alone do not need them."""
     return 4 if add_to_table and grad_dtype == torch.float32 else 8

@@ -83,7 +83,7 @@ COUNTING_SORT_MAX_CELLS = 1 << 24
 # COMBINE_BLOCK_DIM).
 RANK_BLOCK = 64
 assert CHUNK % RANK_BLOCK == 0
-# Tokens per program of scatter_sorted_kernel, which moves a few 4-byte indices per token.
+# Tokens per program of scatter_sorted_kernel, which moves a few indices (4 or 8 bytes) per token.
 SCATTER_BLOCK = 1024
 # Sorted positions per program in segment_sums_kernel, gathered at once: 16 bytes of each of
 # them per thread. Measured on an H200 at gpt2-124M B8 and B32: in float32 16 was as fast as
