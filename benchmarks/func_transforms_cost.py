@@ -11,6 +11,8 @@ kernel call per direction):
   per-model gradients      vmap of grad over the models
   per-sample gradients     vmap of grad over the sequences of one model (differential privacy)
   jacobian (jacrev)        of a short sequence's output with respect to the position table
+  compiled batches         torch.compile of a vmap over --batch batches of sequences (shared
+                           tables), and the tables' gradients taken outside the vmap
 
 and the same with a padding_idx (every model's padding row gets no gradient). Each
 cell is the median ± half the interquartile range in ms (fusedemb.bench.timing's timer), the
@@ -53,6 +55,9 @@ def cases(embed: Callable, batch: int, vocab: int, device: torch.device) -> dict
     sequences = torch.randint(0, vocab, (batch, SEQ), generator=generator, device=device)
     toks, poss = randn(batch, vocab, DIM), randn(batch, CONTEXT, DIM)
     tok, pos = toks[0], poss[0]
+    batches = torch.randint(0, vocab, (batch, SEQUENCES, SEQ), generator=generator, device=device)
+    tables = [table.clone().requires_grad_() for table in (tok, pos)]
+    compiled_batches = torch.compile(vmap(lambda ids: embed(ids, *tables)), fullgraph=True)
 
     def loss(tok, pos, ids):
         return (embed(ids, tok, pos).tanh() ** 2).sum()  # not linear: second derivatives are not zero
@@ -63,12 +68,17 @@ def cases(embed: Callable, batch: int, vocab: int, device: torch.device) -> dict
     def sequence_loss(tok, pos, sequence):
         return loss(tok, pos, sequence[None])
 
+    def compiled_batch_gradients():
+        out = compiled_batches(batches)
+        return torch.autograd.grad(out, tables, torch.ones_like(out))
+
     return {
         "ensemble outputs": lambda: vmap(lambda t, p: embed(ids, t, p))(toks, poss),
         "ensemble gradients": lambda: grad(ensemble_loss, (0, 1))(toks, poss),
         "per-model gradients": lambda: vmap(grad(loss, (0, 1)), (0, 0, None))(toks, poss, ids),
         "per-sample gradients": lambda: vmap(grad(sequence_loss, (0, 1)), (None, None, 0))(tok, pos, sequences),
         "jacobian (jacrev)": lambda: jacrev(lambda p: embed(ids[:1, :JACOBIAN_SEQ], tok, p))(pos[:JACOBIAN_SEQ]),
+        "compiled batches": compiled_batch_gradients,
     }
 
 

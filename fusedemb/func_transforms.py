@@ -28,6 +28,10 @@ autograd may take of a stacked call (its rows_per_entry argument says how the ta
 stacked). Only sizes whose stacked rows or tokens would pass the kernels' int32 limit run one
 entry at a time. The range check always runs under transforms (fusedemb.functional): in a
 stacked table an id past its own table is a row of the next entry's.
+
+torch.compile of a vmapped call records the registered forward operator instead of these
+Functions, so the operator has the same vmap rule; its autograd zeroes one padding row, so there a
+batch of token tables with a padding row runs one entry at a time.
 """
 
 from __future__ import annotations
@@ -105,6 +109,36 @@ def _loop(apply, info, in_dims, args):
     return torch.stack(outputs), 0
 
 
+def _batched_forward(apply, info, in_dims, args, *, stack_padded_tables: bool = True):
+    """The forward's vmap rule: `apply` (a forward taking FusedEmbeddingFunction's arguments, then
+    any more settings) once for the whole batch, the batch folded into the ids or the tables
+    stacked (module docstring); on each entry in turn where the stacked rows or tokens would pass
+    the int32 limit, or where a batch of token tables with a padding row must not be stacked (a
+    forward whose backward zeroes one padding row only: stack_padded_tables False)."""
+    ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, *settings = args
+    ids_dim, tok_dim, pos_dim, position_ids_dim = in_dims[:4]
+    batch_size, num_embeddings, context_length = info.batch_size, _rows(tok_weight, tok_dim), _rows(pos_weight, pos_dim)
+    batch_ids = _batch_first(ids, ids_dim, batch_size)
+    stacked_rows = [batch_size * rows for rows, dim in ((num_embeddings, tok_dim), (context_length, pos_dim)) if dim is not None]
+    padded_tables = tok_dim is not None and padding_idx >= 0
+    if not _within_int32(batch_ids.numel(), *stacked_rows) or (padded_tables and not stack_padded_tables):
+        return _loop(apply, info, in_dims, args)
+    ids = batch_ids
+    if position_ids is not None:
+        position_ids = _batch_first(position_ids, position_ids_dim, batch_size)
+    if tok_dim is not None:
+        ids, tok_weight = _stacked_rows(ids, num_embeddings), _stacked_table(tok_weight, tok_dim)
+        if batch_size == 0:  # no tables, so no padding row in them
+            padding_idx = -1
+    if pos_dim is not None:
+        positions = _positions(ids, position_ids, position_offset)
+        position_ids, pos_weight = _stacked_rows(positions, context_length), _stacked_table(pos_weight, pos_dim)
+        position_offset = 0
+    if position_ids is not None:
+        position_ids = position_ids.contiguous()
+    return apply(ids.contiguous(), tok_weight, pos_weight, position_ids, position_offset, padding_idx, *settings), 0
+
+
 class TransformableFusedEmbedding(torch.autograd.Function):
     """fused_embedding's forward for torch.func: FusedEmbeddingFunction's arguments, then
     rows_per_entry, the rows of each table in the token table (all of them but under vmap,
@@ -142,30 +176,8 @@ class TransformableFusedEmbedding(torch.autograd.Function):
         return forward_on_tangents(ctx, tok_tangent, pos_tangent, forward)
 
     @staticmethod
-    def vmap(info, in_dims, ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, *settings):
-        ids_dim, tok_dim, pos_dim, position_ids_dim = in_dims[:4]
-        batch_size, num_embeddings, context_length = info.batch_size, _rows(tok_weight, tok_dim), _rows(pos_weight, pos_dim)
-        batch_ids = _batch_first(ids, ids_dim, batch_size)
-        stacked_rows = [batch_size * rows for rows, dim in ((num_embeddings, tok_dim), (context_length, pos_dim)) if dim is not None]
-        if not _within_int32(batch_ids.numel(), *stacked_rows):
-            args = (ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, *settings)
-            return _loop(TransformableFusedEmbedding.apply, info, in_dims, args)
-        ids = batch_ids
-        if position_ids is not None:
-            position_ids = _batch_first(position_ids, position_ids_dim, batch_size)
-        if tok_dim is not None:
-            ids, tok_weight = _stacked_rows(ids, num_embeddings), _stacked_table(tok_weight, tok_dim)
-            if batch_size == 0:  # no tables, so no padding row in them
-                padding_idx = -1
-        if pos_dim is not None:
-            positions = _positions(ids, position_ids, position_offset)
-            position_ids, pos_weight = _stacked_rows(positions, context_length), _stacked_table(pos_weight, pos_dim)
-            position_offset = 0
-        if position_ids is not None:
-            position_ids = position_ids.contiguous()
-        out = TransformableFusedEmbedding.apply(ids.contiguous(), tok_weight, pos_weight, position_ids, position_offset,
-                                                padding_idx, *settings)  # fmt: skip
-        return out, 0
+    def vmap(info, in_dims, *args):
+        return _batched_forward(TransformableFusedEmbedding.apply, info, in_dims, args)
 
 
 class TransformableFusedEmbeddingBackward(torch.autograd.Function):
@@ -237,3 +249,13 @@ def apply_backward(*args, tok_needs_grad: bool, pos_needs_grad: bool):
     (apply takes no keyword arguments); also FusedEmbeddingFunction's backward under
     forward-mode AD, for its jvp."""
     return TransformableFusedEmbeddingBackward.apply(*args, tok_needs_grad, pos_needs_grad)
+
+
+def _batched_operator(info, in_dims, *args):
+    """The registered forward operator's vmap rule: torch.compile of a vmapped call records the
+    operator, which would otherwise run once per entry (PyTorch's fallback, with a warning). Its
+    autograd knows one padding row, so a batch of token tables with one runs entry by entry."""
+    return _batched_forward(fused_embedding_op, info, in_dims, args, stack_padded_tables=False)
+
+
+fused_embedding_op.register_vmap(_batched_operator)

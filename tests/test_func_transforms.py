@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
 from conftest import fused_embedding_for, make_tables
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusedemb
@@ -231,6 +233,63 @@ def test_vmap_under_fake_tensor_mode(backend_config):
         batched_ids = torch.zeros(3, 2, 4, dtype=torch.long, device=device)
         out = torch.func.vmap(lambda ids: fusedemb.fused_embedding(ids, tok, pos, backend=backend))(batched_ids)
         assert out.shape == (3, 2, 4, DIM)
+
+
+def kernel_calls(fn, *args) -> int:
+    """Calls of fusedemb's kernels (its operators but the range check, which transforms always
+    run, and Triton kernels) in the forward and backward graphs that torch.compile (AOTAutograd,
+    before Inductor) makes of fn(*args) and its backward, run on a gradient of ones."""
+    graphs = []
+
+    def record(graph, example_inputs):
+        graphs.append(graph)
+        return make_boxed_func(graph)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)
+    compiled(*args).sum().backward()
+    targets = [str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"]
+    kernels = [target for target in targets if "fusedemb" in target or "triton_kernel_wrapper" in target]
+    return sum("range_checked" not in target for target in kernels)
+
+
+def test_compiled_vmap_calls_the_kernels_once_for_the_whole_batch(backend_config, fresh_dynamo):
+    """torch.compile of a vmapped call records the forward operator, whose vmap rule folds the
+    batch as the torch.func Functions do, so its graphs hold the kernel calls of one entry
+    (without the rule PyTorch's fallback runs the operator once per entry, with a warning): shared
+    tables with a batch of ids or of position_ids, and a batch of tables. A batch of token tables
+    with a padding row runs entry by entry (the operator's backward zeroes one padding row).
+    Outputs, and gradients taken outside the vmap, against eager calls entry by entry."""
+    _, device, _ = backend_config
+    fused = fused_embedding_for(backend_config)
+    torch.manual_seed(23)
+    tok, pos = make_tables(VOCAB, CONTEXT, DIM, torch.float32, device)
+    toks, poss = (torch.randn(3, *table.shape, device=device, requires_grad=True) for table in (tok, pos))
+    ids, positions = (torch.randint(0, rows, (3, 2, 4), device=device) for rows in (VOCAB, CONTEXT))
+    ids[:, 0, 0] = 3
+
+    def shared_tables(padding_idx):
+        return lambda ids, positions: fused(ids, tok, pos, position_ids=positions, padding_idx=padding_idx)
+
+    def own_tables(padding_idx):
+        return lambda ids, tok, pos: fused(ids, tok, pos, position_offset=1, padding_idx=padding_idx)
+
+    cases = [  # (entry's function, its arguments, vmap's in_dims, the tables, runs entry by entry)
+        (shared_tables(3), (ids, positions[0]), (0, None), (tok, pos), False),
+        (shared_tables(None), (ids[0], positions), (None, 0), (tok, pos), False),
+        (own_tables(None), (ids[0], toks, poss), (None, 0, 0), (toks, poss), False),
+        (own_tables(3), (ids, toks, pos), (0, 0, None), (toks, pos), True),
+    ]
+    for entry_fn, args, in_dims, tables, looped in cases:
+        entries = [[arg if dim is None else arg.select(dim, k) for arg, dim in zip(args, in_dims)] for k in range(3)]
+        one_entry = kernel_calls(entry_fn, *entries[0])
+        batch_calls = kernel_calls(torch.func.vmap(entry_fn, in_dims), *args)
+        assert batch_calls > one_entry if looped else batch_calls == one_entry
+        batched = torch.compile(torch.func.vmap(entry_fn, in_dims), fullgraph=True)(*args)
+        expected = torch.stack([entry_fn(*entry) for entry in entries])
+        assert_same(batched, expected)
+        grad = torch.randn_like(expected)
+        assert_same(torch.autograd.grad(batched, tables, grad), torch.autograd.grad(expected, tables, grad))
 
 
 def test_vmap_along_other_dims(case):
