@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import subprocess
 import sys
@@ -25,6 +26,22 @@ from shared_data import REPO_ROOT
 import fusedemb
 from fusedemb.accuracy import scatter_add_error
 from fusedemb.reference import default_positions, fused_embedding_reference, scatter_add_rows
+
+
+def _tag_compile_caches_with_the_sources() -> None:
+    """Inductor's on-disk caches key a graph by its operators' names, not by the Python rules
+    registered with them (docs/usage.md, torch.compile), so after a change to fusedemb a test could
+    run a graph compiled before it and pass on the old code. Their keys get a digest of fusedemb's
+    sources (after any tag already set), here and in the test's subprocesses; unchanged sources
+    keep their cached graphs."""
+    digest = hashlib.sha256()
+    for path in sorted([*(REPO_ROOT / "fusedemb").rglob("*.py"), *(REPO_ROOT / "csrc").iterdir()]):
+        digest.update(path.read_bytes())
+    tag = f"{torch.compiler.config.cache_key_tag}fusedemb-{digest.hexdigest()[:16]}"
+    torch.compiler.config.cache_key_tag = os.environ["TORCH_COMPILE_CACHE_KEY_TAG"] = tag
+
+
+_tag_compile_caches_with_the_sources()
 
 
 def run_python(*args: str, timeout: int = 300, **env: str | None) -> subprocess.CompletedProcess:
