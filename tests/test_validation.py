@@ -479,6 +479,24 @@ def test_traced_and_exported_graphs_check_ids_when_they_run(device, backend):
         torch.export.export(fused, (example,)).module()(bad_ids)
 
 
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_an_aot_inductor_package_checks_ids_when_it_runs(tmp_path, device, backend):
+    """docs/bad-input.md: an AOTInductor package of an exported module, loaded from Python with
+    fusedemb imported, gives the module's output, and refuses bad ids with a RuntimeError that
+    carries the check's text (the C++ kernels', or fusedemb::range_checked's)."""
+    torch.manual_seed(7)
+    fused = fusedemb.FusedEmbedding(11, 4, 8, padding_idx=3, backend=backend).to(device)
+    example, ids = (torch.randint(0, 11, (2, 5), device=device) for _ in range(2))
+    exported = torch.export.export(fused, (example,))
+    loaded = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "fused.pt2"))
+    )
+    with torch.no_grad():
+        assert_output_equal(loaded(ids), fused(ids), device, backend)
+    with pytest.raises(RuntimeError, match=r"ids contains 11, outside \[0, 11\) of the token table \(11 rows\)"):
+        loaded(torch.tensor([[1, 11, 2, 3, 4]] * 2, device=device))
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input checks' shape tests
 @requires_triton
 def test_traced_and_exported_graphs_keep_the_switch_they_were_made_with(bounds_check_off):
