@@ -63,9 +63,10 @@ step smoke && {
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")
 # Up to 10 failures, not the first only: one failing test must not hide the others from a
 # session that may not see a GPU again soon (a poisoned CUDA context fails the rest fast).
+# The AOTInductor packages are left out: a C++ build per backend, not a test of the kernels.
 step tests && {
   timeout 180 python3 -m pytest tests/test_functional.py tests/test_streams.py tests/test_ops.py tests/test_validation.py tests/test_module.py \
-    tests/test_sorted_scatter.py \
+    tests/test_sorted_scatter.py -k "not aot_inductor_package" \
     -q --maxfail=10 $workers -p no:cacheprovider > "$out/tests.log" 2>&1
   status=$?
   echo "tests exit $status: $(tail -1 "$out/tests.log")" | tee -a "$tables"
