@@ -255,17 +255,17 @@ def kernel_calls(fn, *args) -> int:
 
 def test_compiled_vmap_calls_the_kernels_once_for_the_whole_batch(backend_config, fresh_dynamo):
     """torch.compile of a vmapped call records the forward operator, whose vmap rule folds the
-    batch as the torch.func Functions do, so its graphs hold the kernel calls of one entry
-    (without the rule PyTorch's fallback runs the operator once per entry, with a warning): shared
-    tables with a batch of ids or of position_ids, and a batch of tables. A batch of token tables
-    with a padding row runs entry by entry (the operator's backward zeroes one padding row).
-    Outputs, and gradients taken outside the vmap, against eager calls entry by entry."""
+    batch as the torch.func Functions do, so its graphs hold as many kernel calls for 5 entries as
+    for 3 (without the rule PyTorch's fallback runs the operator once per entry, with a warning):
+    shared tables with a batch of ids or of position_ids, and a batch of tables. A batch of token
+    tables with a padding row runs entry by entry (the operator's backward zeroes one padding
+    row). Outputs, and gradients taken outside the vmap, against eager calls entry by entry."""
     _, device, _ = backend_config
     fused = fused_embedding_for(backend_config)
     torch.manual_seed(23)
     tok, pos = make_tables(VOCAB, CONTEXT, DIM, torch.float32, device)
-    toks, poss = (torch.randn(3, *table.shape, device=device, requires_grad=True) for table in (tok, pos))
-    ids, positions = (torch.randint(0, rows, (3, 2, 4), device=device) for rows in (VOCAB, CONTEXT))
+    toks, poss = (torch.randn(5, *table.shape, device=device, requires_grad=True) for table in (tok, pos))
+    ids, positions = (torch.randint(0, rows, (5, 2, 4), device=device) for rows in (VOCAB, CONTEXT))
     ids[:, 0, 0] = 3
 
     def shared_tables(padding_idx):
@@ -281,12 +281,12 @@ def test_compiled_vmap_calls_the_kernels_once_for_the_whole_batch(backend_config
         (own_tables(3), (ids, toks, pos), (0, 0, None), (toks, pos), True),
     ]
     for entry_fn, args, in_dims, tables, looped in cases:
-        entries = [[arg if dim is None else arg.select(dim, k) for arg, dim in zip(args, in_dims)] for k in range(3)]
-        one_entry = kernel_calls(entry_fn, *entries[0])
-        batch_calls = kernel_calls(torch.func.vmap(entry_fn, in_dims), *args)
-        assert batch_calls > one_entry if looped else batch_calls == one_entry
-        batched = torch.compile(torch.func.vmap(entry_fn, in_dims), fullgraph=True)(*args)
-        expected = torch.stack([entry_fn(*entry) for entry in entries])
+        batched_fn = torch.func.vmap(entry_fn, in_dims)
+        first_three = [arg if dim is None else arg[:3] for arg, dim in zip(args, in_dims)]
+        calls = [kernel_calls(batched_fn, *batch) for batch in (first_three, args)]
+        assert calls[0] < calls[1] if looped else calls[0] == calls[1]
+        batched = torch.compile(batched_fn, fullgraph=True)(*args)
+        expected = torch.stack([entry_fn(*(arg if dim is None else arg[k] for arg, dim in zip(args, in_dims))) for k in range(5)])
         assert_same(batched, expected)
         grad = torch.randn_like(expected)
         assert_same(torch.autograd.grad(batched, tables, grad), torch.autograd.grad(expected, tables, grad))
