@@ -64,9 +64,8 @@ def check_against_reference(
         ("grad tok_weight", grad_tok, expected_grads[0], inputs.ids),
         ("grad pos_weight", grad_pos, expected_grads[1], default_positions(inputs.ids)),
     ):
-        if problem := _mismatch(name, actual, expected):
-            failures.append(problem)
-        elif not (error := scatter_add_error(actual, inputs.grad_out, index, accumulate_in=accumulate_in)) <= 1:
+        # (no _mismatch: torch.autograd.grad gives every gradient its table's shape and dtype)
+        if not (error := scatter_add_error(actual, inputs.grad_out, index, accumulate_in=accumulate_in)) <= 1:
             failures.append(f"{name} off by {error:.3g} times the error bound of its sums")
         elif problem := _norm_error(name, actual, expected, RELATIVE_TOLERANCE[expected.dtype]):
             failures.append(problem)

@@ -261,28 +261,26 @@ def sum_head_blocks_kernel(
     sorted_rows_ptr,  # [N]
     head_ptr,  # [num_tiles, D]
     block_sums_ptr,  # [num_tiles / PARTIALS_BLOCK, D] out: written for blocks inside one row
-    num_tiles,
     dim,
     TILE: tl.constexpr,
     PARTIALS_BLOCK: tl.constexpr,
     BLOCK_DIM: tl.constexpr,
 ):
-    """Program (k, j): if tiles k * PARTIALS_BLOCK + [0, PARTIALS_BLOCK) all exist (the last
-    one is below num_tiles) and their heads are all partials of one row (sorted rows are
-    nondecreasing, so the rows at the first and last tile starts are equal), block_sums[k] = the
-    sum of those heads, columns j * BLOCK_DIM + [0, BLOCK_DIM). Other blocks are left
-    unwritten: combine_partials_kernel reads the block sums of blocks inside a row only. With
-    uniform ids a program loads two sorted rows and exits."""
+    """Program (k, j), one per whole block of PARTIALS_BLOCK tiles k * PARTIALS_BLOCK + [0,
+    PARTIALS_BLOCK) (the grid holds no partial block): if their heads are all partials of one row
+    (sorted rows are nondecreasing, so the rows at the first and last tile starts are equal),
+    block_sums[k] = the sum of those heads, columns j * BLOCK_DIM + [0, BLOCK_DIM). Other blocks
+    are left unwritten: combine_partials_kernel reads the block sums of blocks inside a row only.
+    With uniform ids a program loads two sorted rows and exits."""
     block = tl.program_id(0)
     first = block * PARTIALS_BLOCK
     last = first + PARTIALS_BLOCK - 1
-    if last < num_tiles:
-        if tl.load(sorted_rows_ptr + first * TILE) == tl.load(sorted_rows_ptr + last * TILE):
-            cols = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
-            col_mask = cols < dim
-            tiles = (first + tl.arange(0, PARTIALS_BLOCK)).to(tl.int64)
-            heads = tl.load(head_ptr + tiles[:, None] * dim + cols[None, :], mask=col_mask[None, :], other=0)
-            tl.store(block_sums_ptr + block.to(tl.int64) * dim + cols, tl.sum(heads, axis=0), mask=col_mask)
+    if tl.load(sorted_rows_ptr + first * TILE) == tl.load(sorted_rows_ptr + last * TILE):
+        cols = tl.program_id(1) * BLOCK_DIM + tl.arange(0, BLOCK_DIM)
+        col_mask = cols < dim
+        tiles = (first + tl.arange(0, PARTIALS_BLOCK)).to(tl.int64)
+        heads = tl.load(head_ptr + tiles[:, None] * dim + cols[None, :], mask=col_mask[None, :], other=0)
+        tl.store(block_sums_ptr + block.to(tl.int64) * dim + cols, tl.sum(heads, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -489,7 +487,7 @@ def sum_sorted_rows(grad_rows: torch.Tensor, order: RowOrder, table: torch.Tenso
         block_sums = head.new_empty((num_blocks, dim))
         launch(
             sum_head_blocks_kernel, (num_blocks, cdiv(dim, COMBINE_BLOCK_DIM)),
-            order.sorted_rows, head, block_sums, num_tiles, dim,
+            order.sorted_rows, head, block_sums, dim,
             TILE=TILE, PARTIALS_BLOCK=PARTIALS_BLOCK, BLOCK_DIM=COMBINE_BLOCK_DIM,
         )  # fmt: skip
     launch(
