@@ -88,23 +88,26 @@ def test_size_flags_make_a_custom_config_or_rename_overridden_presets():
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "message"),
     [
-        ["--ids", "zipf:x"],
-        ["--ids", "poisson"],
-        ["--ids", "text:/no/such/file.txt"],
-        ["--preset", "gpt5"],
-        ["--dtype", "float64"],
-        ["--impl", "numpy"],
-        ["--batch", "0"],
-        ["--vocab", "-3"],
+        (["--ids", "zipf:x"], "argument --ids: zipf needs a numeric exponent, as in zipf:1.1, got 'zipf:x'"),
+        (["--ids", "zipf:0"], "argument --ids: the zipf exponent must be positive and finite, got 'zipf:0'"),
+        (["--ids", "zipf:inf"], "argument --ids: the zipf exponent must be positive and finite, got 'zipf:inf'"),
+        (["--ids", "poisson"], "argument --ids: unknown id distribution 'poisson'"),
+        (["--ids", "text:/no/such/file.txt"], "argument --ids: no such text file: /no/such/file.txt"),
+        (["--preset", "gpt5"], "argument --preset: invalid choice: 'gpt5'"),
+        (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+        (["--impl", "numpy"], "argument --impl: invalid choice: 'numpy'"),
+        (["--batch", "0"], "argument --batch: must be at least 1, got 0"),
+        (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+        (["--vocab", "-3"], "--vocab must be positive, got -3"),
     ],
 )
-def test_bad_arguments_exit_with_a_usage_error(argv, capsys):
+def test_bad_arguments_exit_with_a_usage_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.parse_args(["--device", "cpu", *argv])
     assert exit_info.value.code == 2
-    assert "error" in capsys.readouterr().err
+    assert f"error: {message}" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when there is no GPU")

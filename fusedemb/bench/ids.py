@@ -14,6 +14,7 @@ hide that contention; these distributions expose it:
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +94,8 @@ def parse_distribution(spec: str) -> IdDistribution:
             exponent = float(argument)
         except ValueError:
             raise ValueError(f"zipf needs a numeric exponent, as in zipf:1.1, got {spec!r}") from None
-        if not exponent > 0:
-            raise ValueError(f"the zipf exponent must be positive, got {spec!r}")
+        if not 0 < exponent < math.inf:  # (inf would put every id on the first rank: that is `same`)
+            raise ValueError(f"the zipf exponent must be positive and finite, got {spec!r}")
         return Zipf(exponent)
     if kind == "text" and argument:
         path = Path(argument)
