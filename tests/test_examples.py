@@ -234,6 +234,15 @@ def test_text_that_cannot_be_used_is_a_usage_error(script, tmp_path, capsys):
         assert f"argument --text: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--batch", "--seq-len", "--dim", "--repeats"])
+def test_demo_sizes_must_be_positive(option, capsys):
+    for value in ("0", "-1"):
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main([option, value])
+        assert exit_info.value.code == 2
+        assert f"error: {option} must be positive" in capsys.readouterr().err
+
+
 def test_demo_warns_that_its_cpu_timings_are_noisy_on_a_busy_machine(capsys, monkeypatch):
     use_shared_tiktoken_cache()
     monkeypatch.setattr("fusedemb.bench.environment.load_average", lambda: 64.0)

@@ -347,10 +347,11 @@ def test_no_kernel_relies_on_what_fresh_memory_holds_at_scale(config, poisoned_a
     check_against_reference(config, ids, tok, pos, position_ids=position_ids, padding_idx=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)  # 16 bits: a float32 accumulator
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0)], ids=["no-sequences", "no-positions"])
-def test_empty_batch(backend_config, shape):
+def test_empty_batch(backend_config, shape, dtype):
     _, device, _ = backend_config
-    tok, pos = make_tables(10, 6, 4, torch.float32, device)
+    tok, pos = make_tables(10, 6, 4, dtype, device)
     ids = torch.zeros(shape, dtype=torch.long, device=device)
     out, grad_tok, grad_pos = check_against_reference(backend_config, ids, tok, pos)
     assert out.shape == (*shape, 4)

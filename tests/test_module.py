@@ -169,6 +169,8 @@ def test_replacing_a_table_module_is_checked_as_construction_is():
         with pytest.raises(error, match=message):
             fused.register_module("tok_emb", replacement)
         assert fused.tok_emb is tok_emb
+    fused.register_module("tok_emb", replacement := nn.Embedding(20, 6))  # a valid one is taken
+    assert fused.tok_emb is replacement
     del fused.tok_emb
     with pytest.raises(TypeError, match="forward of its own"):
         fused.tok_emb = ScaledEmbedding(20, 6)
