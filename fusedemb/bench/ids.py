@@ -85,7 +85,7 @@ class Text(IdDistribution):
 
 
 def parse_distribution(spec: str) -> IdDistribution:
-    """``uniform``, ``same``, ``zipf:S`` (S > 0) or ``text:FILE``; raises ValueError otherwise."""
+    """``uniform``, ``same``, ``zipf:S`` (0 < S < inf) or ``text:FILE``; raises ValueError otherwise."""
     kind, _, argument = spec.partition(":")
     if kind in ("uniform", "same") and not argument:
         return Uniform() if kind == "uniform" else Same()
