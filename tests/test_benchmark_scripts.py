@@ -87,8 +87,14 @@ def test_range_check_cost_times_all_three(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", fusedemb.available_backends("cpu"))
-def test_host_overhead_times_every_row(capsys, backend):
-    """Every row on CPU; the Triton backend (the interpreter) also replays its recorded launch."""
+def test_host_overhead_times_every_row(capsys, backend, monkeypatch):
+    """Every row on CPU; the Triton backend (the interpreter) also replays its recorded launch.
+    The backward's rows take the path of autograd's engine, never the registered operator's
+    (the double backward's, with grad mode on)."""
+    def not_the_operator(*args, **kwargs):
+        raise AssertionError("a backward row went through the registered operator")
+
+    monkeypatch.setattr(fusedemb.ops, "fused_embedding_backward_op", not_the_operator)
     was_on = fusedemb.bounds_check_enabled()
     load_script("host_overhead").main(["--device", "cpu", "--backend", backend, "--calls", "1", "--rounds", "2"])
     assert fusedemb.bounds_check_enabled() == was_on  # the script puts the switch back
