@@ -164,17 +164,22 @@ def test_session_scripts_answer_help_and_refuse_an_option_for_their_folder(scrip
     assert list(tmp_path.iterdir()) == []
 
 
-def run_gpu_session_on_stubs(tmp_path, python3_script: str, steps: str) -> tuple[int, str]:
-    """gpu_session.sh with `python3` and `nvidia-smi` replaced by shell stubs (no GPU here): its
+def run_gpu_session_on_stubs(tmp_path, python3_script: str, steps: str, data: bool = True, **env: str
+                             ) -> tuple[int, str]:  # fmt: skip
+    """gpu_session.sh with `python3` and `nvidia-smi` replaced by shell stubs (no GPU here), a
+    DATA_DIR with the text and a tiktoken folder (or none: data False), env's variables set: its
     exit status and tables.txt."""
     stubs = tmp_path / "bin"
-    stubs.mkdir()
+    stubs.mkdir(parents=True)
     for name, body in (("nvidia-smi", "echo 'Stub GPU'"), ("python3", python3_script)):
         (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
         (stubs / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "GPU_SESSION_STEPS": steps}
-    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_session.sh"), str(tmp_path / "out")], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    if data:
+        (tmp_path / "data" / "tiktoken").mkdir(parents=True)
+        (tmp_path / "data" / "the-verdict.txt").write_text("A story.")
+    env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "GPU_SESSION_STEPS": steps, **env}
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_session.sh"), str(tmp_path / "out"), str(tmp_path / "data")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
     return result.returncode, (tmp_path / "out" / "tables.txt").read_text()
 
 
@@ -198,6 +203,36 @@ def test_gpu_session_stops_at_a_failed_smoke_check(tmp_path):
     assert "exit 1: python3 -m fusedemb.bench --device cuda --quick" in tables
     assert "smoke check failed: stopping" in tables
     assert "sort_crossover" not in tables
+
+
+def test_gpu_session_goes_on_after_a_smoke_check_that_timed_out(tmp_path):
+    """A timeout (a slow first compile) is not a failed check: the later steps still run."""
+    time_out_the_smoke = 'echo "ran $*"; case "$*" in *--quick*) exit 124 ;; esac'
+    status, tables = run_gpu_session_on_stubs(tmp_path, time_out_the_smoke, "smoke sortcross")
+    assert status == 1
+    assert "smoke check timed out: going on" in tables and "ran benchmarks/sort_crossover.py" in tables
+
+
+def test_gpu_session_without_its_data_leaves_the_text_rows_out(tmp_path):
+    """A lent machine gets the checkout only: without DATA_DIR's files the text-id rows and
+    profile are left out (the bench would refuse the whole command), and said so."""
+    for data in (True, False):
+        status, tables = run_gpu_session_on_stubs(tmp_path / str(data), 'echo "ran $*"', "bench profile", data=data)
+        assert status == 0
+        text_ids = f"text:{tmp_path / str(data) / 'data' / 'the-verdict.txt'}"
+        assert tables.count(text_ids) == (3 if data else 0)  # both gpt2-124M dtypes, one profile
+        assert tables.count("ran benchmarks/profile_backward.py") == (4 if data else 3)
+        assert ("the text-id rows and profile are left out" in tables) != data
+
+
+def test_gpu_session_skips_what_its_budget_cannot_fit(tmp_path):
+    """GPU_SESSION_BUDGET_S: a command needs 20 s of it left (and 10 for a kill): with 30 s, the
+    first command takes one and the rest are skipped, each written down."""
+    slow_sort = 'case "$*" in *sort_crossover*) sleep 1.2 ;; esac; echo "ran $*"'
+    status, tables = run_gpu_session_on_stubs(tmp_path, slow_sort, "sortcross host profile", GPU_SESSION_BUDGET_S="30")
+    assert status == 0
+    assert "ran benchmarks/sort_crossover.py" in tables and "ran benchmarks/host_overhead.py" not in tables
+    assert tables.count("skipped, the 30 s budget spent: python3 benchmarks/") == 5  # host, 4 profiles
 
 
 def test_gpu_session_exits_0_when_every_command_does(tmp_path):
