@@ -30,8 +30,9 @@ entry at a time. The range check always runs under transforms (fusedemb.function
 stacked table an id past its own table is a row of the next entry's.
 
 torch.compile of a vmapped call records the registered forward operator instead of these
-Functions, so the operator has the same vmap rule; its autograd zeroes one padding row, so there a
-batch of token tables with a padding row runs one entry at a time.
+Functions, so the operator has the same vmap rule (_batched_operator); its autograd zeroes one
+padding row, so there a batch of token tables with a padding row runs one entry at a time, and
+its callers may not have checked the ids, so it checks those of stacked tables itself.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from fusedemb.ops import (
     forward_on_tangents,
     fused_embedding_op,
     gather_table_gradients,
+    range_checked,
     save_backward_context,
     save_for_tangents,
     save_forward_context,
@@ -109,23 +111,30 @@ def _loop(apply, info, in_dims, args):
     return torch.stack(outputs), 0
 
 
-def _batched_forward(apply, info, in_dims, args, *, stack_padded_tables: bool = True):
+def _batched_forward(apply, info, in_dims, args, *, operator: bool = False):
     """The forward's vmap rule: `apply` (a forward taking FusedEmbeddingFunction's arguments, then
     any more settings) once for the whole batch, the batch folded into the ids or the tables
     stacked (module docstring); on each entry in turn where the stacked rows or tokens would pass
-    the int32 limit, or where a batch of token tables with a padding row must not be stacked (a
-    forward whose backward zeroes one padding row only: stack_padded_tables False)."""
+    the int32 limit. `operator`: apply is the registered operator, whose backward zeroes one
+    padding row, so a batch of token tables with one runs entry by entry too; and whose callers
+    need not have checked the ids (it is called directly, or from an exported graph), so the ids
+    of stacked tables are checked here (range_checked): in them an id past its own table is a
+    row of the next entry's, which neither the C++ kernels' check nor the Triton kernels' clamp
+    can tell."""
     ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, *settings = args
     ids_dim, tok_dim, pos_dim, position_ids_dim = in_dims[:4]
     batch_size, num_embeddings, context_length = info.batch_size, _rows(tok_weight, tok_dim), _rows(pos_weight, pos_dim)
     batch_ids = _batch_first(ids, ids_dim, batch_size)
     stacked_rows = [batch_size * rows for rows, dim in ((num_embeddings, tok_dim), (context_length, pos_dim)) if dim is not None]
-    padded_tables = tok_dim is not None and padding_idx >= 0
-    if not _within_int32(batch_ids.numel(), *stacked_rows) or (padded_tables and not stack_padded_tables):
+    padded_tables = tok_dim is not None and padding_idx >= 0 and batch_size > 0
+    if not _within_int32(batch_ids.numel(), *stacked_rows) or (operator and padded_tables):
         return _loop(apply, info, in_dims, args)
     ids = batch_ids
     if position_ids is not None:
         position_ids = _batch_first(position_ids, position_ids_dim, batch_size)
+    if operator and stacked_rows:
+        ids, checked_positions = range_checked(ids, num_embeddings, position_ids, context_length)
+        position_ids = None if position_ids is None else checked_positions
     if tok_dim is not None:
         ids, tok_weight = _stacked_rows(ids, num_embeddings), _stacked_table(tok_weight, tok_dim)
         if batch_size == 0:  # no tables, so no padding row in them
@@ -253,9 +262,8 @@ def apply_backward(*args, tok_needs_grad: bool, pos_needs_grad: bool):
 
 def _batched_operator(info, in_dims, *args):
     """The registered forward operator's vmap rule: torch.compile of a vmapped call records the
-    operator, which would otherwise run once per entry (PyTorch's fallback, with a warning). Its
-    autograd knows one padding row, so a batch of token tables with one runs entry by entry."""
-    return _batched_forward(fused_embedding_op, info, in_dims, args, stack_padded_tables=False)
+    operator, which would otherwise run once per entry (PyTorch's fallback, with a warning)."""
+    return _batched_forward(fused_embedding_op, info, in_dims, args, operator=True)
 
 
 fused_embedding_op.register_vmap(_batched_operator)

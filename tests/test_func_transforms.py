@@ -14,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusedemb
 from fusedemb.func_transforms import _loop
+from fusedemb.ops import fused_embedding_op
 from fusedemb.reference import fused_embedding_reference
 
 VOCAB, CONTEXT, DIM = 10, 7, 5
@@ -284,12 +285,36 @@ def test_compiled_vmap_calls_the_kernels_once_for_the_whole_batch(backend_config
         batched_fn = torch.func.vmap(entry_fn, in_dims)
         first_three = [arg if dim is None else arg[:3] for arg, dim in zip(args, in_dims)]
         calls = [kernel_calls(batched_fn, *batch) for batch in (first_three, args)]
-        assert calls[0] < calls[1] if looped else calls[0] == calls[1]
+        assert calls[0] > 0 and (calls[0] < calls[1] if looped else calls[0] == calls[1])
         batched = torch.compile(batched_fn, fullgraph=True)(*args)
         expected = torch.stack([entry_fn(*(arg if dim is None else arg[k] for arg, dim in zip(args, in_dims))) for k in range(5)])
         assert_same(batched, expected)
         grad = torch.randn_like(expected)
         assert_same(torch.autograd.grad(batched, tables, grad), torch.autograd.grad(expected, tables, grad))
+
+
+def test_the_operators_vmap_rule_checks_stacked_ids_and_takes_an_empty_batch(backend_config):
+    """The registered operator under vmap, called directly (as an exported graph calls it): with a
+    batch of tables an id past its own table is a row of the next entry's in the stacked table,
+    so the rule checks the ids itself; and an empty batch of token tables with a padding row
+    gives an empty output, as a loop over no entries would."""
+    backend, device, deterministic = backend_config
+    torch.manual_seed(24)
+    toks, poss = torch.randn(3, VOCAB, DIM, device=device), torch.randn(3, CONTEXT, DIM, device=device)
+    ids = torch.randint(0, VOCAB, (2, 4), device=device)
+    positions = torch.randint(0, CONTEXT, (2, 4), device=device)
+
+    def operator(ids, tok, pos, position_ids=None, padding_idx=-1):
+        return fused_embedding_op(ids, tok, pos, position_ids, 0, padding_idx, backend, deterministic)
+
+    out = torch.func.vmap(operator, (None, 0, 0, None))(ids, toks, poss, positions)
+    assert_same(out, torch.stack([fused_embedding_reference(ids, *tables, position_ids=positions) for tables in zip(toks, poss)]))
+    with pytest.raises(IndexError, match=rf"ids contains {VOCAB}, outside \[0, {VOCAB}\)"):
+        torch.func.vmap(operator, (None, 0, None))(ids.clone().fill_(VOCAB), toks, poss[0])
+    with pytest.raises(IndexError, match=rf"position_ids contains {CONTEXT}, outside \[0, {CONTEXT}\)"):
+        torch.func.vmap(operator, (None, None, 0, None))(ids, toks[0], poss, positions.clone().fill_(CONTEXT))
+    empty = torch.func.vmap(lambda tok: operator(ids, tok, poss[0], padding_idx=3))(toks[:0])
+    assert empty.shape == (0, *ids.shape, DIM)
 
 
 def test_vmap_along_other_dims(case):
