@@ -15,7 +15,8 @@
 #      B32 float32 with one id and with text ids, then uniform ids at B32 and B8.
 # Most important first: GPU_SESSION_BUDGET_S (default 580) bounds the script's wall time, so that
 # one command of a lent machine (600 s at most) is not killed mid-step: each command's timeout is
-# cut to what is left of it, and a command with under 20 s left is skipped (written down as such).
+# cut to what is left of it (cut short, it exits 124 and fails the script, as any timeout does),
+# and a command with under 20 s left is skipped (written down as such; no failure).
 # Usage, from the repo root on a CUDA machine: bash benchmarks/gpu_session.sh OUT_DIR [DATA_DIR]
 # DATA_DIR holds the-verdict.txt and tiktoken/ (../shared/data beside a checkout). A lent machine
 # gets the checkout only: copy them into the ignored .data/ (cp -r ../shared/data .data), carry

@@ -35,10 +35,12 @@ def _tag_compile_caches_with_the_sources() -> None:
     sources (after any tag already set), here and in the test's subprocesses; unchanged sources
     keep their cached graphs."""
     digest = hashlib.sha256()
-    for path in sorted([*(REPO_ROOT / "fusedemb").rglob("*.py"), *(REPO_ROOT / "csrc").iterdir()]):
+    sources = [*(REPO_ROOT / "fusedemb").rglob("*.py"), *(REPO_ROOT / "csrc").rglob("*")]
+    for path in sorted(path for path in sources if path.is_file()):
         digest.update(path.read_bytes())
-    tag = f"{torch.compiler.config.cache_key_tag}fusedemb-{digest.hexdigest()[:16]}"
-    torch.compiler.config.cache_key_tag = os.environ["TORCH_COMPILE_CACHE_KEY_TAG"] = tag
+    tag, ours = torch.compiler.config.cache_key_tag, f"fusedemb-{digest.hexdigest()[:16]}"
+    if not tag.endswith(ours):  # (pytest-xdist's workers inherit the controller's)
+        torch.compiler.config.cache_key_tag = os.environ["TORCH_COMPILE_CACHE_KEY_TAG"] = tag + ours
 
 
 _tag_compile_caches_with_the_sources()
