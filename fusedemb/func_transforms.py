@@ -42,12 +42,12 @@ import torch
 from fusedemb.kernels.preconditions import INT32_LIMIT
 from fusedemb.ops import (
     autograd_batched,
+    checked_indices,
     eager_backward,
     eager_forward,
     forward_on_tangents,
     fused_embedding_op,
     gather_table_gradients,
-    range_checked,
     save_backward_context,
     save_for_tangents,
     save_forward_context,
@@ -133,8 +133,7 @@ def _batched_forward(apply, info, in_dims, args, *, operator: bool = False):
     if position_ids is not None:
         position_ids = _batch_first(position_ids, position_ids_dim, batch_size)
     if operator and stacked_rows:
-        ids, checked_positions = range_checked(ids, num_embeddings, position_ids, context_length)
-        position_ids = None if position_ids is None else checked_positions
+        ids, position_ids = checked_indices(ids, num_embeddings, position_ids, context_length)
     if tok_dim is not None:
         ids, tok_weight = _stacked_rows(ids, num_embeddings), _stacked_table(tok_weight, tok_dim)
         if batch_size == 0:  # no tables, so no padding row in them

@@ -12,9 +12,9 @@ from fusedemb.ops import (
     INTERPRETED,
     TRITON_AVAILABLE,
     FusedEmbeddingFunction,
+    checked_indices,
     eager_forward,
     fused_embedding_op,
-    range_checked,
 )
 from fusedemb.reference import fused_embedding_reference
 from fusedemb.validation import TRITON_DEVICES, EmbeddingInputs, RangeCheck, bounds_check_enabled, prepare_inputs
@@ -174,8 +174,8 @@ def _recording_a_graph() -> bool:
 def _range_checked_in_graph(inputs: EmbeddingInputs) -> EmbeddingInputs:
     """inputs with their index tensors replaced by the range-checked copies of ops.range_checked."""
     num_embeddings, context_length = inputs.tok_weight.shape[0], inputs.pos_weight.shape[0]
-    ids, position_ids = range_checked(inputs.ids, num_embeddings, inputs.position_ids, context_length)
-    return inputs._replace(ids=ids, position_ids=None if inputs.position_ids is None else position_ids)
+    ids, position_ids = checked_indices(inputs.ids, num_embeddings, inputs.position_ids, context_length)
+    return inputs._replace(ids=ids, position_ids=position_ids)
 
 
 def _nothing_to_differentiate(inputs: EmbeddingInputs) -> bool:

@@ -145,6 +145,14 @@ def _range_checked_batched(info, in_dims, ids, num_embeddings, position_ids, con
     return range_checked(ids, num_embeddings, position_ids, context_length), (in_dims[0], in_dims[2])
 
 
+def checked_indices(
+    ids: torch.Tensor, num_embeddings: int, position_ids: torch.Tensor | None, context_length: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """range_checked's copies of ids and position_ids, position_ids None again where it was."""
+    ids, checked_positions = range_checked(ids, num_embeddings, position_ids, context_length)
+    return ids, None if position_ids is None else checked_positions
+
+
 def _check_indices(ids: torch.Tensor, position_ids: torch.Tensor | None) -> None:
     """range_checked's arguments as fused_embedding passes them: int32 or int64, on one device."""
     check_same_device(("ids", ids.device), position_ids=position_ids)
