@@ -484,7 +484,8 @@ def test_traced_and_exported_graphs_check_ids_when_they_run(device, backend):
 def test_an_aot_inductor_package_checks_ids_when_it_runs(tmp_path, device, backend):
     """docs/bad-input.md: an AOTInductor package of an exported module, loaded from Python with
     fusedemb imported, gives the module's output, and refuses bad ids with a RuntimeError that
-    carries the check's text (the C++ kernels', or fusedemb::range_checked's)."""
+    carries the check's text (the C++ kernels', or fusedemb::range_checked's). Before torch 2.13
+    the package drops the operator's exception (docs/bad-input.md): an expected failure there."""
     if device == "cuda" and torch.utils.cpp_extension.CUDA_HOME is None:
         pytest.skip("AOTInductor builds a CUDA package with the CUDA toolkit, and CUDA_HOME finds none")
     torch.manual_seed(7)
@@ -496,6 +497,8 @@ def test_an_aot_inductor_package_checks_ids_when_it_runs(tmp_path, device, backe
     )
     with torch.no_grad():
         assert_output_equal(loaded(ids), fused(ids), device, backend)
+    if torch.__version__ < "2.13":  # a TorchVersion: compares as a version
+        pytest.xfail("before torch 2.13 a package's C++ ignores the error code of a custom operator's call")
     with pytest.raises(RuntimeError, match=r"ids contains 11, outside \[0, 11\) of the token table \(11 rows\)"):
         loaded(torch.tensor([[1, 11, 2, 3, 4]] * 2, device=device))
 
