@@ -54,6 +54,7 @@ from fusedemb.ops import (
     table_gradients,
 )
 from fusedemb.reference import default_positions
+from fusedemb.validation import check_positions_fit, check_sequence_dim
 
 
 def _batch_first(index: torch.Tensor, dim: int | None, batch_size: int) -> torch.Tensor:
@@ -125,6 +126,13 @@ def _batched_forward(apply, info, in_dims, args, *, operator: bool = False):
     ids_dim, tok_dim, pos_dim, position_ids_dim = in_dims[:4]
     batch_size, num_embeddings, context_length = info.batch_size, _rows(tok_weight, tok_dim), _rows(pos_weight, pos_dim)
     batch_ids = _batch_first(ids, ids_dim, batch_size)
+    # What the kernels would refuse of one entry but cannot tell in the whole batch: 0-d ids (the
+    # batch would pass as their sequence) and default positions past their table (in a stacked
+    # position table they would read the next entry's rows).
+    if batch_size > 0:
+        check_sequence_dim("ids", batch_ids[0])
+    if pos_dim is not None and position_ids is None:
+        check_positions_fit(batch_ids.shape[-1], position_offset, context_length)
     stacked_rows = [batch_size * rows for rows, dim in ((num_embeddings, tok_dim), (context_length, pos_dim)) if dim is not None]
     padded_tables = tok_dim is not None and padding_idx >= 0 and batch_size > 0
     if not _within_int32(batch_ids.numel(), *stacked_rows) or (operator and padded_tables):

@@ -293,19 +293,21 @@ def test_compiled_vmap_calls_the_kernels_once_for_the_whole_batch(backend_config
         assert_same(torch.autograd.grad(batched, tables, grad), torch.autograd.grad(expected, tables, grad))
 
 
-def test_the_operators_vmap_rule_checks_stacked_ids_and_takes_an_empty_batch(backend_config):
+def test_the_operators_vmap_rule_checks_what_the_batch_hides_and_takes_an_empty_batch(backend_config):
     """The registered operator under vmap, called directly (as an exported graph calls it): with a
     batch of tables an id past its own table is a row of the next entry's in the stacked table,
-    so the rule checks the ids itself; and an empty batch of token tables with a padding row
-    gives an empty output, as a loop over no entries would."""
+    and so is a default position past its table, so the rule checks them itself; 0-d ids, which
+    the operator refuses, are refused in a batch too (folded in, the batch would pass as their
+    sequence); and an empty batch of token tables with a padding row gives an empty output, as a
+    loop over no entries would."""
     backend, device, deterministic = backend_config
     torch.manual_seed(24)
     toks, poss = torch.randn(3, VOCAB, DIM, device=device), torch.randn(3, CONTEXT, DIM, device=device)
     ids = torch.randint(0, VOCAB, (2, 4), device=device)
     positions = torch.randint(0, CONTEXT, (2, 4), device=device)
 
-    def operator(ids, tok, pos, position_ids=None, padding_idx=-1):
-        return fused_embedding_op(ids, tok, pos, position_ids, 0, padding_idx, backend, deterministic)
+    def operator(ids, tok, pos, position_ids=None, padding_idx=-1, position_offset=0):
+        return fused_embedding_op(ids, tok, pos, position_ids, position_offset, padding_idx, backend, deterministic)
 
     out = torch.func.vmap(operator, (None, 0, 0, None))(ids, toks, poss, positions)
     assert_same(out, torch.stack([fused_embedding_reference(ids, *tables, position_ids=positions) for tables in zip(toks, poss)]))
@@ -313,6 +315,11 @@ def test_the_operators_vmap_rule_checks_stacked_ids_and_takes_an_empty_batch(bac
         torch.func.vmap(operator, (None, 0, None))(ids.clone().fill_(VOCAB), toks, poss[0])
     with pytest.raises(IndexError, match=rf"position_ids contains {CONTEXT}, outside \[0, {CONTEXT}\)"):
         torch.func.vmap(operator, (None, None, 0, None))(ids, toks[0], poss, positions.clone().fill_(CONTEXT))
+    offset = CONTEXT - ids.shape[-1] + 1  # the last token's position is CONTEXT
+    with pytest.raises(IndexError, match=rf"positions \[{offset}, {CONTEXT + 1}\) .* do not fit the position table"):
+        torch.func.vmap(lambda pos: operator(ids, toks[0], pos, position_offset=offset))(poss)
+    with pytest.raises(ValueError, match="ids must have shape"):
+        torch.func.vmap(lambda ids: operator(ids, toks[0], poss[0]))(ids[:, 0])
     empty = torch.func.vmap(lambda tok: operator(ids, tok, poss[0], padding_idx=3))(toks[:0])
     assert empty.shape == (0, *ids.shape, DIM)
 
