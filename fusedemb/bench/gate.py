@@ -8,8 +8,9 @@ fast is the easiest benchmark result to get, so a mismatch is reported and never
   reference's (exact in practice; one ulp allows Triton's interpreter's rounding toward zero).
 - Each gradient element must be within the error bound of its sum (fusedemb.accuracy): float32
   accumulation for fusedemb and for everything on CUDA, the table's own precision for PyTorch's
-  CPU backward of 16-bit tables (eager, compile, reference), which adds in 16 bits. That catches
-  a lost update or a misplaced row wherever rows hold few tokens.
+  CPU backward of 16-bit tables, which adds in 16 bits (eager's and the reference's; torch.compile's
+  adds in float32 in torch 2.13, but is held to the same, looser bound). That catches a lost
+  update or a misplaced row wherever rows hold few tokens.
 - The bound is loose for rows of thousands of tokens (hot ids, where atomics contend), so each
   gradient must also be close in norm: ||actual - expected|| / ||expected|| below a bound a
   little above the dtype's rounding, which halving or dropping a hot row exceeds by far.
