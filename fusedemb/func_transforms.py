@@ -54,7 +54,7 @@ from fusedemb.ops import (
     table_gradients,
 )
 from fusedemb.reference import default_positions
-from fusedemb.validation import check_positions_fit, check_sequence_dim
+from fusedemb.validation import check_positions_fit, check_sequence_dim, check_tables
 
 
 def _batch_first(index: torch.Tensor, dim: int | None, batch_size: int) -> torch.Tensor:
@@ -71,6 +71,11 @@ def _stacked_rows(index: torch.Tensor, rows: int) -> torch.Tensor:
     """index [B, ...] of tables [B, rows, D] as an index into the table [B * rows, D]: + b * rows."""
     starts = torch.arange(index.shape[0], device=index.device, dtype=index.dtype) * rows
     return index + starts.view(-1, *(1,) * (index.dim() - 1))
+
+
+def _entry(tensor: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """The first entry of a batch (batch along `dim`; a shared tensor is every entry's)."""
+    return tensor if dim is None else tensor.select(dim, 0)
 
 
 def _rows(table: torch.Tensor, dim: int | None) -> int:
@@ -127,10 +132,12 @@ def _batched_forward(apply, info, in_dims, args, *, operator: bool = False):
     batch_size, num_embeddings, context_length = info.batch_size, _rows(tok_weight, tok_dim), _rows(pos_weight, pos_dim)
     batch_ids = _batch_first(ids, ids_dim, batch_size)
     # What the kernels would refuse of one entry but cannot tell in the whole batch: 0-d ids (the
-    # batch would pass as their sequence) and default positions past their table (in a stacked
-    # position table they would read the next entry's rows).
+    # batch would pass as their sequence), tables that are not 2-D (stacked, a table's last dim
+    # would pass as its rows) and default positions past their table (in a stacked position table
+    # they would read the next entry's rows).
     if batch_size > 0:
         check_sequence_dim("ids", batch_ids[0])
+        check_tables(_entry(tok_weight, tok_dim), _entry(pos_weight, pos_dim))
     if pos_dim is not None and position_ids is None:
         check_positions_fit(batch_ids.shape[-1], position_offset, context_length)
     stacked_rows = [batch_size * rows for rows, dim in ((num_embeddings, tok_dim), (context_length, pos_dim)) if dim is not None]

@@ -296,9 +296,9 @@ def test_compiled_vmap_calls_the_kernels_once_for_the_whole_batch(backend_config
 def test_the_operators_vmap_rule_checks_what_the_batch_hides_and_takes_an_empty_batch(backend_config):
     """The registered operator under vmap, called directly (as an exported graph calls it): with a
     batch of tables an id past its own table is a row of the next entry's in the stacked table,
-    and so is a default position past its table, so the rule checks them itself; 0-d ids, which
-    the operator refuses, are refused in a batch too (folded in, the batch would pass as their
-    sequence); and an empty batch of token tables with a padding row gives an empty output, as a
+    and so is a default position past its table, so the rule checks them itself; 0-d ids and
+    tables that are not 2-D, which the operator refuses, are refused in a batch too (folded in or
+    stacked, they would pass as a sequence, or as rows); and an empty batch of token tables with a padding row gives an empty output, as a
     loop over no entries would."""
     backend, device, deterministic = backend_config
     torch.manual_seed(24)
@@ -320,6 +320,8 @@ def test_the_operators_vmap_rule_checks_what_the_batch_hides_and_takes_an_empty_
         torch.func.vmap(lambda pos: operator(ids, toks[0], pos, position_offset=offset))(poss)
     with pytest.raises(ValueError, match="ids must have shape"):
         torch.func.vmap(lambda ids: operator(ids, toks[0], poss[0]))(ids[:, 0])
+    with pytest.raises(ValueError, match=rf"tok_weight must be 2-D \(rows, dim\), got shape \({VOCAB}, {DIM}, 1\)"):
+        torch.func.vmap(lambda tok: operator(ids, tok, poss[0]))(toks[..., None])
     empty = torch.func.vmap(lambda tok: operator(ids, tok, poss[0], padding_idx=3))(toks[:0])
     assert empty.shape == (0, *ids.shape, DIM)
 
