@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from fusedemb.validation import check_same_device
+from fusedemb.validation import check_same_device, check_tables
 
 try:
     importlib.import_module("fusedemb._C")  # loading the library registers torch.ops.fusedemb.cpu_*
@@ -30,8 +30,11 @@ except ImportError as error:  # pragma: no cover - exercised only on machines wi
 # The dispatcher runs a fake kernel whenever one argument is a meta tensor, so each checks the
 # devices first: a meta ids beside CPU tables would otherwise return an uninitialised CPU tensor.
 def forward_fake(ids, tok_weight, pos_weight, position_ids, *_):
-    """Output of a forward kernel: ids.shape + (D,), in the tables' dtype."""
+    """Output of a forward kernel: ids.shape + (D,), in the tables' dtype. The tables are checked
+    first, as the kernels check them: a compiled direct call with a 1-D table would otherwise fail
+    on its missing shape[1] with a bare IndexError."""
     check_same_device(("tok_weight", tok_weight.device), ids=ids, pos_weight=pos_weight, position_ids=position_ids)
+    check_tables(tok_weight, pos_weight)
     return tok_weight.new_empty((*ids.shape, tok_weight.shape[1]))
 
 

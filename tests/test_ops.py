@@ -226,6 +226,27 @@ def test_operators_called_directly_refuse_what_the_kernels_cannot_read(backend_c
             fused_embedding_backward_op(*args, backend, deterministic)
 
 
+def test_compiled_operator_calls_refuse_bad_tables_as_eager_ones(backend_config, fresh_dynamo):
+    """Compiled, a direct call of the operator is traced through its fake kernel first, which must
+    not trip on a malformed table before the kernels' own check names it (a 1-D table's missing
+    shape[1] gave a bare IndexError). Dynamo reraises an error of the trace as a
+    TorchRuntimeError that carries its text."""
+    backend, device, deterministic = backend_config
+    ids, tok, pos, _ = sample_inputs(device)
+    tok, pos = tok.detach(), pos.detach()
+    compiled = torch.compile(lambda *args: fused_embedding_op(*args, None, 0, -1, backend, deterministic),
+                             fullgraph=True, dynamic=False, backend="aot_eager")  # fmt: skip
+    cases = [
+        ((tok[:, 0], pos), ValueError, r"tok_weight must be 2-D \(rows, dim\)"),
+        ((tok, pos[..., None]), ValueError, r"pos_weight must be 2-D \(rows, dim\)"),
+        ((tok, pos[:, :4]), ValueError, "must have the same embedding dim, got 6 and 4"),
+        ((tok, pos.double()), TypeError, "must have the same dtype"),
+    ]
+    for tables, error, message in cases:
+        with pytest.raises((error, torch._dynamo.exc.TorchRuntimeError), match=message):
+            compiled(ids, *tables)
+
+
 @pytest.mark.skipif(not TRITON_LAUNCHERS, reason="Triton unavailable")
 def test_triton_launchers_limits_are_exact():
     """The launchers' limits at the limit itself, where the test above goes past them: a table
