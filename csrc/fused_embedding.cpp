@@ -85,8 +85,9 @@ void check_table(const at::Tensor& table, const char* name) {
   TORCH_CHECK_VALUE(table.dim() == 2, name, " must be 2-D (rows, dim), got shape ", table.sizes());
   check_float_dtype(table, name);
   TORCH_CHECK_VALUE(table.size(1) > 0, name, " must have an embedding dim of at least 1, got 0");
-  // A dim of size 1 has no stride to respect (PyTorch leaves it arbitrary, and .contiguous() keeps it).
-  TORCH_CHECK_VALUE(table.size(1) == 1 || table.stride(1) == 1, name,
+  // A dim of size 1, or a table of no rows, has no stride to respect (PyTorch leaves it arbitrary,
+  // and .contiguous() keeps it).
+  TORCH_CHECK_VALUE(table.size(1) == 1 || table.size(0) == 0 || table.stride(1) == 1, name,
                     " must have unit stride along dim; call .contiguous()");
 }
 

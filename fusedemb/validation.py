@@ -166,9 +166,9 @@ def _values_of(index: torch.Tensor) -> torch.Tensor:
 
 def unit_stride_along_dim(table: torch.Tensor) -> bool:
     """Whether the kernels can read table's rows as they are: unit stride along dim (row strides
-    are passed through). A dim of size 1 qualifies whatever its stride, which PyTorch leaves
-    arbitrary there (.contiguous() would not change it)."""
-    return table.shape[1] == 1 or table.stride(1) == 1
+    are passed through). A dim of size 1, or a table of no rows, qualifies whatever its strides,
+    which PyTorch leaves arbitrary there (.contiguous() would not change them)."""
+    return table.shape[1] == 1 or table.shape[0] == 0 or table.stride(1) == 1
 
 
 def kernel_layouts(ids, tok_weight, pos_weight, position_ids):

@@ -348,6 +348,18 @@ def test_single_column_tables_of_any_stride(backend):
     assert_output_equal(fusedemb.fused_embedding(ids, tok, pos, backend=backend), expected, "cpu", backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tables_of_no_rows_of_any_stride(backend):
+    """Nor has a table of no rows (here a slice of a batch of empty tables, the operator's vmap
+    rule makes such entries): .contiguous() keeps its strides, so it is taken as it is, and empty
+    ids read nothing from it."""
+    tok, pos = torch.empty(0, 3, 2)[..., 0], torch.randn(8, 3)
+    assert tok.stride(1) != 1 and tok.is_contiguous()
+    ids = torch.zeros(2, 0, dtype=torch.long)
+    expected = fusedemb.fused_embedding(ids, tok, pos, backend="reference")
+    assert_output_equal(fusedemb.fused_embedding(ids, tok, pos, backend=backend), expected, "cpu", backend)
+
+
 @pytest.mark.parametrize("value", ["False", 0, None])
 def test_the_switch_takes_a_bool_only(value):
     """The string "False" would switch the check on (bool("False") is True)."""
