@@ -123,23 +123,25 @@ def _batched_forward(apply, info, in_dims, args, *, operator: bool = False):
     stacked (module docstring); on each entry in turn where the stacked rows or tokens would pass
     the int32 limit. `operator`: apply is the registered operator, whose backward zeroes one
     padding row, so a batch of token tables with one runs entry by entry too; and whose callers
-    need not have checked the ids (it is called directly, or from an exported graph), so the ids
-    of stacked tables are checked here (range_checked): in them an id past its own table is a
-    row of the next entry's, which neither the C++ kernels' check nor the Triton kernels' clamp
-    can tell."""
+    need not have checked the inputs (it is called directly, or from an exported graph), so what
+    the batch hides from the kernels is checked here: the shapes of each entry, and the ids of
+    stacked tables (range_checked), in which an id past its own table is a row of the next
+    entry's, which neither the C++ kernels' check nor the Triton kernels' clamp can tell."""
     ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, *settings = args
     ids_dim, tok_dim, pos_dim, position_ids_dim = in_dims[:4]
     batch_size, num_embeddings, context_length = info.batch_size, _rows(tok_weight, tok_dim), _rows(pos_weight, pos_dim)
     batch_ids = _batch_first(ids, ids_dim, batch_size)
-    # What the kernels would refuse of one entry but cannot tell in the whole batch: 0-d ids (the
-    # batch would pass as their sequence), tables that are not 2-D (stacked, a table's last dim
-    # would pass as its rows) and default positions past their table (in a stacked position table
-    # they would read the next entry's rows).
-    if batch_size > 0:
-        check_sequence_dim("ids", batch_ids[0])
-        check_tables(_entry(tok_weight, tok_dim), _entry(pos_weight, pos_dim))
-    if pos_dim is not None and position_ids is None:
-        check_positions_fit(batch_ids.shape[-1], position_offset, context_length)
+    if operator:
+        # What the kernels would refuse of one entry but cannot tell in the whole batch (callers
+        # of fused_embedding's Functions have had each entry checked by fusedemb.validation):
+        # 0-d ids (the batch would pass as their sequence), tables that are not 2-D (stacked, a
+        # table's last dim would pass as its rows) and default positions past their table (in a
+        # stacked position table they would read the next entry's rows).
+        if batch_size > 0:
+            check_sequence_dim("ids", batch_ids[0])
+            check_tables(_entry(tok_weight, tok_dim), _entry(pos_weight, pos_dim))
+        if pos_dim is not None and position_ids is None:
+            check_positions_fit(batch_ids.shape[-1], position_offset, context_length)
     stacked_rows = [batch_size * rows for rows, dim in ((num_embeddings, tok_dim), (context_length, pos_dim)) if dim is not None]
     padded_tables = tok_dim is not None and padding_idx >= 0 and batch_size > 0
     if not _within_int32(batch_ids.numel(), *stacked_rows) or (operator and padded_tables):
