@@ -219,10 +219,11 @@ def segment_sums_kernel(
     # (float64 for float64 tables; 16-bit rows go through float32, as Triton's interpreter
     # cannot cast bfloat16 to float64); a run of one token comes back exactly. Where the column
     # block takes all of the program's threads (BLOCK_DIM x element size >= 32 x 16 bytes: D > 64
-    # in float32, > 128 in 16 bits, > 32 in float64; GPT sizes), the warps split the columns only (segment_warps), each thread holds whole columns of the
-    # tile, and the scan adds its rows one after the other, in token order, as a sequential
-    # loop would. In narrower tables lanes split a column's rows and the scan adds in a fixed
-    # tree order instead: as deterministic, if not the same bits as the loop.
+    # in float32, > 128 in 16 bits, > 32 in float64; GPT sizes), the warps split the columns only
+    # (segment_warps), each thread holds whole columns of the tile, and the scan adds its rows one
+    # after the other, in token order, as a sequential loop would. In narrower tables lanes split
+    # a column's rows and the scan adds in a fixed tree order instead: as deterministic, if not
+    # the same bits as the loop.
     starts = (rows != previous_rows) | (positions == tile_start)
     starts_2d = tl.broadcast_to(starts[:, None], (TILE, BLOCK_DIM))
     sums, _ = tl.associative_scan((to_accumulator(grad, ACC_FP64), starts_2d), 0, add_within_runs)
