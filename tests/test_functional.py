@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
+import torch.nn.functional as F
 from conftest import (
     ANY_DEVICE,
     BACKEND_CONFIGS,
@@ -770,6 +771,32 @@ def test_batch_with_more_than_2_31_output_elements(config):
     del out
     torch.testing.assert_close(grad_pos, grad_out[-1], rtol=0, atol=0)
     assert_grad_close(grad_tok, grad_out[-1], ids[-1], torch.float16)
+
+
+@pytest.mark.parametrize("with_position_ids", [False, True], ids=["offset", "position_ids"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradient_rows_of_negative_zeros_sum_to_positive_zero(backend_config, dtype, with_position_ids):
+    """A sum starts from +0.0, as eager's zeroed gradient table does, so rows whose every term is
+    -0.0 come back +0.0 (0 + -0 is +0), like untouched rows: the sign of a zero must not depend on
+    the backend, the mode or where a row's tokens fall in the sorted order. Row 1's two tokens lie
+    inside one tile of the sorted scatter, row 2's 20 cross a tile edge; with position_ids the
+    position gradient takes the sorted scatter too."""
+    from fusedemb.kernels.sorted_scatter import TILE
+
+    _, device, _ = backend_config
+    ids = torch.tensor([[1, 1] + [2] * 20], device=device)
+    assert ids.shape[1] - 2 > TILE  # row 2 crosses a tile edge
+    position_ids = torch.tensor([[1, 1] + [0] * 20], device=device) if with_position_ids else None
+    tok, pos = make_tables(3, ids.shape[1], 5, dtype, device)
+    grad_out = torch.full((*ids.shape, 5), -0.0, dtype=dtype, device=device)
+    out = fused_embedding_for(backend_config)(ids, tok, pos, position_ids=position_ids)
+    grads = torch.autograd.grad(out, (tok, pos), grad_out)
+    positions = default_positions(ids, 0) if position_ids is None else position_ids
+    eager_out = F.embedding(ids, tok) + F.embedding(positions, pos)
+    eager_grads = torch.autograd.grad(eager_out, (tok, pos), grad_out)
+    for name, grad, eager_grad in zip(("tok_weight", "pos_weight"), grads, eager_grads):
+        assert not eager_grad.any() and not eager_grad.signbit().any()  # eager: +0.0 everywhere
+        assert not grad.signbit().any(), f"{name}.grad has -0.0 in rows {grad.signbit().any(1).nonzero().flatten().tolist()}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

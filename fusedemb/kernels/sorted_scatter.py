@@ -223,10 +223,13 @@ def segment_sums_kernel(
     # (segment_warps), each thread holds whole columns of the tile, and the scan adds its rows one
     # after the other, in token order, as a sequential loop would. In narrower tables lanes split
     # a column's rows and the scan adds in a fixed tree order instead: as deterministic, if not
-    # the same bits as the loop.
+    # the same bits as the loop. The loop starts from +0.0, as eager's zeroed table does, and so
+    # does the scan: adding +0.0 leaves every term as it is but -0.0, which becomes +0.0, so a run
+    # of -0.0 terms sums to +0.0 here too (IEEE: -0 + +0 = +0, so without a no-signed-zeros
+    # flag a compiler may not drop the add).
     starts = (rows != previous_rows) | (positions == tile_start)
     starts_2d = tl.broadcast_to(starts[:, None], (TILE, BLOCK_DIM))
-    sums, _ = tl.associative_scan((to_accumulator(grad, ACC_FP64), starts_2d), 0, add_within_runs)
+    sums, _ = tl.associative_scan((to_accumulator(grad, ACC_FP64) + 0.0, starts_2d), 0, add_within_runs)
 
     # A run ends at its row's last token, or at the tile's last position. The head run (the
     # tile's first row) began in an earlier tile if that tile's last row is the same.
