@@ -429,11 +429,19 @@ def eager_backward(
     grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend, deterministic,
     *, tok_needs_grad, pos_needs_grad,
 ):  # fmt: skip
-    """The backward kernels of an eager call, launched directly (see eager_forward)."""
+    """The backward kernels of an eager call, launched directly (see eager_forward). Traced by
+    Dynamo instead (compiled autograd compiling the backward of an eager forward), it records the
+    registered operator, as a compiled forward's graph does: Dynamo cannot trace the kernels'
+    launches in Triton's interpreter, nor autograd_batched's test."""
     args = (grad_out, ids, position_ids, position_offset, num_embeddings, context_length, padding_idx, backend,
             deterministic)  # fmt: skip
     needs = {"tok_needs_grad": tok_needs_grad, "pos_needs_grad": pos_needs_grad}
-    if _dispatch_mode_active() or autograd_batched(grad_out) or _dispatched_in_python(grad_out, ids, position_ids):
+    if (
+        torch.compiler.is_compiling()
+        or _dispatch_mode_active()
+        or autograd_batched(grad_out)
+        or _dispatched_in_python(grad_out, ids, position_ids)
+    ):
         return fused_embedding_backward_op(*args, **needs)
     with _launch_directly(backend):
         return backward_kernels(*args, **needs)

@@ -474,6 +474,25 @@ def test_torch_compile_dynamic_sequence_length(backend_config, fresh_dynamo):
         compiled(torch.randint(0, 50, (3, 13), device=device))
 
 
+@pytest.mark.parametrize("forward", ["eager", "compiled"])
+def test_compiled_autograd_traces_the_backward_in_one_graph(backend_config, fresh_dynamo, forward):
+    """Compiled autograd (as torchtitan turns it on) has Dynamo trace the whole backward, the
+    embedding's included, and compile it with fullgraph=True here: the backward of an eager
+    forward (FusedEmbeddingFunction's) must record the operator, as a compiled forward's does,
+    rather than break the graph (or fail in Triton's interpreter). Same gradients as eager."""
+    backend, device, deterministic = backend_config
+    torch.manual_seed(0)
+    model = TinyGPTInput(backend, deterministic).to(device)
+    run = torch.compile(model, fullgraph=True) if forward == "compiled" else model
+    ids = torch.randint(0, 50, (3, 10), device=device)
+    eager_grads = torch.autograd.grad(model(ids), list(model.parameters()))
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+        run(ids).backward()
+    assert fresh_dynamo["compiled_autograd"]["captures"] == 1
+    for parameter, eager_grad in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(parameter.grad, eager_grad)
+
+
 @requires_cpp
 def test_compiled_backward_keeps_no_copy_of_contiguous_int_indices(fresh_dynamo):
     """A graph's backward keeps the index tensors it reads. On the C++ path with contiguous int32
