@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from fusedemb.functional import check_options, fused_embedding
 
@@ -129,8 +131,8 @@ class FusedEmbedding(nn.Module):
         # few dict lookups. Not while Dynamo traces: it cannot trace warnings.warn, and it does
         # not guard on hooks anyway, so a compiled call cannot tell.
         if (_has_hooks(tok_emb) or _has_hooks(pos_emb)) and not torch.compiler.is_compiling():
-            _warn_of_hooks("tok_emb", tok_emb)
-            _warn_of_hooks("pos_emb", pos_emb)
+            _check_hooks("tok_emb", tok_emb)
+            _check_hooks("pos_emb", pos_emb)
         return fused_embedding(
             ids,
             tok_emb.weight,
@@ -172,7 +174,23 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
-def _warn_of_hooks(name: str, module: nn.Module) -> None:
+# The forward pre-hooks of torch.nn.utils.weight_norm and spectral_norm (the older, hook-based
+# ones), by the name of the function that adds them.
+_WEIGHT_RECOMPUTING_HOOKS = {WeightNorm: "weight_norm", SpectralNorm: "spectral_norm"}
+
+
+def _check_hooks(name: str, module: nn.Module) -> None:
+    """Refuse a hook that recomputes the weight before each call: skipped, it would leave the
+    kernels a stale weight, whose gradient never reaches the parameters it came from. Warn of any
+    other hook, which only does not run."""
+    for hook in module._forward_pre_hooks.values():
+        utility = _WEIGHT_RECOMPUTING_HOOKS.get(type(hook))
+        if utility is not None:
+            raise ValueError(
+                f"FusedEmbedding.{name} has the hook of torch.nn.utils.{utility}, which recomputes its weight "
+                "when the module is called; FusedEmbedding reads the weight without calling it, so it would use a "
+                f"stale weight that never trains: use torch.nn.utils.parametrizations.{utility} instead"
+            )
     if _has_hooks(module):
         warnings.warn(
             f"hooks on FusedEmbedding.{name} (or a forward set on it) do not run: FusedEmbedding reads its weight and "
@@ -211,7 +229,7 @@ def _check_table_module(name: str, module: nn.Module) -> None:
         raise ValueError(f"{name}: max_norm, sparse and scale_grad_by_freq are not supported by FusedEmbedding")
     if name == "pos_emb" and module.padding_idx is not None:
         raise ValueError("pos_emb must not have a padding_idx: every position row is learned")
-    _warn_of_hooks(name, module)
+    _check_hooks(name, module)
 
 
 def _check_same_width(tok_emb: nn.Module, pos_emb: nn.Module) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -201,6 +202,37 @@ def test_hooks_on_a_table_module_are_reported_not_silently_skipped(table, hook):
         warnings.simplefilter("error")
         fused(ids)
     assert calls == [1]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("table", ["tok_emb", "pos_emb"])
+@pytest.mark.parametrize("utility", ["weight_norm", "spectral_norm"])
+def test_hook_based_weight_norms_are_refused_and_their_parametrizations_train(table, utility):
+    """torch.nn.utils.weight_norm and spectral_norm recompute the weight in a forward pre-hook,
+    which FusedEmbedding would skip: it would read a stale weight, and weight_orig (or weight_g
+    and weight_v) would never train. Refused, at a call and when such a module is assigned,
+    naming the torch.nn.utils.parametrizations version, which trains as with nn.Embedding."""
+    torch.manual_seed(0)
+    fused = fusedemb.FusedEmbedding(20, 6, 5)
+    ids = torch.tensor([[1, 2, 1]])
+    hooked = getattr(torch.nn.utils, utility)(copy.deepcopy(getattr(fused, table)))
+    message = f"hook of torch.nn.utils.{utility}.*use torch.nn.utils.parametrizations.{utility} instead"
+    with pytest.raises(ValueError, match=message):
+        setattr(fused, table, hooked)
+    getattr(torch.nn.utils, utility)(getattr(fused, table))
+    with pytest.raises(ValueError, match=message):
+        fused(ids)
+
+    fused = fusedemb.FusedEmbedding(20, 6, 5)
+    getattr(torch.nn.utils.parametrizations, utility)(getattr(fused, table))
+    pair = copy.deepcopy(fused)  # the same tables (and spectral_norm's state), called as two nn.Embedding
+    out = fused(ids)
+    expected = pair.tok_emb(ids) + pair.pos_emb(torch.arange(3))
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.square().sum(), list(fused.parameters()))
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(pair.parameters()))
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
 
 
 def test_the_hooks_warning_names_the_users_line():
