@@ -128,9 +128,9 @@ class FusedEmbedding(nn.Module):
         tok_emb, pos_emb = self.tok_emb, self.pos_emb
         # Hooks can be added at any time (FSDP's fully_shard of a submodule, activation
         # statistics, PEFT's input hooks), so they are looked for on every call, at the cost of a
-        # few dict lookups. Not while Dynamo traces: it cannot trace warnings.warn, and it does
-        # not guard on hooks anyway, so a compiled call cannot tell.
-        if (_has_hooks(tok_emb) or _has_hooks(pos_emb)) and not torch.compiler.is_compiling():
+        # few dict lookups. Dynamo guards the hook dicts it reads here: a hook added later
+        # recompiles, and the refusals of _check_hooks hold in a compiled call too.
+        if _has_hooks(tok_emb) or _has_hooks(pos_emb):
             _check_hooks("tok_emb", tok_emb)
             _check_hooks("pos_emb", pos_emb)
         return fused_embedding(
@@ -182,7 +182,7 @@ _WEIGHT_RECOMPUTING_HOOKS = {WeightNorm: "weight_norm", SpectralNorm: "spectral_
 def _check_hooks(name: str, module: nn.Module) -> None:
     """Refuse a hook that recomputes the weight before each call: skipped, it would leave the
     kernels a stale weight, whose gradient never reaches the parameters it came from. Warn of any
-    other hook, which only does not run."""
+    other hook, which only does not run (in eager calls: Dynamo cannot trace warnings.warn)."""
     for hook in module._forward_pre_hooks.values():
         utility = _WEIGHT_RECOMPUTING_HOOKS.get(type(hook))
         if utility is not None:
@@ -191,7 +191,7 @@ def _check_hooks(name: str, module: nn.Module) -> None:
                 "when the module is called; FusedEmbedding reads the weight without calling it, so it would use a "
                 f"stale weight that never trains: use torch.nn.utils.parametrizations.{utility} instead"
             )
-    if _has_hooks(module):
+    if _has_hooks(module) and not torch.compiler.is_compiling():
         warnings.warn(
             f"hooks on FusedEmbedding.{name} (or a forward set on it) do not run: FusedEmbedding reads its weight and "
             "never calls it; register them on the FusedEmbedding",

@@ -210,8 +210,9 @@ def test_hooks_on_a_table_module_are_reported_not_silently_skipped(table, hook):
 def test_hook_based_weight_norms_are_refused_and_their_parametrizations_train(table, utility):
     """torch.nn.utils.weight_norm and spectral_norm recompute the weight in a forward pre-hook,
     which FusedEmbedding would skip: it would read a stale weight, and weight_orig (or weight_g
-    and weight_v) would never train. Refused, at a call and when such a module is assigned,
-    naming the torch.nn.utils.parametrizations version, which trains as with nn.Embedding."""
+    and weight_v) would never train. Refused, at a call (a compiled one too: adding the hook
+    recompiles) and when such a module is assigned, naming the torch.nn.utils.parametrizations
+    version, which trains as with nn.Embedding."""
     torch.manual_seed(0)
     fused = fusedemb.FusedEmbedding(20, 6, 5)
     ids = torch.tensor([[1, 2, 1]])
@@ -219,9 +220,13 @@ def test_hook_based_weight_norms_are_refused_and_their_parametrizations_train(ta
     message = f"hook of torch.nn.utils.{utility}.*use torch.nn.utils.parametrizations.{utility} instead"
     with pytest.raises(ValueError, match=message):
         setattr(fused, table, hooked)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    compiled(ids)  # compiled before the hook is added
     getattr(torch.nn.utils, utility)(getattr(fused, table))
     with pytest.raises(ValueError, match=message):
         fused(ids)
+    with pytest.raises(Exception, match=message):  # Dynamo's Unsupported, which carries the message
+        compiled(ids)
 
     fused = fusedemb.FusedEmbedding(20, 6, 5)
     getattr(torch.nn.utils.parametrizations, utility)(getattr(fused, table))
