@@ -176,7 +176,9 @@ class TransformableFusedEmbedding(torch.autograd.Function):
         if autograd_batched(tok_weight) or autograd_batched(pos_weight):  # gradients or tangents as tables
             return fused_embedding_op(ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend,
                                       deterministic)  # fmt: skip
-        return eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
+        return eager_forward(
+            ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.autograd.forward_ad as forward_ad
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from fusedemb.cpp_extension import CPP_EXTENSION_AVAILABLE
@@ -13,6 +14,7 @@ from fusedemb.ops import (
     TRITON_AVAILABLE,
     FusedEmbeddingFunction,
     checked_indices,
+    dispatch_mode_active,
     eager_forward,
     fused_embedding_op,
 )
@@ -166,9 +168,14 @@ def fused_embedding(
 
 def _recording_a_graph() -> bool:
     """Whether this call is being recorded into a graph (torch.compile, torch.export,
-    torch.jit.trace) rather than run. (torch._C._is_tracing() is torch.jit.is_tracing() in a
-    third of the time.)"""
-    return torch.compiler.is_compiling() or torch._C._is_tracing()
+    torch.jit.trace, make_fx and the AOTAutograd it serves) rather than run. (torch._C._is_tracing()
+    is torch.jit.is_tracing() in a third of the time; make_fx's proxy mode is looked for only
+    under a dispatch mode, which costs less to tell.)"""
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._is_tracing()
+        or (dispatch_mode_active() and get_proxy_mode() is not None)
+    )
 
 
 def _range_checked_in_graph(inputs: EmbeddingInputs) -> EmbeddingInputs:
@@ -187,13 +194,20 @@ def _nothing_to_differentiate(inputs: EmbeddingInputs) -> bool:
     return forward_ad._current_level < 0
 
 
+# The Functions' apply, run by Python even where torch.compile traces (under forward-mode AD).
+_FUNCTION_OUTSIDE_GRAPHS = torch.compiler.disable(FusedEmbeddingFunction.apply)
+_TRANSFORMABLE_OUTSIDE_GRAPHS = torch.compiler.disable(apply_transformable)
+
+
 def _run_backend(
     inputs: EmbeddingInputs, backend: str, deterministic: bool | None, transformed: bool, recording: bool
 ) -> torch.Tensor:
     """The backend's forward, through what the context needs: the registered operator for a
-    recorded graph (`recording`: torch.compile, torch.export, torch.jit.trace), torch.func's
+    recorded graph (`recording`: torch.compile, torch.export, torch.jit.trace, make_fx), torch.func's
     Function under a transform (`transformed`), the kernels alone with nothing to
-    differentiate, the eager Function otherwise."""
+    differentiate, the eager Function otherwise. With forward-mode AD on, only the Functions carry
+    tangents (torch.library gives an operator no jvp rule, and it drops them without a word): a
+    recorded call then runs its Function outside the graph (Dynamo breaks the graph there)."""
     if backend == "reference":
         return fused_embedding_reference(
             inputs.ids,
@@ -203,20 +217,20 @@ def _run_backend(
             inputs.position_offset,
             inputs.padding_idx if inputs.padding_idx >= 0 else None,
         )
-    if recording:
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if recording and forward_ad._current_level >= 0:
+        apply = _TRANSFORMABLE_OUTSIDE_GRAPHS if transformed else _FUNCTION_OUTSIDE_GRAPHS
+    elif recording:
         apply = fused_embedding_op  # graphs record the registered operator
     elif transformed:
         apply = apply_transformable  # torch.func's form: slower to apply, so only here
     elif _nothing_to_differentiate(inputs):
         # The kernels alone, without autograd's bookkeeping: host time that dominates a small
         # call, such as decoding one token.
-        return eager_forward(
-            inputs.ids, inputs.tok_weight, inputs.pos_weight, inputs.position_ids, inputs.position_offset, backend
-        )
+        apply = eager_forward
     else:
         apply = FusedEmbeddingFunction.apply  # eager calls skip the operator's dispatch overhead
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
     return apply(
         inputs.ids,
         inputs.tok_weight,

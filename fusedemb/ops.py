@@ -45,6 +45,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch._library.triton import set_wrap_triton_enabled
 from torch.library import custom_op, triton_op
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from fusedemb.cpp_extension import backward_fake, forward_fake  # importing also registers the C++ operators
 from fusedemb.validation import (
@@ -388,8 +389,12 @@ def _launch_directly(backend: str):
 # the dispatcher's fallback loops over. Those reach eager calls' backward and jvp, and torch.func's
 # forward (func_transforms) as gradients or tangents turned tables: the checks sit there, off the
 # path of an ordinary forward.
-def _dispatch_mode_active() -> bool:
-    return torch._C._len_torch_dispatch_stack() > 0
+def dispatch_mode_active() -> bool:
+    """Whether a TorchDispatchMode is active (FakeTensorMode, make_fx's proxy mode, a logging
+    mode): the stack's length sees modes pushed without entering them, as PyTorch's internals
+    push some; torch.utils._python_dispatch's flag, entered modes of the pre-dispatch stack too
+    (make_fx(pre_dispatch=True))."""
+    return torch._C._len_torch_dispatch_stack() > 0 or is_in_torch_dispatch_mode()
 
 
 _PYTHON_KEY = torch._C.DispatchKey.Python
@@ -412,15 +417,16 @@ def autograd_batched(tensor: torch.Tensor | None) -> bool:
     return tensor is not None and torch._C._functorch.is_legacy_batchedtensor(tensor)
 
 
-def eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, backend):
-    """The forward kernels of an eager call, launched directly. Called alone when there is
-    nothing to differentiate (inference, decoding): no autograd node is built, as eager
-    PyTorch builds none for nn.Embedding under torch.no_grad(). Where only the dispatcher can
-    handle the tensors (above), the registered operator runs them instead."""
-    if _dispatch_mode_active() or _dispatched_in_python(ids, tok_weight, pos_weight, position_ids):
-        # padding_idx -1 and deterministic False: they only shape the backward, which nothing
-        # records here (autograd is off inside a Function's forward, or nothing is differentiated)
-        return fused_embedding_op(ids, tok_weight, pos_weight, position_ids, position_offset, -1, backend, False)
+def eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic):
+    """The forward kernels of an eager call, launched directly (padding_idx and deterministic
+    shape only the backward). Called alone when there is nothing to differentiate (inference,
+    decoding): no autograd node is built, as eager PyTorch builds none for nn.Embedding under
+    torch.no_grad(). Where only the dispatcher can handle the tensors (above), the registered
+    operator runs them instead, with the call's own arguments: a mode may record it."""
+    if dispatch_mode_active() or _dispatched_in_python(ids, tok_weight, pos_weight, position_ids):
+        return fused_embedding_op(
+            ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic
+        )
     with _launch_directly(backend):
         return forward_kernels(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
 
@@ -438,7 +444,7 @@ def eager_backward(
     needs = {"tok_needs_grad": tok_needs_grad, "pos_needs_grad": pos_needs_grad}
     if (
         torch.compiler.is_compiling()
-        or _dispatch_mode_active()
+        or dispatch_mode_active()
         or autograd_batched(grad_out)
         or _dispatched_in_python(grad_out, ids, position_ids)
     ):
@@ -470,7 +476,9 @@ class FusedEmbeddingFunction(torch.autograd.Function):
         save_forward_context(ctx, inputs, None)
         if forward_ad._current_level >= 0:  # forward-mode AD is on: jvp will need these
             save_for_tangents(ctx, ids, tok_weight, position_ids)
-        return eager_forward(ids, tok_weight, pos_weight, position_ids, position_offset, backend)
+        return eager_forward(
+            ids, tok_weight, pos_weight, position_ids, position_offset, padding_idx, backend, deterministic
+        )
 
     @staticmethod
     def jvp(ctx, ids_tangent, tok_tangent, pos_tangent, *_):

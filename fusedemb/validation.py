@@ -34,7 +34,8 @@ regardless; Inductor keeps the operator out of the CUDA graphs of mode="reduce-o
 While a CUDA graph of the user's own is being captured nothing is checked (a capture cannot
 synchronise), and a replay runs no Python at all: the Triton kernels clamp bad ids in such a
 graph's inputs (the reference asserts on the device). The C++ CPU kernels always check.
-Tensors without values (the meta device, FakeTensorMode's fake tensors) have nothing to check.
+Tensors without values (the meta device, FakeTensorMode's fake tensors, and those under a
+wrapper, as AOTAutograd's functional tensors) have nothing to check.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import os
 from typing import NamedTuple
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, is_fake
 
 SUPPORTED_TABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 SUPPORTED_ID_DTYPES = (torch.int32, torch.int64)
@@ -149,9 +150,10 @@ def index_range_checks(
 
 
 def _has_values(index: torch.Tensor) -> bool:
-    """Whether there are values to check now: not on the meta device or fake (shapes only), and
-    not while a CUDA graph is being captured (a capture cannot wait for the GPU)."""
-    if index.is_meta or isinstance(index, FakeTensor):
+    """Whether there are values to check now: not on the meta device or fake (shapes only; under
+    a subclass, such as AOTAutograd's functional tensors, told by is_fake), and not while a CUDA
+    graph is being captured (a capture cannot wait for the GPU)."""
+    if index.is_meta or isinstance(index, FakeTensor) or (not is_plain_tensor(index) and is_fake(index)):
         return False
     return not (index.is_cuda and torch.cuda.is_current_stream_capturing())
 

@@ -6,6 +6,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 from conftest import TRITON_CONFIGS, config_id, fused_embedding_for, requires_cpp, run_python
 from torch import nn
 
@@ -474,6 +475,23 @@ def test_torch_compile_dynamic_sequence_length(backend_config, fresh_dynamo):
         compiled(torch.randint(0, 50, (3, 13), device=device))
 
 
+def test_compiled_calls_under_forward_mode_ad_carry_the_tangent(backend_config, fresh_dynamo):
+    """The operator has no forward-mode rule (torch.library has no way to give one, and its
+    operators drop tangents without a word), so with forward-mode AD on a compiled call runs
+    FusedEmbeddingFunction, whose jvp carries them: at a graph break, outside the graph."""
+    _, device, _ = backend_config
+    torch.manual_seed(0)
+    tok, pos = (torch.randn(rows, 6, device=device) for rows in (11, 8))
+    ids = torch.randint(0, 11, (2, 5), device=device)
+    tok_tangent, pos_tangent = torch.randn_like(tok), torch.randn_like(pos)
+    compiled = torch.compile(fused_embedding_for(backend_config), backend="aot_eager")
+    with forward_ad.dual_level():
+        dual_tables = forward_ad.make_dual(tok, tok_tangent), forward_ad.make_dual(pos, pos_tangent)
+        tangent = forward_ad.unpack_dual(compiled(ids, *dual_tables)).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, nn.functional.embedding(ids, tok_tangent) + pos_tangent[:5])
+
+
 @pytest.mark.parametrize("forward", ["eager", "compiled"])
 def test_compiled_autograd_traces_the_backward_in_one_graph(backend_config, fresh_dynamo, forward):
     """Compiled autograd (as torchtitan turns it on) has Dynamo trace the whole backward, the
@@ -491,6 +509,67 @@ def test_compiled_autograd_traces_the_backward_in_one_graph(backend_config, fres
     assert fresh_dynamo["compiled_autograd"]["captures"] == 1
     for parameter, eager_grad in zip(model.parameters(), eager_grads):
         torch.testing.assert_close(parameter.grad, eager_grad)
+
+
+def trace_with(tracer: str, call):
+    """call as the tracer makes it a graph: make_fx's (beneath torch.export and AOTAutograd; also
+    at pre-dispatch, whose proxy mode sits on a stack of its own) or functorch's aot_function
+    (AOTAutograd without Dynamo: fake, functionalized tensors)."""
+    from functorch.compile import aot_function, nop
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    if tracer == "aot_function":
+        return lambda *args: aot_function(call, fw_compiler=nop)  # traced at its first call
+    return make_fx(call, pre_dispatch=tracer == "make_fx-pre_dispatch")
+
+
+@pytest.mark.parametrize("tracer", ["make_fx", "make_fx-pre_dispatch", "aot_function"])
+def test_graphs_of_tracers_record_the_call_as_made(backend_config, tracer):
+    """A tracer's graph records the registered operator with the call's own padding_idx and
+    backward mode, and the range check where the kernels need one, as torch.compile's does: run
+    and differentiated, it gives the padding row no gradient, the gradients of eager PyTorch,
+    and an IndexError for a bad id."""
+    backend, device, deterministic = backend_config
+    torch.manual_seed(0)
+    tok, pos = (torch.randn(rows, 6, device=device, requires_grad=True) for rows in (11, 8))
+    ids, bad_ids = (torch.tensor([[3, 3, first, 2, 3]], device=device) for first in (1, 11))
+    call = fused_embedding_for(backend_config, padding_idx=3)
+    graph = trace_with(tracer, call)(ids, tok, pos)
+    if tracer != "aot_function":
+        targets = [node.target for node in graph.graph.nodes]
+        recorded = [node.args[5:] for node in graph.graph.nodes if node.target == torch.ops.fusedemb.fused_embedding.default]
+        assert recorded == [(3, backend, deterministic)]
+        assert (torch.ops.fusedemb.range_checked.default in targets) == (backend != "cpp")  # C++ checks inside
+    grad_out = torch.randn(1, 5, 6, device=device)
+    grads = torch.autograd.grad(graph(ids, tok, pos), (tok, pos), grad_out)
+    eager = nn.functional.embedding(ids, tok, padding_idx=3) + pos[:5]
+    for grad, expected in zip(grads, torch.autograd.grad(eager, (tok, pos), grad_out)):
+        torch.testing.assert_close(grad, expected)
+    assert not grads[0][3].any()
+    with pytest.raises(IndexError, match=r"ids contains 11, outside \[0, 11\)"):
+        graph(bad_ids, tok, pos)
+
+
+@pytest.mark.parametrize("trains", [True, False], ids=["trains", "frozen"])
+def test_dispatch_modes_see_the_operator_called_as_made(backend_config, trains):
+    """Under a TorchDispatchMode an eager call runs the registered operator, which the mode may
+    record (a logging mode, a tracer of its own): with the call's padding_idx and backward mode,
+    with tables that train (inside FusedEmbeddingFunction's forward) or not (no autograd node)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    backend, device, deterministic = backend_config
+    calls = []
+
+    class RecordCalls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append((func, args))
+            return func(*args, **(kwargs or {}))
+
+    tok, pos = (torch.randn(rows, 6, device=device, requires_grad=trains) for rows in (11, 8))
+    with RecordCalls():
+        fused_embedding_for(backend_config, padding_idx=3)(torch.tensor([[3, 1, 2]], device=device), tok, pos)
+    recorded = [args[5:] for func, args in calls if func == torch.ops.fusedemb.fused_embedding.default]
+    assert recorded == [(3, backend, deterministic)]
 
 
 @requires_cpp
