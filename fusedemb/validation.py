@@ -46,7 +46,7 @@ import os
 from typing import NamedTuple
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, is_fake
+from torch._subclasses.fake_tensor import is_fake
 
 SUPPORTED_TABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 SUPPORTED_ID_DTYPES = (torch.int32, torch.int64)
@@ -150,10 +150,11 @@ def index_range_checks(
 
 
 def _has_values(index: torch.Tensor) -> bool:
-    """Whether there are values to check now: not on the meta device or fake (shapes only; under
-    a subclass, such as AOTAutograd's functional tensors, told by is_fake), and not while a CUDA
-    graph is being captured (a capture cannot wait for the GPU)."""
-    if index.is_meta or isinstance(index, FakeTensor) or (not is_plain_tensor(index) and is_fake(index)):
+    """Whether there are values to check now: not on the meta device or fake (shapes only: a
+    FakeTensor, or one under a wrapper such as AOTAutograd's functional tensors, all subclasses,
+    which is_fake tells; plain tensors skip it), and not while a CUDA graph is being captured (a
+    capture cannot wait for the GPU)."""
+    if index.is_meta or (not is_plain_tensor(index) and is_fake(index)):
         return False
     return not (index.is_cuda and torch.cuda.is_current_stream_capturing())
 
