@@ -134,6 +134,10 @@ def create_dataloader(
     Other keyword arguments (``pin_memory``, ``persistent_workers``, ``prefetch_factor``...) go
     to the DataLoader as they are.
     """
+    # A Path (or bytes) is no text to tokenize: said here, not by len() below or by tiktoken.
+    if not isinstance(text, str):
+        remedy = ": pass the file's contents (Path(name).read_text())" if isinstance(text, os.PathLike) else ""
+        raise TypeError(f"create_dataloader takes the text itself, a str, got {type(text).__name__}{remedy}")
     # The text itself, not a file's name: a name would be tokenized as it is, a few ids, and
     # give windows of the name without a word. (A short line only: a text is rarely one.)
     if len(text) < 4096 and "\n" not in text and os.path.isfile(text):

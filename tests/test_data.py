@@ -132,6 +132,16 @@ def test_dataloader_warns_when_given_a_file_name_instead_of_a_text(tmp_path, rec
     assert not recwarn.list
 
 
+def test_dataloader_refuses_a_path_or_bytes_with_a_message_that_says_what_to_pass(tmp_path):
+    path = tmp_path / "story.txt"
+    path.write_text("Not read: the loader takes texts.")
+    remedy = r"pass the file's contents \(Path\(name\)\.read_text\(\)\)"
+    with pytest.raises(TypeError, match=f"a str, got {type(path).__name__}: {remedy}"):
+        create_dataloader(path, batch_size=1, max_length=4, stride=4)  # was: object of type 'PosixPath' has no len()
+    with pytest.raises(TypeError, match=r"a str, got bytes$"):
+        create_dataloader(b"Some bytes, not a text.", batch_size=1, max_length=4, stride=4)
+
+
 def test_dataloader_passes_other_options_to_the_dataloader():
     use_shared_tiktoken_cache()
     loader = create_dataloader(verdict_text(), batch_size=2, max_length=8, stride=8, num_workers=1, persistent_workers=True, prefetch_factor=3)
