@@ -135,10 +135,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # to change 1.0 would hold out no text.
     if not (args.val_ratio == 0 or 0 < 1 - args.val_ratio < 1):
         parser.error(f"--val-ratio must be 0, or in (0, 1) and leave 1 - val_ratio below 1, got {args.val_ratio}")
+    # What torch would refuse only once the data is loaded (nn.Dropout, AdamW) or mid-training
+    # (a NaN dropout rate), and an infinite rate, which trains both models to NaN.
+    if args.drop_rate is not None and not 0 <= args.drop_rate <= 1:
+        parser.error(f"--drop-rate must be in [0, 1], got {args.drop_rate}")
+    for flag, value in (("--lr", args.lr), ("--weight-decay", args.weight_decay)):
+        if not (math.isfinite(value) and value >= 0):
+            parser.error(f"{flag} must be finite and not negative, got {value}")
+    # torch's seeds are 64-bit, and the script seeds seed, seed + 1 and seed + 2 (one outside
+    # failed inside the loader, and the text or the batch size was blamed).
+    if not -(2**63) <= args.seed <= 2**64 - 3:
+        parser.error(f"--seed must be in [-2**63, 2**64 - 3], got {args.seed}")
     try:
-        check_device(parser, torch.device(args.device).type)
+        device_type = torch.device(args.device).type
     except RuntimeError as error:  # not a device string
         parser.error(f"--device {args.device}: {error}")
+    # RandomStream seeds the CPU's and CUDA's random numbers only, and fusedemb's kernels run on
+    # these two (elsewhere it falls back to the reference): other devices are refused, not crashed on.
+    if device_type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: train_gpt.py trains on cpu or cuda")
+    check_device(parser, device_type)
     require_gpt2_tokenizer(parser)
     return args
 

@@ -282,6 +282,23 @@ def test_train_gpt_refuses_a_device_it_cannot_use(verdict, capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--drop-rate", "1.5", "--drop-rate must be in [0, 1], got 1.5"),  # nn.Dropout's traceback, after loading
+    ("--drop-rate", "nan", "--drop-rate must be in [0, 1], got nan"),  # nn.Dropout's, at the first step
+    ("--lr", "-1", "--lr must be finite and not negative, got -1.0"),  # AdamW's traceback
+    ("--lr", "inf", "--lr must be finite and not negative, got inf"),  # trained both models to NaN: FAIL
+    ("--weight-decay", "-0.1", "--weight-decay must be finite and not negative, got -0.1"),
+    ("--seed", str(2**64), "--seed must be in"),  # was blamed on the text or the batch size
+    ("--device", "meta", "--device meta: train_gpt.py trains on cpu or cuda"),  # a traceback at .item()
+])  # fmt: skip
+def test_train_gpt_refuses_bad_training_options_before_any_work(verdict, capsys, option, value, message):
+    train_gpt = import_example("train_gpt")
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt.main(["--text", str(verdict), "--steps", "1", option, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_train_gpt_names_the_validation_share_when_the_training_part_is_too_short(verdict):
     train_gpt = import_example("train_gpt")
     with pytest.raises(SystemExit, match=r"the training part of the text \(1% of it, --val-ratio 0.99\).*smaller --val-ratio"):
