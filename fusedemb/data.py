@@ -147,7 +147,8 @@ def create_dataloader(
             stacklevel=2,
         )
     dataset = GPTDataset(text, load_gpt2_tokenizer(), max_length, stride)
-    if drop_last and len(dataset) < batch_size:
+    # batch_size=None (no batching: one window per item) is the DataLoader's to accept or refuse.
+    if drop_last and batch_size is not None and len(dataset) < batch_size:
         raise ValueError(
             f"text gives {len(dataset)} windows of max_length={max_length}, stride={stride}: fewer than "
             f"batch_size={batch_size}, so drop_last=True would leave no batch at all"

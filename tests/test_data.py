@@ -142,6 +142,17 @@ def test_dataloader_refuses_a_path_or_bytes_with_a_message_that_says_what_to_pas
         create_dataloader(b"Some bytes, not a text.", batch_size=1, max_length=4, stride=4)
 
 
+def test_dataloader_leaves_batch_size_none_to_the_dataloader():
+    """batch_size=None turns the DataLoader's batching off: one (input, target) window per item.
+    It failed on the drop_last check ('<' not supported between int and NoneType)."""
+    use_shared_tiktoken_cache()
+    text = verdict_text()
+    inputs, targets = next(iter(create_dataloader(text, batch_size=None, max_length=4, stride=4, shuffle=False, drop_last=False)))
+    assert inputs.shape == targets.shape == (4,)
+    with pytest.raises(ValueError, match="mutually exclusive with drop_last"):  # the DataLoader's own words
+        create_dataloader(text, batch_size=None, max_length=4, stride=4)
+
+
 def test_dataloader_passes_other_options_to_the_dataloader():
     use_shared_tiktoken_cache()
     loader = create_dataloader(verdict_text(), batch_size=2, max_length=8, stride=8, num_workers=1, persistent_workers=True, prefetch_factor=3)
