@@ -101,6 +101,8 @@ def test_size_flags_make_a_custom_config_or_rename_overridden_presets():
         (["--batch", "0"], "argument --batch: must be at least 1, got 0"),
         (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
         (["--vocab", "-3"], "--vocab must be positive, got -3"),
+        (["--seed", str(2**64)], f"argument --seed: must be from -2**63 to 2**64 - 1 (a 64-bit seed), got {2**64}"),
+        (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
     ],
 )
 def test_bad_arguments_exit_with_a_usage_error(argv, message, capsys):
@@ -108,6 +110,13 @@ def test_bad_arguments_exit_with_a_usage_error(argv, message, capsys):
         cli.parse_args(["--device", "cpu", *argv])
     assert exit_info.value.code == 2
     assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_seeds_take_the_range_of_torch_generators():
+    """Both ends of manual_seed's range are seeds; a bad one is refused by the parser above."""
+    for value in cli.SEED_RANGE:
+        assert cli.parse_args(["--device", "cpu", "--seed", str(value)]).seed == value
+        torch.Generator().manual_seed(value)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when there is no GPU")

@@ -69,6 +69,23 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 positive_int = int_at_least(1)
 
+# The seeds torch.Generator.manual_seed takes: anything in 64 bits, signed or unsigned.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed torch.Generator.manual_seed takes. Checked now: make_inputs seeds
+    a generator per problem, so a seed out of range would only fail after the start-up, as an
+    error row for every problem (exit 1, where a bad argument exits 2)."""
+    value = int(text)
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be from -2**63 to 2**64 - 1 (a 64-bit seed), got {value}")
+    return value
+
+
+seed.__name__ = "int"  # argparse names the type in its message for a non-integer
+
 
 @contextlib.contextmanager
 def bounds_check_restored() -> Iterator[None]:
@@ -161,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pass", dest="passes", nargs="+", choices=PASSES, default=list(PASSES),
                         help="passes to time (default: all)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for ids and tables (default: 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed for ids and tables (default: 0)")
     parser.add_argument("--no-bounds-check", action="store_true",
                         help="time fusedemb with its id range check off (fusedemb.set_bounds_check(False)): "
                              "the maximum-speed setting; on CUDA the check costs a reduction and a sync per call "
