@@ -77,6 +77,20 @@ def test_lists_of_presets_dtypes_ids_impls_and_passes():
     assert args.passes == ["backward"]
 
 
+def test_values_given_twice_are_swept_once():
+    """Otherwise each is run twice, and a baseline named twice divides its own first rows."""
+    args = cli.parse_args([
+        "--device", "cpu", "--preset", "tiny", "tiny", "--batch", "2", "1", "2", "--dtype", "float16", "float16",
+        "--ids", "same", "zipf:1.3", "same", "--impl", "eager", "compile", "eager", "--pass", "forward", "forward",
+    ])
+    assert args.configs == [PRESETS["tiny"]]
+    assert args.batch == [2, 1]
+    assert args.dtype == ["float16"]
+    assert args.ids == [Same(), Zipf(1.3)]
+    assert args.impl == ["eager", "compile"]
+    assert args.passes == ["forward"]
+
+
 def test_size_flags_make_a_custom_config_or_rename_overridden_presets():
     assert resolve_configs(None, vocab=1000, dim=None, seq=64) == [
         ModelConfig("custom", vocab=1000, dim=768, seq=64)

@@ -188,6 +188,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="FILE", help="write all results as JSON")
     parser.add_argument("--plot", type=Path, metavar="FILE.png", help="plot GB/s against problem size")
     args = parser.parse_args(argv)
+    # A value given twice would be swept twice, and a baseline named twice (--impl eager eager)
+    # would have the speedups of its first rows divided by its second's time: each once, in order.
+    for name in ("preset", "batch", "dtype", "ids", "impl", "passes"):
+        if (values := getattr(args, name)) is not None:
+            setattr(args, name, list(dict.fromkeys(values)))
 
     check_device(parser, args.device)
     try:
