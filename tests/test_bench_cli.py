@@ -152,6 +152,15 @@ def test_output_paths_are_checked_before_the_sweep(flag, tmp_path, capsys):
     assert f"{flag} {tmp_path}: a folder, not a file" in capsys.readouterr().err
 
 
+def test_json_and_plot_to_the_same_file_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """The plot, written second, would silently replace the JSON (both end .png, say)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args([*TINY_ARGS, "--json", "bench.png", "--plot", str(tmp_path / "bench.png")])
+    assert exit_info.value.code == 2
+    assert "--json and --plot name the same file, bench.png" in capsys.readouterr().err
+
+
 def test_output_paths_are_checked_for_writing_and_left_as_they_were(tmp_path, capsys):
     """Whether the file can be written is also known before the sweep (procfs refuses a new
     file even to root, whom permissions would not stop); the check leaves no file behind and

@@ -202,6 +202,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None:
             check_output_path(parser, flag, path)
+    if args.json is not None and args.plot is not None and args.json.resolve() == args.plot.resolve():
+        parser.error(f"--json and --plot name the same file, {args.json}: the plot would overwrite the JSON")
     if args.plot is not None:
         try:
             suffixes = plot_suffixes()
