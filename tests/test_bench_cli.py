@@ -936,6 +936,29 @@ def test_a_run_cut_short_by_sigterm_reports_the_problems_it_finished(monkeypatch
     assert all(result["status"] == "ok" for result in report["results"])
 
 
+def test_a_run_cut_short_after_its_sweep_still_reports_it(monkeypatch, tmp_path, capsys):
+    """SIGTERM while the copy bandwidth is measured again after the last problem (seconds on a
+    CPU whose flush is large): the whole sweep is reported, without that second figure."""
+    measure, calls = cli.copy_bandwidth, []
+
+    def terminated_on_the_second_copy(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` sends
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "copy_bandwidth", terminated_on_the_second_copy)
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
+    json_path = tmp_path / "bench.json"
+    status = cli.main([*TINY_ARGS, "--batch", "1", "--ids", "uniform", "--impl", "eager", "--pass", "forward",
+                       "--json", str(json_path)])  # fmt: skip
+    assert status == 130 and len(calls) == 2 and signal.getsignal(signal.SIGTERM) == sigterm_handler
+    assert "| custom | float32 | uniform | 1 " in capsys.readouterr().out
+    report = json.loads(json_path.read_text())
+    assert report["settings"]["complete"] is True and report["copy_bandwidth_end_gbps"] is None
+    assert [result["status"] for result in report["results"]] == ["ok"]
+
+
 def test_a_run_cut_short_inside_a_problem_keeps_its_finished_implementations(monkeypatch, tmp_path, capsys):
     """Interrupted while the second implementation runs: the first one's rows are reported, with
     their speedups over the baselines that finished."""

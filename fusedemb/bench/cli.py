@@ -258,9 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(args.device, timer, measure_copy(), args.passes, args.seed)
 
     results = []
+    complete = interrupted = False
+    copy_bandwidth_end = None
     # A long sweep cut short (Ctrl-C, or SIGTERM from `timeout`) still reports what it finished,
     # down to the implementations of the problem it was in: SIGTERM is turned into the
-    # KeyboardInterrupt that Ctrl-C raises.
+    # KeyboardInterrupt that Ctrl-C raises. Until the copy bandwidth after it is measured too
+    # (seconds on a CPU with a large flush): stopped there, the sweep is reported without it.
     previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with tqdm(total=len(problems) * len(available), unit="impl", file=sys.stderr, disable=None) as progress:
@@ -268,13 +271,13 @@ def main(argv: list[str] | None = None) -> int:
                 progress.set_description(problem.label)
                 runner.run_problem(problem, available, after_each=progress.update, into=results)
         complete = True
+        # Again at the end: the distance between the two says how far the machine drifted during
+        # the sweep (a VM's bandwidth can), which every % copy figure inherits.
+        copy_bandwidth_end = measure_copy()
     except KeyboardInterrupt:
-        complete = False
+        interrupted = True
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
-    # Again at the end: the distance between the two says how far the machine drifted during
-    # the sweep (a VM's bandwidth can), which every % copy figure inherits.
-    copy_bandwidth_end = measure_copy() if complete else None
 
     report = Report(
         environment=environment,
@@ -304,6 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot_report(report, args.plot)
         print(f"wrote {args.plot}")
-    if not complete:
+    if interrupted:
         return INTERRUPTED_STATUS
     return 0 if not skipped and all(result.status == "ok" for result in results) else 1
