@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from gpt_model import CONFIGS, GPTConfig, GPTModel
 
-from fusedemb.bench.cli import check_device, require_gpt2_tokenizer, text_file
+from fusedemb.bench.cli import SEED_RANGE, check_device, require_gpt2_tokenizer, text_file
 from fusedemb.bench.timing import synchronize
 from fusedemb.data import create_dataloader, split_text
+from fusedemb.functional import resolve_backend
 
 # Largest accepted |loss_nn - loss_fused| at any step. Reordering a float32 sum of k terms
 # changes it by at most about k * 2^-24 relative to the sum of magnitudes: for the sums here
@@ -144,7 +145,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"{flag} must be finite and not negative, got {value}")
     # torch's seeds are 64-bit, and the script seeds seed, seed + 1 and seed + 2 (one outside
     # failed inside the loader, and the text or the batch size was blamed).
-    if not -(2**63) <= args.seed <= 2**64 - 3:
+    lowest_seed, highest_seed = SEED_RANGE
+    if not lowest_seed <= args.seed <= highest_seed - 2:
         parser.error(f"--seed must be in [-2**63, 2**64 - 3], got {args.seed}")
     try:
         device_type = torch.device(args.device).type
@@ -289,6 +291,9 @@ def report(comparison: Comparison, args: argparse.Namespace, config: GPTConfig) 
     print(f"config {args.config}: {config}")
     compiled = ", compiled" if args.compile else ""
     print(f"device {args.device}{compiled}, {args.steps} steps of batch {args.batch_size} x {config.context_length} tokens")
+    # Which kernels the comparison tested: without a build of the C++ extension (or triton on a
+    # GPU) fusedemb falls back to its plain-PyTorch reference, and a PASS then says nothing of them.
+    print(f"fusedemb backend: {resolve_backend(None, torch.device(args.device))}")
     print(f"same initial weights: {comparison.same_initial_weights}")
     print(f"{'step':>5} {'loss nn.Embedding':>18} {'loss fusedemb':>14} {'|diff|':>9}")
     for step, (a, b) in enumerate(zip(comparison.reference.losses, comparison.fused.losses), start=1):
