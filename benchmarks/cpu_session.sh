@@ -5,11 +5,11 @@
 # Usage, from the repo root: bash benchmarks/cpu_session.sh OUT_DIR [DATA_DIR]
 # DATA_DIR holds the-verdict.txt and tiktoken/ (../shared/data beside a checkout).
 set -euo pipefail
-case ${1:-} in  # the header above for --help; an option where OUT_DIR goes is a mistake
+case ${1:-} in  # the header above for --help; no OUT_DIR, or an option where it goes, is a mistake
   -h | --help) sed -n '2,/^set /s/^# \{0,1\}//p' "$0"; exit 0 ;;
-  -*) echo "usage: cpu_session.sh OUT_DIR [DATA_DIR] (--help for more)" >&2; exit 2 ;;
+  -* | "") echo "usage: cpu_session.sh OUT_DIR [DATA_DIR] (--help for more)" >&2; exit 2 ;;
 esac
-out=${1:?usage: cpu_session.sh OUT_DIR [DATA_DIR]}
+out=$1
 data=${2:-../shared/data}
 mkdir -p "$out"
 export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$data/tiktoken}

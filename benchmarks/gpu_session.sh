@@ -26,11 +26,11 @@
 # OUT_DIR/tables.txt gets every step's output, and the exit status of each command that failed;
 # the script exits 1 if any did (the smoke check's stops it at once), else 0.
 set -u
-case ${1:-} in  # the header above for --help; an option where OUT_DIR goes is a mistake
+case ${1:-} in  # the header above for --help; no OUT_DIR, or an option where it goes, is a mistake
   -h | --help) sed -n '2,/^set /s/^# \{0,1\}//p' "$0"; exit 0 ;;
-  -*) echo "usage: gpu_session.sh OUT_DIR [DATA_DIR] (--help for more)" >&2; exit 2 ;;
+  -* | "") echo "usage: gpu_session.sh OUT_DIR [DATA_DIR] (--help for more)" >&2; exit 2 ;;
 esac
-out=${1:?usage: gpu_session.sh OUT_DIR [DATA_DIR]}
+out=$1
 data=${2:-../shared/data}
 steps=" ${GPU_SESSION_STEPS:-smoke tests bench sortcross rangecheck host profile} "
 step() { [[ $steps == *" $1 "* ]]; }
