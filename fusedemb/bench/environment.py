@@ -19,6 +19,16 @@ def device_name(device: str) -> str:
     return _cpu_model() or platform.processor() or platform.machine()
 
 
+def device_capability(device: str) -> str:
+    """What code the device runs: a GPU's compute capability (sm_90 on an H100 or H200), which
+    Triton compiles the kernels for; on a CPU, the instruction set ATen's vectorized kernels
+    (eager's baseline) were picked for at start-up (AVX2, AVX512...; ATEN_CPU_CAPABILITY)."""
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        return f"sm_{major}{minor}"
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def _cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo (Linux); empty elsewhere."""
     try:
@@ -89,6 +99,7 @@ def describe_environment(device: str) -> dict[str, object]:
     return {
         "device": device,
         "device_name": device_name(device),
+        "device_capability": device_capability(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda if device == "cuda" else None,
         "triton": _version("triton"),
@@ -100,7 +111,8 @@ def describe_environment(device: str) -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "load_average": load_average(),
         "transparent_hugepage": _transparent_huge_pages(),
-        # Settings that change CPU results: the allocator's huge pages, OpenMP's threads.
-        "env": {name: os.environ.get(name) for name in ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS")},
+        # Settings that change CPU results: the allocator's huge pages, OpenMP's threads, ATen's
+        # instruction set (capped by ATEN_CPU_CAPABILITY).
+        "env": {name: os.environ.get(name) for name in ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS", "ATEN_CPU_CAPABILITY")},
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

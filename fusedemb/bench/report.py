@@ -62,11 +62,16 @@ def _flush_line(settings: dict) -> list[str]:
     return [] if mib is None else [f"cache flush: {mib:g} MiB overwritten before every timed call"]
 
 
+def _device_description(env: dict) -> str:
+    capability = env.get("device_capability")  # (absent from reports written before it was recorded)
+    return env["device_name"] + (f", {capability}" if capability else "")
+
+
 def format_table(report: Report) -> str:
     """Header lines, one table row per result, then why anything was skipped or not timed."""
     env = report.environment
     lines = [
-        f"device: {env['device']} ({env['device_name']}), {env['torch_threads']} torch threads; "
+        f"device: {env['device']} ({_device_description(env)}), {env['torch_threads']} torch threads; "
         f"torch {env['torch']}, triton {env['triton']}, fusedemb {env.get('fusedemb_commit') or env['fusedemb']}",
         f"copy bandwidth: {report.copy_bandwidth / 1e9:.1f} GB/s before the sweep (% copy's)"
         + ("" if report.copy_bandwidth_end is None else f", {report.copy_bandwidth_end / 1e9:.1f} GB/s after it")
