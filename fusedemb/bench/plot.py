@@ -72,7 +72,11 @@ def plot_report(report: Report, path: Path):
         ax.set_ylim(bottom=0)
     figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize="small")  # clear of the title
     env = report.environment
-    figure.suptitle(f"fusedemb on {env['device_name']} ({env['device']}, torch {env['torch']})")
+    # A plot travels without its table: it names what the table's header does, the commit, and a
+    # --quick run's status (a smoke test's figures look like a measurement's otherwise).
+    source = env.get("fusedemb_commit") or env["fusedemb"]
+    quick = "; --quick: a smoke test, not a measurement" if report.settings.get("quick") else ""
+    figure.suptitle(f"fusedemb {source} on {env['device_name']} ({env['device']}, torch {env['torch']}){quick}")
     figure.savefig(path, dpi=120)
     return figure
 
