@@ -93,7 +93,7 @@ def test_values_given_twice_are_swept_once():
 
 def test_size_flags_make_a_custom_config_or_rename_overridden_presets():
     assert resolve_configs(None, vocab=1000, dim=None, seq=64) == [
-        ModelConfig("custom", vocab=1000, dim=768, seq=64)
+        ModelConfig("custom[V=1000 D=768 T=64]", vocab=1000, dim=768, seq=64)
     ]
     (overridden,) = resolve_configs(["gpt2-774M"], seq=256)
     assert overridden == ModelConfig("gpt2-774M[T=256]", vocab=50257, dim=1280, seq=256)
@@ -115,6 +115,7 @@ def test_size_flags_make_a_custom_config_or_rename_overridden_presets():
         (["--batch", "0"], "argument --batch: must be at least 1, got 0"),
         (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
         (["--vocab", "-3"], "--vocab must be positive, got -3"),
+        (["--seq", str(2**63)], f"--seq must fit in 64 bits (at most 2**63 - 1), got {2**63}"),
         (["--seed", str(2**64)], f"argument --seed: must be from -2**63 to 2**64 - 1 (a 64-bit seed), got {2**64}"),
         (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
     ],
@@ -756,6 +757,13 @@ def test_the_plot_draws_gbps_against_tokens_under_the_copy_bandwidth(tmp_path):
     assert list(lines.pop("copy bandwidth").get_ydata()) == [50.0, 50.0]
     (series,) = lines.values()
     assert list(series.get_xdata()) == [24] and list(series.get_ydata()) == [12.5]  # B * T tokens
+    assert figure.get_suptitle() == "fusedemb z on made up (cpu, torch x)"
+
+
+def test_a_quick_plot_says_it_is_no_measurement_and_names_the_commit(tmp_path):
+    environment = made_up_environment("cpu") | {"fusedemb_commit": "abc1234"}
+    figure = plot_report(Report(environment, {"quick": True}, 50e9, {}, [known_result()]), tmp_path / "plot.png")
+    assert figure.get_suptitle() == "fusedemb abc1234 on made up (cpu, torch x); --quick: a smoke test, not a measurement"
 
 
 @pytest.mark.parametrize("load, warned", [(3.0, True), (1.5, False)])
@@ -848,7 +856,7 @@ def test_tiny_cpu_run_writes_the_table_json_and_plot(tmp_path, capsys):
     ])
     assert status == 1  # fusedemb-fast was asked for and could not run here
     table = capsys.readouterr().out
-    assert "copy bandwidth:" in table and "| custom | float32 | same" in table
+    assert "copy bandwidth:" in table and "| custom[V=97 D=16 T=8] | float32 | same" in table
     assert "fusedemb-fast: the Triton kernels need a CUDA device" in table
     assert "median: time per call" in table  # the legend
     assert re.search(r"load average \d+\.\d\d on \d+ CPUs at the start; transparent huge pages", table)
@@ -862,8 +870,11 @@ def test_tiny_cpu_run_writes_the_table_json_and_plot(tmp_path, capsys):
     commit = environment["fusedemb_commit"]  # None for an installed copy, else the checkout's HEAD
     assert commit is None or re.fullmatch(r"[0-9a-f]{7,}(\+modified)?", commit), commit
     assert report["copy_bandwidth_gbps"] > 0 and report["copy_bandwidth_end_gbps"] > 0
-    assert set(environment["env"]) == {"THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS"} and "load_average" in environment
-    assert report["settings"]["configs"] == [{"name": "custom", "vocab": 97, "dim": 16, "seq": 8}]
+    assert set(environment["env"]) == {"THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS", "ATEN_CPU_CAPABILITY"}
+    assert "load_average" in environment
+    assert environment["device_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"{environment['device_name']}, {environment['device_capability']}), " in table
+    assert report["settings"]["configs"] == [{"name": "custom[V=97 D=16 T=8]", "vocab": 97, "dim": 16, "seq": 8}]
     assert "fusedemb-fast" in report["skipped"]
     timed = {"fusedemb", "eager"} - set(report["skipped"])  # fusedemb needs the C++ extension built
     results = report["results"]
@@ -929,7 +940,7 @@ def test_a_run_cut_short_by_sigterm_reports_the_problems_it_finished(monkeypatch
     assert len(problems_started) == 2 and signal.getsignal(signal.SIGTERM) == sigterm_handler
     table = capsys.readouterr().out
     assert "interrupted: the rows above are what finished before it" in table
-    assert "| custom | float32 | uniform | 1 " in table and "| custom | float32 | uniform | 2 " not in table
+    assert "| custom[V=97 D=16 T=8] | float32 | uniform | 1 " in table and "| custom[V=97 D=16 T=8] | float32 | uniform | 2 " not in table
     report = json.loads(json_path.read_text())
     assert report["settings"]["complete"] is False
     assert {result["batch"] for result in report["results"]} == {1}
@@ -953,7 +964,7 @@ def test_a_run_cut_short_after_its_sweep_still_reports_it(monkeypatch, tmp_path,
     status = cli.main([*TINY_ARGS, "--batch", "1", "--ids", "uniform", "--impl", "eager", "--pass", "forward",
                        "--json", str(json_path)])  # fmt: skip
     assert status == 130 and len(calls) == 2 and signal.getsignal(signal.SIGTERM) == sigterm_handler
-    assert "| custom | float32 | uniform | 1 " in capsys.readouterr().out
+    assert "| custom[V=97 D=16 T=8] | float32 | uniform | 1 " in capsys.readouterr().out
     report = json.loads(json_path.read_text())
     assert report["settings"]["complete"] is True and report["copy_bandwidth_end_gbps"] is None
     assert [result["status"] for result in report["results"]] == ["ok"]

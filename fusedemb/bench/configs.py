@@ -57,25 +57,38 @@ def resolve_configs(
     """The configurations to run: the named presets with any of V, D, T overridden.
 
     With no preset named, the overrides describe one custom configuration whose other fields are
-    those of the default preset. Overridden presets are renamed, e.g. ``gpt2-355M[T=256]``, so
-    that a result never carries a preset's name for sizes that are not the preset's.
+    those of the default preset, named with all three sizes (``custom[V=1000 D=768 T=64]``):
+    the table and the plot show no sizes otherwise. Overridden presets are renamed, e.g.
+    ``gpt2-355M[T=256]``, so that a result never carries a preset's name for sizes that are not
+    the preset's.
     """
     overrides = {"vocab": vocab, "dim": dim, "seq": seq}
     overrides = {field: value for field, value in overrides.items() if value is not None}
     for field, value in overrides.items():
         if value < 1:
             raise ValueError(f"--{field} must be positive, got {value}")
+        if value > _INT64_MAX:  # a size no tensor takes: refused here, not as an error row per problem
+            raise ValueError(f"--{field} must fit in 64 bits (at most 2**63 - 1), got {value}")
     if not preset_names:
-        base = PRESETS[DEFAULT_PRESET]
-        return [dataclasses.replace(base, name="custom", **overrides)] if overrides else [base]
-    suffix = " ".join(f"{_SYMBOLS[field]}={value}" for field, value in overrides.items())
+        if not overrides:
+            return [PRESETS[DEFAULT_PRESET]]
+        custom = dataclasses.replace(PRESETS[DEFAULT_PRESET], **overrides)
+        sizes = {field: getattr(custom, field) for field in _SYMBOLS}
+        return [dataclasses.replace(custom, name=f"custom[{_size_suffix(sizes)}]")]
     return [
-        dataclasses.replace(PRESETS[name], name=f"{name}[{suffix}]", **overrides) if overrides else PRESETS[name]
+        dataclasses.replace(PRESETS[name], name=f"{name}[{_size_suffix(overrides)}]", **overrides)
+        if overrides
+        else PRESETS[name]
         for name in preset_names
     ]
 
 
+def _size_suffix(sizes: dict[str, int]) -> str:
+    return " ".join(f"{_SYMBOLS[field]}={value}" for field, value in sizes.items())
+
+
 _SYMBOLS = {"vocab": "V", "dim": "D", "seq": "T"}
+_INT64_MAX = torch.iinfo(torch.int64).max
 
 
 @dataclass(frozen=True)
