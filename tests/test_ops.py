@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import sys
+import threading
 
 import pytest
 import torch
@@ -297,6 +300,50 @@ def test_triton_launchers_refuse_tensors_on_two_devices(config):
     for (grad, index, position_index), message in backward_cases:
         with pytest.raises(ValueError, match=message):
             triton_backward(grad, index, position_index, 0, 13, 9, -1, deterministic)
+
+
+@pytest.mark.parametrize("config", TRITON_CONFIGS, ids=config_id)
+def test_triton_launchers_called_from_several_threads_at_once(config):
+    """Threads that each run the kernels on tensors of their own (a server answering requests,
+    each in a thread) get what one thread alone gets. Triton's interpreter keeps the state of a
+    launch process-wide (kernels/common.py, before launch): two launches at once failed with
+    InterpreterErrors and returned wrong gradients, until interpreted launches took turns."""
+    from fusedemb.kernels import triton_backward, triton_forward
+
+    _, device, deterministic = config
+    vocab, context, dim = 97, 33, 40
+
+    def inputs(seed):
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab, (2, context), generator=generator)
+        tok, pos = torch.randn(vocab, dim, generator=generator), torch.randn(context, dim, generator=generator)
+        grad_out = torch.randn(2, context, dim, generator=generator)
+        return [tensor.to(device) for tensor in (ids, tok, pos, grad_out)]
+
+    def run(ids, tok, pos, grad_out):
+        out = triton_forward(ids, tok, pos, None, 0)
+        return (out, *triton_backward(grad_out, ids, None, 0, vocab, context, -1, deterministic))
+
+    cases = [inputs(seed) for seed in range(4)]
+    expected = [run(*case) for case in cases]
+    start = threading.Barrier(len(cases))
+
+    def in_a_thread(case):
+        start.wait()
+        return run(*case)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads take turns often, as on a busy machine
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+            results = list(pool.map(in_a_thread, cases))
+    finally:
+        sys.setswitchinterval(interval)
+    # The fast mode's float atomics add in any order on a GPU; the interpreter runs programs in turn.
+    exact = deterministic or device == "cpu"
+    for result, reference in zip(results, expected):
+        for got, want in zip(result, reference):
+            torch.testing.assert_close(got, want, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-5)
 
 
 CPU_TENSORS_WITHOUT_INTERPRETER = """

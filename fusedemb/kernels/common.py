@@ -9,6 +9,7 @@ called directly, and fusedemb.ops keeps such calls out of traced graphs.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 import triton
@@ -80,11 +81,22 @@ def on_device_of(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device.index)
 
 
+# Triton's interpreter runs a launch on process-wide state: one grid index and grid size for all
+# threads (triton.runtime.interpreter.interpreter_builder), and triton.language's functions
+# swapped for interpreted ones for the launch, put back after it. Two threads launching at once
+# (each with its own tensors) read each other's program ids: InterpreterErrors ("z >=
+# grid_dim[2]", "Did you forget to add @triton.jit ?"), gradients silently wrong, and
+# triton.language left patched (triton 3.9). So interpreted launches take turns; compiled
+# kernels keep no such state and launch without the lock.
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     if isinstance(kernel, JITFunction):
         wrap_triton(kernel)[grid](*args, **kwargs)
     else:
-        kernel[grid](*args, **kwargs)
+        with _INTERPRETER_LOCK:
+            kernel[grid](*args, **kwargs)
 
 
 @triton.jit
