@@ -127,6 +127,21 @@ def test_bad_arguments_exit_with_a_usage_error(argv, message, capsys):
     assert f"error: {message}" in capsys.readouterr().err
 
 
+def test_text_files_are_swept_once_and_told_apart_by_name(tmp_path, monkeypatch, capsys):
+    """One file named two ways is one distribution; two files of one name would share a row
+    label in the table and the plot, and are refused."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.txt").write_text("Hello, world. " * 20)
+    monkeypatch.chdir(tmp_path)
+    args = cli.parse_args(["--device", "cpu", "--ids", "text:a/x.txt", f"text:{tmp_path}/a/x.txt", "uniform"])
+    assert [distribution.label for distribution in args.ids] == ["text:x.txt", "uniform"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["--device", "cpu", "--ids", "text:a/x.txt", "text:b/x.txt"])
+    assert exit_info.value.code == 2
+    assert "error: --ids: two different files would both read text:x.txt" in capsys.readouterr().err
+
+
 def test_seeds_take_the_range_of_torch_generators():
     """Both ends of manual_seed's range are seeds; a bad one is refused by the parser above."""
     for value in cli.SEED_RANGE:

@@ -107,7 +107,7 @@ def parse_distribution(spec: str) -> IdDistribution:
             _gpt2_tokens(path.resolve())
         except (OSError, UnicodeDecodeError, ImportError, RuntimeError) as error:
             raise ValueError(f"text:{argument}: {error}") from None
-        return Text(path)
+        return Text(path.resolve())  # (one file named two ways is one distribution)
     raise ValueError(f"unknown id distribution {spec!r}: use uniform, same, zipf:S or text:FILE")
 
 
