@@ -22,7 +22,7 @@ Interpreted Triton kernels are plain Python that cannot be traced, so under the 
 Triton path goes through two opaque operators (fusedemb::interpreted_forward / _backward) with
 fake kernels of their own, exactly like the C++ path.
 
-Outside recorded graphs (torch.compile, torch.export, torch.jit.trace),
+Outside recorded graphs (torch.compile, torch.export, torch.jit.trace, make_fx),
 `FusedEmbeddingFunction` (an autograd.Function) calls the same kernels with the same saved
 context but skips the custom-operator dispatch, which costs 60-130 us of host time per call:
 more than the forward kernel itself takes on a GPU at GPT-2 sizes. An eager call with nothing
@@ -117,7 +117,8 @@ def range_checked(
     once every value is found within its table; IndexError otherwise, with the eager check's
     message (RangeCheck).
 
-    This is the range check of recorded graphs (torch.compile, torch.export, torch.jit.trace).
+    This is the range check of recorded graphs (torch.compile, torch.export, torch.jit.trace,
+    make_fx).
     Eager calls check in Python, which a graph cannot hold: reading tensor values would break
     Dynamo's graph, and a trace would check its example inputs only. An opaque operator keeps
     the check in the graph, and its outputs are what the kernels then read, so it runs before

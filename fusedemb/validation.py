@@ -25,8 +25,8 @@ id on CUDA is clamped, silently: its output is the row of the nearest valid id (
 and its gradient is added into that row. The reference backend (eager's F.embedding, which
 trips a device-side assert on a bad id) is checked even then.
 
-A graph (torch.compile, torch.export, torch.jit.trace) cannot hold this Python-level check,
-which waits for tensor values: it records an operator that checks instead
+A graph (torch.compile, torch.export, torch.jit.trace, make_fx) cannot hold this Python-level
+check, which waits for tensor values: it records an operator that checks instead
 (fusedemb.ops.range_checked), so a compiled or exported model raises the same IndexError each
 time it runs (TorchScript and Inductor's C++ wrappers as a RuntimeError), unless the switch was
 off when the graph was made (the reference backend and torch.func transforms are checked
