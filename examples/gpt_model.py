@@ -57,7 +57,8 @@ INIT_STD = 0.02
 
 
 class TokenAndPositionEmbedding(nn.Module):
-    """The plain-PyTorch first layer: two nn.Embedding lookups and a broadcast add (three kernels)."""
+    """The plain-PyTorch first layer: two nn.Embedding lookups and a broadcast add (four kernels,
+    with the arange of the positions)."""
 
     def __init__(self, vocab_size: int, emb_dim: int, context_length: int):
         super().__init__()
