@@ -1,6 +1,11 @@
 """The C++ extension's own concerns: its 16-bit row loops round exactly as eager PyTorch does
-(csrc/row_ops.*, which has a vectorised float16 path); without the compiled extension, fusedemb
-still imports, with one clear warning, then the reference."""
+(csrc/row_ops.*, which has a vectorised float16 path); it is built with OpenMP where setup.py
+asks for it; without the compiled extension, fusedemb still imports, with one clear warning,
+then the reference."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +42,21 @@ def test_import_without_extension_warns_once_and_falls_back_to_reference():
     result = run_python("-c", SCRIPT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# What `#pragma omp parallel` compiles to: a call into GCC's libgomp or LLVM's libomp.
+OPENMP_ENTRY_POINTS = (b"GOMP_parallel", b"__kmpc_fork_call")
+
+
+@requires_cpp
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="setup.py builds the extension serial on macOS")
+def test_the_extension_is_compiled_with_openmp():
+    """at::parallel_for is inline in the extension's own code, and serial unless the extension
+    itself is compiled with OpenMP (-fopenmp: PyTorch's own build having it is not enough). A
+    build without it still passes every other test, on one thread: the compiled library must
+    call into an OpenMP runtime."""
+    library = Path(importlib.util.find_spec("fusedemb._C").origin).read_bytes()
+    assert any(entry in library for entry in OPENMP_ENTRY_POINTS), "fusedemb._C was built without OpenMP"
 
 
 def random_bit_patterns(count: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
