@@ -241,3 +241,11 @@ def test_gpu_session_exits_0_when_every_command_does(tmp_path):
     status, tables = run_gpu_session_on_stubs(tmp_path, 'echo "ran $*"', "smoke sortcross rangecheck host profile")
     assert status == 0 and "exit " not in tables
     assert tables.count("ran -m fusedemb.bench") == 3 and tables.count("ran benchmarks/range_check_cost.py") == 2
+
+
+def test_the_pytest_benchmark_suite_times_skewed_ids_and_real_text():
+    """DESIGN.md: benchmarks must include skewed distributions and real tokenized text, not only
+    uniform random ids; the suite CI runs in its quick mode is one of them."""
+    suite = load_script("bench_fused_embedding")
+    kinds = {spec.partition(":")[0] for spec in suite.IDS_SPECS}
+    assert {"zipf", "text"} <= kinds, suite.IDS_SPECS
