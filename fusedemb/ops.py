@@ -1,4 +1,4 @@
-"""The torch.library operators of fusedemb: schema, fake kernels, autograd and device dispatch.
+"""The torch.library operators of fusedemb: schema, fake kernels, autograd and backend dispatch.
 
     fusedemb::fused_embedding           forward  -> out [..., D]
     fusedemb::fused_embedding_backward  backward -> (grad_tok [V, D], grad_pos [P, D]), [0, D] for
@@ -17,6 +17,11 @@ no .item(), no data_ptr(), no branching on tensor values. It branches on `backen
 
     "triton"  the Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
     "cpp"     the C++ CPU kernels, torch.ops.fusedemb.cpu_forward / cpu_backward
+
+The device picks the backend before these operators are called (fusedemb.functional.resolve_backend:
+Triton for CUDA tensors, C++ for CPU ones) and passes it as an argument, rather than the
+operators dispatching on the device themselves: a caller may force one (`backend="triton"` on
+CPU tensors runs the interpreter), and a recorded graph keeps the backend it was made with.
 
 Interpreted Triton kernels are plain Python that cannot be traced, so under the interpreter the
 Triton path goes through two opaque operators (fusedemb::interpreted_forward / _backward) with
