@@ -279,11 +279,23 @@ def save_forward_context(ctx, inputs, output):
     )  # fmt: skip
 
 
+def _materialized(grad: torch.Tensor) -> torch.Tensor:
+    """grad, with a ZeroTensor (PyTorch's zeros without storage, torch._efficientzerotensor,
+    which autograd may pass as a gradient) as real zeros: the kernels read memory, and a
+    ZeroTensor has none to read (the C++ kernels saw strides of 0, Triton an invalid storage).
+    Not while Dynamo traces (compiled autograd): it cannot trace the test, and the graph's
+    tensors are fake. (A compiled forward's backward graph takes a ZeroTensor as it comes: the
+    C++ kernels refuse it, ValueError; in torch 2.13 the compiled nn.Embedding pair crashes.)"""
+    if not torch.compiler.is_compiling() and grad._is_zerotensor():
+        return torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
+    return grad
+
+
 def table_gradients(ctx, grad_out, backward):
     ids, position_ids = ctx.saved_tensors
     _, tok_needs_grad, pos_needs_grad, *_ = ctx.needs_input_grad  # a frozen table gets no work
     grad_tok, grad_pos = backward(
-        grad_out.contiguous(),
+        _materialized(grad_out).contiguous(),
         ids,
         position_ids,
         ctx.position_offset,

@@ -143,6 +143,33 @@ def test_forward_mode_ad_matches_nn_embedding(backend_config, dual):
     torch.testing.assert_close(tangent_of(fused), tangent_of(fused_embedding_reference), rtol=0, atol=0)
 
 
+def test_zero_tensors_count_as_zeros_as_gradients_and_tangents(backend_config):
+    """PyTorch's zeros without storage (torch._efficientzerotensor), which autograd may pass as a
+    gradient or a tangent, give zero gradients and tangents, as with nn.Embedding. (The kernels
+    read memory a ZeroTensor lacks: the C++ backward refused its strides of 0, Triton's read an
+    invalid storage.)"""
+    _, device, _ = backend_config
+    torch.manual_seed(17)
+    tok, pos = make_tables(11, 9, 7, torch.float32, device)
+    ids = torch.randint(0, 11, (2, 5), device=device)
+    fused = fused_embedding_for(backend_config, padding_idx=4)
+
+    def zeros_of(tensor):
+        return torch._efficientzerotensor(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+
+    out = fused(ids, tok, pos)
+    grad_out = torch.randn_like(out, requires_grad=True)
+    grad_tok, _ = torch.autograd.grad(out, (tok, pos), grad_out, create_graph=True)
+    for table, gradient in zip((tok, pos), torch.autograd.grad(out, (tok, pos), zeros_of(out), retain_graph=True)):
+        assert torch.equal(gradient, torch.zeros_like(table))
+    (double,) = torch.autograd.grad(grad_tok, grad_out, zeros_of(grad_tok))  # double backward
+    assert torch.equal(double, torch.zeros_like(grad_out))
+    with forward_ad.dual_level():
+        dual_tok = forward_ad.make_dual(tok.detach(), zeros_of(tok))
+        tangent = forward_ad.unpack_dual(fused(ids, dual_tok, pos.detach())).tangent
+    assert torch.equal(tangent, torch.zeros_like(out))
+
+
 @pytest.mark.parametrize("shape", [(17,), (3, 8), (2, 3, 5)], ids=["1d", "2d", "3d"])
 def test_leading_shapes(backend_config, shape):
     _, device, _ = backend_config
