@@ -86,25 +86,34 @@ class Comparison:
     def failures(self) -> list[str]:
         """What did not hold, in words; empty when everything did. (A NaN fails every
         comparison: NaN <= tolerance is False.)"""
-        checks = {
-            "the two models started from different weights": self.same_initial_weights,
-            f"training losses differ by {self.max_loss_diff:.1e} > {LOSS_TOLERANCE:.0e}": (
-                self.max_loss_diff <= LOSS_TOLERANCE
-            ),
-            f"the checkpoint's logits differ by {self.checkpoint_logits_max_diff:.1e}": (
-                self.checkpoint_logits_max_diff <= CHECKPOINT_LOGITS_TOLERANCE
-            ),
-        }
+        checks = dict([
+            ("the two models started from different weights", self.same_initial_weights),
+            losses_agree("training losses", self.reference.losses, self.fused.losses),
+            (f"the checkpoint's logits differ by {self.checkpoint_logits_max_diff:.1e}",
+             self.checkpoint_logits_max_diff <= CHECKPOINT_LOGITS_TOLERANCE),
+        ])  # fmt: skip
         pairs = {"trained models' losses on the first batch": self.trained_losses, "validation losses": self.validation_losses}
         for what, losses in pairs.items():
             if losses is not None:
-                diff = abs(losses[0] - losses[1])
-                checks[f"{what} differ by {diff:.1e} > {LOSS_TOLERANCE:.0e}"] = diff <= LOSS_TOLERANCE
+                checks.update([losses_agree(what, [losses[0]], [losses[1]])])
         return [failure for failure, held in checks.items() if not held]
 
     @property
     def ok(self) -> bool:
         return not self.failures()
+
+
+def losses_agree(what: str, reference: list[float], fused: list[float]) -> tuple[str, bool]:
+    """Whether the two models' losses agree within LOSS_TOLERANCE, and the failure in words: by
+    how much they differ, or which model diverged (a NaN loss). Both diverging is no mismatch
+    between the first layers but a failed run, said as such."""
+    diverged = [name for name, losses in (("nn.Embedding", reference), ("fusedemb", fused)) if any(map(math.isnan, losses))]
+    if len(diverged) == 2:
+        return f"{what}: both models diverged (NaN; a smaller --lr?)", False
+    if diverged:
+        return f"{what}: only the {diverged[0]} model diverged (NaN)", False
+    diff = max(abs(a - b) for a, b in zip(reference, fused))
+    return f"{what} differ by {diff:.1e} > {LOSS_TOLERANCE:.0e}", diff <= LOSS_TOLERANCE
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import pytest
 import torch
@@ -115,16 +116,24 @@ def test_train_gpt_names_what_failed():
 
 def test_train_gpt_fails_a_diverged_model():
     """A NaN loss at a later step fails the comparison (Python's max() would skip it), as does
-    a NaN after training or on the held-out text."""
+    a NaN after training or on the held-out text; the failure names the model that diverged,
+    and both diverging (too large a --lr) is said as such, not as a difference."""
     train_gpt = import_example("train_gpt")
     run = train_gpt.TrainingRun(losses=[10.0, 9.0, 8.0], step_seconds=[0.1] * 3)
     diverged = train_gpt.TrainingRun(losses=[10.0, float("nan"), 8.0], step_seconds=[0.1] * 3)
     comparison = train_gpt.Comparison(run, diverged, True, 0.0, None, (8.5, float("nan")), (8.0, float("nan")))
     assert comparison.failures() == [
-        "training losses differ by nan > 1e-04",
-        "trained models' losses on the first batch differ by nan > 1e-04",
-        "validation losses differ by nan > 1e-04",
+        "training losses: only the fusedemb model diverged (NaN)",
+        "trained models' losses on the first batch: only the fusedemb model diverged (NaN)",
+        "validation losses: only the fusedemb model diverged (NaN)",
     ]
+    both = train_gpt.Comparison(diverged, diverged, True, 0.0, None, (float("nan"),) * 2, None)
+    assert both.failures() == [
+        "training losses: both models diverged (NaN; a smaller --lr?)",
+        "trained models' losses on the first batch: both models diverged (NaN; a smaller --lr?)",
+    ]
+    apart = train_gpt.Comparison(run, replace(run, losses=[10.0, 9.0, 8.5]), True, 0.0, None, (8.0, 8.0), None)
+    assert apart.failures() == ["training losses differ by 5.0e-01 > 1e-04"]
 
 
 def test_train_gpt_checks_the_last_update(verdict, monkeypatch, capsys):
