@@ -817,6 +817,8 @@ def test_calls_timed_without_the_gpu_hold_or_outrunning_it_are_marked():
     medians = [line.split("|")[7].strip() for line in table.splitlines() if line.startswith("| tiny")]
     assert medians == ["100.0 us*", "100.0 us", "100.0 us!", "100.0 us"]
     assert "*: a GPU call that waits for the GPU" in table and "!: the host outran the hold" in table
+    cpu_table = format_table(Report(made_up_environment("cpu"), {}, 1e12, {}, results[-1:]))
+    assert "peak extra: the most memory" in cpu_table and "*: a GPU call" not in cpu_table  # no marks to explain
     assert [result.to_dict()["held"] for result in results] == [False, True, True, None]
     assert [result.to_dict()["hold_outruns"] for result in results] == [0, 0, 2, None]
 

@@ -44,10 +44,13 @@ LEGEND = (
     "±: half the interquartile range, relative; host: the host's time to queue (GPU) or run (CPU) "
     "one call; GB/s: the bytes model (fusedemb.bench.bytes_model) over the median; % copy: that "
     "over the copy bandwidth above; vs X: X's median over this one's (above 1: faster than X); "
-    "peak extra: the most memory the pass held at once beyond its inputs; *: a GPU call that "
-    f"waits for the GPU (the id range check) or takes the host over {CudaTimer.FIRST_HOLD_S * 1e3:g} ms, timed without the hold, "
-    "so its median includes the GPU's idling and compares with others' device times as unlike "
-    "quantities; "
+    "peak extra: the most memory the pass held at once beyond its inputs."
+)
+# The marks of GPU medians (_hold_mark), legend of GPU tables only: a CPU table never has them.
+GPU_MARKS_LEGEND = (
+    f"*: a GPU call that waits for the GPU (the id range check) or takes the host over {CudaTimer.FIRST_HOLD_S * 1e3:g} ms, "
+    "timed without the hold, so its median includes the GPU's idling and compares with others' "
+    "device times as unlike quantities; "
     "!: the host outran the hold on some calls (the GPU may have idled inside the timed region)."
 )
 
@@ -83,7 +86,7 @@ def format_table(report: Report) -> str:
         "",
         *_markdown_table(COLUMNS, [_row(result) for result in report.results]),
         "",
-        LEGEND,
+        LEGEND + (" " + GPU_MARKS_LEGEND if env["device"] == "cuda" else ""),
     ]
     notes = {
         f"{result.impl} on {result.problem.label}: {result.status}: {result.note}": None
