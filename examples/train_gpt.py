@@ -79,9 +79,7 @@ class Comparison:
 
     @property
     def max_loss_diff(self) -> float:
-        """The largest step's |difference|, NaN if any is (a diverged model): max() would skip it."""
-        diffs = [abs(a - b) for a, b in zip(self.reference.losses, self.fused.losses)]
-        return math.nan if any(map(math.isnan, diffs)) else max(diffs)
+        return largest_difference(self.reference.losses, self.fused.losses)
 
     def failures(self) -> list[str]:
         """What did not hold, in words; empty when everything did. (A NaN fails every
@@ -103,16 +101,25 @@ class Comparison:
         return not self.failures()
 
 
+def largest_difference(reference: list[float], fused: list[float]) -> float:
+    """The largest |difference| of paired losses, NaN if any is (max() would skip a NaN that
+    does not come first; inf - inf is one)."""
+    diffs = [abs(a - b) for a, b in zip(reference, fused)]
+    return math.nan if any(map(math.isnan, diffs)) else max(diffs)
+
+
 def losses_agree(what: str, reference: list[float], fused: list[float]) -> tuple[str, bool]:
     """Whether the two models' losses agree within LOSS_TOLERANCE, and the failure in words: by
-    how much they differ, or which model diverged (a NaN loss). Both diverging is no mismatch
-    between the first layers but a failed run, said as such."""
-    diverged = [name for name, losses in (("nn.Embedding", reference), ("fusedemb", fused)) if any(map(math.isnan, losses))]
+    how much they differ, or which model diverged (a loss of NaN or inf). Both diverging is no
+    mismatch between the first layers but a failed run, said as such."""
+    diverged = [
+        name for name, losses in (("nn.Embedding", reference), ("fusedemb", fused)) if not all(map(math.isfinite, losses))
+    ]
     if len(diverged) == 2:
-        return f"{what}: both models diverged (NaN; a smaller --lr?)", False
+        return f"{what}: both models diverged (a loss not finite; a smaller --lr?)", False
     if diverged:
-        return f"{what}: only the {diverged[0]} model diverged (NaN)", False
-    diff = max(abs(a - b) for a, b in zip(reference, fused))
+        return f"{what}: only the {diverged[0]} model diverged (a loss not finite)", False
+    diff = largest_difference(reference, fused)
     return f"{what} differ by {diff:.1e} > {LOSS_TOLERANCE:.0e}", diff <= LOSS_TOLERANCE
 
 
