@@ -139,7 +139,7 @@ def test_text_files_are_swept_once_and_told_apart_by_name(tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as exit_info:
         cli.parse_args(["--device", "cpu", "--ids", "text:a/x.txt", "text:b/x.txt"])
     assert exit_info.value.code == 2
-    assert "error: --ids: two different files would both read text:x.txt" in capsys.readouterr().err
+    assert "error: --ids: two values would both read text:x.txt" in capsys.readouterr().err
 
 
 def test_seeds_take_the_range_of_torch_generators():

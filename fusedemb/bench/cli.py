@@ -193,10 +193,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("preset", "batch", "dtype", "ids", "impl", "passes"):
         if (values := getattr(args, name)) is not None:
             setattr(args, name, list(dict.fromkeys(values)))
-    # Rows and plot lines are told apart by label, and a text's label is its file's name only.
+    # Rows and plot lines are told apart by label: a text's is its file's name only, a Zipf
+    # exponent's is rounded (%g).
     labels = [distribution.label for distribution in args.ids]
     if clash := next((label for label in labels if labels.count(label) > 1), None):
-        parser.error(f"--ids: two different files would both read {clash} in the table and plot")
+        parser.error(f"--ids: two values would both read {clash} in the table and plot")
 
     check_device(parser, args.device)
     try:

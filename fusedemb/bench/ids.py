@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +108,9 @@ def parse_distribution(spec: str) -> IdDistribution:
             _gpt2_tokens(path.resolve())
         except (OSError, UnicodeDecodeError, ImportError, RuntimeError) as error:
             raise ValueError(f"text:{argument}: {error}") from None
-        return Text(path.resolve())  # (one file named two ways is one distribution)
+        # Absolute and normalised, so that one file named two ways is one distribution; its
+        # links not resolved, so that its label is the name given.
+        return Text(Path(os.path.abspath(path)))
     raise ValueError(f"unknown id distribution {spec!r}: use uniform, same, zipf:S or text:FILE")
 
 
