@@ -116,7 +116,7 @@ class GPTDataset(Dataset):
 
 def create_dataloader(
     text: str,
-    batch_size: int = 4,
+    batch_size: int | None = 4,
     max_length: int = 256,
     stride: int = 128,
     shuffle: bool = True,
@@ -129,7 +129,9 @@ def create_dataloader(
     """Batches of (input, target) windows of ``text`` tokenized with tiktoken's gpt2 encoding.
 
     Each batch is a pair of int64 tensors of shape (batch_size, max_length), the last one shorter
-    when ``drop_last`` is False and the windows do not fill it. ``generator`` seeds
+    when ``drop_last`` is False and the windows do not fill it; ``batch_size=None`` yields one
+    window per item instead, of shape (max_length,) (the DataLoader's own rule: with
+    ``drop_last=False``). ``generator`` seeds
     the shuffle, so two loaders built with equally seeded generators yield the same batches.
     Other keyword arguments (``pin_memory``, ``persistent_workers``, ``prefetch_factor``...) go
     to the DataLoader as they are.

@@ -21,7 +21,8 @@ no .item(), no data_ptr(), no branching on tensor values. It branches on `backen
 The device picks the backend before these operators are called (fusedemb.functional.resolve_backend:
 Triton for CUDA tensors, C++ for CPU ones) and passes it as an argument, rather than the
 operators dispatching on the device themselves: a caller may force one (`backend="triton"` on
-CPU tensors runs the interpreter), and a recorded graph keeps the backend it was made with.
+CPU tensors under TRITON_INTERPRET=1 runs the interpreter), and a recorded graph keeps the
+backend it was made with.
 
 Interpreted Triton kernels are plain Python that cannot be traced, so under the interpreter the
 Triton path goes through two opaque operators (fusedemb::interpreted_forward / _backward) with

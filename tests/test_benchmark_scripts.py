@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_data import VERDICT_PATH
 
 import fusedemb
 
@@ -249,3 +250,4 @@ def test_the_pytest_benchmark_suite_times_skewed_ids_and_real_text():
     suite = load_script("bench_fused_embedding")
     kinds = {spec.partition(":")[0] for spec in suite.IDS_SPECS}
     assert {"zipf", "text"} <= kinds, suite.IDS_SPECS
+    assert suite.VERDICT == VERDICT_PATH  # the text the tests read, not a path whose cases all skip

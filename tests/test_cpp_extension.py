@@ -49,7 +49,7 @@ OPENMP_ENTRY_POINTS = (b"GOMP_parallel", b"__kmpc_fork_call")
 
 
 @requires_cpp
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="setup.py builds the extension serial on macOS")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP entry points checked are Linux builds' (setup.py builds serial on macOS)")
 def test_the_extension_is_compiled_with_openmp():
     """at::parallel_for is inline in the extension's own code, and serial unless the extension
     itself is compiled with OpenMP (-fopenmp: PyTorch's own build having it is not enough). A
