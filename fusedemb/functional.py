@@ -182,7 +182,11 @@ def _range_checked_in_graph(inputs: EmbeddingInputs) -> EmbeddingInputs:
     """inputs with their index tensors replaced by the range-checked copies of ops.range_checked."""
     num_embeddings, context_length = inputs.tok_weight.shape[0], inputs.pos_weight.shape[0]
     ids, position_ids = checked_indices(inputs.ids, num_embeddings, inputs.position_ids, context_length)
-    return inputs._replace(ids=ids, position_ids=position_ids)
+    # Built field by field, not with _replace: under forward-mode AD the graph breaks just after
+    # this, and torch 2.11's Dynamo fails an assertion rebuilding a _replace'd NamedTuple there.
+    return EmbeddingInputs(
+        ids, inputs.tok_weight, inputs.pos_weight, position_ids, inputs.position_offset, inputs.padding_idx
+    )
 
 
 def _nothing_to_differentiate(inputs: EmbeddingInputs) -> bool:
