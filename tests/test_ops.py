@@ -501,12 +501,23 @@ def test_torch_compile_fullgraph_matches_eager(backend_config, fresh_dynamo):
             torch.testing.assert_close(compiled_grad, eager_grad)
 
 
-def test_torch_compile_dynamic_sequence_length(backend_config, fresh_dynamo):
+# Seen on an H200 with torch 2.11.0+cu130 and Triton 3.6 (thirtieth session), where Dynamo and
+# Inductor trace the Triton kernels themselves (the interpreter's are opaque operators): Inductor's
+# decomposition of the fast backward's kernel wrapper fails its node-count assertion under dynamic
+# shapes (pytorch/pytorch#181735); Dynamo, re-tracing a compiled forward's backward graph for
+# compiled autograd, does not know the kernel wrapper's higher-order operator. Neither in fusedemb.
+TORCH_2_11_DYNAMIC_TRITON_BACKWARD = "torch 2.11: Inductor's Triton kernel wrapper decomposition under dynamic shapes"
+TORCH_2_11_COMPILED_AUTOGRAD_TRITON = "torch 2.11: compiled autograd cannot re-trace triton_kernel_wrapper_functional"
+
+
+def test_torch_compile_dynamic_sequence_length(backend_config, fresh_dynamo, request):
     """One graph for every sequence length from 2 up to the whole position table (dynamic=True,
     as generation with a growing context compiles; Dynamo specializes a length of 1 on its own),
     the same as eager for each. One token too many stops tracing: Dynamo reports its own
     Unsupported, whose text carries fusedemb's message."""
     backend, device, deterministic = backend_config
+    if device == "cuda" and not deterministic and torch.__version__ < "2.12":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=TORCH_2_11_DYNAMIC_TRITON_BACKWARD))
     torch.manual_seed(0)
     model = TinyGPTInput(backend, deterministic).to(device)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
@@ -540,12 +551,14 @@ def test_compiled_calls_under_forward_mode_ad_carry_the_tangent(backend_config, 
 
 
 @pytest.mark.parametrize("forward", ["eager", "compiled"])
-def test_compiled_autograd_traces_the_backward_in_one_graph(backend_config, fresh_dynamo, forward):
+def test_compiled_autograd_traces_the_backward_in_one_graph(backend_config, fresh_dynamo, forward, request):
     """Compiled autograd (as torchtitan turns it on) has Dynamo trace the whole backward, the
     embedding's included, and compile it with fullgraph=True here: the backward of an eager
     forward (FusedEmbeddingFunction's) must record the operator, as a compiled forward's does,
     rather than break the graph (or fail in Triton's interpreter). Same gradients as eager."""
     backend, device, deterministic = backend_config
+    if device == "cuda" and forward == "compiled" and torch.__version__ < "2.12":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=TORCH_2_11_COMPILED_AUTOGRAD_TRITON))
     torch.manual_seed(0)
     model = TinyGPTInput(backend, deterministic).to(device)
     run = torch.compile(model, fullgraph=True) if forward == "compiled" else model
