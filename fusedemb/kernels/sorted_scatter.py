@@ -476,7 +476,11 @@ def sum_sorted_rows(grad_rows: torch.Tensor, order: RowOrder, table: torch.Tenso
     acc_fp64 = accumulates_in_float64(table.dtype)
     block_dim = column_block(dim)
     num_tiles = cdiv(num_tokens, TILE)
-    head = grad_rows.new_empty((num_tiles, dim), dtype=torch.float64)
+    # The partials, [num_tiles, D] row-major, are allocated flat: the kernels index them by
+    # tile * dim. (Traced with dynamic shapes, as in torch.compile on CUDA, a [num_tiles, D]
+    # tensor's contiguity is decided apart for num_tiles == 1, a guard that compiled graphs
+    # of 16 tokens or fewer separately.)
+    head = grad_rows.new_empty(num_tiles * dim, dtype=torch.float64)
     tail = torch.empty_like(head)
     launch(
         segment_sums_kernel,
@@ -488,7 +492,7 @@ def sum_sorted_rows(grad_rows: torch.Tensor, order: RowOrder, table: torch.Tenso
     num_blocks = num_tiles // PARTIALS_BLOCK
     block_sums = head  # stands in, unread, where no row can cover a whole block
     if num_blocks > 0:
-        block_sums = head.new_empty((num_blocks, dim))
+        block_sums = head.new_empty(num_blocks * dim)  # [num_blocks, D], flat as head
         launch(
             sum_head_blocks_kernel, (num_blocks, cdiv(dim, COMBINE_BLOCK_DIM)),
             order.sorted_rows, head, block_sums, dim,
