@@ -231,11 +231,13 @@ def test_gpu_session_skips_what_its_budget_cannot_fit(tmp_path):
     """GPU_SESSION_BUDGET_S: a command needs 20 s of it left (and 10 for a kill): with 31 s, the
     first command runs (bash's SECONDS may already read 1, at a second's boundary), takes two
     and more, and the rest are skipped, each written down."""
-    slow_sort = 'case "$*" in *sort_crossover*) sleep 2.1 ;; esac; echo "ran $*"'
-    status, tables = run_gpu_session_on_stubs(tmp_path, slow_sort, "sortcross host profile", GPU_SESSION_BUDGET_S="31")
+    slow_profile = 'case "$*" in *profile_backward*) sleep 2.1 ;; esac; echo "ran $*"'
+    status, tables = run_gpu_session_on_stubs(
+        tmp_path, slow_profile, "sortcross host profile", GPU_SESSION_BUDGET_S="31"
+    )
     assert status == 0
-    assert "ran benchmarks/sort_crossover.py" in tables and "ran benchmarks/host_overhead.py" not in tables
-    assert tables.count("skipped, the 31 s budget spent: python3 benchmarks/") == 5  # host, 4 profiles
+    assert tables.count("ran benchmarks/") == 1 and "ran benchmarks/profile_backward.py" in tables  # the first
+    assert tables.count("skipped, the 31 s budget spent: python3 benchmarks/") == 5  # 3 profiles, sort, host
 
 
 def test_gpu_session_exits_0_when_every_command_does(tmp_path):
