@@ -166,8 +166,15 @@ def _has_hooks(module: nn.Module) -> bool:
     """Whether calling the module would run more than nn.Embedding's forward: hooks, or a forward
     set on the instance (accelerate's hooks replace it so). (Counted with len: torch 2.11's
     Dynamo cannot trace bool() of a module's hook dict.)"""
-    hook_dicts = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-    return any(len(hooks) > 0 for hooks in hook_dicts) or "forward" in module.__dict__
+    # One sum, not any() over a generator: this runs twice per eager call, and the generator cost
+    # 0.3 us more each time (this project's CPU VM).
+    hooks = (
+        len(module._forward_hooks)
+        + len(module._forward_pre_hooks)
+        + len(module._backward_hooks)
+        + len(module._backward_pre_hooks)
+    )
+    return hooks > 0 or "forward" in module.__dict__
 
 
 # The forward pre-hooks of torch.nn.utils.weight_norm and spectral_norm (the older, hook-based
