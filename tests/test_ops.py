@@ -508,7 +508,7 @@ def test_torch_compile_fullgraph_matches_eager(backend_config, fresh_dynamo):
 # kernel's inputs apart, so the expected failure reaches 2.12); Dynamo, re-tracing a compiled
 # forward's backward graph for compiled autograd, does not know the kernel wrapper's higher-order
 # operator (no later release has run on a GPU yet). Neither in fusedemb.
-TORCH_2_11_DYNAMIC_TRITON_BACKWARD = "torch 2.11 and 2.12: Inductor's Triton kernel wrapper decomposition under dynamic shapes"
+TORCH_2_11_DYNAMIC_TRITON_BACKWARD = "torch 2.11-2.12: Inductor's Triton kernel wrapper decomposition, dynamic shapes"
 TORCH_2_11_COMPILED_AUTOGRAD_TRITON = "torch 2.11: compiled autograd cannot re-trace triton_kernel_wrapper_functional"
 
 

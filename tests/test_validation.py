@@ -447,8 +447,9 @@ def test_the_check_compiles_with_inductors_cpp_wrapper(tables, backend, fresh_dy
         if torch.__version__ < "2.12" and torch.cuda.is_available():
             # Seen three times on an H200 machine with torch 2.11.0+cu130 and Python 3.12 (thirtieth
             # session): this call crashed the process (a segmentation fault in the compiled wrapper),
-            # where the same release under Python 3.11 on a CPU VM raises the RuntimeError below. A
-            # GPU stands for that machine here: the cause (Python, compiler, CUDA) is not known.
+            # where the same release under Python 3.11 and 3.12 on a CPU VM raises the RuntimeError
+            # below. A GPU stands for that machine here: the cause (its Python build, its compiler,
+            # CUDA) is not known.
             pytest.skip("torch 2.11's C++ wrapper crashed on a bad id on the GPU machine (docs/bad-input.md)")
         either_wording = r"aoti_torch_call_dispatcher\(\"fusedemb::range_checked\"|IndexError: ids contains 10, outside"
         with pytest.raises(RuntimeError, match=either_wording):
