@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_python
 from shared_data import VERDICT_PATH
 
 import fusedemb
+from fusedemb.ops import TRITON_AVAILABLE
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -130,6 +132,35 @@ def test_func_transforms_cost_times_every_transform(capsys):
     for line in lines[1:]:
         fused_ms, _, reference_ms, _, ratio = line[38:].split()
         assert float(fused_ms) > 0 and float(reference_ms) > 0 and ratio.endswith("x")
+
+
+# A graph traced at T 7 (B 3, D 16, V 50, P 12: test_ops' dynamic test) must serve every other
+# length of that test, 2 and 12: the guards of each mode hold there. The deterministic mode's
+# trace needs a CUDA build of torch (the script's docstring), so a CPU build checks the fast mode.
+DYNAMIC_GUARDS = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from dynamic_shape_guards import B, T, traced_guards
+for deterministic in (False, True) if torch.backends.cuda.is_built() else (False,):
+    guards = traced_guards(3, 7, 16, 50, 12, torch.float32, deterministic)
+    for seq_len in (2, 12, 13):
+        held = [bool(guard.subs({B: 3, T: seq_len})) for guard, _ in guards]
+        print(deterministic, seq_len, len(guards), all(held))
+"""
+
+
+@pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton unavailable")
+def test_dynamic_shape_guards_of_one_graph_hold_for_every_length_that_fits():
+    """The launchers' guards, traced with symbolic B and T on fake CUDA tensors (no GPU): one
+    graph for every sequence length from 2 to the position table's 12, and not 13."""
+    result = run_python("-c", DYNAMIC_GUARDS, str(BENCHMARKS))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines()]
+    modes = ["False", "True"] if torch.backends.cuda.is_built() else ["False"]
+    assert [(row[0], row[1], row[3]) for row in rows] == [
+        (mode, seq_len, held) for mode in modes for seq_len, held in (("2", "True"), ("12", "True"), ("13", "False"))
+    ]
+    assert all(int(row[2]) > 0 for row in rows)  # (guards were recorded at all)
 
 
 @pytest.mark.parametrize(
