@@ -90,10 +90,13 @@ workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")
 # Up to 30 failures, not the first only: one failing test must not hide the others from a
 # session that may not see a GPU again soon (a poisoned CUDA context fails the rest fast; 10
 # stopped the thirtieth session's run one test short, on 11 failures, 10 of them torch 2.11's).
-# The AOTInductor packages are left out: a C++ build per backend, not a test of the kernels.
+# The AOTInductor packages are left out: a C++ build per backend, not a test of the kernels. The
+# dynamic-shape guards' test is in: there torch is a CUDA build, which traces both modes.
 step tests && if limit=$(fitted 180); then
   timeout -k 10 "$limit" python3 -m pytest tests/test_functional.py tests/test_streams.py tests/test_ops.py \
-    tests/test_validation.py tests/test_module.py tests/test_sorted_scatter.py -k "not aot_inductor_package" \
+    tests/test_validation.py tests/test_module.py tests/test_sorted_scatter.py \
+    tests/test_benchmark_scripts.py::test_dynamic_shape_guards_of_one_graph_hold_for_every_length_that_fits \
+    -k "not aot_inductor_package" \
     -q --maxfail=30 $workers -p no:cacheprovider > "$out/tests.log" 2>&1
   status=$?
   echo "tests exit $status: $(tail -1 "$out/tests.log")" | tee -a "$tables"
