@@ -49,13 +49,15 @@ failed=0  # the script's exit status: 1 if any step's command failed
 # its output appended to the tables and shown (its last $shown lines where shown is set). An exit
 # status other than 0, lost in the pipe unless kept, is written there too and fails the script:
 # for the bench, 1 is a mismatch or an implementation that could not run or raised; 124 is a run
-# cut short by its timeout (the bench and the scripts still print what they finished).
+# cut short by its timeout (the bench and the scripts still print what they finished). Each
+# command's wall time is written down after its output, for the next session's budget.
 logged() {
-  local limit
+  local limit start=$SECONDS
   limit=$(fitted "$1") || { echo "skipped, the ${budget} s budget spent: ${*:2}" | tee -a "$tables"; status=skipped; return; }
   timeout -k 10 "$limit" "${@:2}" 2>&1 | tee -a "$tables" | tail -n "${shown:-+1}"
   status=${PIPESTATUS[0]}
   [ "$status" = 0 ] || { echo "exit $status: ${*:2}" | tee -a "$tables"; failed=1; }
+  echo "(took $((SECONDS - start)) s of its ${limit}; $SECONDS s of the ${budget} s budget gone)" >> "$tables"
 }
 bench() { shown=3 logged "$1" python3 -m fusedemb.bench --device cuda --pass forward forward+backward "${@:2}"; }
 
@@ -99,7 +101,7 @@ step tests && if limit=$(fitted 180); then
     -k "not aot_inductor_package" \
     -q --maxfail=30 $workers -p no:cacheprovider > "$out/tests.log" 2>&1
   status=$?
-  echo "tests exit $status: $(tail -1 "$out/tests.log")" | tee -a "$tables"
+  echo "tests exit $status: $(tail -1 "$out/tests.log") (at $SECONDS s of the ${budget} s budget)" | tee -a "$tables"
   [ "$status" = 0 ] || failed=1
 else
   echo "skipped, the ${budget} s budget spent: the tests" | tee -a "$tables"
