@@ -23,8 +23,9 @@
 # .data with the run, and pass .data; without them the text-id rows and profile are left out.
 # GPU_SESSION_STEPS picks steps by name (default: all of "smoke tests bench profile sortcross rangecheck host"),
 # for a session that splits its device time between calls.
-# OUT_DIR/tables.txt gets every step's output, and the exit status of each command that failed;
-# the script exits 1 if any did (the smoke check's stops it at once), else 0.
+# OUT_DIR/tables.txt gets every step's output, each command's wall time, and the exit status of
+# each command that failed; the script exits 1 if any did (the smoke check's stops it at once),
+# else 0.
 set -u
 case ${1:-} in  # the header above for --help; no OUT_DIR, or an option where it goes, is a mistake
   -h | --help) sed -n '2,/^set /s/^# \{0,1\}//p' "$0"; exit 0 ;;
