@@ -48,35 +48,41 @@ def kernel_specs(table: str, dim: int):
     and width `dim`, with the tiles the launchers choose for that width."""
     block_dim = common.column_block(dim)
     tokens_per_tile = common.rows_per_tile(block_dim)
-    sweep_rows = backward.sweep_block_rows(block_dim)
+    forward_tile = forward.forward_tile(dim)
+    dtype = TORCH_DTYPE[table]
+    sweep_tile, sums_tile = backward.sweep_tile(dim, True, dtype), backward.sweep_tile(dim, False, dtype)
     ids = "*i64"
     acc64 = table == "fp64"  # float64 tables accumulate in float64
     return [
         ("forward", forward.fused_embedding_forward_kernel,
          {"ids_ptr": ids, "position_ids_ptr": ids, "tok_ptr": f"*{table}", "pos_ptr": f"*{table}", "out_ptr": f"*{table}"},
-         {"HAS_POSITION_IDS": False, "ACC_FP64": acc64, "BLOCK_TOKENS": tokens_per_tile, "BLOCK_DIM": block_dim}),
+         {"HAS_POSITION_IDS": False, "ACC_FP64": acc64, "BLOCK_TOKENS": forward_tile.rows,
+          "BLOCK_DIM": forward_tile.columns},
+         {"num_warps": forward_tile.warps}),
         # int32 ids and explicit positions (left-padded or packed batches)
         ("forward_position_ids", forward.fused_embedding_forward_kernel,
          {"ids_ptr": "*i32", "position_ids_ptr": "*i32", "tok_ptr": f"*{table}", "pos_ptr": f"*{table}",
           "out_ptr": f"*{table}"},
-         {"HAS_POSITION_IDS": True, "ACC_FP64": acc64, "BLOCK_TOKENS": tokens_per_tile, "BLOCK_DIM": block_dim}),
+         {"HAS_POSITION_IDS": True, "ACC_FP64": acc64, "BLOCK_TOKENS": forward_tile.rows,
+          "BLOCK_DIM": forward_tile.columns},
+         {"num_warps": forward_tile.warps}),
         ("sweep_batch", backward.sweep_batch_kernel,
          {"grad_ptr": f"*{table}", "index_ptr": ids, "acc_ptr": "*fp64" if acc64 else "*fp32", "sums_ptr": f"*{table}"},
-         {"ADD_TO_TABLE": True, "SUM_OVER_BATCH": True, "ACC_FP64": acc64, "BLOCK_ROWS": sweep_rows,
-          "BLOCK_DIM": block_dim},
-         {"num_warps": backward.sweep_warps(True, TORCH_DTYPE[table])}),
+         {"ADD_TO_TABLE": True, "SUM_OVER_BATCH": True, "ACC_FP64": acc64, "BLOCK_ROWS": sweep_tile.rows,
+          "BLOCK_DIM": sweep_tile.columns},
+         {"num_warps": sweep_tile.warps}),
         # the fast mode's token gradient alone (explicit positions are scattered apart), int32 ids
         ("scatter_only", backward.sweep_batch_kernel,
          {"grad_ptr": f"*{table}", "index_ptr": "*i32", "acc_ptr": "*fp64" if acc64 else "*fp32",
           "sums_ptr": f"*{table}"},
-         {"ADD_TO_TABLE": True, "SUM_OVER_BATCH": False, "ACC_FP64": acc64, "BLOCK_ROWS": sweep_rows,
-          "BLOCK_DIM": block_dim},
-         {"num_warps": backward.sweep_warps(True, TORCH_DTYPE[table])}),
+         {"ADD_TO_TABLE": True, "SUM_OVER_BATCH": False, "ACC_FP64": acc64, "BLOCK_ROWS": sweep_tile.rows,
+          "BLOCK_DIM": sweep_tile.columns},
+         {"num_warps": sweep_tile.warps}),
         ("position_sums", backward.sweep_batch_kernel,
          {"grad_ptr": f"*{table}", "index_ptr": f"*{table}", "acc_ptr": f"*{table}", "sums_ptr": f"*{table}"},
-         {"ADD_TO_TABLE": False, "SUM_OVER_BATCH": True, "ACC_FP64": acc64, "BLOCK_ROWS": sweep_rows,
-          "BLOCK_DIM": block_dim},
-         {"num_warps": backward.sweep_warps(False, TORCH_DTYPE[table])}),
+         {"ADD_TO_TABLE": False, "SUM_OVER_BATCH": True, "ACC_FP64": acc64, "BLOCK_ROWS": sums_tile.rows,
+          "BLOCK_DIM": sums_tile.columns},
+         {"num_warps": sums_tile.warps}),
         ("chunk_rank", sorted_scatter.chunk_rank_kernel,
          {"index_ptr": ids, "rank_ptr": "*i32", "counts_ptr": "*i32"},
          {"CHUNK": sorted_scatter.CHUNK, "BLOCK": sorted_scatter.RANK_BLOCK}),
@@ -88,7 +94,7 @@ def kernel_specs(table: str, dim: int):
          {"grad_ptr": f"*{table}", "sorted_tokens_ptr": "*i32", "sorted_rows_ptr": "*i32", "table_ptr": f"*{table}",
           "head_ptr": "*fp64", "tail_ptr": "*fp64"},
          {"ACC_FP64": acc64, "TILE": sorted_scatter.TILE, "BLOCK_DIM": block_dim},
-         {"num_warps": sorted_scatter.segment_warps(block_dim, TORCH_DTYPE[table].itemsize)}),
+         {"num_warps": sorted_scatter.segment_warps(block_dim, dtype.itemsize)}),
         ("sum_head_blocks", sorted_scatter.sum_head_blocks_kernel,
          {"sorted_rows_ptr": "*i32", "head_ptr": "*fp64", "block_sums_ptr": "*fp64"},
          {"TILE": sorted_scatter.TILE, "PARTIALS_BLOCK": sorted_scatter.PARTIALS_BLOCK,

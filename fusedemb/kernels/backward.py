@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from fusedemb.kernels.common import (
+    Tile,
     accumulates_in_float64,
     cdiv,
     clamp_rows,
@@ -157,7 +158,7 @@ def sweep_batch_kernel(
     # Software pipelining: the next batch entry's tile is loaded before this one's is added, so
     # that the program has a load in flight while its atomics go out (a step that loaded two
     # tiles and then added them left it with nothing in flight while it added). Measured on an
-    # H200 it gains up to 3% alone and more with 4 warps (see sweep_warps), and costs the
+    # H200 it gains up to 3% alone and more with 4 warps (see sweep_tile), and costs the
     # position sums alone up to 4%. Two entries ahead would keep more in flight, but ptxas then
     # spills the bfloat16 kernel at 64 registers.
     grad, table_rows, present = load_batch_tile(
@@ -232,16 +233,21 @@ def round_touched_rows_kernel(
 SWEEP_PROGRAMS = 512
 
 
-def sweep_warps(add_to_table: bool, grad_dtype: torch.dtype) -> int:
-    """Warps per sweep_batch_kernel program. A [4, 256] float32 tile over 8 warps is one 16-byte
-    vector per thread (8 bytes of a 16-bit tile). Adding float32 gradients into the table, 4 warps
-    (two vectors per thread, 80 registers on sm_90: 6 programs per SM; the 8-warp build takes 64
-    registers, 4 programs per SM) were faster on an H200, backward alone, with the one-entry-ahead
-    load: at gpt2-124M B32, 169 -> 141 us with Zipf(1.1) ids, 176 -> 87 us with one id everywhere,
-    124 -> 122 us with uniform ids; large-vocab B16 Zipf 1226 -> 1095 us.
-    With bfloat16 gradients (95 registers) 4 warps were slower (gpt2-124M B8, one id everywhere:
-    72 -> 106 us), and the position sums alone do not need them."""
-    return 4 if add_to_table and grad_dtype == torch.float32 else 8
+def sweep_tile(dim: int, add_to_table: bool, grad_dtype: torch.dtype) -> Tile:
+    """sweep_batch_kernel's tile. Each program walks a group of the batch, so tiles are kept small
+    (a quarter of the usual rows) for enough programs: T * D / 1024 of them.
+
+    Warps: a [4, 256] float32 tile over 8 warps is one 16-byte vector per thread (8 bytes of a
+    16-bit tile). Adding float32 gradients into the table, 4 warps (two vectors per thread, 80
+    registers on sm_90: 6 programs per SM; the 8-warp build takes 64 registers, 4 programs per
+    SM) were faster on an H200, backward alone, with the one-entry-ahead load: at gpt2-124M B32,
+    169 -> 141 us with Zipf(1.1) ids, 176 -> 87 us with one id everywhere, 124 -> 122 us with
+    uniform ids; large-vocab B16 Zipf 1226 -> 1095 us. With bfloat16 gradients (95 registers) 4
+    warps were slower (gpt2-124M B8, one id everywhere: 72 -> 106 us), and the position sums
+    alone do not need them."""
+    columns = column_block(dim)
+    warps = 4 if add_to_table and grad_dtype == torch.float32 else 8
+    return Tile(max(1, rows_per_tile(columns) // 4), columns, warps)
 
 
 def sweep_batch(
@@ -264,9 +270,9 @@ def sweep_batch(
     if num_tokens == 0:
         return grad_rows.new_zeros((context_length, dim), dtype=table_dtype) if sum_positions else None
     batch = num_tokens // seq_len
-    block_dim = column_block(dim)
-    block_rows = sweep_block_rows(block_dim)
-    programs = cdiv(seq_len, block_rows) * cdiv(dim, block_dim)
+    add_to_table = table_acc is not None
+    tile = sweep_tile(dim, add_to_table, grad_rows.dtype)
+    programs = cdiv(seq_len, tile.rows) * cdiv(dim, tile.columns)
     groups = min(batch, max_groups or cdiv(SWEEP_PROGRAMS, programs))
     batches_per_group = cdiv(batch, groups)
     groups = cdiv(batch, batches_per_group)
@@ -281,15 +287,14 @@ def sweep_batch(
     if sum_positions:
         partial_dtype = torch.float64 if acc_fp64 else torch.float32
         sums = grad_rows.new_empty((groups, num_sums, dim), dtype=table_dtype if direct else partial_dtype)
-    add_to_table = table_acc is not None
     unused = grad_rows  # stands in for the pointers of the disabled half
     launch(
-        sweep_batch_kernel, (cdiv(num_sums, block_rows), cdiv(dim, block_dim), groups),
+        sweep_batch_kernel, (cdiv(num_sums, tile.rows), cdiv(dim, tile.columns), groups),
         grad_rows, index if add_to_table else unused, table_acc if add_to_table else unused,
         sums if sum_positions else unused, batch, seq_len, offset, num_sums, dim,
         table_acc.shape[0] if add_to_table else 1, skip_row, batches_per_group,
         ADD_TO_TABLE=add_to_table, SUM_OVER_BATCH=sum_positions, ACC_FP64=acc_fp64,
-        BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim, num_warps=sweep_warps(add_to_table, grad_rows.dtype),
+        BLOCK_ROWS=tile.rows, BLOCK_DIM=tile.columns, num_warps=tile.warps,
     )  # fmt: skip
     if not sum_positions:
         return None
@@ -299,12 +304,6 @@ def sweep_batch(
         sums.view(groups * seq_len, dim), seq_len, position_offset=position_offset, context_length=context_length,
         table_dtype=table_dtype, max_groups=1,
     )  # fmt: skip
-
-
-def sweep_block_rows(block_dim: int) -> int:
-    """Rows of a sweep's tile. Each program walks a group of the batch, so tiles are kept small (a
-    quarter of the usual) for enough programs: T * D / 1024 of them."""
-    return max(1, rows_per_tile(block_dim) // 4)
 
 
 def atomic_scatter_add(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from typing import NamedTuple
 
 import torch
 import triton
@@ -39,6 +40,17 @@ def column_block(dim: int) -> int:
 
 def rows_per_tile(block_dim: int) -> int:
     return max(1, TILE_ELEMENTS // block_dim)
+
+
+class Tile(NamedTuple):
+    """A launch's tiling: each program covers `rows` x `columns` elements (rows of the kernel's
+    own kind: tokens, table rows, positions) with `warps` warps. The kernels that are tuned by
+    tile have one function each that picks it (forward_tile, sweep_tile), so that a launcher and
+    benchmarks/tile_sweep.py, which times its neighbours, agree on it."""
+
+    rows: int
+    columns: int
+    warps: int
 
 
 def accumulates_in_float64(table_dtype: torch.dtype) -> bool:

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from fusedemb.kernels.common import (
+    Tile,
     accumulates_in_float64,
     cdiv,
     clamp_rows,
@@ -70,6 +71,17 @@ def fused_embedding_forward_kernel(
     tl.store(out_ptr + tokens[:, None].to(tl.int64) * dim + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def forward_tile(dim: int) -> Tile:
+    """TILE_ELEMENTS per program, in column blocks of at most MAX_BLOCK_DIM, over Triton's
+    default of 4 warps: at GPT-2's D of 768, 16 tokens by 256 columns, 32 elements (8 vectors of
+    16 bytes in float32, 4 in 16 bits) of each of the token rows, the position rows and the
+    output per thread. The same element count for every dtype: in 16 bits a program moves half
+    the bytes of float32. Set with the first version of the kernel, not tuned per dtype (see
+    benchmarks/tile_sweep.py)."""
+    columns = column_block(dim)
+    return Tile(rows_per_tile(columns), columns, 4)
+
+
 def triton_forward(
     ids: torch.Tensor,
     tok_weight: torch.Tensor,
@@ -84,9 +96,8 @@ def triton_forward(
     num_tokens = ids.numel()
     if num_tokens == 0:
         return out
-    block_dim = column_block(dim)
-    block_tokens = rows_per_tile(block_dim)
-    grid = (cdiv(num_tokens, block_tokens), cdiv(dim, block_dim))
+    tile = forward_tile(dim)
+    grid = (cdiv(num_tokens, tile.rows), cdiv(dim, tile.columns))
     with on_device_of(ids):
         launch(
             fused_embedding_forward_kernel,
@@ -106,7 +117,8 @@ def triton_forward(
             pos_weight.stride(0),
             HAS_POSITION_IDS=position_ids is not None,
             ACC_FP64=accumulates_in_float64(tok_weight.dtype),
-            BLOCK_TOKENS=block_tokens,
-            BLOCK_DIM=block_dim,
+            BLOCK_TOKENS=tile.rows,
+            BLOCK_DIM=tile.columns,
+            num_warps=tile.warps,
         )
     return out
