@@ -16,6 +16,7 @@ from conftest import run_python
 from shared_data import VERDICT_PATH
 
 import fusedemb
+from fusedemb.bench.gate import GateResult
 from fusedemb.ops import TRITON_AVAILABLE
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -122,6 +123,75 @@ def test_host_overhead_times_every_row(capsys, backend, monkeypatch):
         assert float(median) > 0 and spread.startswith("±") and unit == "us"
 
 
+TRITON_ON_CPU = pytest.mark.skipif("triton" not in fusedemb.available_backends("cpu"), reason="Triton unavailable")
+
+
+def tile_rows(out: str) -> list[list[str]]:
+    """tile_sweep's rows of rows, columns, warps, us, % copy, / chosen (and a marker)."""
+    return [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+
+
+@TRITON_ON_CPU
+def test_tile_sweep_launches_each_candidate_after_the_gate(capsys, monkeypatch):
+    """Each candidate reaches its kernel's launch (and only the token-adding sweep's): the
+    launches are recorded, the chosen tile's first, each after the gate has run it."""
+    from fusedemb.kernels import backward, forward
+
+    launched = []  # (kernel name, rows, warps) of every launch of a tiled kernel
+    for module, kernel, rows_name in ((forward, "fused_embedding_forward_kernel", "BLOCK_TOKENS"),
+                                      (backward, "sweep_batch_kernel", "BLOCK_ROWS")):  # fmt: skip
+        def recording(jit, grid, *args, real=module.launch, kernel=kernel, rows_name=rows_name, **kwargs):
+            if jit.__name__ == kernel and kwargs.get("ADD_TO_TABLE", True):
+                launched.append((kernel, kwargs[rows_name], kwargs["num_warps"]))
+            real(jit, grid, *args, **kwargs)
+
+        monkeypatch.setattr(module, "launch", recording)
+    load_script("tile_sweep").main(["--device", "cpu", "--quick", "--preset", "tiny", "--batch", "2",
+                                    "--dtype", "float32", "--row-factors", "1", "0.5", "--warps", "2", "4"])  # fmt: skip
+    out = capsys.readouterr().out
+    forward_tile = forward.forward_tile(64)  # tiny's D
+    sweep_tile = backward.sweep_tile(64, True, torch.float32)
+    expected = {}
+    for kernel, chosen in (("fused_embedding_forward_kernel", forward_tile), ("sweep_batch_kernel", sweep_tile)):
+        others = [(rows, warps) for rows in (chosen.rows, chosen.rows // 2) for warps in (2, 4)]
+        expected[kernel] = [(chosen.rows, chosen.warps)] + [tile for tile in others if tile != (chosen.rows, chosen.warps)]
+    rows = tile_rows(out)
+    assert [(int(row[0]), int(row[2])) for row in rows] == expected["fused_embedding_forward_kernel"] + expected[
+        "sweep_batch_kernel"
+    ]
+    assert all(int(row[1]) == 64 for row in rows)
+    assert [row[6:] for row in rows] == [["(chosen)"], [], [], [], ["(chosen)"], [], [], []]
+    for row in rows:
+        assert float(row[3]) > 0 and row[4].endswith("%")
+    assert [float(row[5]) for row in rows][::4] == [1.0, 1.0]
+    for kernel, tiles in expected.items():  # every tile launched, in order (the gate's run first)
+        seen = [(rows, warps) for name, rows, warps in launched if name == kernel]
+        assert list(dict.fromkeys(seen)) == tiles
+    assert "== forward, tiny B2 float32 uniform ids (forward pass" in out
+    assert "== sweep, tiny B2 float32 uniform ids (backward pass" in out
+
+
+@TRITON_ON_CPU
+def test_tile_sweep_reports_a_candidate_that_fails_the_gate_and_fails(capsys, monkeypatch):
+    script = load_script("tile_sweep")
+    real_gate = script.check_against_reference
+    calls = []
+
+    def failing_second(*args, **kwargs):
+        calls.append(1)
+        result = real_gate(*args, **kwargs)
+        return GateResult(False, "grad tok_weight off") if len(calls) == 2 else result
+
+    monkeypatch.setattr(script, "check_against_reference", failing_second)
+    monkeypatch.setattr(script.backward, "fast_mode_sorts", lambda *args: True)
+    with pytest.raises(SystemExit, match="1 candidate tiles computed wrong results"):
+        script.main(["--device", "cpu", "--quick", "--preset", "tiny", "--batch", "1", "--dtype", "bfloat16",
+                     "--row-factors", "1", "2", "--warps", "4"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert tile_rows(out)[1][3:] == ["mismatch:", "grad", "tok_weight", "off"]
+    assert "== sweep, tiny B1 bfloat16 uniform ids: the fast mode sorts here, no sweep adds the token gradient ==" in out
+
+
 def test_func_transforms_cost_times_every_transform(capsys):
     load_script("func_transforms_cost").main(["--device", "cpu", "--quick", "--batch", "2", "--vocab", "9"])
     lines = capsys.readouterr().out.splitlines()
@@ -172,6 +242,8 @@ def test_dynamic_shape_guards_of_one_graph_hold_for_every_length_that_fits():
         ("sort_crossover", ["--vocab", "0"], "--vocab: must be at least 1, got 0"),
         ("sort_crossover", ["--tokens", "-8"], "--tokens: must be at least 1, got -8"),
         ("profile_backward", ["--ids", "zipf:x"], "--ids: zipf needs a numeric exponent, as in zipf:1.1, got 'zipf:x'"),
+        ("tile_sweep", ["--warps", "4", "6"], "--warps: Triton takes powers of two, got [4, 6]"),
+        ("tile_sweep", ["--row-factors", "0"], "--row-factors: must be above 0, got 0"),
     ],
 )
 def test_scripts_refuse_arguments_out_of_range(script, argv, message, capsys):
@@ -272,10 +344,11 @@ def test_gpu_session_skips_what_its_budget_cannot_fit(tmp_path):
 
 
 def test_gpu_session_exits_0_when_every_command_does(tmp_path):
-    status, tables = run_gpu_session_on_stubs(tmp_path, 'echo "ran $*"', "smoke sortcross rangecheck host profile")
+    status, tables = run_gpu_session_on_stubs(tmp_path, 'echo "ran $*"', "smoke sortcross rangecheck host profile tiles")
     assert status == 0 and "exit " not in tables
-    # each command's wall time, for the next session's budget: smoke, sort, 4 range check, host, 4 profiles
-    assert len(re.findall(r"\(took \d+ s of its \d+; \d+ s of the 580 s budget gone\)", tables)) == 11
+    # each command's wall time, for the next session's budget: smoke, sort, 4 range check, host, 4 profiles, 3 tiles
+    assert len(re.findall(r"\(took \d+ s of its \d+; \d+ s of the 580 s budget gone\)", tables)) == 14
+    assert tables.count("ran benchmarks/tile_sweep.py") == 3
     assert tables.count("ran -m fusedemb.bench") == 3 and tables.count("ran benchmarks/range_check_cost.py") == 2
 
 
