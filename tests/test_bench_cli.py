@@ -27,6 +27,7 @@ from fusedemb.bench.plot import plot_report
 from fusedemb.bench.report import Report, format_table
 from fusedemb.bench.runner import Result, Runner
 from fusedemb.bench.timing import (
+    CACHE_FLUSHES,
     CacheFlush,
     CpuTimer,
     Timer,
@@ -626,7 +627,7 @@ def test_the_flush_and_the_copy_buffer_dwarf_the_last_level_cache(monkeypatch, l
     """Twice the L3, at least 64 MiB, for the flush; a full run's copy buffer is its preset (256 MiB
     on CPU) or the flush's where that is larger (a 480 MiB L3: one of this project's VMs)."""
     monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: l3_mib * 2**20)
-    assert CacheFlush("cpu")._buffer.numel() == flush_mib * 2**20
+    assert CacheFlush("cpu")._buffer.nbytes == flush_mib * 2**20
     assert cli.copy_buffer_mib("cpu", quick=False) == copy_mib
     assert cli.copy_buffer_mib("cpu", quick=True) == 64  # a smoke test's, whatever the cache
     assert (cli.copy_buffer_mib("cuda", quick=False), cli.copy_buffer_mib("cuda", quick=True)) == (1024, 256)
@@ -747,6 +748,37 @@ def test_the_header_gives_the_copy_buffer_and_the_cache_flush():
     assert "(dst.copy_(src) of 256 MiB, bytes read + written)" in table
     assert "cache flush: 71.5 MiB overwritten before every timed call" in table
     assert "cache flush" not in format_table(Report(made_up_environment("cpu"), {}, 50e9, {}, [known_result()]))
+    read = format_table(Report(made_up_environment("cpu"), {**settings, "cache_flush": "read"}, 50e9, {},
+                               [known_result()]))  # fmt: skip
+    assert "cache flush: 71.5 MiB read before every timed call" in read
+
+
+@pytest.mark.parametrize("mode", CACHE_FLUSHES)
+def test_the_cache_flush_writes_or_only_reads_its_buffer(monkeypatch, mode):
+    """write overwrites the whole buffer (dirty lines left in the cache); read leaves it as it
+    was (clean lines) but goes through all of it."""
+    monkeypatch.setattr(timing, "bytes_beyond_cache", lambda device: 4096 + 7)  # (not a multiple of 8)
+    flush = CacheFlush("cpu", mode)
+    buffer = flush._buffer
+    assert buffer.nbytes == 4096
+    buffer.fill_(3)
+    summed = []  # (address, elements) of every tensor summed
+    real_sum = torch.Tensor.sum
+
+    def recording_sum(tensor, *args, **kwargs):
+        summed.append((tensor.data_ptr(), tensor.numel()))
+        return real_sum(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "sum", recording_sum)
+    flush()
+    monkeypatch.setattr(torch.Tensor, "sum", real_sum)
+    assert bool((buffer == (0 if mode == "write" else 3)).all())
+    assert summed == ([] if mode == "write" else [(buffer.data_ptr(), buffer.numel())])
+
+
+def test_an_unknown_cache_flush_is_refused():
+    with pytest.raises(ValueError, match=r"unknown cache flush 'none'; expected one of \('write', 'read'\)"):
+        CacheFlush("cpu", "none")
 
 
 def test_json_fields_carry_their_own_values():
@@ -1007,6 +1039,21 @@ def test_a_run_cut_short_inside_a_problem_keeps_its_finished_implementations(mon
     assert report["copy_bandwidth_end_gbps"] is None and "GB/s after it" not in capsys.readouterr().out
     assert report["settings"]["copy_buffer_mib"] == 64
     assert report["settings"]["cache_flush_mib"] * 2**20 == timing.bytes_beyond_cache("cpu")  # the timer's flush
+    assert report["settings"]["cache_flush"] == "write"
+
+
+def test_the_cache_flush_read_reaches_the_timer_and_the_report(monkeypatch, tmp_path, capsys):
+    timers = []
+    real_make_timer = cli.make_timer
+    monkeypatch.setattr(cli, "make_timer", lambda *args, **kwargs: timers.append(real_make_timer(*args, **kwargs))
+                        or timers[-1])  # fmt: skip
+    json_path = tmp_path / "bench.json"
+    status = cli.main([*TINY_ARGS, "--batch", "1", "--ids", "uniform", "--impl", "eager", "--pass", "forward",
+                       "--cache-flush", "read", "--json", str(json_path)])  # fmt: skip
+    assert status == 0
+    assert [timer.flush_cache.mode for timer in timers] == ["read"]
+    assert json.loads(json_path.read_text())["settings"]["cache_flush"] == "read"
+    assert "MiB read before every timed call" in capsys.readouterr().out
 
 
 def test_compile_is_gated_and_timed(capsys):

@@ -38,7 +38,7 @@ from fusedemb.bench.ids import parse_distribution
 from fusedemb.bench.plot import plot_report, plot_suffixes
 from fusedemb.bench.report import Report, format_table, write_json
 from fusedemb.bench.runner import Runner
-from fusedemb.bench.timing import bytes_beyond_cache, copy_bandwidth, make_timer
+from fusedemb.bench.timing import CACHE_FLUSHES, bytes_beyond_cache, copy_bandwidth, make_timer
 from fusedemb.data import load_gpt2_tokenizer, use_checkout_tiktoken_cache
 from fusedemb.validation import bounds_check_enabled, set_bounds_check
 
@@ -183,6 +183,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="time fusedemb with its id range check off (fusedemb.set_bounds_check(False)): "
                              "the maximum-speed setting; on CUDA the check costs a reduction and a sync per call "
                              "(the C++ kernels check the ids themselves either way)")
+    parser.add_argument("--cache-flush", choices=CACHE_FLUSHES, default="write",
+                        help="how the cache is flushed before every timed call: write (overwrite a buffer larger "
+                             "than it, as triton.testing.do_bench; its dirty lines' write-back is charged to the "
+                             "call) or read (read the buffer: the call's own traffic alone) (default: write)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer repeats and a smaller copy buffer: a smoke test, not a measurement")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write all results as JSON")
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     available, skipped = implementations.build_implementations(args.impl, args.device)
     environment = describe_environment(args.device)  # before the sweep: its load average
     warn_if_cpu_busy(args.device)
-    timer = make_timer(args.device, quick=args.quick)
+    timer = make_timer(args.device, quick=args.quick, cache_flush=args.cache_flush)
     buffer_mib = copy_buffer_mib(args.device, args.quick)
     measure_copy = functools.partial(copy_bandwidth, timer, args.device, buffer_mib * 2**20)
     runner = Runner(args.device, timer, measure_copy(), args.passes, args.seed)
@@ -298,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             "bounds_check": bounds_check_enabled(),  # the flag, or FUSEDEMB_BOUNDS_CHECK=0
             "copy_buffer_mib": buffer_mib,
             "cache_flush_mib": bytes_beyond_cache(args.device) / 2**20,  # the timer's CacheFlush
+            "cache_flush": args.cache_flush,
             "complete": complete,
         },
         copy_bandwidth=runner.copy_bandwidth,

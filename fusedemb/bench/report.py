@@ -62,7 +62,8 @@ def _copy_of(settings: dict) -> str:
 
 def _flush_line(settings: dict) -> list[str]:
     mib = settings.get("cache_flush_mib")
-    return [] if mib is None else [f"cache flush: {mib:g} MiB overwritten before every timed call"]
+    done = {"write": "overwritten", "read": "read"}[settings.get("cache_flush", "write")]
+    return [] if mib is None else [f"cache flush: {mib:g} MiB {done} before every timed call"]
 
 
 def _device_description(env: dict) -> str:

@@ -8,7 +8,8 @@ measurement, so small problems get many repeats and large ones a few.
 On both devices the inputs would stay resident in the last-level cache between repeats (L2
 on a GPU, L3 on a CPU), which a training step, whose other layers evict them, does not see: a
 buffer larger than that cache is overwritten before every timed call, outside the timed
-region, as triton.testing.do_bench does on a GPU.
+region, as triton.testing.do_bench does on a GPU (or read instead: CacheFlush says what each
+way leaves in the cache).
 
 On a GPU two more things would otherwise distort the figures:
 - launches are asynchronous: CUDA events record when the GPU itself reaches them;
@@ -131,9 +132,9 @@ class CpuTimer(Timer):
     step frees the previous step's gradients. That is a real cost on a CPU (freeing eager's 154 MB
     gpt2-124M token gradient, on 4 KiB pages, takes milliseconds) and none on a GPU."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, cache_flush: str = "write", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.flush_cache = CacheFlush("cpu")
+        self.flush_cache = CacheFlush("cpu", cache_flush)
         flush_seconds = []
         for _ in range(3):
             start = time.perf_counter()
@@ -189,15 +190,34 @@ def bytes_beyond_cache(device: str) -> int:
     return GPU_BEYOND_CACHE_BYTES
 
 
-class CacheFlush:
-    """Calling it evicts whatever a previous call left in the device's last-level cache by
-    overwriting a buffer larger than it (bytes_beyond_cache; on a GPU queued like any launch)."""
+CACHE_FLUSHES = ("write", "read")
 
-    def __init__(self, device: str = "cuda") -> None:
-        self._buffer = torch.empty(bytes_beyond_cache(device), dtype=torch.int8, device=device)
+
+class CacheFlush:
+    """Calling it evicts whatever a previous call left in the device's last-level cache, by going
+    through a buffer larger than it (bytes_beyond_cache; on a GPU queued like any launch). Both
+    ways leave the cache full of the buffer; they differ in what the timed call then pays to
+    evict it:
+    - "write" (the default; every figure in docs/ so far): overwrites the buffer, as
+      triton.testing.do_bench does. The cache is left full of dirty lines, which go back to
+      memory as the timed call's own accesses evict them, beside its own traffic: as the lines
+      written by the step before (the optimizer's) are in training.
+    - "read": sums the buffer. The cache is left holding clean lines, which are dropped for
+      free: the timed call's own traffic alone. The difference between the two is that
+      write-back, which weighs most on the shortest calls."""
+
+    def __init__(self, device: str = "cuda", mode: str = "write") -> None:
+        if mode not in CACHE_FLUSHES:
+            raise ValueError(f"unknown cache flush {mode!r}; expected one of {CACHE_FLUSHES}")
+        self.mode = mode
+        # int64 elements: a wide read (the sum) as well as a wide write, of the same bytes.
+        self._buffer = torch.empty(bytes_beyond_cache(device) // 8, dtype=torch.int64, device=device)
 
     def __call__(self) -> None:
-        self._buffer.zero_()
+        if self.mode == "write":
+            self._buffer.zero_()
+        else:
+            self._buffer.sum()  # (whatever the buffer holds: the sum is not looked at)
 
 
 class GpuHold:
@@ -228,9 +248,9 @@ class CudaTimer(Timer):
     HOLD_MARGIN_S = 50e-6
     FIRST_HOLD_S = 5e-3  # longer than any call's host time but one that waits for it
 
-    def __init__(self, *args, device: str = "cuda", **kwargs) -> None:
+    def __init__(self, *args, device: str = "cuda", cache_flush: str = "write", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.flush_cache = CacheFlush(device)
+        self.flush_cache = CacheFlush(device, cache_flush)
         self.hold_gpu = GpuHold()
         self._hold_s = self.FIRST_HOLD_S
 
@@ -269,12 +289,13 @@ class CudaTimer(Timer):
         return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)], host, held, outruns
 
 
-def make_timer(device: str, quick: bool = False) -> Timer:
-    """The timer for ``device``; ``quick`` trades precision for speed (smoke tests, CI)."""
+def make_timer(device: str, quick: bool = False, cache_flush: str = "write") -> Timer:
+    """The timer for ``device``; ``quick`` trades precision for speed (smoke tests, CI);
+    ``cache_flush``: how the cache is flushed before each call (CacheFlush)."""
     budget_s, min_reps = (0.05, 3) if quick else (0.3, 5)
     if device == "cuda":
-        return CudaTimer(budget_s, min_reps, max_reps=500, warmup_reps=3, device=device)
-    return CpuTimer(budget_s, min_reps, max_reps=200, warmup_reps=2)
+        return CudaTimer(budget_s, min_reps, max_reps=500, warmup_reps=3, device=device, cache_flush=cache_flush)
+    return CpuTimer(budget_s, min_reps, max_reps=200, warmup_reps=2, cache_flush=cache_flush)
 
 
 def copy_bandwidth(timer: Timer, device: str, buffer_bytes: int) -> float:
