@@ -11,7 +11,7 @@
 #      B32 float32 with one id and with text ids, then uniform ids at B32 and B8;
 #   4. candidate tiles of the forward and of the fast mode's sweep (benchmarks/tile_sweep.py),
 #      where goals are missed: the bfloat16 forward at 32k tokens, float32 forward+backward
-#      against torch.compile;
+#      against torch.compile; and the forward after a cache flush that only reads;
 #   5. the two ways of sorting the ids (benchmarks/sort_crossover.py), for the threshold between them;
 #   6. what the id range check costs: fusedemb with it on and off, eager beside, in the benchmark,
 #      alone (called eagerly and compiled) and in GPT training steps (benchmarks/range_check_cost.py);
@@ -151,6 +151,11 @@ step tiles && {
     --ids zipf:1.1
   logged 60 python3 benchmarks/tile_sweep.py --preset large-vocab --batch 8 --dtype float32 --kernel sweep \
     --ids zipf:1.1
+  # The forward's fixed part per call (docs/benchmarks.md): how much of it is the write-back of the
+  # dirty lines that the default flush leaves in L2.
+  echo "== forward after a flush that only reads ==" >> "$tables"
+  bench 40 --no-bounds-check --preset gpt2-124M --batch 8 32 --dtype float32 bfloat16 --ids uniform \
+    --impl fusedemb-fast eager --pass forward --cache-flush read
 }
 # Where torch.sort overtakes the counting sort (COUNTING_SORT_MAX_CELLS): both, alone, V x N.
 step sortcross && logged 60 python3 benchmarks/sort_crossover.py
