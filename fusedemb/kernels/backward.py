@@ -238,13 +238,14 @@ def sweep_tile(dim: int, add_to_table: bool, grad_dtype: torch.dtype) -> Tile:
     (a quarter of the usual rows) for enough programs: T * D / 1024 of them.
 
     Warps: a [4, 256] float32 tile over 8 warps is one 16-byte vector per thread (8 bytes of a
-    16-bit tile). Adding float32 gradients into the table, 4 warps (two vectors per thread, 80
-    registers on sm_90: 6 programs per SM; the 8-warp build takes 64 registers, 4 programs per
-    SM) were faster on an H200, backward alone, with the one-entry-ahead load: at gpt2-124M B32,
-    169 -> 141 us with Zipf(1.1) ids, 176 -> 87 us with one id everywhere, 124 -> 122 us with
-    uniform ids; large-vocab B16 Zipf 1226 -> 1095 us. With bfloat16 gradients (95 registers) 4
-    warps were slower (gpt2-124M B8, one id everywhere: 72 -> 106 us), and the position sums
-    alone do not need them."""
+    16-bit tile). Adding float32 gradients into the table, 4 warps (two vectors per thread; on
+    sm_90 95 registers with Triton 3.6, the GPU machines', so 5 programs per SM, and 80 with
+    Triton 3.9, 6 per SM; the 8-warp build takes 64 registers, 4 programs per SM) were faster on
+    an H200 (Triton 3.6), backward alone, with the one-entry-ahead load: at gpt2-124M B32, 169 ->
+    141 us with Zipf(1.1) ids, 176 -> 87 us with one id everywhere, 124 -> 122 us with uniform
+    ids; large-vocab B16 Zipf 1226 -> 1095 us. With bfloat16 gradients (94-95 registers) 4 warps
+    were slower (gpt2-124M B8, one id everywhere: 72 -> 106 us), and the position sums alone do
+    not need them."""
     columns = column_block(dim)
     warps = 4 if add_to_table and grad_dtype == torch.float32 else 8
     return Tile(max(1, rows_per_tile(columns) // 4), columns, warps)
