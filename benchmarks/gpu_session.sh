@@ -3,15 +3,15 @@
 #   0. a smoke check of both modes against the reference, which ends the session if it fails
 #      (not if it times out);
 #   1. the parity, stream, operator, validation, module and sort tests on CUDA;
-#   2. the benchmark cases of the Triton issue: gpt2-124M at B 8 and 32, gpt2-1.5B at B 16 and
+#   2. per-kernel profiles of both backward modes (benchmarks/profile_backward.py): gpt2-124M
+#      B32 float32 with one id and with text ids, then uniform ids at B32 and B8;
+#   3. candidate tiles of the forward and of the fast mode's sweep (benchmarks/tile_sweep.py),
+#      where goals are missed: the bfloat16 forward at 32k tokens, float32 forward+backward
+#      against torch.compile; and the forward after a cache flush that only reads;
+#   4. the benchmark cases of the Triton issue: gpt2-124M at B 8 and 32, gpt2-1.5B at B 16 and
 #      the large-vocab preset at B 8, float32 and bfloat16, uniform / Zipf(1.1) ids (gpt2-124M
 #      also with one id everywhere and with real text), id range check off; every
 #      implementation passes the benchmark's correctness gate before it is timed;
-#   3. per-kernel profiles of both backward modes (benchmarks/profile_backward.py): gpt2-124M
-#      B32 float32 with one id and with text ids, then uniform ids at B32 and B8;
-#   4. candidate tiles of the forward and of the fast mode's sweep (benchmarks/tile_sweep.py),
-#      where goals are missed: the bfloat16 forward at 32k tokens, float32 forward+backward
-#      against torch.compile; and the forward after a cache flush that only reads;
 #   5. the two ways of sorting the ids (benchmarks/sort_crossover.py), for the threshold between them;
 #   6. what the id range check costs: fusedemb with it on and off, eager beside, in the benchmark,
 #      alone (called eagerly and compiled) and in GPT training steps (benchmarks/range_check_cost.py);
@@ -24,7 +24,7 @@
 # DATA_DIR holds the-verdict.txt and tiktoken/ (../shared/data beside a checkout). A lent machine
 # gets the checkout only: copy them into the ignored .data/ (cp -r ../shared/data .data), carry
 # .data with the run, and pass .data; without them the text-id rows and profile are left out.
-# GPU_SESSION_STEPS picks steps by name (default: all of "smoke tests bench profile tiles sortcross rangecheck host"),
+# GPU_SESSION_STEPS picks steps by name (default: all of "smoke tests profile tiles bench sortcross rangecheck host"),
 # for a session that splits its device time between calls.
 # OUT_DIR/tables.txt gets every step's output, each command's wall time, and the exit status of
 # each command that failed; the script exits 1 if any did (the smoke check's stops it at once),
@@ -36,7 +36,7 @@ case ${1:-} in  # the header above for --help; no OUT_DIR, or an option where it
 esac
 out=$1
 data=${2:-../shared/data}
-steps=" ${GPU_SESSION_STEPS:-smoke tests bench profile tiles sortcross rangecheck host} "
+steps=" ${GPU_SESSION_STEPS:-smoke tests profile tiles bench sortcross rangecheck host} "
 step() { [[ $steps == *" $1 "* ]]; }
 budget=${GPU_SESSION_BUDGET_S:-580}
 # fitted LIMIT: LIMIT, or less where the budget has less left (less the 10 s a kill may wait);
@@ -111,23 +111,9 @@ else
   echo "skipped, the ${budget} s budget spent: the tests" | tee -a "$tables"
 fi
 
-# A bench cut short by its timeout (SIGTERM) still prints and writes what it finished;
-# -k 10 kills it if it cannot stop. gpt2-124M's sweep, the longest, runs one command per dtype,
-# so that a timeout loses less of it.
-step bench && {
-  for dtype in float32 bfloat16; do
-    bench 120 --no-bounds-check --preset gpt2-124M --batch 8 32 --dtype $dtype \
-      --ids uniform zipf:1.1 same ${text_ids[@]+"${text_ids[@]}"} --json "$out/bench_gpt2_$dtype.json" \
-      $([ $dtype = float32 ] && echo --plot "$out/bench_gpt2_$dtype.png")
-  done
-  # 50 s sufficed on one H200 machine and not on another (torch.compile's compile time varies).
-  bench 90 --no-bounds-check --preset gpt2-1.5B --batch 16 --dtype float32 bfloat16 --ids uniform zipf:1.1 \
-    --json "$out/bench_gpt2_1.5b.json"
-  bench 60 --no-bounds-check --preset large-vocab --batch 8 --dtype float32 bfloat16 --ids uniform zipf:1.1 \
-    --json "$out/bench_large_vocab.json"
-}
-# The profiles come before the steps that earlier sessions measured: no session has had them yet
-# (the thirtieth session's budget ran out before them, when they were last).
+# The profiles and the tiles come before the bench, which the thirtieth session ran (f246bb4; the
+# kernels have not changed since but for the deterministic mode's flat partial sums): no session
+# has had them yet (the thirtieth session's budget ran out before the profiles, the tiles are new).
 step profile && {
   echo "== where the backward's time goes ==" >> "$tables"
   # First the rows where the deterministic mode misses 1.3x of the fast one (gpt2-124M B32 float32
@@ -156,6 +142,21 @@ step tiles && {
   echo "== forward after a flush that only reads ==" >> "$tables"
   bench 40 --no-bounds-check --preset gpt2-124M --batch 8 32 --dtype float32 bfloat16 --ids uniform \
     --impl fusedemb-fast eager --pass forward --cache-flush read
+}
+# A bench cut short by its timeout (SIGTERM) still prints and writes what it finished;
+# -k 10 kills it if it cannot stop. gpt2-124M's sweep, the longest, runs one command per dtype,
+# so that a timeout loses less of it.
+step bench && {
+  for dtype in float32 bfloat16; do
+    bench 120 --no-bounds-check --preset gpt2-124M --batch 8 32 --dtype $dtype \
+      --ids uniform zipf:1.1 same ${text_ids[@]+"${text_ids[@]}"} --json "$out/bench_gpt2_$dtype.json" \
+      $([ $dtype = float32 ] && echo --plot "$out/bench_gpt2_$dtype.png")
+  done
+  # 50 s sufficed on one H200 machine and not on another (torch.compile's compile time varies).
+  bench 90 --no-bounds-check --preset gpt2-1.5B --batch 16 --dtype float32 bfloat16 --ids uniform zipf:1.1 \
+    --json "$out/bench_gpt2_1.5b.json"
+  bench 60 --no-bounds-check --preset large-vocab --batch 8 --dtype float32 bfloat16 --ids uniform zipf:1.1 \
+    --json "$out/bench_large_vocab.json"
 }
 # Where torch.sort overtakes the counting sort (COUNTING_SORT_MAX_CELLS): both, alone, V x N.
 step sortcross && logged 60 python3 benchmarks/sort_crossover.py
