@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 from unittest import mock
 
 import fusedemb
@@ -47,10 +48,15 @@ from fusedemb.kernels.common import Tile
 KERNELS = ("forward", "sweep")
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+def power_of_two_factor(text: str) -> float:
+    """An argparse type: 2^k for an integer k (0.5, 1, 2, ...), as Triton's blocks are powers of
+    two; a chosen tile of few rows may still round a factor below 1 up to 1 row."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (value > 0 and math.log2(value).is_integer()):
+        raise argparse.ArgumentTypeError(f"must be a power of two (0.5, 1, 2, ...), got {text}")
     return value
 
 
@@ -62,7 +68,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ids", type=id_distribution, default=parse_distribution("uniform"), metavar="SPEC",
                         help="id distribution: uniform, zipf:S, same, text:FILE (as in python -m fusedemb.bench)")  # fmt: skip
     parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=KERNELS)
-    parser.add_argument("--row-factors", type=positive_float, nargs="+", default=[0.5, 1, 2, 4], metavar="F",
+    parser.add_argument("--row-factors", type=power_of_two_factor, nargs="+", default=[0.5, 1, 2, 4], metavar="F",
                         help="candidate rows per program: the chosen tile's times F (rounded, at least 1)")  # fmt: skip
     parser.add_argument("--warps", type=positive_int, nargs="+", default=[4, 8], help="candidate warps per program")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke tests)")

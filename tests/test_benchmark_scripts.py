@@ -243,7 +243,8 @@ def test_dynamic_shape_guards_of_one_graph_hold_for_every_length_that_fits():
         ("sort_crossover", ["--tokens", "-8"], "--tokens: must be at least 1, got -8"),
         ("profile_backward", ["--ids", "zipf:x"], "--ids: zipf needs a numeric exponent, as in zipf:1.1, got 'zipf:x'"),
         ("tile_sweep", ["--warps", "4", "6"], "--warps: Triton takes powers of two, got [4, 6]"),
-        ("tile_sweep", ["--row-factors", "0"], "--row-factors: must be above 0, got 0"),
+        ("tile_sweep", ["--row-factors", "1.5"], "--row-factors: must be a power of two (0.5, 1, 2, ...), got 1.5"),
+        ("tile_sweep", ["--row-factors", "0"], "--row-factors: must be a power of two (0.5, 1, 2, ...), got 0"),
     ],
 )
 def test_scripts_refuse_arguments_out_of_range(script, argv, message, capsys):
