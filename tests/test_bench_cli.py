@@ -776,6 +776,21 @@ def test_the_cache_flush_writes_or_only_reads_its_buffer(monkeypatch, mode):
     assert summed == ([] if mode == "write" else [(buffer.data_ptr(), buffer.numel())])
 
 
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux's /proc/self/statm")
+def test_the_read_flush_goes_through_memory_of_its_own(monkeypatch):
+    """An untouched CPU buffer's pages all map the one zero page, which a sum would read from
+    the cache: the buffer's pages are made resident before any flush reads them."""
+
+    def resident_bytes() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    monkeypatch.setattr(timing, "bytes_beyond_cache", lambda device: 64 * 2**20)  # above malloc's mmap threshold
+    before = resident_bytes()
+    flush = CacheFlush("cpu", "read")
+    flush()
+    assert resident_bytes() - before >= flush._buffer.nbytes // 2
+
+
 def test_an_unknown_cache_flush_is_refused():
     with pytest.raises(ValueError, match=r"unknown cache flush 'none'; expected one of \('write', 'read'\)"):
         CacheFlush("cpu", "none")
