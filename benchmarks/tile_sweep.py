@@ -66,7 +66,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=positive_int, nargs="+", default=[32])
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     parser.add_argument("--ids", type=id_distribution, default=parse_distribution("uniform"), metavar="SPEC",
-                        help="id distribution: uniform, zipf:S, same, text:FILE (as in python -m fusedemb.bench)")  # fmt: skip
+                        help="id distribution: uniform, zipf:S, same, text:FILE "
+                             "(as in python -m fusedemb.bench)")  # fmt: skip
     parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=KERNELS)
     parser.add_argument("--row-factors", type=power_of_two_factor, nargs="+", default=[0.5, 1, 2, 4], metavar="F",
                         help="candidate rows per program: the chosen tile's times F (rounded, at least 1)")  # fmt: skip

@@ -146,15 +146,16 @@ def test_tile_sweep_launches_each_candidate_after_the_gate(capsys, monkeypatch):
             real(jit, grid, *args, **kwargs)
 
         monkeypatch.setattr(module, "launch", recording)
-    load_script("tile_sweep").main(["--device", "cpu", "--quick", "--preset", "tiny", "--batch", "2",
-                                    "--dtype", "float32", "--row-factors", "1", "0.5", "--warps", "2", "4"])  # fmt: skip
+    load_script("tile_sweep").main(["--device", "cpu", "--quick", "--preset", "tiny", "--batch", "2", "--dtype",
+                                    "float32", "--row-factors", "1", "0.5", "--warps", "2", "4"])  # fmt: skip
     out = capsys.readouterr().out
     forward_tile = forward.forward_tile(64)  # tiny's D
     sweep_tile = backward.sweep_tile(64, True, torch.float32)
     expected = {}
     for kernel, chosen in (("fused_embedding_forward_kernel", forward_tile), ("sweep_batch_kernel", sweep_tile)):
         others = [(rows, warps) for rows in (chosen.rows, chosen.rows // 2) for warps in (2, 4)]
-        expected[kernel] = [(chosen.rows, chosen.warps)] + [tile for tile in others if tile != (chosen.rows, chosen.warps)]
+        first = (chosen.rows, chosen.warps)
+        expected[kernel] = [first] + [tile for tile in others if tile != first]
     rows = tile_rows(out)
     assert [(int(row[0]), int(row[2])) for row in rows] == expected["fused_embedding_forward_kernel"] + expected[
         "sweep_batch_kernel"
@@ -189,7 +190,7 @@ def test_tile_sweep_reports_a_candidate_that_fails_the_gate_and_fails(capsys, mo
                      "--row-factors", "1", "2", "--warps", "4"])  # fmt: skip
     out = capsys.readouterr().out
     assert tile_rows(out)[1][3:] == ["mismatch:", "grad", "tok_weight", "off"]
-    assert "== sweep, tiny B1 bfloat16 uniform ids: the fast mode sorts here, no sweep adds the token gradient ==" in out
+    assert "== sweep, tiny B1 bfloat16 uniform ids: the fast mode sorts here, no sweep adds the token gradient" in out
 
 
 def test_func_transforms_cost_times_every_transform(capsys):
@@ -345,7 +346,8 @@ def test_gpu_session_skips_what_its_budget_cannot_fit(tmp_path):
 
 
 def test_gpu_session_exits_0_when_every_command_does(tmp_path):
-    status, tables = run_gpu_session_on_stubs(tmp_path, 'echo "ran $*"', "smoke sortcross rangecheck host profile tiles")
+    steps = "smoke sortcross rangecheck host profile tiles"
+    status, tables = run_gpu_session_on_stubs(tmp_path, 'echo "ran $*"', steps)
     assert status == 0 and "exit " not in tables
     # each command's wall time, for the next session's budget: smoke, sort, 4 range check, host, 4 profiles, 4 tiles
     assert len(re.findall(r"\(took \d+ s of its \d+; \d+ s of the 580 s budget gone\)", tables)) == 15
