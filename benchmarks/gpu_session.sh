@@ -129,8 +129,9 @@ step profile && {
 # The tiles around the chosen ones (each candidate checked against the reference, then timed):
 # the forward in both dtypes at gpt2-124M B8 and B32 (bfloat16 reached 84% of copy bandwidth at
 # B32 on the thirtieth session's H200, against the 90% wanted; float32 92%), and the fast mode's
-# sweep where torch.compile tied or won in float32 (gpt2-124M B32, and Zipf ids at gpt2-1.5B
-# and large-vocab; the bfloat16 B32 rows sort, and are left out). Never run on a GPU yet.
+# sweep at the same sizes (torch.compile tied with it at B32 in float32; the bfloat16 B32 rows
+# sort, and are left out) and with Zipf ids where torch.compile won in float32 (gpt2-1.5B,
+# large-vocab). Never run on a GPU yet.
 step tiles && {
   logged 120 python3 benchmarks/tile_sweep.py --preset gpt2-124M --batch 8 32
   logged 45 python3 benchmarks/tile_sweep.py --preset gpt2-1.5B --batch 16 --dtype float32 --kernel sweep \
