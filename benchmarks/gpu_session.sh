@@ -133,7 +133,8 @@ step profile && {
 # sort, and are left out) and with Zipf ids where torch.compile won in float32 (gpt2-1.5B,
 # large-vocab). Never run on a GPU yet.
 step tiles && {
-  logged 120 python3 benchmarks/tile_sweep.py --preset gpt2-124M --batch 8 32
+  # 56 candidates (7 kernel, dtype and batch rows of 8), 32 kernels to compile (a second each?).
+  logged 150 python3 benchmarks/tile_sweep.py --preset gpt2-124M --batch 8 32
   logged 45 python3 benchmarks/tile_sweep.py --preset gpt2-1.5B --batch 16 --dtype float32 --kernel sweep \
     --ids zipf:1.1
   logged 60 python3 benchmarks/tile_sweep.py --preset large-vocab --batch 8 --dtype float32 --kernel sweep \

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 from unittest import mock
 
 import fusedemb
@@ -48,15 +47,22 @@ from fusedemb.kernels.common import Tile
 KERNELS = ("forward", "sweep")
 
 
-def power_of_two_factor(text: str) -> float:
-    """An argparse type: 2^k for an integer k (0.5, 1, 2, ...), as Triton's blocks are powers of
-    two; a chosen tile of few rows may still round a factor below 1 up to 1 row."""
+# Row factors from 1/256 to 64: Triton's blocks are powers of two, of at most 2^20 elements, and
+# a chosen tile has at most 4096 (TILE_ELEMENTS; fewer rows than that keeps it further below).
+ROW_FACTORS = [2.0**k for k in range(-8, 7)]
+# Warps per program: powers of two, at most 32 (1024 threads, CUDA's limit per block).
+WARPS = [1, 2, 4, 8, 16, 32]
+
+
+def row_factor(text: str) -> float:
+    """An argparse type: one of ROW_FACTORS. (A factor below 1 may still round a chosen tile of
+    few rows up to 1 row.)"""
     try:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not (value > 0 and math.log2(value).is_integer()):
-        raise argparse.ArgumentTypeError(f"must be a power of two (0.5, 1, 2, ...), got {text}")
+    if value not in ROW_FACTORS:
+        raise argparse.ArgumentTypeError(f"must be a power of two from 1/256 to 64 (0.5, 1, 2, ...), got {text}")
     return value
 
 
@@ -69,17 +75,16 @@ def main(argv=None) -> None:
                         help="id distribution: uniform, zipf:S, same, text:FILE "
                              "(as in python -m fusedemb.bench)")  # fmt: skip
     parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=KERNELS)
-    parser.add_argument("--row-factors", type=power_of_two_factor, nargs="+", default=[0.5, 1, 2, 4], metavar="F",
+    parser.add_argument("--row-factors", type=row_factor, nargs="+", default=[0.5, 1, 2, 4], metavar="F",
                         help="candidate rows per program: the chosen tile's times F (rounded, at least 1)")  # fmt: skip
-    parser.add_argument("--warps", type=positive_int, nargs="+", default=[4, 8], help="candidate warps per program")
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8], choices=WARPS, metavar="W",
+                        help=f"candidate warps per program, of {WARPS}")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke tests)")
     add_device_argument(parser, "; cpu only tries the script, in Triton's interpreter (TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
     check_device(parser, args.device)
     if args.device == "cpu" and not INTERPRETED:
         parser.error("--device cpu runs the Triton kernels in Triton's interpreter: start with TRITON_INTERPRET=1")
-    if any(warps & (warps - 1) for warps in args.warps):
-        parser.error(f"--warps: Triton takes powers of two, got {args.warps}")
     timer = make_timer(args.device, quick=args.quick)
     bandwidth = copy_bandwidth(timer, args.device, copy_buffer_mib(args.device, args.quick) * 2**20)
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (bytes read + written)")
@@ -98,7 +103,7 @@ def main(argv=None) -> None:
 def candidates(chosen: Tile, row_factors: list[float], warps: list[int]) -> list[Tile]:
     """The chosen tile first, then every other (rows, warps) of the factors, in order."""
     rows = dict.fromkeys(max(1, round(chosen.rows * factor)) for factor in row_factors)
-    tiles = [Tile(row, chosen.columns, warp) for row in rows for warp in warps]
+    tiles = [Tile(row, chosen.columns, warp) for row in rows for warp in dict.fromkeys(warps)]
     return [chosen] + [tile for tile in tiles if tile != chosen]
 
 

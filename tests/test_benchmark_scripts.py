@@ -133,8 +133,8 @@ def tile_rows(out: str) -> list[list[str]]:
 
 @TRITON_ON_CPU
 def test_tile_sweep_launches_each_candidate_after_the_gate(capsys, monkeypatch):
-    """Each candidate reaches its kernel's launch (and only the token-adding sweep's): the
-    launches are recorded, the chosen tile's first, each after the gate has run it."""
+    """Each candidate reaches its kernel's launch (and only the token-adding sweep's), the chosen
+    tile's first: the launches are recorded. (That the gate runs each one is the next test's.)"""
     from fusedemb.kernels import backward, forward
 
     launched = []  # (kernel name, rows, warps) of every launch of a tiled kernel
@@ -243,9 +243,11 @@ def test_dynamic_shape_guards_of_one_graph_hold_for_every_length_that_fits():
         ("sort_crossover", ["--vocab", "0"], "--vocab: must be at least 1, got 0"),
         ("sort_crossover", ["--tokens", "-8"], "--tokens: must be at least 1, got -8"),
         ("profile_backward", ["--ids", "zipf:x"], "--ids: zipf needs a numeric exponent, as in zipf:1.1, got 'zipf:x'"),
-        ("tile_sweep", ["--warps", "4", "6"], "--warps: Triton takes powers of two, got [4, 6]"),
-        ("tile_sweep", ["--row-factors", "1.5"], "--row-factors: must be a power of two (0.5, 1, 2, ...), got 1.5"),
-        ("tile_sweep", ["--row-factors", "0"], "--row-factors: must be a power of two (0.5, 1, 2, ...), got 0"),
+        ("tile_sweep", ["--warps", "4", "6"], "--warps: invalid choice: 6"),
+        ("tile_sweep", ["--row-factors", "1.5"], "--row-factors: must be a power of two from 1/256 to 64"),
+        ("tile_sweep", ["--row-factors", "0"], "--row-factors: must be a power of two from 1/256 to 64"),
+        ("tile_sweep", ["--row-factors", "128"], "--row-factors: must be a power of two from 1/256 to 64"),
+        ("tile_sweep", ["--warps", "64"], "--warps: invalid choice: 64"),
     ],
 )
 def test_scripts_refuse_arguments_out_of_range(script, argv, message, capsys):
