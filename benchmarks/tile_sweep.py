@@ -18,7 +18,7 @@ for changing a rule, which is then changed in its function, where launchers and 
   the candidate). Where the fast mode sorts instead (16-bit tables with many tokens:
   fast_mode_sorts), that kernel does not run and the row is left out.
 
-Each candidate compiles its own kernel: about a second each on a GPU machine.
+Each candidate is a kernel of its own, compiled on its first call (outside the timed calls).
 """
 
 from __future__ import annotations
