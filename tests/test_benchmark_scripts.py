@@ -4,6 +4,7 @@ find out that one has rotted."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -355,6 +356,75 @@ def test_gpu_session_exits_0_when_every_command_does(tmp_path):
     assert len(re.findall(r"\(took \d+ s of its \d+; \d+ s of the 580 s budget gone\)", tables)) == 15
     assert tables.count("ran benchmarks/tile_sweep.py") == 3 and tables.count("--cache-flush read") == 1
     assert tables.count("ran -m fusedemb.bench") == 4 and tables.count("ran benchmarks/range_check_cost.py") == 2
+
+
+def test_gpu_session_times_each_variant_against_the_checkout(tmp_path):
+    """Each folder of .variants with a fusedemb package gets the checkout's bench cases, in a
+    process that imports it first (PYTHONSAFEPATH: not the working directory's); the runs that
+    wrote their JSON are then compared, the checkout's first. Other folders are not variants."""
+    for name in ("fast1", "wider"):
+        (tmp_path / ".variants" / name / "fusedemb").mkdir(parents=True)
+        (tmp_path / ".variants" / name / "fusedemb" / "__init__.py").write_text("")
+    (tmp_path / ".variants" / "notes").mkdir()
+    # the stub writes each --json file, but not wider's (as a bench that crashed at its import)
+    stub = ('echo "ran $* SAFE=${PYTHONSAFEPATH:-} FIRST=${PYTHONPATH%%:*}"; previous=; for arg in "$@"; do '
+            '[ "$previous" = --json ] && case "$arg" in *wider*) ;; *) : > "$arg" ;; esac; previous=$arg; done')
+    status, tables = run_gpu_session_on_stubs(tmp_path, stub, "variants")
+    assert status == 0
+    out = tmp_path / "out"
+    benches = [line for line in tables.splitlines() if line.startswith("ran -m fusedemb.bench")]
+    assert [line.split("--json ")[1].split()[0] for line in benches] == [
+        str(out / f"variant_{name}.json") for name in ("checkout", "fast1", "wider")
+    ]
+    assert [line.split("FIRST=")[1] for line in benches] == [
+        str(tmp_path), str(tmp_path / ".variants" / "fast1"), str(tmp_path / ".variants" / "wider")
+    ]
+    assert all("SAFE=1" in line and "--impl fusedemb-fast fusedemb-deterministic" in line for line in benches)
+    assert (f"ran benchmarks/compare_runs.py {out / 'variant_checkout.json'} {out / 'variant_fast1.json'} "
+            "--labels checkout fast1") in tables  # fmt: skip
+    status, tables = run_gpu_session_on_stubs(tmp_path / "none", stub, "variants")
+    assert status == 0 and "no kernel variants in .variants" in tables and "ran -m fusedemb.bench" not in tables
+
+
+def bench_report(path, commit: str, medians: dict) -> Path:
+    """A bench --json report of gpt2-124M B8 float32 uniform rows: impl -> median seconds (None:
+    not timed, a mismatch)."""
+    results = [{"config": "gpt2-124M", "batch": 8, "dtype": "float32", "ids": "uniform", "impl": impl,
+                "pass": "forward", "status": "ok" if median is not None else "mismatch", "median_s": median}
+               for impl, median in medians.items()]  # fmt: skip
+    report = {"schema_version": 1, "environment": {"fusedemb_commit": commit}, "copy_bandwidth_gbps": 4232.0,
+              "results": results}  # fmt: skip
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_compare_runs_puts_each_case_of_the_first_run_beside_the_others(tmp_path, capsys):
+    base = bench_report(tmp_path / "base.json", "abc1234", {"fusedemb-fast": 100e-6, "fusedemb-deterministic": 120e-6})
+    variant = bench_report(tmp_path / "v.json", None, {"fusedemb-fast": 90e-6, "fusedemb-deterministic": None})
+    load_script("compare_runs").main([str(base), str(variant), "--labels", "main", "tiles"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["main: copy bandwidth 4232.0 GB/s, fusedemb abc1234",
+                         "tiles: copy bandwidth 4232.0 GB/s, fusedemb commit unknown"]  # fmt: skip
+    assert lines[3] == "| config | batch | dtype | ids | impl | pass | main us | tiles us | tiles / main |"
+    assert lines[5:] == [
+        "| gpt2-124M | 8 | float32 | uniform | fusedemb-fast | forward | 100.0 | 90.0 | 0.900 |",
+        "| gpt2-124M | 8 | float32 | uniform | fusedemb-deterministic | forward | 120.0 | - | - |",
+    ]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("{", "cannot read a bench report"), ('{"results": []}', "not a report of python -m fusedemb.bench --json")],
+)
+def test_compare_runs_refuses_a_file_that_is_no_bench_report(tmp_path, capsys, content, message):
+    (tmp_path / "bad.json").write_text(content)
+    base = bench_report(tmp_path / "base.json", "abc1234", {"fusedemb-fast": 1e-4})
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("compare_runs").main([str(base), str(tmp_path / "bad.json")])
+    assert exit_info.value.code == 2 and f"{tmp_path / 'bad.json'}: {message}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_script("compare_runs").main([str(base), "--labels", "a", "b"])
+    assert "--labels: 2 names for 1 runs" in capsys.readouterr().err
 
 
 def test_the_pytest_benchmark_suite_times_skewed_ids_and_real_text():
