@@ -3,19 +3,21 @@
 #   0. a smoke check of both modes against the reference, which ends the session if it fails
 #      (not if it times out);
 #   1. the parity, stream, operator, validation, module and sort tests on CUDA;
-#   2. per-kernel profiles of both backward modes (benchmarks/profile_backward.py): gpt2-124M
+#   2. kernel variants prepared without a GPU, if any (VARIANTS_DIR, below): the same bench cases
+#      for this checkout and for each variant, side by side (benchmarks/compare_runs.py);
+#   3. per-kernel profiles of both backward modes (benchmarks/profile_backward.py): gpt2-124M
 #      B32 float32 with one id and with text ids, then uniform ids at B32 and B8;
-#   3. candidate tiles of the forward and of the fast mode's sweep (benchmarks/tile_sweep.py),
+#   4. candidate tiles of the forward and of the fast mode's sweep (benchmarks/tile_sweep.py),
 #      where goals are missed: the bfloat16 forward at 32k tokens, float32 forward+backward
 #      against torch.compile; and the forward after a cache flush that only reads;
-#   4. the benchmark cases of the Triton issue: gpt2-124M at B 8 and 32, gpt2-1.5B at B 16 and
+#   5. the benchmark cases of the Triton issue: gpt2-124M at B 8 and 32, gpt2-1.5B at B 16 and
 #      the large-vocab preset at B 8, float32 and bfloat16, uniform / Zipf(1.1) ids (gpt2-124M
 #      also with one id everywhere and with real text), id range check off; every
 #      implementation passes the benchmark's correctness gate before it is timed;
-#   5. the two ways of sorting the ids (benchmarks/sort_crossover.py), for the threshold between them;
-#   6. what the id range check costs: fusedemb with it on and off, eager beside, in the benchmark,
+#   6. the two ways of sorting the ids (benchmarks/sort_crossover.py), for the threshold between them;
+#   7. what the id range check costs: fusedemb with it on and off, eager beside, in the benchmark,
 #      alone (called eagerly and compiled) and in GPT training steps (benchmarks/range_check_cost.py);
-#   7. host time per call at small sizes, eager beside (benchmarks/host_overhead.py).
+#   8. host time per call at small sizes, eager beside (benchmarks/host_overhead.py).
 # Most important first: GPU_SESSION_BUDGET_S (default 580) bounds the script's wall time, so that
 # one command of a lent machine (600 s at most) is not killed mid-step: each command's timeout is
 # cut to what is left of it (cut short, it exits 124 and fails the script, as any timeout does),
@@ -24,7 +26,10 @@
 # DATA_DIR holds the-verdict.txt and tiktoken/ (../shared/data beside a checkout). A lent machine
 # gets the checkout only: copy them into the ignored .data/ (cp -r ../shared/data .data), carry
 # .data with the run, and pass .data; without them the text-id rows and profile are left out.
-# GPU_SESSION_STEPS picks steps by name (default: all of "smoke tests profile tiles bench sortcross rangecheck host"),
+# VARIANTS_DIR (default .variants, ignored by git) holds one folder per variant, each with a
+# fusedemb package: say a git worktree of a branch (git worktree add .variants/NAME BRANCH). A lent
+# machine gets it only when carried with the run, like .data.
+# GPU_SESSION_STEPS picks steps by name (default: all of "smoke tests variants profile tiles bench sortcross rangecheck host"),
 # for a session that splits its device time between calls.
 # OUT_DIR/tables.txt gets every step's output, each command's wall time, and the exit status of
 # each command that failed; the script exits 1 if any did (the smoke check's stops it at once),
@@ -36,7 +41,7 @@ case ${1:-} in  # the header above for --help; no OUT_DIR, or an option where it
 esac
 out=$1
 data=${2:-../shared/data}
-steps=" ${GPU_SESSION_STEPS:-smoke tests profile tiles bench sortcross rangecheck host} "
+steps=" ${GPU_SESSION_STEPS:-smoke tests variants profile tiles bench sortcross rangecheck host} "
 step() { [[ $steps == *" $1 "* ]]; }
 budget=${GPU_SESSION_BUDGET_S:-580}
 # fitted LIMIT: LIMIT, or less where the budget has less left (less the 10 s a kill may wait);
@@ -111,6 +116,30 @@ else
   echo "skipped, the ${budget} s budget spent: the tests" | tee -a "$tables"
 fi
 
+# Kernel variants (VARIANTS_DIR): the same cases for this checkout and then for each variant, each
+# bench in a process that imports the variant's fusedemb (first on PYTHONPATH; PYTHONSAFEPATH, of
+# Python 3.11 on, keeps python -m from putting the working directory, this checkout, before it),
+# every one gated against the reference before it is timed; then each case's times side by side.
+# Nothing to do (and no time spent) without variants.
+variants_dir=${VARIANTS_DIR:-.variants}
+step variants && {
+  variant_dirs=()
+  for dir in "$variants_dir"/*/; do [ -f "$dir/fusedemb/__init__.py" ] && variant_dirs+=("${dir%/}"); done
+  if ((${#variant_dirs[@]})); then
+    echo "== kernel variants: ${variant_dirs[*]}, against this checkout ==" >> "$tables"
+    runs=() labels=()
+    for dir in . "${variant_dirs[@]}"; do
+      name=$([ "$dir" = . ] && echo checkout || basename "$dir")
+      PYTHONSAFEPATH=1 PYTHONPATH=$(cd "$dir" && pwd):$PYTHONPATH bench 60 --no-bounds-check --preset gpt2-124M --batch 8 32 \
+        --dtype float32 bfloat16 --ids uniform zipf:1.1 same --impl fusedemb-fast fusedemb-deterministic \
+        --json "$out/variant_$name.json"
+      [ -f "$out/variant_$name.json" ] && runs+=("$out/variant_$name.json") labels+=("$name")
+    done
+    ((${#runs[@]} > 1)) && logged 30 python3 benchmarks/compare_runs.py "${runs[@]}" --labels "${labels[@]}"
+  else
+    echo "no kernel variants in $variants_dir" >> "$tables"
+  fi
+}
 # The profiles and the tiles come before the bench, which the thirtieth session ran (f246bb4; the
 # kernels have not changed since but for the deterministic mode's flat partial sums): no session
 # has had them yet (the thirtieth session's budget ran out before the profiles, the tiles are new).
