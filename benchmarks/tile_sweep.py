@@ -11,6 +11,7 @@ chosen tile's columns), and for each candidate checks the results against fusede
 (fusedemb.bench's gate) and then prints its device time and bytes-model GB/s as a fraction of the
 copy bandwidth measured in the same run, and its time over the chosen tile's. That is the data
 for changing a rule, which is then changed in its function, where launchers and tests read it.
+On a GPU it first times an empty kernel the same way: the floor under any one-kernel call's time.
 
 - forward: the bench's forward pass (forward_tile's kernel is the whole of it).
 - sweep: the bench's backward pass in the fast mode, where sweep_batch_kernel adds the token
@@ -26,6 +27,8 @@ from __future__ import annotations
 import argparse
 import functools
 from unittest import mock
+
+import torch
 
 import fusedemb
 from fusedemb.bench.cli import (
@@ -88,6 +91,11 @@ def main(argv=None) -> None:
     timer = make_timer(args.device, quick=args.quick)
     bandwidth = copy_bandwidth(timer, args.device, copy_buffer_mib(args.device, args.quick) * 2**20)
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (bytes read + written)")
+    if args.device == "cuda":
+        # The floor under every row's time: one kernel that does nothing (a spin of 0 cycles),
+        # timed as the rows are (flush, hold, events). Part of any one-kernel call's fixed cost.
+        empty = timer.measure(lambda: torch.cuda._sleep(0)).median_s
+        print(f"an empty kernel, timed the same way: {empty * 1e6:.1f} us")
     mismatches = 0
     with bounds_check_restored():
         fusedemb.set_bounds_check(False)  # the kernels' time, not the range check's sync

@@ -18,6 +18,7 @@ from shared_data import VERDICT_PATH
 
 import fusedemb
 from fusedemb.bench.gate import GateResult
+from fusedemb.bench.timing import CpuTimer
 from fusedemb.ops import TRITON_AVAILABLE
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -171,6 +172,23 @@ def test_tile_sweep_launches_each_candidate_after_the_gate(capsys, monkeypatch):
         assert list(dict.fromkeys(seen)) == tiles
     assert "== forward, tiny B2 float32 uniform ids (forward pass" in out
     assert "== sweep, tiny B2 float32 uniform ids (backward pass" in out
+
+
+def test_tile_sweep_times_an_empty_kernel_first_on_a_gpu(capsys, monkeypatch):
+    """The floor under its rows: a 0-cycle spin kernel, timed by the rows' timer (here a CPU one
+    standing in, with the spin recorded: no GPU on CI)."""
+    script = load_script("tile_sweep")
+    spins, swept = [], []
+    monkeypatch.setattr(script, "check_device", lambda parser, device: None)
+    monkeypatch.setattr(script, "make_timer", lambda device, quick: CpuTimer(0.0, 1, 1, 1))
+    monkeypatch.setattr(script, "copy_bandwidth", lambda timer, device, size: 4e12)
+    monkeypatch.setattr(script.torch.cuda, "_sleep", lambda cycles: spins.append(cycles))
+    monkeypatch.setattr(script, "sweep_tiles", lambda kernel, problem, *args: swept.append(kernel) or 0)
+    script.main(["--device", "cuda", "--kernel", "forward", "--dtype", "float32"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "copy bandwidth: 4000.0 GB/s (bytes read + written)"
+    assert re.fullmatch(r"an empty kernel, timed the same way: \d+\.\d us", lines[1])
+    assert spins and set(spins) == {0} and swept == ["forward"]
 
 
 @TRITON_ON_CPU
