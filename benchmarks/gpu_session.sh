@@ -130,9 +130,9 @@ step variants && {
     runs=() labels=()
     for dir in . "${variant_dirs[@]}"; do
       name=$([ "$dir" = . ] && echo checkout || basename "$dir")
-      PYTHONSAFEPATH=1 PYTHONPATH=$(cd "$dir" && pwd):$PYTHONPATH bench 60 --no-bounds-check --preset gpt2-124M --batch 8 32 \
-        --dtype float32 bfloat16 --ids uniform zipf:1.1 same --impl fusedemb-fast fusedemb-deterministic \
-        --json "$out/variant_$name.json"
+      PYTHONSAFEPATH=1 PYTHONPATH=$(cd "$dir" && pwd):$PYTHONPATH bench 60 --no-bounds-check --preset gpt2-124M \
+        --batch 8 32 --dtype float32 bfloat16 --ids uniform zipf:1.1 same \
+        --impl fusedemb-fast fusedemb-deterministic --json "$out/variant_$name.json"
       [ -f "$out/variant_$name.json" ] && runs+=("$out/variant_$name.json") labels+=("$name")
     done
     ((${#runs[@]} > 1)) && logged 30 python3 benchmarks/compare_runs.py "${runs[@]}" --labels "${labels[@]}"

@@ -211,11 +211,10 @@ class CacheFlush:
             raise ValueError(f"unknown cache flush {mode!r}; expected one of {CACHE_FLUSHES}")
         self.mode = mode
         # int64 elements: a wide read (the sum) as well as a wide write, of the same bytes. Zeroed
-        # for reading: on a CPU an untouched allocation's pages all map the kernel's one zero page,
+        # once here: on a CPU an untouched allocation's pages all map the kernel's one zero page,
         # which a read-only flush would then read from L1 (256 MiB summed in 2.8 ms, not 22, on this
-        # project's VM), evicting nothing. (The write flush's first call touches them anyway.)
-        make = torch.zeros if mode == "read" else torch.empty
-        self._buffer = make(bytes_beyond_cache(device) // 8, dtype=torch.int64, device=device)
+        # project's VM), evicting nothing.
+        self._buffer = torch.zeros(bytes_beyond_cache(device) // 8, dtype=torch.int64, device=device)
 
     def __call__(self) -> None:
         if self.mode == "write":
